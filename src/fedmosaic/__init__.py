@@ -1,0 +1,1 @@
+"""fedmosaic: federated learning that moves the model, not the data."""
