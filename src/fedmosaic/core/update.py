@@ -37,7 +37,9 @@ class ClientUpdate:
         return self.delta.numel() * self.delta.element_size()
 
 
-def validate_update(update: object, *, numel: int, current_round: int | None = None) -> ClientUpdate:
+def validate_update(
+    update: object, *, numel: int, current_round: int | None = None
+) -> ClientUpdate:
     """Check an update before it touches any server state; raise ``InvalidUpdateError``.
 
     Never trusts the client: type, length, dtype, finiteness, weight, sample count, metric

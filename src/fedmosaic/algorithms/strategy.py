@@ -1,0 +1,168 @@
+"""Strategies: what the server decides each round (who trains, how, and how to combine).
+
+A strategy composes a client sampler, a straggler simulation, an aggregator and a server
+optimizer. It knows nothing about transports or processes, and round bookkeeping (which
+round it is, staleness, checkpoints) stays in the server loop, so asynchronous variants can
+reuse the same aggregator and server optimizer.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.aggregate import FedAvgAggregator
+from fedmosaic.algorithms.sampling import ClientSampler, StragglerSimulation
+from fedmosaic.algorithms.server_opt import ServerOptimizer, ServerSGD
+from fedmosaic.train.base import FitConfig
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's assignment for a round."""
+
+    client_id: str
+    config: FitConfig
+
+
+def client_seed(run_seed: int, round_num: int, client_id: str) -> int:
+    """A per-(run, round, client) seed, stable across processes and Python versions."""
+    entropy = [run_seed, round_num, zlib.crc32(client_id.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+class FedAvg:
+    """Federated Averaging (McMahan et al. 2017, "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data"), generalised to FedOpt (Reddi et al. 2021) by the
+    choice of ``server_opt``: ServerSGD(lr=1) is FedAvg, FedAvgM/FedAdam/FedYogi/FedAdagrad
+    the adaptive variants.
+
+    Clients per round: ``clients_per_round`` (a count) or ``fraction`` (of the available
+    clients). ``local_epochs``, ``batch_size`` and ``lr`` sent to clients override the
+    trainer's own settings when given. ``weighting`` is ``"samples"`` (weight by local sample
+    count) or ``"uniform"``.
+    ``stragglers`` is the fraction of selected clients that, as in the FedProx paper's
+    systems-heterogeneity experiments, do fewer local steps; with ``drop_stragglers`` they
+    are dropped from the round instead (what the FedProx paper does for FedAvg).
+    """
+
+    name = "fedavg"
+
+    def __init__(
+        self,
+        *,
+        clients_per_round: int | None = None,
+        fraction: float | None = None,
+        min_available: int = 1,
+        min_updates: int = 1,
+        weighting: str = "samples",
+        server_opt: ServerOptimizer | None = None,
+        local_epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        stragglers: float = 0.0,
+        drop_stragglers: bool = False,
+    ) -> None:
+        if clients_per_round is None and fraction is None:
+            fraction = 1.0
+        self.sampler = ClientSampler(
+            clients_per_round=clients_per_round, fraction=fraction, min_available=min_available
+        )
+        self.stragglers = StragglerSimulation(fraction=stragglers, drop=drop_stragglers)
+        self.aggregator = FedAvgAggregator(weighting=weighting)
+        self.server_opt = server_opt if server_opt is not None else ServerSGD(lr=1.0)
+        if min_updates < 1:
+            raise ValueError(f"min_updates must be >= 1, got {min_updates}")
+        self.min_updates = min_updates
+        # Validates epochs / batch size / lr once, at configuration time.
+        FitConfig(round=0, epochs=local_epochs, batch_size=batch_size, lr=lr,
+                  proximal_mu=self.proximal_mu)
+        self.local_epochs, self.batch_size, self.lr = local_epochs, batch_size, lr
+        self.weighting = weighting
+        self.clients_per_round, self.fraction = clients_per_round, fraction
+        self.straggler_fraction, self.drop_stragglers = stragglers, drop_stragglers
+
+    @property
+    def proximal_mu(self) -> float:
+        return 0.0
+
+    def configure_fit(
+        self,
+        round_num: int,
+        available: Sequence[str],
+        rng: np.random.Generator,
+        *,
+        run_seed: int,
+        full_steps: Mapping[str, int] | None = None,
+    ) -> list[ClientTask]:
+        """Sample this round's clients and tell each what to do."""
+        selected = self.sampler.sample(available, rng)
+        steps: Mapping[str, int | None] = {c: None for c in selected}
+        if self.straggler_fraction > 0:
+            if full_steps is None:
+                raise ValueError("straggler simulation needs each client's full step count")
+            steps = self.stragglers.assign(selected, {c: full_steps[c] for c in selected}, rng)
+        tasks = []
+        for cid in selected:
+            if self.straggler_fraction > 0 and steps[cid] is None:
+                continue  # a dropped straggler
+            cfg = self.fit_config(round_num, seed=client_seed(run_seed, round_num, cid),
+                                  max_steps=steps[cid])
+            tasks.append(ClientTask(cid, cfg))
+        return tasks
+
+    def fit_config(self, round_num: int, *, seed: int, max_steps: int | None = None) -> FitConfig:
+        """The instructions every selected client gets this round."""
+        return FitConfig(round=round_num, epochs=self.local_epochs, batch_size=self.batch_size,
+                         max_steps=max_steps, lr=self.lr, proximal_mu=self.proximal_mu, seed=seed)
+
+    def apply(self, weights: torch.Tensor, aggregated_delta: torch.Tensor) -> torch.Tensor:
+        """New global weights from the aggregated client delta (the server optimizer step)."""
+        return self.server_opt.step(weights, aggregated_delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"server_opt": self.server_opt.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.server_opt.load_state_dict(state["server_opt"])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "strategy": self.name,
+            "clients_per_round": self.clients_per_round,
+            "fraction": self.fraction,
+            "weighting": self.weighting,
+            "local_epochs": self.local_epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "proximal_mu": self.proximal_mu,
+            "stragglers": self.straggler_fraction,
+            "drop_stragglers": self.drop_stragglers,
+            "server_opt": self.server_opt.describe(),
+        }
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks").
+
+    FedAvg whose clients minimise ``loss + mu/2 * ||w - w_global||^2``; ``mu`` is sent to
+    the clients each round. Stragglers' partial work is kept (not dropped) by default, as
+    in the paper. With ``mu = 0`` it is exactly FedAvg.
+    """
+
+    name = "fedprox"
+
+    def __init__(self, mu: float = 0.01, **kwargs: Any) -> None:
+        if not mu >= 0:
+            raise ValueError(f"FedProx mu must be >= 0, got {mu}")
+        self.mu = float(mu)
+        super().__init__(**kwargs)
+
+    @property
+    def proximal_mu(self) -> float:
+        return self.mu

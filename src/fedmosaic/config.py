@@ -1,0 +1,241 @@
+"""Experiment files (TOML): schema, validation and construction of the run's pieces.
+
+Every key is checked; a wrong one raises ``ConfigError`` naming the key, the value and what
+is allowed. Unknown keys are errors too (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmosaic.core.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DATASETS = ("heart_disease", "digits", "fashion_mnist", "synthetic")
+NATURAL_DATASETS = ("heart_disease", "synthetic")
+PARTITIONS = ("iid", "dirichlet", "shards")
+MODELS = ("logreg", "mlp", "cnn")
+STRATEGIES = ("fedavg", "fedprox")
+SERVER_OPTS = ("sgd", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+OPTIMIZERS = ("sgd", "adam")
+WEIGHTINGS = ("samples", "uniform")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One allowed key: its type(s), a check, a description of what is allowed, a default."""
+
+    types: tuple[type, ...]
+    allowed: str
+    check: Callable[[Any], bool] = lambda v: True
+    default: Any = None
+    required: bool = False
+
+
+def _int(lo: int, hi: int | None = None, default: Any = None, required: bool = False) -> Key:
+    desc = f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+    return Key((int,), desc, lambda v: v >= lo and (hi is None or v <= hi), default, required)
+
+
+def _float(desc: str, check: Callable[[Any], bool], default: Any = None) -> Key:
+    return Key((int, float), desc, check, default)
+
+
+def _choice(options: tuple[str, ...], default: Any = None, required: bool = False) -> Key:
+    return Key((str,), "one of " + ", ".join(repr(o) for o in options),
+               lambda v: v in options, default, required)
+
+
+POSITIVE = ("a number > 0", lambda v: v > 0)
+UNIT = ("a number in [0, 1)", lambda v: 0 <= v < 1)
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "": {
+        "name": Key((str,), "a non-empty string", lambda v: bool(v.strip()), "experiment"),
+        "seed": _int(0, default=0),
+        "rounds": _int(1, 100_000, required=True),
+        "output": Key((str,), "a directory path", lambda v: bool(v.strip())),
+        "eval_every": _int(1, default=1),
+    },
+    "data": {
+        "dataset": _choice(DATASETS, required=True),
+        "test_fraction": _float("a number in (0, 1)", lambda v: 0 < v < 1),
+        "limit_train": _int(1),
+        "root": Key((str,), "a directory path", lambda v: bool(v)),
+        "alpha": _float("a number >= 0", lambda v: v >= 0),
+        "beta": _float("a number >= 0", lambda v: v >= 0),
+        "num_devices": _int(1, 10_000),
+    },
+    "partition": {
+        "method": _choice(PARTITIONS, default="iid"),
+        "clients": _int(1, 1_000_000, default=10),
+        "alpha": _float(*POSITIVE, default=0.5),
+        "shards_per_client": _int(1, default=2),
+        "min_size": _int(1, default=1),
+    },
+    "model": {
+        "kind": _choice(MODELS, default="mlp"),
+        "hidden": Key((list,), "a list of positive integers",
+                      lambda v: all(isinstance(h, int) and h > 0 for h in v), [64]),
+    },
+    "train": {
+        "lr": _float(*POSITIVE, default=0.05),
+        "epochs": _int(1, default=1),
+        "batch_size": _int(1, default=32),
+        "optimizer": _choice(OPTIMIZERS, default="sgd"),
+        "momentum": _float(*UNIT, default=0.0),
+        "weight_decay": _float("a number >= 0", lambda v: v >= 0, default=0.0),
+    },
+    "strategy": {
+        "name": _choice(STRATEGIES, default="fedavg"),
+        "clients_per_round": _int(1),
+        "fraction": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "min_available": _int(1, default=1),
+        "min_updates": _int(1, default=1),
+        "weighting": _choice(WEIGHTINGS, default="samples"),
+        "mu": _float("a number >= 0", lambda v: v >= 0),
+        "stragglers": _float(*UNIT, default=0.0),
+        "drop_stragglers": Key((bool,), "true or false", default=False),
+    },
+    "server_opt": {
+        "name": _choice(SERVER_OPTS, default="sgd"),
+        "lr": _float(*POSITIVE),
+        "momentum": _float(*UNIT),
+        "beta1": _float(*UNIT),
+        "beta2": _float(*UNIT),
+        "tau": _float(*POSITIVE),
+    },
+}
+
+SERVER_OPT_KEYS = {
+    "sgd": {"lr"},
+    "fedavgm": {"lr", "momentum"},
+    "fedadagrad": {"lr", "beta1", "tau"},
+    "fedadam": {"lr", "beta1", "beta2", "tau"},
+    "fedyogi": {"lr", "beta1", "beta2", "tau"},
+}
+DATA_KEYS = {
+    "heart_disease": {"test_fraction"},
+    "digits": {"test_fraction"},
+    "fashion_mnist": {"root", "limit_train"},
+    "synthetic": {"alpha", "beta", "num_devices", "test_fraction"},
+}
+
+
+@dataclass
+class Experiment:
+    """A validated experiment: one dict per section, defaults filled in."""
+
+    sections: dict[str, dict[str, Any]]
+    source: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+    @property
+    def name(self) -> str:
+        return str(self.sections[""]["name"])
+
+    @property
+    def output(self) -> Path:
+        out = self.sections[""].get("output")
+        return Path(out) if out else Path("runs") / self.name
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change between a run and its resume (everything but rounds/output)."""
+        top = {k: v for k, v in self.sections[""].items() if k not in ("rounds", "output")}
+        return {**{s: v for s, v in self.sections.items() if s}, "": top}
+
+
+def _check_value(section: str, key: str, spec: Key, value: Any) -> None:
+    dotted = f"{section}.{key}" if section else key
+    ok_type = isinstance(value, spec.types) and not (
+        isinstance(value, bool) and bool not in spec.types
+    )
+    if not ok_type or not spec.check(value):
+        raise ConfigError(dotted, value, spec.allowed)
+
+
+def validate(raw: dict[str, Any], source: Path | None = None) -> Experiment:
+    """Validate a parsed experiment dict and fill in defaults."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", raw, "a TOML table")
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SCHEMA}
+    for key, value in raw.items():
+        if key in SCHEMA and key != "":
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, f"a [{key}] table")
+            continue
+        if key not in SCHEMA[""]:
+            allowed = sorted(set(SCHEMA[""]) | {f"[{s}]" for s in SCHEMA if s})
+            raise ConfigError(key, value, "one of the known keys: " + ", ".join(allowed))
+    for section, keys in SCHEMA.items():
+        given = raw if section == "" else raw.get(section, {})
+        for key, value in given.items():
+            if section == "" and key in SCHEMA:
+                continue
+            if key not in keys:
+                dotted = f"{section}.{key}" if section else key
+                known = ", ".join(sorted(keys))
+                raise ConfigError(dotted, value, "one of the known keys: " + known)
+            _check_value(section, key, keys[key], value)
+            sections[section][key] = value
+        for key, spec in keys.items():
+            if key not in sections[section]:
+                if spec.required:
+                    dotted = f"{section}.{key}" if section else key
+                    raise ConfigError(dotted, "<missing>", f"required: {spec.allowed}")
+                if spec.default is not None:
+                    sections[section][key] = spec.default
+    _cross_check(sections, raw)
+    return Experiment(sections=sections, source=source, raw=raw)
+
+
+def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
+    dataset = s["data"]["dataset"]
+    for key in set(raw.get("data", {})) - {"dataset"} - DATA_KEYS[dataset]:
+        raise ConfigError(f"data.{key}", raw["data"][key],
+                          f"for dataset '{dataset}' only: {', '.join(sorted(DATA_KEYS[dataset]))}")
+    if dataset in NATURAL_DATASETS and "partition" in raw:
+        raise ConfigError("partition", raw["partition"],
+                          f"no [partition] table: dataset '{dataset}' has its natural clients")
+    strat = s["strategy"]
+    if "clients_per_round" in strat and "fraction" in strat:
+        raise ConfigError("strategy.fraction", strat["fraction"],
+                          "only one of strategy.clients_per_round and strategy.fraction")
+    if strat["name"] == "fedprox":
+        strat.setdefault("mu", 0.01)
+    elif "mu" in strat:
+        raise ConfigError("strategy.mu", strat["mu"], "only with strategy.name = 'fedprox'")
+    opt = s["server_opt"]
+    extra = set(opt) - {"name"} - SERVER_OPT_KEYS[opt["name"]]
+    if extra:
+        key = sorted(extra)[0]
+        raise ConfigError(f"server_opt.{key}", opt[key],
+                          f"for server_opt '{opt['name']}' only: "
+                          + ", ".join(sorted(SERVER_OPT_KEYS[opt["name"]])))
+    if s["model"]["kind"] == "cnn" and dataset != "fashion_mnist":
+        raise ConfigError("model.kind", "cnn", "'cnn' needs image data (dataset 'fashion_mnist')")
+    if s["train"]["momentum"] and s["train"]["optimizer"] != "sgd":
+        raise ConfigError("train.momentum", s["train"]["momentum"], "only with optimizer 'sgd'")
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<file>", str(path), "an existing experiment .toml file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("<file>", str(path), f"valid TOML ({exc})") from exc
+    return validate(raw, source=path)

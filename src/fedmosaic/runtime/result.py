@@ -1,0 +1,107 @@
+"""The outcome of a run: per-round history, final weights, a table and a plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmosaic.core.params import ParamSpec
+from fedmosaic.runtime.checkpoint import atomic_write_bytes
+
+DEFAULT_COLUMNS = ("round", "updates", "train_loss", "test_loss", "test_accuracy", "wall_time",
+                   "bytes_up")
+
+
+@dataclass
+class RunResult:
+    """History (one dict per round) and the final global weights of a run."""
+
+    history: list[dict[str, Any]]
+    weights: torch.Tensor
+    spec: ParamSpec
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last round's record."""
+        return self.history[-1] if self.history else {}
+
+    def metric(self, name: str) -> list[float]:
+        """One metric across rounds (rounds without it are skipped)."""
+        return [r[name] for r in self.history if name in r]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The final model as a PyTorch state dict (federated tensors only)."""
+        return self.spec.unflatten(self.weights)
+
+    def table(self, columns: Sequence[str] = DEFAULT_COLUMNS) -> list[list[str]]:
+        """Rows of formatted values, header first (for printing or reports)."""
+        rows = [list(columns)]
+        for rec in self.history:
+            rows.append([_fmt(rec.get(c)) for c in columns])
+        return rows
+
+    def plot(self, path: str | Path, metrics: Sequence[str] = ("test_accuracy", "test_loss"),
+             title: str | None = None) -> Path:
+        """Write a PNG with one panel per metric against rounds."""
+        return plot_histories({"run": self.history}, path, metrics=metrics, title=title)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write ``metrics.json`` and ``model.pt`` (the final state dict) to ``out_dir``."""
+        out = Path(out_dir)
+        write_json(out / "metrics.json", self.history)
+        import io
+
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        atomic_write_bytes(out / "model.pt", buf.getvalue())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def plot_histories(
+    histories: dict[str, list[dict[str, Any]]],
+    path: str | Path,
+    *,
+    metrics: Sequence[str] = ("test_accuracy", "test_loss"),
+    title: str | None = None,
+) -> Path:
+    """One panel per metric, one line per named history; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, hist in histories.items():
+            pts = [(r["round"], r[metric]) for r in hist if metric in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

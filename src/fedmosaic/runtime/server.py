@@ -1,0 +1,197 @@
+"""The server loop, written once for every transport:
+select -> configure -> dispatch -> collect -> aggregate -> update -> evaluate -> checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.strategy import FedAvg
+from fedmosaic.core.errors import CheckpointError, InvalidUpdateError, RoundFailedError
+from fedmosaic.core.params import ParamSpec
+from fedmosaic.core.update import validate_update
+from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedmosaic.runtime.transport import ClientFailure, Transport
+from fedmosaic.train.base import Dataset, Trainer
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: the last completed round and everything after it depends on."""
+
+    round: int
+    weights: torch.Tensor
+    rng: np.random.Generator
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able description (guards resume against a changed run)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Server:
+    """Runs federated rounds with a strategy over a transport.
+
+    Evaluation is central (the global model on ``test_data``) every ``eval_every`` rounds
+    and after the last round. With ``out_dir`` a checkpoint is written atomically after every
+    round, and ``resume=True`` continues from it.
+    """
+
+    def __init__(
+        self,
+        *,
+        trainer: Trainer,
+        strategy: FedAvg,
+        transport: Transport,
+        rounds: int,
+        seed: int = 0,
+        test_data: Dataset | None = None,
+        eval_every: int = 1,
+        out_dir: str | Path | None = None,
+        identity: dict[str, Any] | None = None,
+        callbacks: Sequence[RoundCallback] = (),
+    ) -> None:
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        self.trainer, self.strategy, self.transport = trainer, strategy, transport
+        self.rounds, self.seed, self.test_data = rounds, seed, test_data
+        self.eval_every = eval_every
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.callbacks = list(callbacks)
+        self.spec: ParamSpec = trainer.spec
+        self.identity = fingerprint(
+            {"user": identity or {}, "seed": seed, "strategy": strategy.describe(),
+             "spec": self.spec.to_json()}
+        )
+
+    # -- state -----------------------------------------------------------------------------
+    def fresh_state(self, initial_weights: torch.Tensor | None = None) -> RunState:
+        weights = initial_weights if initial_weights is not None else \
+            self.trainer.initial_weights(self.seed)
+        self.spec.check_vector(weights)
+        return RunState(round=0, weights=weights.clone(), rng=np.random.default_rng(self.seed))
+
+    def restore(self) -> RunState:
+        if self.out_dir is None:
+            raise CheckpointError("resume needs an output directory")
+        ckpt = load_checkpoint(self.out_dir)
+        if ckpt.get("identity") != self.identity:
+            raise CheckpointError(
+                f"checkpoint in {self.out_dir} belongs to a different experiment "
+                "(seed, strategy, model or config changed); refusing to resume"
+            )
+        rng = np.random.default_rng()
+        rng.bit_generator.state = ckpt["rng_state"]
+        self.strategy.load_state_dict(ckpt["strategy"])
+        weights = ckpt["weights"]
+        self.spec.check_vector(weights)
+        return RunState(round=int(ckpt["round"]), weights=weights, rng=rng,
+                        history=list(ckpt["history"]))
+
+    def checkpoint(self, state: RunState) -> None:
+        if self.out_dir is None:
+            return
+        save_checkpoint(self.out_dir, {
+            "identity": self.identity,
+            "round": state.round,
+            "rounds": self.rounds,
+            "weights": state.weights,
+            "spec": self.spec.to_json(),
+            "strategy": self.strategy.state_dict(),
+            "rng_state": state.rng.bit_generator.state,
+            "history": state.history,
+        })
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        resume: bool = False,
+        initial_weights: torch.Tensor | None = None,
+        stop_after: int | None = None,
+    ) -> RunState:
+        """Run until ``rounds`` (or ``stop_after``, for tests of interruption) are complete."""
+        state = self.restore() if resume else self.fresh_state(initial_weights)
+        last = self.rounds if stop_after is None else min(self.rounds, stop_after)
+        while state.round < last:
+            record = self.run_round(state)
+            state.history.append(record)
+            self.checkpoint(state)
+            for cb in self.callbacks:
+                cb(record)
+        return state
+
+    def run_round(self, state: RunState) -> dict[str, Any]:
+        round_num = state.round + 1
+        start = time.perf_counter()
+        available = self.transport.available_clients()
+        s = self.strategy
+        full_steps = None
+        if s.straggler_fraction > 0:
+            probe = s.fit_config(round_num, seed=0)
+            full_steps = {c: self.transport.full_steps(c, probe) for c in available}
+        tasks = s.configure_fit(round_num, available, state.rng, run_seed=self.seed,
+                                full_steps=full_steps)
+        weights = state.weights
+        acc = s.aggregator.accumulator(self.spec.numel, device=weights.device)
+        metric_sums: dict[str, float] = {}
+        sample_total = 0
+        failures: list[ClientFailure] = []
+        rejected: list[str] = []
+        bytes_up = 0
+        for result in self.transport.fit(weights, tasks):
+            if isinstance(result, ClientFailure):
+                failures.append(result)
+                continue
+            try:
+                update = validate_update(result, numel=self.spec.numel, current_round=round_num)
+            except InvalidUpdateError as exc:
+                log.warning("round %d: %s", round_num, exc)
+                rejected.append(str(exc))
+                continue
+            bytes_up += update.nbytes
+            acc.add(update.delta, s.aggregator.weight_of(update))
+            sample_total += update.num_samples
+            for key, value in update.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * update.num_samples
+        if acc.count < s.min_updates:
+            raise RoundFailedError(
+                f"round {round_num}: {acc.count} valid updates, strategy needs at least "
+                f"{s.min_updates} ({len(failures)} clients failed, {len(rejected)} rejected)"
+            )
+        state.weights = s.apply(weights, acc.result())
+        state.round = round_num
+        record: dict[str, Any] = {
+            "round": round_num,
+            "clients_selected": len(tasks),
+            "updates": acc.count,
+            "failures": len(failures),
+            "rejected": len(rejected),
+            "bytes_down": len(tasks) * self.spec.nbytes,
+            "bytes_up": bytes_up,
+        }
+        record.update({k: v / sample_total for k, v in metric_sums.items()})
+        if self.test_data is not None and (
+            round_num % self.eval_every == 0 or round_num == self.rounds
+        ):
+            ev = self.trainer.evaluate(state.weights, self.test_data)
+            record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
+        record["wall_time"] = time.perf_counter() - start
+        return record

@@ -1,0 +1,170 @@
+"""TorchTrainer: local SGD (and FedProx) for any ``torch.nn.Module``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from fedmosaic.algorithms.fedprox import proximal_term
+from fedmosaic.core.params import ParamSpec
+from fedmosaic.train.base import Dataset, FitConfig, FitResult
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": nn.functional.cross_entropy,
+    "mse": lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y.to(out.dtype)),
+}
+
+
+def _sgd(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr)
+
+
+class TorchTrainer:
+    """Trains a PyTorch model on a client's data, starting from a flat weight vector.
+
+    ``model_fn`` builds the architecture; it is called once (plus once per
+    ``initial_weights`` seed). ``loss`` is ``"cross_entropy"``, ``"mse"`` or a callable
+    ``(outputs, targets) -> scalar``. ``optimizer`` maps ``(params, lr)`` to a torch optimizer
+    (plain SGD by default, as in FedAvg); local optimizer state starts fresh each round.
+    ``metrics`` are extra evaluation metrics ``(outputs, targets) -> float``.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "cross_entropy",
+        *,
+        lr: float = 0.05,
+        epochs: int = 1,
+        batch_size: int = 32,
+        optimizer: OptimizerFactory | None = None,
+        device: str | torch.device = "cpu",
+        metrics: Mapping[str, MetricFn] | None = None,
+        eval_batch_size: int = 2048,
+        trainable_only: bool = False,
+    ) -> None:
+        if isinstance(loss, str):
+            if loss not in _LOSSES:
+                allowed = ", ".join(_LOSSES)
+                raise ValueError(f"unknown loss {loss!r}; allowed: {allowed} or a callable")
+            self.classification = loss == "cross_entropy"
+            self.loss_fn = _LOSSES[loss]
+        else:
+            self.classification = True
+            self.loss_fn = loss
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        self.model_fn = model_fn
+        self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
+        self.optimizer_factory = optimizer or _sgd
+        self.device = torch.device(device)
+        self.metrics = dict(metrics or {})
+        self.eval_batch_size = eval_batch_size
+        self.model = model_fn().to(self.device)
+        self._spec = ParamSpec.from_module(self.model, trainable_only=trainable_only)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        entries = {e.name: e for e in self._spec.entries}
+        # (parameter, its slot in the flat vector): what the FedProx term anchors to.
+        self._anchored = [(p, entries[n]) for n, p in self.model.named_parameters()
+                          if p.requires_grad and n in entries]
+
+    @property
+    def spec(self) -> ParamSpec:
+        return self._spec
+
+    def initial_weights(self, seed: int) -> torch.Tensor:
+        """The flat weights of a freshly initialised model, seeded (global RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self.model_fn()
+        return self._spec.read_from(fresh)
+
+    def full_steps(self, num_samples: int, config: FitConfig) -> int:
+        epochs = config.epochs or self.epochs
+        return epochs * max(1, math.ceil(num_samples / (config.batch_size or self.batch_size)))
+
+    def _tensors(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(data.x).to(self.device)
+        y = torch.as_tensor(data.y).to(self.device)
+        return x, y
+
+    def fit(self, weights: torch.Tensor, data: Dataset, config: FitConfig) -> FitResult:
+        n = len(data)
+        if n == 0:
+            raise ValueError("cannot train on an empty data set")
+        self._spec.load_into(self.model, weights.to(self.device))
+        x, y = self._tensors(data)
+        lr = config.lr if config.lr is not None else self.lr
+        batch_size = config.batch_size or self.batch_size
+        total = self.full_steps(n, config)
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        mu = config.proximal_mu
+        anchor_params = [p for p, _ in self._anchored]
+        anchors = [weights[e.offset : e.offset + e.numel].view(e.shape).to(self.device)
+                   for _, e in self._anchored] if mu > 0 else []
+        optimizer = self.optimizer_factory(self._params, lr)
+        self.model.train()
+        loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+        # Every random draw (shuffling, dropout) comes from the per-client seed, so a client's
+        # training is a pure function of (weights, data, config): this is what makes runs
+        # reproducible and resumable.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            gen = torch.Generator().manual_seed(config.seed)
+            while steps < total:
+                order = torch.randperm(n, generator=gen).to(self.device)
+                for start in range(0, n, batch_size):
+                    if steps >= total:
+                        break
+                    idx = order[start : start + batch_size]
+                    xb, yb = x[idx], y[idx]
+                    optimizer.zero_grad(set_to_none=True)
+                    out = self.model(xb)
+                    loss = self.loss_fn(out, yb)
+                    data_loss = loss.detach()
+                    if mu > 0:
+                        loss = loss + proximal_term(anchor_params, anchors, mu)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    loss_sum += float(data_loss) * len(idx)
+                    seen += len(idx)
+                    if self.classification:
+                        correct += int((out.detach().argmax(1) == yb).sum())
+        metrics = {"train_loss": loss_sum / seen}
+        if self.classification:
+            metrics["train_accuracy"] = correct / seen
+        new = self._spec.read_from(self.model)
+        return FitResult(weights=new, num_samples=n, steps=steps, metrics=metrics)
+
+    @torch.no_grad()
+    def predict(self, weights: torch.Tensor, data: Dataset) -> torch.Tensor:
+        """Model outputs for every sample of ``data`` (on CPU)."""
+        self._spec.load_into(self.model, weights.to(self.device))
+        self.model.eval()
+        x, _ = self._tensors(data)
+        outs = [self.model(x[s : s + self.eval_batch_size]).cpu()
+                for s in range(0, len(data), self.eval_batch_size)]
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    def evaluate(self, weights: torch.Tensor, data: Dataset) -> dict[str, float]:
+        """Loss, accuracy (classification) and user metrics of ``weights`` on ``data``."""
+        if len(data) == 0:
+            raise ValueError("cannot evaluate on an empty data set")
+        out = self.predict(weights, data)
+        y = torch.as_tensor(data.y)
+        result = {"loss": float(self.loss_fn(out, y)), "num_samples": float(len(data))}
+        if self.classification:
+            result["accuracy"] = float((out.argmax(1) == y).float().mean())
+        for name, fn in self.metrics.items():
+            result[name] = float(fn(out, y))
+        return result
