@@ -18,7 +18,8 @@ from fedmosaic.core.errors import FedmosaicError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedmosaic: federated learning that moves the model, not the data.")
-console = Console()
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 CONFIG_COPY = "experiment.toml"
@@ -71,7 +72,11 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
     from fedmosaic.runtime.checkpoint import load_checkpoint
     from fedmosaic.runtime.simulate import simulate
 
+    import torch
+
     t0 = time.perf_counter()
+    if exp[""]["threads"] > 0:
+        torch.set_num_threads(exp[""]["threads"])
     fed = build_data(exp)
     trainer = build_trainer(exp, fed)
     strategy = build_strategy(exp)

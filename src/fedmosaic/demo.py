@@ -62,7 +62,7 @@ def run_demo(output: Path, *, rounds: int = 30, seed: int = 0,
     console.print(f"[bold]UCI Heart Disease[/]: {len(fed.clients)} hospitals, "
                   f"{sum(fed.sizes().values())} training patients, {len(fed.test)} test patients")
     for row in fed.summary():
-        console.print(f"  {HOSPITAL_NAMES.get(str(row['client_id']), row['client_id']):<14} "
+        console.print(f"  {HOSPITAL_NAMES.get(str(row['id']), row['id']):<14} "
                       f"train {row['train']:>3}  test {row['test']:>3}  "
                       f"labels {row['histogram']}")
 

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from fedmosaic.build import build_strategy
+from fedmosaic.config import load_experiment, validate
+from fedmosaic.core import ConfigError
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+
+
+def _base(**sections):
+    raw = {"rounds": 3, "data": {"dataset": "digits"}}
+    raw.update(sections)
+    return raw
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_shipped_examples_validate(path):
+    exp = load_experiment(path)
+    assert exp[""]["rounds"] >= 1
+    build_strategy(exp)
+
+
+def test_defaults_are_filled_in():
+    exp = validate(_base())
+    assert exp[""]["seed"] == 0 and exp["partition"]["method"] == "iid"
+    assert exp["strategy"]["name"] == "fedavg" and exp["server_opt"]["name"] == "sgd"
+    assert exp.output == Path("runs/experiment")
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        ({"data": {"dataset": "mnist"}, "rounds": 1}, "data.dataset", "'heart_disease'"),
+        ({"data": {"dataset": "digits"}}, "rounds", "required"),
+        (_base(rounds=0), "rounds", ">= 1"),
+        (_base(rounds="ten"), "rounds", "integer"),
+        (_base(rounds=True), "rounds", "integer"),
+        (_base(epochz=3), "epochz", "known keys"),
+        (_base(train={"lr": -1}), "train.lr", "> 0"),
+        (_base(train={"btach_size": 3}), "train.btach_size", "batch_size"),
+        (_base(strategy={"name": "fedsgd"}), "strategy.name", "'fedprox'"),
+        (_base(strategy={"fraction": 1.5}), "strategy.fraction", "(0, 1]"),
+        (_base(strategy={"fraction": 0.5, "clients_per_round": 3}), "strategy.fraction",
+         "only one"),
+        (_base(strategy={"mu": 0.1}), "strategy.mu", "fedprox"),
+        (_base(server_opt={"name": "fedadam", "momentum": 0.9}), "server_opt.momentum",
+         "beta1"),
+        (_base(server_opt={"name": "fedadam", "beta2": 1.0}), "server_opt.beta2", "[0, 1)"),
+        (_base(partition={"method": "dirichlet", "alpha": 0}), "partition.alpha", "> 0"),
+        (_base(model={"kind": "cnn"}), "model.kind", "fashion_mnist"),
+        (_base(model={"hidden": [64, -1]}), "model.hidden", "positive integers"),
+        ({"rounds": 2, "data": {"dataset": "heart_disease"}, "partition": {"clients": 3}},
+         "partition", "natural clients"),
+        ({"rounds": 2, "data": {"dataset": "digits", "alpha": 1.0}}, "data.alpha",
+         "test_fraction"),
+        (_base(data=[1, 2]), "data", "table"),
+    ],
+)
+def test_wrong_values_name_key_value_and_allowed(raw, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    assert info.value.key == key
+    assert fragment in str(info.value)
+    assert f"config key '{key}'" in str(info.value)
+
+
+def test_unreadable_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="existing"):
+        load_experiment(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [1,\n")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        load_experiment(bad)
+
+
+def test_identity_ignores_rounds_and_output_only():
+    a = validate(_base(rounds=3)).identity()
+    assert a == validate(_base(rounds=9, output="elsewhere")).identity()
+    assert a != validate(_base(seed=1)).identity()
