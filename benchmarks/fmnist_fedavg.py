@@ -16,10 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import fedmosaic as fm  # noqa: E402
-from common import machine, peak_rss_mb, save  # noqa: E402
-from fedmosaic.data import Dirichlet, load_fashion_mnist, partition  # noqa: E402
-from fedmosaic.models import SmallCNN  # noqa: E402
+from common import machine, peak_rss_mb, save
+
+import fedmosaic as fm
+from fedmosaic.data import Dirichlet, load_fashion_mnist, partition
+from fedmosaic.models import SmallCNN
 
 
 def main() -> None:
@@ -61,11 +62,12 @@ def main() -> None:
                                        "wall_time", "bytes_up")} for r in res.history],
     }
     path = save("fmnist_fedavg", payload)
-    print(f"\n| round | test accuracy | test loss | round time (s) |\n|---|---|---|---|")
+    print("\n| round | test accuracy | test loss | round time (s) |\n|---|---|---|---|")
     for r in res.history:
         print(f"| {r['round']} | {r['test_accuracy']:.4f} | {r['test_loss']:.4f} | "
               f"{r['wall_time']:.2f} |")
-    print(f"\n{args.rounds} rounds in {total:.1f}s (median round {payload['median_round_seconds']:.2f}s, "
+    median = payload["median_round_seconds"]
+    print(f"\n{args.rounds} rounds in {total:.1f}s (median round {median:.2f}s, "
           f"setup {t_setup:.1f}s, peak RSS {payload['peak_rss_mb']:.0f} MB); results in {path}")
 
 

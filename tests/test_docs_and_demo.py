@@ -25,8 +25,9 @@ def test_readme_python_quickstart_runs(tmp_path, monkeypatch):
 
 
 def test_demo_compares_all_methods_per_hospital(tmp_path):
-    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)
-    table = run_demo(tmp_path / "out", rounds=12, seed=0, console=console)
+    with open(tmp_path / "log.txt", "w") as log_file:
+        console = Console(file=log_file, width=200)
+        table = run_demo(tmp_path / "out", rounds=12, seed=0, console=console)
     methods = set(table)
     assert {"FedAvg", "FedProx", "FedAdam", "Centralized (pooled)"} <= methods
     assert sum(m.startswith("Local:") for m in methods) == 4

@@ -68,11 +68,11 @@ class RoundProgress:
 
 
 def _execute(exp: Any, out: Path, resume: bool) -> None:
+    import torch
+
     from fedmosaic.build import build_data, build_strategy, build_trainer
     from fedmosaic.runtime.checkpoint import load_checkpoint
     from fedmosaic.runtime.simulate import simulate
-
-    import torch
 
     t0 = time.perf_counter()
     if exp[""]["threads"] > 0:

@@ -165,3 +165,13 @@ def test_result_table_and_plot(blobs_fed, tmp_path):
     path = res.plot(tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(res.state_dict()) == set(_trainer().spec.names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_simulation_on_cuda_matches_cpu(blobs_fed):
+    cpu = fm.simulate(_trainer(), blobs_fed, _strategy(server_opt=fm.FedAdam(lr=0.05)),
+                      rounds=3, seed=0)
+    gpu_trainer = fm.TorchTrainer(lambda: MLP(5, [8], 3), lr=0.1, batch_size=8, device="cuda")
+    gpu = fm.simulate(gpu_trainer, blobs_fed, _strategy(server_opt=fm.FedAdam(lr=0.05)),
+                      rounds=3, seed=0)
+    assert torch.allclose(cpu.weights, gpu.weights, atol=1e-4)

@@ -89,3 +89,22 @@ def test_bad_arguments_are_refused():
         TorchTrainer(lambda: MLP(5, [4], 3), lr=0)
     with pytest.raises(ValueError, match="epochs"):
         FitConfig(round=1, epochs=0)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_cuda_training_matches_cpu_training():
+    data, test = make_blobs(120, 0), make_blobs(100, 1)
+    cpu = _trainer()
+    gpu = _trainer(device="cuda")
+    w0 = cpu.initial_weights(0)
+    cfg = FitConfig(round=1, epochs=3, seed=2, proximal_mu=0.1)
+    a = cpu.fit(w0, data, cfg)
+    b = gpu.fit(w0, data, cfg)
+    assert b.weights.device.type == "cpu" and b.weights.dtype == torch.float32
+    assert torch.allclose(a.weights, b.weights, atol=1e-4)
+    ev_cpu, ev_gpu = cpu.evaluate(a.weights, test), gpu.evaluate(a.weights, test)
+    assert abs(ev_cpu["loss"] - ev_gpu["loss"]) < 1e-4
+    assert ev_cpu["accuracy"] == ev_gpu["accuracy"]

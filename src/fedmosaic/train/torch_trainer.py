@@ -117,7 +117,7 @@ class TorchTrainer:
         # Every random draw (shuffling, dropout) comes from the per-client seed, so a client's
         # training is a pure function of (weights, data, config): this is what makes runs
         # reproducible and resumable.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(config.seed)
             gen = torch.Generator().manual_seed(config.seed)
             while steps < total:
@@ -145,6 +145,13 @@ class TorchTrainer:
             metrics["train_accuracy"] = correct / seen
         new = self._spec.read_from(self.model)
         return FitResult(weights=new, num_samples=n, steps=steps, metrics=metrics)
+
+    def _rng_devices(self) -> list[int]:
+        """CUDA devices whose RNG state ``fork_rng`` must save and restore."""
+        if self.device.type != "cuda":
+            return []
+        return [self.device.index if self.device.index is not None
+                else torch.cuda.current_device()]
 
     @torch.no_grad()
     def predict(self, weights: torch.Tensor, data: Dataset) -> torch.Tensor:
