@@ -140,12 +140,17 @@ def resume(
         _fail(str(exc))
 
 
+# Short headers so the table fits an 80-column terminal.
+_COLUMNS = {"round": "round", "updates": "updates", "train_loss": "train loss",
+            "test_loss": "test loss", "test_accuracy": "test acc", "wall_time": "time s",
+            "bytes_up": "bytes up"}
+
+
 def _print_table(history: list[dict[str, Any]], title: str) -> None:
-    cols = [c for c in ("round", "updates", "train_loss", "test_loss", "test_accuracy",
-                        "wall_time", "bytes_up") if any(c in r for r in history)]
+    cols = [c for c in _COLUMNS if any(c in r for r in history)]
     table = Table(title=title)
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(_COLUMNS[c], justify="right")
     for r in history:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
     console.print(table)

@@ -82,7 +82,7 @@ def test_kill_minus_nine_then_resume_equals_uninterrupted_run(tmp_path):
 
     rep = _cli("report", "cut", cwd=tmp_path)
     assert rep.returncode == 0, rep.stderr
-    assert "test_accuracy" in rep.stdout
+    assert "test acc" in rep.stdout
     assert (tmp_path / "cut" / "report.png").read_bytes()[:4] == b"\x89PNG"
 
     again = _cli("resume", "cut", cwd=tmp_path)

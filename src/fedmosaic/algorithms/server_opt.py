@@ -268,7 +268,20 @@ class FedAdagrad(_AdaptiveServerOptimizer):
         v.add_(delta_sq)
 
 
-class FedAdam(_AdaptiveServerOptimizer):
+class _DecayingSecondMoment(_AdaptiveServerOptimizer):
+    """Shared by FedAdam and FedYogi: an exponential second-moment decay ``beta2``."""
+
+    def __init__(
+        self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        super().__init__(lr, beta1, tau)
+        self.beta2 = _check_beta("beta2", beta2)
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
+
+
+class FedAdam(_DecayingSecondMoment):
     """FedAdam (Reddi et al., 2021, "Adaptive Federated Optimization", Algorithm 2).
 
     ``v = beta2 * v + (1 - beta2) * delta**2``, with ``v`` initialised to ``tau**2``;
@@ -277,20 +290,11 @@ class FedAdam(_AdaptiveServerOptimizer):
 
     name = "fedadam"
 
-    def __init__(
-        self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
-    ) -> None:
-        super().__init__(lr, beta1, tau)
-        self.beta2 = _check_beta("beta2", beta2)
-
-    def hyperparameters(self) -> dict[str, float]:
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
-
     def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
         v.mul_(self.beta2).add_(delta_sq, alpha=1.0 - self.beta2)
 
 
-class FedYogi(_AdaptiveServerOptimizer):
+class FedYogi(_DecayingSecondMoment):
     """FedYogi (Reddi et al., 2021, "Adaptive Federated Optimization", Algorithm 2).
 
     ``v = v - (1 - beta2) * delta**2 * sign(v - delta**2)``, with ``v`` initialised to
@@ -298,15 +302,6 @@ class FedYogi(_AdaptiveServerOptimizer):
     """
 
     name = "fedyogi"
-
-    def __init__(
-        self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
-    ) -> None:
-        super().__init__(lr, beta1, tau)
-        self.beta2 = _check_beta("beta2", beta2)
-
-    def hyperparameters(self) -> dict[str, float]:
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
 
     def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
         sign = torch.sign(v - delta_sq)
