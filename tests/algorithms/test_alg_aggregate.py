@@ -212,3 +212,30 @@ def test_cuda_stays_on_device() -> None:
     acc_gpu = WeightedMeanAccumulator(10, device="cuda")
     acc_gpu.add(deltas[0].cpu(), 1.0)
     assert acc_gpu.result().is_cuda
+
+
+def test_merge_of_partial_sums_equals_adding_every_delta():
+    gen = torch.Generator().manual_seed(0)
+    deltas = torch.randn(7, 50, generator=gen)
+    weights = torch.rand(7, generator=gen) + 0.1
+    whole = WeightedMeanAccumulator(50)
+    for d, w in zip(deltas, weights):
+        whole.add(d, float(w))
+    left, right, merged = (WeightedMeanAccumulator(50) for _ in range(3))
+    for i, (d, w) in enumerate(zip(deltas, weights)):
+        (left if i < 3 else right).add(d, float(w))
+    for part in (left, right):
+        merged.merge(part.weighted_sum, part.total_weight, part.count)
+    assert merged.count == 7
+    assert torch.allclose(merged.result(), whole.result(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [((torch.zeros(3), 1.0, 1), "shape"), ((torch.zeros(5), 0.0, 1), "total_weight"),
+     ((torch.zeros(5), 1.0, 0), "count"), ((torch.zeros(5, dtype=torch.float64), 1.0, 1),
+                                          "float32")],
+)
+def test_merge_refuses_malformed_partial_sums(args, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        WeightedMeanAccumulator(5).merge(*args)

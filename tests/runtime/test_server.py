@@ -106,8 +106,8 @@ def test_corrupt_checkpoint_is_reported_not_loaded(blobs_fed, tmp_path):
 class _HostileTransport(SequentialTransport):
     """Honest clients plus one that crashes and one that sends garbage."""
 
-    def fit(self, weights, tasks):
-        for i, result in enumerate(super().fit(weights, tasks)):
+    def fit(self, weights, tasks, weighting=None):
+        for i, result in enumerate(super().fit(weights, tasks, weighting)):
             if i == 0:
                 yield ClientFailure(result.client_id, "connection lost")
             elif i == 1:
@@ -130,7 +130,7 @@ def test_failed_and_invalid_clients_are_skipped_not_fatal(blobs_fed):
 
 def test_round_fails_clearly_when_too_few_updates(blobs_fed):
     class Silent(SequentialTransport):
-        def fit(self, weights, tasks):
+        def fit(self, weights, tasks, weighting=None):
             for t in tasks:
                 yield ClientFailure(t.client_id, "timeout")
 
@@ -175,3 +175,38 @@ def test_simulation_on_cuda_matches_cpu(blobs_fed):
     gpu = fm.simulate(gpu_trainer, blobs_fed, _strategy(server_opt=fm.FedAdam(lr=0.05)),
                       rounds=3, seed=0)
     assert torch.allclose(cpu.weights, gpu.weights, atol=1e-4)
+
+
+def test_partial_aggregates_merge_to_the_same_model_as_individual_updates(blobs_fed):
+    """A transport that sums on its side (like Ray actors) gives the same global model."""
+    from fedmosaic.runtime import RoundTally
+
+    class Summing(SequentialTransport):
+        def fit(self, weights, tasks, weighting=None):
+            assert weighting is not None
+            halves = [tasks[: len(tasks) // 2], tasks[len(tasks) // 2 :]]
+            for part in halves:
+                tally = RoundTally(weighting, weights.numel(), part[0].config.round)
+                for result in super().fit(weights, part):
+                    tally.add(result)
+                yield tally.to_partial()
+
+    tr = _trainer()
+    plain = fm.simulate(tr, blobs_fed, _strategy(), rounds=3, seed=0)
+    summed = fm.simulate(tr, blobs_fed, _strategy(), rounds=3, seed=0,
+                         transport=Summing(tr, blobs_fed))
+    assert torch.allclose(plain.weights, summed.weights, atol=1e-6)
+    assert [r["bytes_up"] for r in plain.history] == [r["bytes_up"] for r in summed.history]
+    assert plain.metric("train_loss") == pytest.approx(summed.metric("train_loss"))
+
+
+def test_duplicate_updates_from_one_client_are_rejected(blobs_fed):
+    class Replaying(SequentialTransport):
+        def fit(self, weights, tasks, weighting=None):
+            for result in super().fit(weights, tasks, weighting):
+                yield result
+                yield result
+
+    tr = _trainer()
+    res = fm.simulate(tr, blobs_fed, _strategy(), rounds=1, transport=Replaying(tr, blobs_fed))
+    assert res.history[0]["updates"] == 4 and res.history[0]["rejected"] == 4

@@ -85,6 +85,11 @@ class WeightedMeanAccumulator:
         """Sum of the weights added so far."""
         return self._total_weight
 
+    @property
+    def weighted_sum(self) -> torch.Tensor | None:
+        """The running ``sum_i w_i * delta_i`` (None before the first add)."""
+        return self._sum
+
     def add(self, delta: torch.Tensor, weight: float) -> None:
         """Add ``weight * delta`` to the running sum."""
         if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (self._dim,):
@@ -100,6 +105,26 @@ class WeightedMeanAccumulator:
         self._sum.add_(delta.to(self._sum.device), alpha=w)
         self._total_weight += w
         self._count += 1
+
+    def merge(self, weighted_sum: torch.Tensor, total_weight: float, count: int) -> None:
+        """Add a sum reduced elsewhere (``sum_i w_i * delta_i`` over ``count`` deltas whose
+        weights total ``total_weight``), e.g. on a Ray actor or a batch of vmapped clients."""
+        if not isinstance(weighted_sum, torch.Tensor) or tuple(weighted_sum.shape) != (self._dim,):
+            shape = (tuple(weighted_sum.shape) if isinstance(weighted_sum, torch.Tensor)
+                     else type(weighted_sum))
+            raise ValueError(f"weighted_sum must have shape ({self._dim},), got {shape}")
+        if weighted_sum.dtype != torch.float32:
+            raise ValueError(f"weighted_sum must be float32, got {weighted_sum.dtype}")
+        w = float(total_weight)
+        if not math.isfinite(w) or w <= 0:
+            raise ValueError(f"total_weight must be a finite number > 0, got {total_weight!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive integer, got {count!r}")
+        if self._sum is None:
+            self._sum = torch.zeros(self._dim, dtype=torch.float32, device=weighted_sum.device)
+        self._sum.add_(weighted_sum.to(self._sum.device))
+        self._total_weight += w
+        self._count += count
 
     def result(self) -> torch.Tensor:
         """The weighted mean of everything added (a new tensor; the accumulator is unchanged)."""

@@ -4,15 +4,19 @@ from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
 from fedmosaic.runtime.result import RunResult, plot_histories
 from fedmosaic.runtime.server import RunState, Server
 from fedmosaic.runtime.simulate import simulate
-from fedmosaic.runtime.transport import ClientFailure, SequentialTransport, Transport
+from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, RoundTally
+from fedmosaic.runtime.transport import SequentialTransport, Transport, TransportResult
 
 __all__ = [
     "ClientFailure",
+    "PartialAggregate",
+    "RoundTally",
     "RunResult",
     "RunState",
     "SequentialTransport",
     "Server",
     "Transport",
+    "TransportResult",
     "load_checkpoint",
     "plot_histories",
     "save_checkpoint",

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
-from fedmosaic.core.errors import CheckpointError, InvalidUpdateError, RoundFailedError
+from fedmosaic.core.errors import CheckpointError, RoundFailedError
 from fedmosaic.core.params import ParamSpec
-from fedmosaic.core.update import validate_update
 from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
-from fedmosaic.runtime.transport import ClientFailure, Transport
+from fedmosaic.runtime.tally import RoundTally
+from fedmosaic.runtime.transport import Transport
 from fedmosaic.train.base import Dataset, Trainer
 
 log = logging.getLogger(__name__)
@@ -150,44 +150,28 @@ class Server:
         tasks = s.configure_fit(round_num, available, state.rng, run_seed=self.seed,
                                 full_steps=full_steps)
         weights = state.weights
-        acc = s.aggregator.accumulator(self.spec.numel, device=weights.device)
-        metric_sums: dict[str, float] = {}
-        sample_total = 0
-        failures: list[ClientFailure] = []
-        rejected: list[str] = []
-        bytes_up = 0
-        for result in self.transport.fit(weights, tasks):
-            if isinstance(result, ClientFailure):
-                failures.append(result)
-                continue
-            try:
-                update = validate_update(result, numel=self.spec.numel, current_round=round_num)
-            except InvalidUpdateError as exc:
-                log.warning("round %d: %s", round_num, exc)
-                rejected.append(str(exc))
-                continue
-            bytes_up += update.nbytes
-            acc.add(update.delta, s.aggregator.weight_of(update))
-            sample_total += update.num_samples
-            for key, value in update.metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * update.num_samples
-        if acc.count < s.min_updates:
+        tally = RoundTally(s.aggregator, self.spec.numel, round_num, device=weights.device)
+        weighting = s.aggregator if getattr(s.aggregator, "streaming", False) else None
+        for result in self.transport.fit(weights, tasks, weighting):
+            tally.add(result)
+        if tally.count < s.min_updates:
             raise RoundFailedError(
-                f"round {round_num}: {acc.count} valid updates, strategy needs at least "
-                f"{s.min_updates} ({len(failures)} clients failed, {len(rejected)} rejected)"
+                f"round {round_num}: {tally.count} valid updates, strategy needs at least "
+                f"{s.min_updates} ({len(tally.failures)} clients failed, "
+                f"{len(tally.rejected)} rejected)"
             )
-        state.weights = s.apply(weights, acc.result())
+        state.weights = s.apply(weights, tally.acc.result())
         state.round = round_num
         record: dict[str, Any] = {
             "round": round_num,
             "clients_selected": len(tasks),
-            "updates": acc.count,
-            "failures": len(failures),
-            "rejected": len(rejected),
+            "updates": tally.count,
+            "failures": len(tally.failures),
+            "rejected": len(tally.rejected),
             "bytes_down": len(tasks) * self.spec.nbytes,
-            "bytes_up": bytes_up,
+            "bytes_up": tally.bytes_up,
         }
-        record.update({k: v / sample_total for k, v in metric_sums.items()})
+        record.update(tally.mean_metrics())
         if self.test_data is not None and (
             round_num % self.eval_every == 0 or round_num == self.rounds
         ):

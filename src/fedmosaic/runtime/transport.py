@@ -5,29 +5,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.update import ClientUpdate
+from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.train.base import FitConfig, Trainer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ClientFailure:
-    """A client that did not return an update this round, and why."""
-
-    client_id: str
-    reason: str
+TransportResult = ClientUpdate | ClientFailure | PartialAggregate
 
 
 @runtime_checkable
 class Transport(Protocol):
-    """Dispatches a round's tasks and yields each client's result as it arrives."""
+    """Dispatches a round's tasks and yields results as they arrive.
+
+    A result is one client's ``ClientUpdate``, a ``ClientFailure``, or, when the server passes
+    a ``weighting`` (its aggregator is a weighted sum), a ``PartialAggregate`` of several
+    clients already validated and summed where they trained (Ray actors, vmapped batches).
+    Without ``weighting`` the transport must yield individual updates.
+    """
 
     def available_clients(self) -> list[str]: ...
 
@@ -36,8 +37,9 @@ class Transport(Protocol):
         ...
 
     def fit(
-        self, weights: torch.Tensor, tasks: Sequence[ClientTask]
-    ) -> Iterator[ClientUpdate | ClientFailure]: ...
+        self, weights: torch.Tensor, tasks: Sequence[ClientTask],
+        weighting: Weighting | None = None,
+    ) -> Iterator[TransportResult]: ...
 
 
 class SequentialTransport:
@@ -59,8 +61,10 @@ class SequentialTransport:
         return self.trainer.full_steps(n, config)
 
     def fit(
-        self, weights: torch.Tensor, tasks: Sequence[ClientTask]
-    ) -> Iterator[ClientUpdate | ClientFailure]:
+        self, weights: torch.Tensor, tasks: Sequence[ClientTask],
+        weighting: Weighting | None = None,
+    ) -> Iterator[TransportResult]:
+        # One process: individual updates cost nothing to ship, so ``weighting`` is unused.
         for task in tasks:
             try:
                 train = self.data.client(task.client_id).train  # type: ignore[attr-defined]
