@@ -51,8 +51,9 @@ def build_trainer(exp: Experiment, fed: fd.FederatedDataset) -> TorchTrainer:
             return torch.optim.Adam(params, lr=lr, weight_decay=wd)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
 
+    plain = t["optimizer"] == "sgd" and not momentum and not wd
     return TorchTrainer(model_fn, "cross_entropy", lr=t["lr"], epochs=t["epochs"],
-                        batch_size=t["batch_size"], optimizer=optimizer)
+                        batch_size=t["batch_size"], optimizer=None if plain else optimizer)
 
 
 def build_strategy(exp: Experiment) -> FedAvg:

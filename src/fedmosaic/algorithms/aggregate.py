@@ -165,6 +165,13 @@ class FedAvgAggregator:
         w = update.weight if update.weight is not None else update.num_samples
         return float(w)
 
+    def weights_for_samples(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """Vectorised ``weight_of`` for updates whose weight is their sample count (what
+        in-process transports produce): one weight per entry of ``num_samples``."""
+        if self.weighting == "uniform":
+            return torch.ones_like(num_samples, dtype=torch.float32)
+        return num_samples.to(torch.float32)
+
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
         """Weighted mean of the updates' deltas (all of them held at once)."""
         if len(updates) == 0:

@@ -21,10 +21,6 @@ _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _sgd(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=lr)
-
-
 class TorchTrainer:
     """Trains a PyTorch model on a client's data, starting from a flat weight vector.
 
@@ -55,16 +51,20 @@ class TorchTrainer:
                 raise ValueError(f"unknown loss {loss!r}; allowed: {allowed} or a callable")
             self.classification = loss == "cross_entropy"
             self.loss_fn = _LOSSES[loss]
+            self.loss_name: str | None = loss
         else:
             self.classification = True
             self.loss_fn = loss
+            self.loss_name = None
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         self.model_fn = model_fn
         self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
-        self.optimizer_factory = optimizer or _sgd
+        self.optimizer_factory = optimizer
+        # Plain SGD is what the batched (vmap) transport reproduces exactly.
+        self.plain_sgd = optimizer is None
         self.device = torch.device(device)
         self.metrics = dict(metrics or {})
         self.eval_batch_size = eval_batch_size
@@ -111,7 +111,9 @@ class TorchTrainer:
         anchor_params = [p for p, _ in self._anchored]
         anchors = [weights[e.offset : e.offset + e.numel].view(e.shape).to(self.device)
                    for _, e in self._anchored] if mu > 0 else []
-        optimizer = self.optimizer_factory(self._params, lr)
+        # Plain SGD is applied in place (the arithmetic of torch.optim.SGD without momentum):
+        # creating a torch.optim optimizer imports torch._dynamo, seconds of start-up.
+        optimizer = None if self.plain_sgd else self.optimizer_factory(self._params, lr)
         self.model.train()
         loss_sum, correct, seen, steps = 0.0, 0, 0, 0
         # Every random draw (shuffling, dropout) comes from the per-client seed, so a client's
@@ -127,14 +129,22 @@ class TorchTrainer:
                         break
                     idx = order[start : start + batch_size]
                     xb, yb = x[idx], y[idx]
-                    optimizer.zero_grad(set_to_none=True)
+                    if optimizer is not None:
+                        optimizer.zero_grad(set_to_none=True)
                     out = self.model(xb)
                     loss = self.loss_fn(out, yb)
                     data_loss = loss.detach()
                     if mu > 0:
                         loss = loss + proximal_term(anchor_params, anchors, mu)
                     loss.backward()
-                    optimizer.step()
+                    if optimizer is not None:
+                        optimizer.step()
+                    else:
+                        with torch.no_grad():
+                            for p in self._params:
+                                if p.grad is not None:
+                                    p.add_(p.grad, alpha=-lr)
+                                    p.grad = None
                     steps += 1
                     loss_sum += float(data_loss) * len(idx)
                     seen += len(idx)
