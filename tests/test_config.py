@@ -56,6 +56,11 @@ def test_defaults_are_filled_in():
         ({"rounds": 2, "data": {"dataset": "digits", "alpha": 1.0}}, "data.alpha",
          "test_fraction"),
         (_base(data=[1, 2]), "data", "table"),
+        (_base(runtime={"transport": "grpc"}), "runtime.transport", "'batched'"),
+        (_base(runtime={"transport": "batched", "workers": 2}), "runtime.workers",
+         "max_clients_per_chunk"),
+        (_base(runtime={"transport": "ray", "workers": 0}), "runtime.workers", ">= 1"),
+        (_base(runtime={"device": "gpu"}), "runtime.device", "'cuda'"),
     ],
 )
 def test_wrong_values_name_key_value_and_allowed(raw, key, fragment):
@@ -75,7 +80,8 @@ def test_unreadable_files_are_config_errors(tmp_path):
         load_experiment(bad)
 
 
-def test_identity_ignores_rounds_and_output_only():
+def test_identity_ignores_rounds_output_and_runtime_only():
     a = validate(_base(rounds=3)).identity()
     assert a == validate(_base(rounds=9, output="elsewhere")).identity()
+    assert a == validate(_base(runtime={"transport": "batched"})).identity()
     assert a != validate(_base(seed=1)).identity()

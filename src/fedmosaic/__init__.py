@@ -24,12 +24,20 @@ from fedmosaic.core import (
     ParamSpec,
     validate_update,
 )
-from fedmosaic.runtime import RunResult, SequentialTransport, Server, simulate
+from fedmosaic.runtime import (
+    BatchedTransport,
+    RayTransport,
+    RunResult,
+    SequentialTransport,
+    Server,
+    simulate,
+)
 from fedmosaic.train import FitConfig, TorchTrainer, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchedTransport",
     "ClientUpdate",
     "ConfigError",
     "FedAdagrad",
@@ -43,6 +51,7 @@ __all__ = [
     "FitConfig",
     "InvalidUpdateError",
     "ParamSpec",
+    "RayTransport",
     "RunResult",
     "SequentialTransport",
     "Server",

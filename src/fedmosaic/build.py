@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from fedmosaic.algorithms.server_opt import make_server_optimizer
 from fedmosaic.algorithms.strategy import FedAvg, FedProx
 from fedmosaic.config import Experiment
 from fedmosaic.models import build_model
+from fedmosaic.runtime import BatchedTransport, RayTransport, SequentialTransport
 from fedmosaic.train import TorchTrainer
 
 
@@ -38,22 +41,45 @@ def build_data(exp: Experiment) -> fd.FederatedDataset:
     return fd.partition(train, partitioner, p["clients"], seed, test=test, name=name)
 
 
+def _optimizer(kind: str, momentum: float, weight_decay: float, params: Any,
+               lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _trainer(model: dict[str, Any], train: dict[str, Any], feature_shape: tuple[int, ...],
+             num_classes: int, device: str) -> TorchTrainer:
+    model_fn = partial(build_model, model["kind"], feature_shape, num_classes,
+                       hidden=tuple(model["hidden"]))
+    momentum, wd = train["momentum"], train["weight_decay"]
+    plain = train["optimizer"] == "sgd" and not momentum and not wd
+    optimizer = None if plain else partial(_optimizer, train["optimizer"], momentum, wd)
+    return TorchTrainer(model_fn, "cross_entropy", lr=train["lr"], epochs=train["epochs"],
+                        batch_size=train["batch_size"], optimizer=optimizer, device=device)
+
+
+def trainer_factory(exp: Experiment, fed: fd.FederatedDataset) -> Callable[[], TorchTrainer]:
+    """A picklable zero-argument factory (Ray workers build their own trainer with it)."""
+    return partial(_trainer, dict(exp["model"]), dict(exp["train"]), tuple(fed.feature_shape),
+                   fed.num_classes, exp["runtime"]["device"])
+
+
 def build_trainer(exp: Experiment, fed: fd.FederatedDataset) -> TorchTrainer:
-    m, t = exp["model"], exp["train"]
+    return trainer_factory(exp, fed)()
 
-    def model_fn() -> torch.nn.Module:
-        return build_model(m["kind"], fed.feature_shape, fed.num_classes, hidden=m["hidden"])
 
-    momentum, wd = t["momentum"], t["weight_decay"]
-
-    def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
-        if t["optimizer"] == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
-
-    plain = t["optimizer"] == "sgd" and not momentum and not wd
-    return TorchTrainer(model_fn, "cross_entropy", lr=t["lr"], epochs=t["epochs"],
-                        batch_size=t["batch_size"], optimizer=None if plain else optimizer)
+def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTrainer) -> Any:
+    """The transport named in ``[runtime]`` (sequential, batched or ray)."""
+    rt = dict(exp["runtime"])
+    kind = rt.pop("transport")
+    rt.pop("device")
+    if kind == "batched":
+        return BatchedTransport(trainer, fed, **rt)
+    if kind == "ray":
+        return RayTransport(trainer_factory(exp, fed), fed, num_workers=rt.get("workers", 2),
+                            address=rt.get("address"), torch_threads=max(1, exp[""]["threads"]))
+    return SequentialTransport(trainer, fed)
 
 
 def build_strategy(exp: Experiment) -> FedAvg:

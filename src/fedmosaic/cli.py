@@ -70,7 +70,7 @@ class RoundProgress:
 def _execute(exp: Any, out: Path, resume: bool) -> None:
     import torch
 
-    from fedmosaic.build import build_data, build_strategy, build_trainer
+    from fedmosaic.build import build_data, build_strategy, build_trainer, build_transport
     from fedmosaic.runtime.checkpoint import load_checkpoint
     from fedmosaic.runtime.simulate import simulate
 
@@ -87,12 +87,20 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
         return
     console.print(f"[bold]{exp.name}[/]: {fed.name}, {len(fed.clients)} clients, "
                   f"{trainer.spec.numel:,} parameters, strategy {strategy.name}, "
-                  f"server optimizer {strategy.server_opt.name}"
+                  f"server optimizer {strategy.server_opt.name}, "
+                  f"transport {exp['runtime']['transport']}"
                   + (f"; resuming after round {done}" if resume else ""))
-    with RoundProgress(rounds, done, exp.name) as progress:
-        result = simulate(trainer, fed, strategy, rounds, seed=exp[""]["seed"], out_dir=out,
-                          resume=resume, eval_every=exp[""]["eval_every"],
-                          callbacks=[progress], identity=exp.identity())
+    transport = build_transport(exp, fed, trainer)
+    try:
+        with RoundProgress(rounds, done, exp.name) as progress:
+            result = simulate(trainer, fed, strategy, rounds, seed=exp[""]["seed"],
+                              out_dir=out, resume=resume, eval_every=exp[""]["eval_every"],
+                              callbacks=[progress], identity=exp.identity(),
+                              transport=transport)
+    finally:
+        close = getattr(transport, "close", None)
+        if close is not None:
+            close()
     _print_table(result.history[-10:], title=f"{exp.name}: last rounds")
     plot = result.plot(out / "report.png", title=exp.name)
     console.print(f"done in {time.perf_counter() - t0:.1f}s; model, metrics and checkpoint in "

@@ -27,6 +27,12 @@ STRATEGIES = ("fedavg", "fedprox")
 SERVER_OPTS = ("sgd", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTINGS = ("samples", "uniform")
+TRANSPORTS = ("sequential", "batched", "ray")
+TRANSPORT_KEYS = {
+    "sequential": set(),
+    "batched": {"memory_budget_mb", "max_clients_per_chunk"},
+    "ray": {"workers", "address"},
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "stragglers": _float(*UNIT, default=0.0),
         "drop_stragglers": Key((bool,), "true or false", default=False),
     },
+    "runtime": {
+        "transport": _choice(TRANSPORTS, default="sequential"),
+        "device": Key((str,), "'cpu', 'cuda' or 'cuda:N'",
+                      lambda v: v == "cpu" or v == "cuda" or
+                      (v.startswith("cuda:") and v[5:].isdigit()), "cpu"),
+        "memory_budget_mb": _float(*POSITIVE),
+        "max_clients_per_chunk": _int(1),
+        "workers": _int(1, 4096),
+        "address": Key((str,), "a Ray cluster address, e.g. 'auto' or 'ray://host:10001'",
+                       lambda v: bool(v.strip())),
+    },
     "server_opt": {
         "name": _choice(SERVER_OPTS, default="sgd"),
         "lr": _float(*POSITIVE),
@@ -155,9 +172,11 @@ class Experiment:
 
     def identity(self) -> dict[str, Any]:
         """What must not change between a run and its resume (everything but rounds/output)."""
+        # The runtime (transport, device) may change too: every transport computes the same
+        # model up to float rounding.
         top = {k: v for k, v in self.sections[""].items()
                if k not in ("rounds", "output", "threads")}
-        return {**{s: v for s, v in self.sections.items() if s}, "": top}
+        return {**{s: v for s, v in self.sections.items() if s and s != "runtime"}, "": top}
 
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> None:
@@ -220,6 +239,13 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         strat.setdefault("mu", 0.01)
     elif "mu" in strat:
         raise ConfigError("strategy.mu", strat["mu"], "only with strategy.name = 'fedprox'")
+    rt = s["runtime"]
+    extra_rt = set(rt) - {"transport", "device"} - TRANSPORT_KEYS[rt["transport"]]
+    if extra_rt:
+        key = sorted(extra_rt)[0]
+        allowed = ", ".join(sorted(TRANSPORT_KEYS[rt["transport"]])) or "no extra keys"
+        raise ConfigError(f"runtime.{key}", rt[key],
+                          f"for transport '{rt['transport']}' only: {allowed}")
     opt = s["server_opt"]
     extra = set(opt) - {"name"} - SERVER_OPT_KEYS[opt["name"]]
     if extra:

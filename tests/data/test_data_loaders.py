@@ -284,3 +284,19 @@ def test_registry_unknown_name() -> None:
         ValueError, match="unknown dataset 'mnist'; allowed: digits, fashion_mnist, heart_disease"
     ):
         load_dataset("mnist")
+
+
+@pytest.mark.parametrize(("test_size", "seed"), [(0.2, 0), (0.25, 3)])
+def test_digits_equal_sklearn_train_test_split_exactly(test_size, seed):
+    """The shipped default split and the fallback both reproduce scikit-learn's split."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = sk_load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=test_size,
+                                              random_state=seed, stratify=y)
+    train, test = load_digits(test_size=test_size, seed=seed)
+    np.testing.assert_array_equal(train.x, x_tr.astype(np.float32))
+    np.testing.assert_array_equal(test.x, x_te.astype(np.float32))
+    np.testing.assert_array_equal(train.y, y_tr)
+    np.testing.assert_array_equal(test.y, y_te)

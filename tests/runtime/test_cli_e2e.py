@@ -107,3 +107,20 @@ def test_cli_refuses_bad_config_and_overwriting(tmp_path):
 
     res = _cli("resume", "nowhere", cwd=tmp_path)
     assert res.returncode == 2 and "not a fedmosaic run directory" in res.stderr
+
+
+@pytest.mark.slow
+def test_every_transport_gives_the_same_model_from_the_cli(tmp_path):
+    models = {}
+    for transport in ("sequential", "batched", "ray"):
+        cfg = tmp_path / f"{transport}.toml"
+        extra = {"sequential": "", "batched": "", "ray": "workers = 2\n"}[transport]
+        cfg.write_text(CONFIG.format(rounds=2) + f'\n[runtime]\ntransport = "{transport}"\n'
+                       + extra)
+        res = _cli("run", str(cfg), "-o", transport, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert f"transport {transport}" in res.stdout
+        models[transport] = torch.load(tmp_path / transport / "model.pt", weights_only=True)
+    for name in ("batched", "ray"):
+        for key, value in models["sequential"].items():
+            assert torch.allclose(value, models[name][key], atol=1e-5), (name, key)

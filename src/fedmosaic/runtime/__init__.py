@@ -1,6 +1,8 @@
 """Server loop, transports, checkpoints and results."""
 
+from fedmosaic.runtime.batched import BatchedTransport, BatchingFallbackWarning
 from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedmosaic.runtime.ray_transport import RayTransport
 from fedmosaic.runtime.result import RunResult, plot_histories
 from fedmosaic.runtime.server import RunState, Server
 from fedmosaic.runtime.simulate import simulate
@@ -8,8 +10,11 @@ from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, RoundTally
 from fedmosaic.runtime.transport import SequentialTransport, Transport, TransportResult
 
 __all__ = [
+    "BatchedTransport",
+    "BatchingFallbackWarning",
     "ClientFailure",
     "PartialAggregate",
+    "RayTransport",
     "RoundTally",
     "RunResult",
     "RunState",

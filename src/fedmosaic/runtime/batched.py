@@ -79,7 +79,7 @@ class BatchedTransport:
         *,
         device: str | torch.device | None = None,
         max_clients_per_chunk: int | None = None,
-        memory_budget_mb: float = 1024.0,
+        memory_budget_mb: float = 256.0,
     ) -> None:
         if max_clients_per_chunk is not None and max_clients_per_chunk < 1:
             raise ValueError(f"max_clients_per_chunk must be >= 1, got {max_clients_per_chunk}")
