@@ -197,3 +197,25 @@ def test_batched_on_cuda_equals_sequential_on_cpu():
     bat = fm.simulate(tr, fed, fm.FedProx(mu=0.1, fraction=1.0), rounds=3, seed=0,
                       transport=BatchedTransport(tr, fed))
     assert torch.allclose(seq.weights, bat.weights, atol=1e-4)
+
+
+def test_chunks_respect_the_memory_budget_whatever_the_population():
+    """10,000 clients never mean 10,000 weight rows at once: chunk x per-client bytes <= budget."""
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.random((2000, 5), dtype=np.float32), rng.integers(0, 3, 2000))
+    fed = partition(data, fm.data.IID(), 2000, 0, test=data)  # 1 sample per client
+    tr = _trainer()
+    transport = BatchedTransport(tr, fed, memory_budget_mb=0.25)
+    seen: list[int] = []
+    original = transport._train_chunk
+
+    def spy(weights, tasks, weighting):
+        seen.append(len(tasks))
+        return original(weights, tasks, weighting)
+
+    transport._train_chunk = spy
+    parts = list(transport.fit(tr.initial_weights(0), _tasks(fed), fm.FedAvgAggregator()))
+    per_client = transport._bytes_per_client(tr.batch_size)
+    assert max(seen[1:]) * per_client <= 0.25 * 2**20  # seen[0] is the one-client probe
+    assert sum(seen[1:]) == 2000 and len(seen) > 2
+    assert sum(p.count for p in parts) == 2000
