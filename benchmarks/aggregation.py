@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine, save  # noqa: E402
-from fedmosaic.algorithms.aggregate import WeightedMeanAccumulator, weighted_mean  # noqa: E402
+from common import machine, save
+
+from fedmosaic.algorithms.aggregate import WeightedMeanAccumulator, weighted_mean
 
 
 def best_seconds(fn: Callable[[], object], repeat: int) -> float:

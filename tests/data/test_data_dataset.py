@@ -152,3 +152,22 @@ class TestFederatedDataset:
     def test_validation(self, overrides: dict[str, object], message: str) -> None:
         with pytest.raises(ValueError, match=message):
             federation(**overrides)
+
+
+def test_client_lookup_follows_edits_to_the_client_list():
+    def cd(cid: str, n: int) -> ClientData:
+        return ClientData(cid, ArrayDataset(np.zeros((n, 2), np.float32), np.zeros(n, np.int64)))
+
+    fed = FederatedDataset(name="f", clients=[cd("a", 1), cd("b", 2)],
+                           test=ArrayDataset(np.zeros((1, 2), np.float32), np.zeros(1, np.int64)),
+                           num_classes=1, feature_shape=(2,))
+    assert len(fed.client("b").train) == 2
+    fed.clients.reverse()
+    assert len(fed.client("b").train) == 2 and len(fed.client("a").train) == 1
+    fed.clients.append(cd("c", 3))
+    assert len(fed.client("c").train) == 3
+    fed.clients[0] = cd("b", 5)
+    assert len(fed.client("b").train) == 5
+    fed.clients.pop()
+    with pytest.raises(KeyError, match="'c'"):
+        fed.client("c")

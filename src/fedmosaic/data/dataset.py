@@ -162,10 +162,16 @@ class FederatedDataset:
 
     def client(self, client_id: str) -> ClientData:
         """The client with this id; ``KeyError`` naming the known ids if there is none."""
-        # A linear scan stays correct even if the caller edits ``clients`` after construction.
-        for c in self.clients:
-            if c.client_id == client_id:
-                return c
+        # O(1) through an id -> position index, checked on every hit and rebuilt when the
+        # caller has edited ``clients`` since (a linear scan made whole rounds O(N^2)).
+        index: dict[str, int] | None = self.__dict__.get("_index")
+        pos = index.get(client_id) if index is not None else None
+        if pos is None or pos >= len(self.clients) or self.clients[pos].client_id != client_id:
+            index = {c.client_id: i for i, c in enumerate(self.clients)}
+            self.__dict__["_index"] = index
+            pos = index.get(client_id)
+        if pos is not None:
+            return self.clients[pos]
         known = ", ".join(self.client_ids[:10]) + (", ..." if len(self.clients) > 10 else "")
         raise KeyError(f"no client '{client_id}' in dataset '{self.name}' (clients: {known})")
 
