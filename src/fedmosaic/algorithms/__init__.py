@@ -5,6 +5,7 @@ from fedmosaic.algorithms.aggregate import (
     FedAvgAggregator,
     WeightedMeanAccumulator,
     weighted_mean,
+    weighted_sum,
 )
 from fedmosaic.algorithms.fedprox import proximal_term, proximal_term_flat
 from fedmosaic.algorithms.sampling import ClientSampler, StragglerSimulation
@@ -38,4 +39,5 @@ __all__ = [
     "proximal_term",
     "proximal_term_flat",
     "weighted_mean",
+    "weighted_sum",
 ]

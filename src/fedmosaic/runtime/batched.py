@@ -18,6 +18,12 @@ Anything else (a custom local optimizer, a custom loss callable, BatchNorm or dr
 that ``vmap`` cannot trace) falls back to ``SequentialTransport`` with a one-line warning that
 says why; before the first batched round a one-client probe is compared against sequential
 training, so a model that traces but computes something different also falls back.
+
+Where it pays: on a GPU, and on a CPU for small models whose per-step cost is mostly framework
+overhead (the digits MLP of the peer task trains 5-40x faster than client after client). A
+CNN on a CPU gains nothing: its convolutions already keep the cores busy, and the grouped
+convolutions that per-client weights become are slower on CPU than plain ones
+(docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedmosaic.algorithms.aggregate import weighted_sum
 from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
@@ -365,11 +372,11 @@ class BatchedTransport:
         wts = weighting.weights_for_samples(num)  # type: ignore[attr-defined]
         total = float(wts.to(torch.float64).sum())
         dev_keep = keep.to(deltas.device)
-        weighted_sum = (deltas.index_select(0, dev_keep).T @ wts.to(deltas.device)).cpu()
+        summed = weighted_sum(deltas.index_select(0, dev_keep), wts).cpu()
         n = num.to(torch.float64)
         metric_sums = {k: float((v[keep].to(torch.float64) * n).sum()) for k, v in metrics.items()}
         return PartialAggregate(
-            weighted_sum=weighted_sum.contiguous(), total_weight=total, count=len(keep),
+            weighted_sum=summed.contiguous(), total_weight=total, count=len(keep),
             num_samples=int(num.sum()), metric_sums=metric_sums,
             bytes_up=len(keep) * deltas.shape[1] * 4,
             client_ids=[tasks[i].client_id for i in keep.tolist()], rejected=rejected,

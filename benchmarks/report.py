@@ -1,0 +1,238 @@
+"""Regenerate docs/benchmarks.md from the JSON files in benchmarks/results/.
+
+Every figure in docs/benchmarks.md comes from a result file written by a benchmark script, so
+the document never holds a number that no command produced.
+
+Run: .venv/bin/python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "docs" / "benchmarks.md"
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    parts = [f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"]
+    parts.append(f"GPU {m['cuda']}" if m.get("cuda") else "no GPU")
+    parts.append(f"torch {m.get('torch', '?')}")
+    if m.get("flwr"):
+        parts.append(f"flwr {m['flwr']} (Ray {m.get('ray_in_flower_venv', '?')})")
+    parts.append(f"Python {m.get('python', '?')}")
+    if m.get("date"):
+        parts.append(f"measured {m['date'][:10]}")
+    return "Machine: " + ", ".join(parts) + "."
+
+
+def header() -> str:
+    return """# Benchmarks
+
+Every figure here comes from a script in `benchmarks/`, with the command that produced it and
+the machine it ran on; this file is generated from the raw results in `benchmarks/results/` by
+`.venv/bin/python benchmarks/report.py`. Timings vary by a few percent from run to run and
+depend on what else the machine is doing; accuracies are deterministic for a given seed, torch
+version and thread count.
+"""
+
+
+def peer_section(d: dict[str, Any]) -> str:
+    rows = d["summary"]
+    lines = [
+        "## fedmosaic vs Flower on the peer task (issue #3)",
+        "",
+        "The peer task, defined so that any framework can run the same work: scikit-learn "
+        "digits scaled to [0, 1] (divide by 16), stratified 80/20 split with `random_state=0` "
+        "(1,437 train / 360 test), IID partition by a seeded permutation "
+        "(`np.random.default_rng(0)`) cut with `np.array_split` into N clients; MLP 64-64 "
+        "(ReLU)-10; each client 1 local epoch of plain SGD, lr 0.05, batch 32; FedAvg weighted "
+        "by samples; server-side test evaluation after each round. N/K/R = clients / clients "
+        "per round / rounds. For the fedmosaic-only 10,000-client configurations, which have "
+        "more clients than training samples, the permutation is tiled (7 fresh permutations) "
+        "so that every client holds at least one real sample.",
+        "",
+        "Command: `bash benchmarks/setup_flower_venv.sh && "
+        ".venv/bin/python benchmarks/peer_compare.py --with-large --idle-wait 30` "
+        "(Flower 1.42 in its own virtual environment, `benchmarks/.venv-flower`).",
+        "",
+        machine_line(d["machine"]),
+        "",
+        "Each (configuration, framework) is its own process. *Median round*: median over the "
+        "R rounds of the time from one server-side evaluation to the next (training, "
+        "aggregation and evaluation; round 1 included). *Start-up*: from spawning the process "
+        "to the start of round 1 (imports, data, partition, model; for Flower also Ray and its "
+        "client actors, warmed by one readiness message each so that engine start-up is not "
+        "counted as round time). *Peak RSS*: the largest sum of resident memory over the whole "
+        "process tree (Flower's Ray workers included), sampled every 50 ms; PSS, which counts "
+        "shared pages once, is also given. fedmosaic runs in one process with one torch thread; "
+        "Flower runs 2 Ray actors with one thread each.",
+        "",
+        "| N/K/R | framework | median round (s) | start-up (s) | peak RSS (MB) | peak PSS (MB) "
+        "| final accuracy | speed-up vs Flower |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        speed = r.get("speedup_vs_flower")
+        speed_s = "1.00x" if r["framework"] == "flower" else (
+            f"{speed:.1f}x" if speed is not None else "n/a (Flower not run)")
+        lines.append(
+            f"| {r['config']} | {r['framework']} | {r['median_round_s']:.3f} | "
+            f"{r['startup_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_pss_mb']:.0f} | "
+            f"{r['final_accuracy']:.4f} | {speed_s} |")
+    lines += [
+        "",
+        "Accuracy: with 14 or fewer samples per client (N >= 100), each client does one "
+        "full-batch step, so a round of FedAvg equals one full-batch gradient step at lr 0.05 "
+        "and two or three rounds stay near chance (0.09) in both frameworks; the accuracy "
+        "columns show that both compute the same thing, not a tuned model. Flower samples its "
+        "clients from random node ids, so at K < N it trains other clients than fedmosaic.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def aggregation_section(d: dict[str, Any]) -> str:
+    return "\n".join([
+        "## Aggregation at memory speed (issue #3)",
+        "",
+        f"Weighted mean of {d['clients']} client updates of {d['dim']:,} float32 values "
+        f"({d['bytes'] / 1e6:.0f} MB), against the memory-read bandwidth measured in the same "
+        "run as the best of several `torch.sum` passes over the same matrix (a pure streaming "
+        "read) with the same thread count.",
+        "",
+        f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
+        "",
+        machine_line(d["machine"]),
+        "",
+        "| what | time (ms) | bandwidth (GB/s) | share of read bandwidth |",
+        "|---|--:|--:|--:|",
+        f"| memory read (`torch.sum`) | {d['bytes'] / d['read_bandwidth_gb_s'] / 1e6:.1f} | "
+        f"{d['read_bandwidth_gb_s']:.2f} | 100% |",
+        f"| `weighted_mean` (one matrix-vector product) | {d['weighted_mean_seconds'] * 1e3:.1f} "
+        f"| {d['weighted_mean_gb_s']:.2f} | {100 * d['weighted_mean_fraction_of_read_bw']:.0f}% |",
+        f"| `WeightedMeanAccumulator` (running sum, one `add_` per update) | "
+        f"{d['streaming_seconds'] * 1e3:.1f} | {d['streaming_gb_s']:.2f} | "
+        f"{100 * d['streaming_fraction_of_read_bw']:.0f}% |",
+        "",
+    ])
+
+
+def fmnist_transports_section(d: dict[str, Any]) -> str:
+    lines = [
+        "## Fashion-MNIST CNN: sequential vs batched transport (issue #3)",
+        "",
+        "FedAvg on Fashion-MNIST, 100 clients with Dirichlet(0.5) label skew, `SmallCNN`, 1 "
+        "local epoch of SGD (lr 0.05, batch 32), K clients per round, same seed for both "
+        "transports (same clients, same batches).",
+        "",
+        f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
+        "",
+        machine_line(d["machine"]),
+        "",
+        "| K | transport | torch threads | median round (s) | final accuracy | "
+        "max abs weight difference vs sequential |",
+        "|--:|---|--:|--:|--:|--:|",
+    ]
+    for r in d["rows"]:
+        diff = r.get("max_abs_diff_vs_sequential")
+        lines.append(
+            f"| {r['per_round']} | {r['transport']} | {r['threads']} | "
+            f"{r['median_round_seconds']:.2f} | {r['final_accuracy']:.4f} | "
+            f"{'-' if diff is None else f'{diff:.1e}'} |")
+    lines += [
+        "",
+        "On a CPU, batching pays where per-step framework overhead dominates (the MLP of the "
+        "peer task). A convolutional model already keeps both cores busy per client, and the "
+        "grouped convolutions that `vmap` turns per-client weights into are slower on CPU than "
+        "plain ones, so batching the CNN gains nothing here; the GPU section is where it should "
+        "pay. Each transport runs at its best thread count (sequential 1: one client at a time "
+        "gains little from a second thread and loses badly when the other core is busy). The "
+        "weight difference is float rounding (other kernels and thread counts sum in another "
+        "order) amplified over hundreds of SGD steps; a single step agrees to 1e-5 "
+        "(`tests/runtime/test_batched.py`), and the accuracies agree.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def fmnist_fedavg_section(d: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {h['round']} | {h['test_accuracy']:.4f} | {h['test_loss']:.4f} | "
+        f"{h['wall_time']:.2f} |" for h in d["history"])
+    return f"""## FedAvg on Fashion-MNIST (issue #2)
+
+Task: Fashion-MNIST (60,000 train / 10,000 test, Debian `dataset-fashion-mnist`), 100 clients
+with Dirichlet(alpha = 0.5) label skew, 10 clients sampled per round, `SmallCNN`
+({d['parameters']:,} parameters: two 5x5 conv layers with 16/32 channels, dense 128), 1 local
+epoch of plain SGD (lr 0.05, batch 32) per round, FedAvg weighted by samples, sequential
+in-process transport, the global model evaluated on the 10,000 test images after every round.
+
+Command: `.venv/bin/python {d['command'].removeprefix('python ')}` (or `make bench-fmnist`)
+
+{machine_line(d['machine'])}
+
+| figure | value |
+|---|---|
+| final test accuracy (round {d['history'][-1]['round']}) | {d['final_accuracy']:.4f} |
+| total time for {len(d['history'])} rounds | {d['total_seconds']:.1f} s |
+| median round (10 clients training + test evaluation) | {d['median_round_seconds']:.2f} s |
+| setup (load and partition the data, build the model) | {d['setup_seconds']:.1f} s |
+| peak RSS of the process | {d['peak_rss_mb']:.0f} MB |
+| bytes on the wire per round (raw float32, 10 models down + 10 deltas up) | \
+{2 * d['history'][0]['bytes_up'] / 1e6:.2f} MB |
+
+Accuracy and time per round:
+
+| round | test accuracy | test loss | round time (s) |
+|---|---|---|---|
+{rows}
+"""
+
+
+def gpu_section(d: dict[str, Any] | None) -> str:
+    if d is None or not (d.get("machine") or {}).get("cuda"):
+        return "\n".join([
+            "## GPU: batched vs sequential (issue #3)",
+            "",
+            "Not measured yet: no GPU machine could be had in the sessions so far. The script is "
+            "ready: `python benchmarks/gpu_batched.py --device cuda --fmnist-root .fmnist` "
+            "(digits MLP at 10,000 clients per round, Fashion-MNIST SmallCNN at 500).",
+            "",
+        ])
+    lines = ["## GPU: batched vs sequential (issue #3)", "",
+             f"Command: `{d['command']}`", "", machine_line(d["machine"]), "",
+             "| task | K | batched s/round | sequential s/round | speed-up |",
+             "|---|--:|--:|--:|--:|"]
+    for r in d["results"]:
+        lines.append(f"| {r['task']} | {r['per_round']} | "
+                     f"{r['batched']['median_round_seconds']:.3f} | "
+                     f"{r['sequential']['median_round_seconds']:.3f} | {r['speedup']:.1f}x |")
+    return "\n".join([*lines, ""])
+
+
+def main() -> None:
+    parts = [header()]
+    if (d := load("peer_compare")) is not None:
+        parts.append(peer_section(d))
+    if (d := load("aggregation")) is not None:
+        parts.append(aggregation_section(d))
+    if (d := load("fmnist_transports")) is not None:
+        parts.append(fmnist_transports_section(d))
+    parts.append(gpu_section(load("gpu_batched")))
+    if (d := load("fmnist_fedavg")) is not None:
+        parts.append(fmnist_fedavg_section(d))
+    OUT.write_text("\n".join(parts))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
