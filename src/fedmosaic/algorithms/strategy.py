@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,12 +22,30 @@ from fedmosaic.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedmosaic.train.base import FitConfig
 
 
+class ClientStage(Protocol):
+    """A transformation a client applies to its own update before upload (e.g. local DP):
+    it runs on the client, so the server never sees the untransformed update."""
+
+    def apply(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class ClientTask:
-    """One client's assignment for a round."""
+    """One client's assignment for a round: training settings and the client-side stages
+    to apply to its update before upload."""
 
     client_id: str
     config: FitConfig
+    stages: tuple[ClientStage, ...] = ()
+
+    def finish(self, delta: torch.Tensor) -> torch.Tensor:
+        """Apply the client stages, with randomness derived from the client's round seed."""
+        if not self.stages:
+            return delta
+        gen = torch.Generator().manual_seed(self.config.seed ^ 0x5EED5EED)
+        for stage in self.stages:
+            delta = stage.apply(delta, gen)
+        return delta
 
 
 def client_seed(run_seed: int, round_num: int, client_id: str) -> int:
@@ -67,7 +85,9 @@ class FedAvg:
         lr: float | None = None,
         stragglers: float = 0.0,
         drop_stragglers: bool = False,
+        client_stages: Sequence[ClientStage] = (),
     ) -> None:
+        self.client_stages = tuple(client_stages)
         if clients_per_round is None and fraction is None:
             fraction = 1.0
         self.sampler = ClientSampler(
@@ -113,7 +133,7 @@ class FedAvg:
                 continue  # a dropped straggler
             cfg = self.fit_config(round_num, seed=client_seed(run_seed, round_num, cid),
                                   max_steps=steps[cid])
-            tasks.append(ClientTask(cid, cfg))
+            tasks.append(ClientTask(cid, cfg, self.client_stages))
         return tasks
 
     def fit_config(self, round_num: int, *, seed: int, max_steps: int | None = None) -> FitConfig:
@@ -124,6 +144,24 @@ class FedAvg:
     def apply(self, weights: torch.Tensor, aggregated_delta: torch.Tensor) -> torch.Tensor:
         """New global weights from the aggregated client delta (the server optimizer step)."""
         return self.server_opt.step(weights, aggregated_delta)
+
+    def finish_round(
+        self, round_num: int, weights: torch.Tensor, tally: Any
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """New global weights from a round's tally, and metrics to record.
+
+        FedAvg: the weighted mean of the updates, then the server optimizer. Privacy
+        strategies override this to use a fixed denominator and add noise.
+        """
+        return self.apply(weights, tally.acc.result()), {}
+
+    def before_round(self, round_num: int, available: Sequence[str]) -> None:
+        """Called before a round is configured; may raise ``PrivacyBudgetExhausted``."""
+
+    def guarantees(self) -> dict[str, Any]:
+        """What protects the data in this run (reported with the results)."""
+        return {"differential_privacy": None, "secure_aggregation": None,
+                "server_sees": "every client's update in plaintext"}
 
     def state_dict(self) -> dict[str, Any]:
         return {"server_opt": self.server_opt.state_dict()}
@@ -144,6 +182,7 @@ class FedAvg:
             "stragglers": self.straggler_fraction,
             "drop_stragglers": self.drop_stragglers,
             "server_opt": self.server_opt.describe(),
+            "client_stages": [repr(s) for s in self.client_stages],
         }
 
 

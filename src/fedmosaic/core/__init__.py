@@ -5,6 +5,7 @@ from fedmosaic.core.errors import (
     ConfigError,
     FedmosaicError,
     InvalidUpdateError,
+    PrivacyBudgetExhausted,
     RoundFailedError,
     SpecMismatchError,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "InvalidUpdateError",
     "ParamEntry",
     "ParamSpec",
+    "PrivacyBudgetExhausted",
     "RoundFailedError",
     "SpecMismatchError",
     "validate_update",

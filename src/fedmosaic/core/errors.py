@@ -36,5 +36,9 @@ class RoundFailedError(FedmosaicError, RuntimeError):
     """A round could not complete (e.g. too few valid client updates)."""
 
 
+class PrivacyBudgetExhausted(FedmosaicError, RuntimeError):
+    """Another round would exceed the run's (epsilon, delta) budget; training stops."""
+
+
 class CheckpointError(FedmosaicError, RuntimeError):
     """A checkpoint is missing, unreadable or belongs to another experiment."""

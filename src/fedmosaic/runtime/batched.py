@@ -336,6 +336,9 @@ class BatchedTransport:
                 if self.trainer.classification:
                     correct += ((out.argmax(-1) == y).to(m.dtype) * m).sum(dim=1)
         deltas = w.detach().sub_(w0)
+        for i, task in enumerate(tasks):
+            if task.stages:  # client-side stages (e.g. local DP) act on each client's row
+                deltas[i] = task.finish(deltas[i].cpu()).to(dev)
         seen = mask.sum(dim=(1, 2)).clamp(min=1.0)
         metrics = {"train_loss": (loss_sum / seen).cpu(), "steps": plan.steps.to(torch.float32)}
         if self.trainer.classification:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class RunResult:
     history: list[dict[str, Any]]
     weights: torch.Tensor
     spec: ParamSpec
+    guarantees: dict[str, Any] = field(default_factory=dict)
+    stopped: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -54,6 +56,8 @@ class RunResult:
         """Write ``metrics.json`` and ``model.pt`` (the final state dict) to ``out_dir``."""
         out = Path(out_dir)
         write_json(out / "metrics.json", self.history)
+        write_json(out / "guarantees.json", {"guarantees": self.guarantees,
+                                             "stopped": self.stopped})
         import io
 
         buf = io.BytesIO()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
-from fedmosaic.core.errors import CheckpointError, RoundFailedError
+from fedmosaic.core.errors import CheckpointError, PrivacyBudgetExhausted, RoundFailedError
 from fedmosaic.core.params import ParamSpec
 from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
 from fedmosaic.runtime.tally import RoundTally
@@ -36,6 +36,7 @@ class RunState:
     weights: torch.Tensor
     rng: np.random.Generator
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None  # why the run ended before its planned rounds, if it did
 
 
 def fingerprint(obj: Any) -> str:
@@ -131,7 +132,12 @@ class Server:
         state = self.restore() if resume else self.fresh_state(initial_weights)
         last = self.rounds if stop_after is None else min(self.rounds, stop_after)
         while state.round < last:
-            record = self.run_round(state)
+            try:
+                record = self.run_round(state)
+            except PrivacyBudgetExhausted as exc:
+                log.warning("stopping before round %d: %s", state.round + 1, exc)
+                state.stopped = str(exc)
+                break
             state.history.append(record)
             self.checkpoint(state)
             for cb in self.callbacks:
@@ -143,6 +149,7 @@ class Server:
         start = time.perf_counter()
         available = self.transport.available_clients()
         s = self.strategy
+        s.before_round(round_num, available)  # may stop the run (privacy budget)
         full_steps = None
         if s.straggler_fraction > 0:
             probe = s.fit_config(round_num, seed=0)
@@ -160,7 +167,7 @@ class Server:
                 f"{s.min_updates} ({len(tally.failures)} clients failed, "
                 f"{len(tally.rejected)} rejected)"
             )
-        state.weights = s.apply(weights, tally.acc.result())
+        state.weights, extra = s.finish_round(round_num, weights, tally)
         state.round = round_num
         record: dict[str, Any] = {
             "round": round_num,
@@ -172,6 +179,7 @@ class Server:
             "bytes_up": tally.bytes_up,
         }
         record.update(tally.mean_metrics())
+        record.update(extra)
         if self.test_data is not None and (
             round_num % self.eval_every == 0 or round_num == self.rounds
         ):

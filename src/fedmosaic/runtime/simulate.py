@@ -50,7 +50,8 @@ def simulate(
         callbacks=callbacks,
     )
     state = server.run(resume=resume, initial_weights=initial_weights, stop_after=stop_after)
-    result = RunResult(history=state.history, weights=state.weights, spec=trainer.spec)
+    result = RunResult(history=state.history, weights=state.weights, spec=trainer.spec,
+                       guarantees=strategy.guarantees(), stopped=state.stopped)
     if out_dir is not None:
         result.save(out_dir)
     return result

@@ -44,7 +44,13 @@ class PartialAggregate:
 
 
 class Weighting(Protocol):
-    """What the tally needs from an aggregator: each update's aggregation weight."""
+    """What the tally needs from an aggregator: each update's aggregation weight.
+
+    An aggregator may also define ``prepare(update, tally) -> delta`` to transform each
+    validated update before it is summed (a DP clip); such an aggregator must not be handed
+    to transports as a remote ``weighting`` unless they apply ``prepare`` too, so it sets
+    ``streaming = False``.
+    """
 
     def weight_of(self, update: ClientUpdate) -> float: ...
 
@@ -66,6 +72,8 @@ class RoundTally:
         self.client_ids: list[str] = []
         self.failures: list[ClientFailure] = []
         self.rejected: list[str] = []
+        # Scratch space for aggregator stages (e.g. how many updates a DP clip bound held).
+        self.stage_stats: dict[str, float] = {}
 
     @property
     def count(self) -> int:
@@ -91,7 +99,9 @@ class RoundTally:
             log.warning("round %d: %s", self.round, msg)
             self.rejected.append(msg)
             return
-        self.acc.add(update.delta, self.weighting.weight_of(update))
+        prepare = getattr(self.weighting, "prepare", None)
+        delta = update.delta if prepare is None else prepare(update, self)
+        self.acc.add(delta, self.weighting.weight_of(update))
         self.client_ids.append(update.client_id)
         self.num_samples += update.num_samples
         self.bytes_up += update.nbytes

@@ -69,7 +69,7 @@ class SequentialTransport:
             try:
                 train = self.data.client(task.client_id).train  # type: ignore[attr-defined]
                 result = self.trainer.fit(weights, train, task.config)
-                delta = result.weights - weights
+                delta = task.finish(result.weights - weights)
             except Exception as exc:  # a failing client must never stop the round
                 log.warning("client %s failed in round %d: %s", task.client_id,
                             task.config.round, exc)
