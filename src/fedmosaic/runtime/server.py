@@ -103,6 +103,9 @@ class Server:
         self.strategy.load_state_dict(ckpt["strategy"])
         weights = ckpt["weights"]
         self.spec.check_vector(weights)
+        if ckpt.get("trainer_state") is not None and hasattr(self.trainer,
+                                                              "load_accounting_state"):
+            self.trainer.load_accounting_state(ckpt["trainer_state"])  # type: ignore[attr-defined]
         return RunState(round=int(ckpt["round"]), weights=weights, rng=rng,
                         history=list(ckpt["history"]))
 
@@ -118,6 +121,10 @@ class Server:
             "strategy": self.strategy.state_dict(),
             "rng_state": state.rng.bit_generator.state,
             "history": state.history,
+            # Trainers that keep per-client state across rounds (DP-SGD accountants) save it
+            # with the round it belongs to, so a resumed run remembers every client's spend.
+            "trainer_state": (self.trainer.accounting_state()  # type: ignore[attr-defined]
+                              if hasattr(self.trainer, "accounting_state") else None),
         })
 
     # -- the loop --------------------------------------------------------------------------
