@@ -57,6 +57,19 @@ def test_defaults_are_filled_in():
          "test_fraction"),
         (_base(data=[1, 2]), "data", "table"),
         (_base(runtime={"transport": "grpc"}), "runtime.transport", "'batched'"),
+        (_base(privacy={"mode": "central", "clip": 1.0, "noise_multiplier": 1.0, "rate": 0.1}),
+         "privacy.delta", "required"),
+        (_base(privacy={"mode": "central", "clip": 1.0, "delta": 1e-5, "rate": 0.1}),
+         "privacy.noise_multiplier", "exactly one"),
+        (_base(privacy={"mode": "central", "clip": 1.0, "delta": 1e-5, "noise_multiplier": 1.0}),
+         "privacy.rate", "poisson"),
+        (_base(privacy={"mode": "central", "clip": 1.0, "delta": 1e-5, "noise_multiplier": 1.0,
+                        "rate": 0.1}, strategy={"clients_per_round": 5}),
+         "strategy.clients_per_round", "poisson"),
+        (_base(privacy={"mode": "local", "clip": 1.0, "mechanism": "laplace"}),
+         "privacy.epsilon", "laplace"),
+        (_base(privacy={"mode": "local", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}),
+         "privacy.delta", "mode 'local'"),
         (_base(runtime={"transport": "batched", "workers": 2}), "runtime.workers",
          "max_clients_per_chunk"),
         (_base(runtime={"transport": "ray", "workers": 0}), "runtime.workers", ">= 1"),
@@ -85,3 +98,17 @@ def test_identity_ignores_rounds_output_and_runtime_only():
     assert a == validate(_base(rounds=9, output="elsewhere")).identity()
     assert a == validate(_base(runtime={"transport": "batched"})).identity()
     assert a != validate(_base(seed=1)).identity()
+
+
+def test_privacy_modes_build_the_right_strategy():
+    from fedmosaic.privacy.dp_fedavg import DPFedAvg
+    from fedmosaic.privacy.local_dp import LocalDP
+
+    central = build_strategy(validate(_base(privacy={
+        "mode": "central", "clip": 0.5, "delta": 1e-5, "target_epsilon": 3.0, "rate": 0.2,
+        "adaptive_clip_quantile": 0.5})))
+    assert isinstance(central, DPFedAvg) and central.planned_rounds == 3
+    assert central.min_updates == 0 and central.adaptive_quantile == 0.5
+    local = build_strategy(validate(_base(privacy={"mode": "local", "clip": 1.0,
+                                                   "noise_multiplier": 2.0})))
+    assert local.client_stages == (LocalDP(clip=1.0, noise_multiplier=2.0),)

@@ -87,7 +87,23 @@ def build_strategy(exp: Experiment) -> FedAvg:
     opt = dict(exp["server_opt"])
     server_opt = make_server_optimizer(opt.pop("name"), **opt)
     name = s.pop("name")
-    common = dict(server_opt=server_opt, local_epochs=t["epochs"], batch_size=t["batch_size"], **s)
+    privacy = dict(exp["privacy"])
+    mode = privacy.pop("mode")
+    if mode == "central":
+        from fedmosaic.privacy.dp_fedavg import DPFedAvg
+
+        s.pop("weighting", None)
+        if "min_updates" not in exp.raw.get("strategy", {}):
+            s.pop("min_updates")  # Poisson rounds may have no clients: DPFedAvg allows 0
+        return DPFedAvg(server_opt=server_opt, local_epochs=t["epochs"],
+                        batch_size=t["batch_size"], rounds=exp[""]["rounds"], **privacy, **s)
+    stages = ()
+    if mode == "local":
+        from fedmosaic.privacy.local_dp import LocalDP
+
+        stages = (LocalDP(**privacy),)
+    common = dict(server_opt=server_opt, local_epochs=t["epochs"], batch_size=t["batch_size"],
+                  client_stages=stages, **s)
     if name == "fedprox":
         return FedProx(**common)
     return FedAvg(**common)

@@ -102,6 +102,13 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
         if close is not None:
             close()
     _print_table(result.history[-10:], title=f"{exp.name}: last rounds")
+    dp = result.guarantees.get("differential_privacy")
+    if dp:
+        console.print(f"[bold]privacy:[/] ({dp['epsilon']:.3f}, {dp['delta']:g})-DP per "
+                      f"{dp['unit']}, {dp['accountant'].upper()} accountant, {dp['sampling']}, "
+                      f"{dp['rounds']} rounds")
+    if result.stopped:
+        console.print(f"[yellow]stopped early:[/] {result.stopped}")
     plot = result.plot(out / "report.png", title=exp.name)
     console.print(f"done in {time.perf_counter() - t0:.1f}s; model, metrics and checkpoint in "
                   f"{out}; plot {plot}")

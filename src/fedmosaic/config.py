@@ -28,6 +28,13 @@ SERVER_OPTS = ("sgd", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTINGS = ("samples", "uniform")
 TRANSPORTS = ("sequential", "batched", "ray")
+PRIVACY_MODES = ("none", "central", "local")
+PRIVACY_KEYS = {
+    "none": set(),
+    "central": {"clip", "delta", "noise_multiplier", "target_epsilon", "budget_epsilon",
+                "sampling", "rate", "adaptive_clip_quantile", "accountant"},
+    "local": {"clip", "mechanism", "noise_multiplier", "epsilon"},
+}
 TRANSPORT_KEYS = {
     "sequential": set(),
     "batched": {"memory_budget_mb", "max_clients_per_chunk"},
@@ -124,6 +131,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workers": _int(1, 4096),
         "address": Key((str,), "a Ray cluster address, e.g. 'auto' or 'ray://host:10001'",
                        lambda v: bool(v.strip())),
+    },
+    "privacy": {
+        "mode": _choice(PRIVACY_MODES, default="none"),
+        "clip": _float(*POSITIVE),
+        "delta": _float("a number in (0, 1)", lambda v: 0 < v < 1),
+        "noise_multiplier": _float(*POSITIVE),
+        "target_epsilon": _float(*POSITIVE),
+        "budget_epsilon": _float(*POSITIVE),
+        "sampling": _choice(("poisson", "fixed")),
+        "rate": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "adaptive_clip_quantile": _float("a number in (0, 1)", lambda v: 0 < v < 1),
+        "mechanism": _choice(("gaussian", "laplace")),
+        "epsilon": _float(*POSITIVE),
+        "accountant": _choice(("rdp", "pld")),
     },
     "server_opt": {
         "name": _choice(SERVER_OPTS, default="sgd"),
@@ -246,6 +267,7 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         allowed = ", ".join(sorted(TRANSPORT_KEYS[rt["transport"]])) or "no extra keys"
         raise ConfigError(f"runtime.{key}", rt[key],
                           f"for transport '{rt['transport']}' only: {allowed}")
+    _check_privacy(s)
     opt = s["server_opt"]
     extra = set(opt) - {"name"} - SERVER_OPT_KEYS[opt["name"]]
     if extra:
@@ -257,6 +279,48 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         raise ConfigError("model.kind", "cnn", "'cnn' needs image data (dataset 'fashion_mnist')")
     if s["train"]["momentum"] and s["train"]["optimizer"] != "sgd":
         raise ConfigError("train.momentum", s["train"]["momentum"], "only with optimizer 'sgd'")
+
+
+def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
+    p = s["privacy"]
+    mode = p["mode"]
+    extra = set(p) - {"mode"} - PRIVACY_KEYS[mode]
+    if extra:
+        key = sorted(extra)[0]
+        allowed = ", ".join(sorted(PRIVACY_KEYS[mode])) or "no other keys"
+        raise ConfigError(f"privacy.{key}", p[key], f"for privacy mode '{mode}' only: {allowed}")
+    if mode == "none":
+        return
+    if "clip" not in p:
+        raise ConfigError("privacy.clip", "<missing>", "required: a number > 0")
+    if mode == "local":
+        mech = p.setdefault("mechanism", "gaussian")
+        need = "noise_multiplier" if mech == "gaussian" else "epsilon"
+        if need not in p:
+            raise ConfigError(f"privacy.{need}", "<missing>",
+                              f"required for the {mech} mechanism: a number > 0")
+        return
+    if "delta" not in p:
+        raise ConfigError("privacy.delta", "<missing>", "required: a number in (0, 1)")
+    if ("noise_multiplier" in p) == ("target_epsilon" in p):
+        raise ConfigError("privacy.noise_multiplier", p.get("noise_multiplier", "<missing>"),
+                          "exactly one of privacy.noise_multiplier and privacy.target_epsilon")
+    sampling = p.setdefault("sampling", "poisson")
+    strat = s["strategy"]
+    if sampling == "poisson" and "rate" not in p:
+        raise ConfigError("privacy.rate", "<missing>",
+                          "required with poisson sampling: the per-round inclusion probability")
+    if sampling == "fixed" and "clients_per_round" not in strat:
+        raise ConfigError("strategy.clients_per_round", "<missing>",
+                          "required with fixed-size DP sampling")
+    if sampling == "poisson" and ("clients_per_round" in strat or "fraction" in strat):
+        key = "clients_per_round" if "clients_per_round" in strat else "fraction"
+        raise ConfigError(f"strategy.{key}", strat[key],
+                          "not with poisson DP sampling (privacy.rate sets the cohort)")
+    if strat["name"] != "fedavg" or strat["weighting"] != "samples":
+        raise ConfigError("strategy.name", strat["name"],
+                          "'fedavg' with default weighting under central DP (DP-FedAvg weights "
+                          "clients uniformly)")
 
 
 def load_experiment(path: str | Path) -> Experiment:

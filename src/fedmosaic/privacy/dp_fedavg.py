@@ -1,0 +1,345 @@
+"""Client-level differential privacy for federated averaging.
+
+DP-FedAvg (McMahan, Ramage, Talwar and Zhang 2018, "Learning Differentially Private Recurrent
+Language Models", ICLR): each client's update is clipped to L2 norm ``S``; the server sums the
+clipped updates, adds Gaussian noise of standard deviation ``z * S`` to the sum and divides by
+the *expected* number of clients (a fixed denominator, so one client's presence changes the
+sum by at most ``S``); the server optimizer then applies the noisy mean. The unit of privacy
+is the client: neighbouring data sets differ in all the data of one client.
+
+Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy 2021, "Differentially Private
+Learning with Adaptive Clipping", NeurIPS) tracks a target quantile ``gamma`` of the update
+norms: ``S <- S * exp(-eta * (b - gamma))`` where ``b`` is the noisy fraction of clients whose
+norm was at most ``S``. Its noise (std ``sigma_b``, on a count with sensitivity 1) is paid
+for by raising the update noise multiplier so that the pair costs exactly what ``z`` alone
+would: ``z_update = (z**-2 - (2 * sigma_b)**-2) ** -0.5`` (Andrew et al., Theorem 1).
+
+Client sampling is part of the guarantee: ``sampling="poisson"`` includes each client
+independently with probability ``q`` (the assumption of the subsampled-Gaussian analysis;
+rounds have a random number of clients); ``"fixed"`` draws exactly ``clients_per_round``
+without replacement and is accounted as sampling without replacement under the replace-one
+relation, where one client can move the clipped sum by ``2S`` (so noise ``z * S`` is a
+multiplier of ``z / 2`` for the accountant). The accountant (``fedmosaic.privacy.accountant``, built on dp-accounting) records
+every round; ``epsilon`` after each round is in the round metrics, and a budget either
+calibrates the noise multiplier up front or stops training before it would be exceeded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.strategy import ClientTask, FedAvg, client_seed
+from fedmosaic.core.errors import PrivacyBudgetExhausted
+from fedmosaic.core.update import ClientUpdate
+from fedmosaic.privacy.accountant import (
+    PrivacyAccountant,
+    PrivacyBudget,
+    calibrate_noise_multiplier,
+)
+
+SAMPLINGS = ("poisson", "fixed")
+
+
+class ClippedSumAggregator:
+    """Uniform-weight sum of updates clipped to L2 norm ``clip`` (the DP-FedAvg sum).
+
+    ``prepare`` clips each validated update before the tally adds it and counts how many
+    were within the bound (for adaptive clipping). Not streaming: transports that reduce
+    remotely would skip the clip, so the server receives individual updates.
+    """
+
+    streaming = False
+
+    def __init__(self, clip: float) -> None:
+        self.clip = float(clip)
+
+    def weight_of(self, update: ClientUpdate) -> float:
+        return 1.0
+
+    def prepare(self, update: ClientUpdate, tally: Any) -> torch.Tensor:
+        norm = float(torch.linalg.vector_norm(update.delta))
+        stats = tally.stage_stats
+        stats["within_clip"] = stats.get("within_clip", 0.0) + (1.0 if norm <= self.clip else 0.0)
+        stats["norm_sum"] = stats.get("norm_sum", 0.0) + norm
+        if norm <= self.clip:
+            return update.delta
+        return update.delta * (self.clip / norm)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "clipped_sum", "clip": self.clip}
+
+
+class DPFedAvg(FedAvg):
+    """FedAvg with client-level (epsilon, delta)-DP: clip, fixed denominator, Gaussian noise.
+
+    Give either ``noise_multiplier`` (z) or ``target_epsilon`` with ``rounds``: the latter
+    calibrates z so that ``rounds`` rounds cost at most ``target_epsilon`` at ``delta``. With
+    ``budget_epsilon`` the run stops before a round that would push epsilon above it.
+    ``sampling="poisson"`` needs ``rate`` (q); ``"fixed"`` needs ``clients_per_round``.
+    ``adaptive_clip_quantile`` (gamma) turns on adaptive clipping with learning rate
+    ``adaptive_clip_lr`` and count-noise std ``adaptive_clip_noise`` (sigma_b, the paper's
+    default is expected_clients / 20).
+
+    The noise is drawn from a generator seeded by (run seed, round) so that simulations are
+    reproducible; ``secure_noise=True`` draws the seed from ``os.urandom`` each round instead,
+    as a deployment should (a predictable noise seed voids the guarantee).
+    """
+
+    name = "dp-fedavg"
+
+    def __init__(
+        self,
+        *,
+        clip: float,
+        delta: float,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        rounds: int | None = None,
+        budget_epsilon: float | None = None,
+        sampling: str = "poisson",
+        rate: float | None = None,
+        clients_per_round: int | None = None,
+        population: int | None = None,
+        accountant: str = "rdp",
+        adaptive_clip_quantile: float | None = None,
+        adaptive_clip_lr: float = 0.2,
+        adaptive_clip_noise: float | None = None,
+        secure_noise: bool = False,
+        min_updates: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if sampling == "poisson":
+            if rate is None or not 0 < rate <= 1:
+                raise ValueError(f"poisson sampling needs rate in (0, 1], got {rate}")
+            if clients_per_round is not None:
+                raise ValueError("poisson sampling takes rate, not clients_per_round")
+            super().__init__(fraction=1.0, weighting="uniform", **kwargs)
+        else:
+            if clients_per_round is None or clients_per_round < 1:
+                raise ValueError("fixed sampling needs clients_per_round >= 1")
+            super().__init__(clients_per_round=clients_per_round, weighting="uniform",
+                             **kwargs)
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if target_epsilon is not None and (rounds is None or rounds < 1):
+            raise ValueError("target_epsilon needs the planned number of rounds")
+        if adaptive_clip_quantile is not None and not 0 < adaptive_clip_quantile < 1:
+            raise ValueError(f"adaptive_clip_quantile must be in (0, 1), got "
+                             f"{adaptive_clip_quantile}")
+        if min_updates < 0:
+            raise ValueError(f"min_updates must be >= 0, got {min_updates}")
+        # Poisson sampling may pick nobody: the round still releases (pure) noise, so by
+        # default a DP round needs no minimum number of updates.
+        self.min_updates = min_updates
+        self.sampling, self.rate = sampling, rate
+        self.dp_clients_per_round = clients_per_round
+        self.population = population
+        self.delta = float(delta)
+        self.accountant_kind = accountant
+        # Fixed-size sampling is analysed under replace-one; Poisson under add/remove.
+        self.neighboring = "add_remove" if sampling == "poisson" else "replace_one"
+        self.accountant = PrivacyAccountant(accountant, neighboring=self.neighboring)
+        self.target_epsilon, self.planned_rounds = target_epsilon, rounds
+        self.budget = (PrivacyBudget(budget_epsilon, delta) if budget_epsilon is not None
+                       else None)
+        self.adaptive_quantile = adaptive_clip_quantile
+        self.adaptive_lr = float(adaptive_clip_lr)
+        self.adaptive_noise = adaptive_clip_noise
+        self.secure_noise = secure_noise
+        self.initial_clip = float(clip)
+        self.clip_aggregator = ClippedSumAggregator(clip)
+        self.aggregator = self.clip_aggregator  # type: ignore[assignment]
+        self.noise_multiplier = noise_multiplier
+        self.run_seed = 0
+        self._calibrated = False
+
+    # -- configuration -----------------------------------------------------------------------
+    def _population(self, available: Sequence[str] | None = None) -> int:
+        if self.population is not None:
+            return self.population
+        if available is None:
+            raise ValueError("DPFedAvg needs the population size; give population=")
+        return len(available)
+
+    def expected_clients(self, population: int) -> float:
+        """The fixed denominator: q * N (Poisson) or the fixed cohort size."""
+        if self.sampling == "poisson":
+            assert self.rate is not None
+            return self.rate * population
+        assert self.dp_clients_per_round is not None
+        return float(self.dp_clients_per_round)
+
+    def _sampling_args(self, population: int) -> dict[str, Any]:
+        if self.sampling == "poisson":
+            return {"sampling": "poisson", "rate": self.rate}
+        return {"sampling": "fixed", "population": population,
+                "sample_size": self.dp_clients_per_round}
+
+    def update_noise_multiplier(self, population: int) -> float:
+        """The noise multiplier on the update sum, after adaptive clipping's share."""
+        z = self._z(population)
+        if self.adaptive_quantile is None:
+            return z
+        sigma_b = self._count_noise(population)
+        if 2 * sigma_b <= z:
+            raise ValueError(
+                f"adaptive clipping's count noise {sigma_b} is too small for noise multiplier "
+                f"{z}: need 2 * sigma_b > z (Andrew et al. 2021, Theorem 1)")
+        return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+
+    def _count_noise(self, population: int) -> float:
+        if self.adaptive_noise is not None:
+            return float(self.adaptive_noise)
+        return self.expected_clients(population) / 20.0
+
+    def _sensitivity_factor(self) -> float:
+        """How far one client can move the clipped sum, in units of the clip: ``S`` under
+        add/remove (Poisson), ``2S`` under replace-one (fixed-size sampling)."""
+        return 1.0 if self.neighboring == "add_remove" else 2.0
+
+    def _accounted(self, z: float) -> float:
+        """The noise multiplier the accountant sees: noise std over sensitivity."""
+        return z / self._sensitivity_factor()
+
+    def _z(self, population: int) -> float:
+        """The noise multiplier z (noise std on the sum = z * clip), calibrated if asked."""
+        if self.noise_multiplier is None or (self.target_epsilon is not None
+                                             and not self._calibrated):
+            assert self.target_epsilon is not None and self.planned_rounds is not None
+            accounted = calibrate_noise_multiplier(
+                self.target_epsilon, self.delta, self.planned_rounds,
+                accountant=self.accountant_kind, neighboring=self.neighboring,
+                **self._sampling_args(population))
+            self.noise_multiplier = accounted * self._sensitivity_factor()
+            self._calibrated = True
+        return float(self.noise_multiplier)
+
+    def configure_fit(
+        self, round_num: int, available: Sequence[str], rng: np.random.Generator, *,
+        run_seed: int, full_steps: Mapping[str, int] | None = None,
+    ) -> list[ClientTask]:
+        self.run_seed = run_seed
+        if self.population is None:
+            self.population = len(available)
+        if self.sampling == "fixed":
+            return super().configure_fit(round_num, available, rng, run_seed=run_seed,
+                                         full_steps=full_steps)
+        # Poisson sampling: every client independently with probability q, so a round may
+        # have any number of clients (even none) -- the analysed mechanism.
+        ids = sorted(available)
+        assert self.rate is not None
+        chosen = [c for c, keep in zip(ids, rng.random(len(ids)) < self.rate) if keep]
+        return [ClientTask(c, self.fit_config(round_num,
+                                              seed=client_seed(run_seed, round_num, c)),
+                           self.client_stages)
+                for c in chosen]
+
+    # -- the round ---------------------------------------------------------------------------
+    def before_round(self, round_num: int, available: Sequence[str]) -> None:
+        if self.population is None:
+            self.population = len(available)
+        if self.budget is None:
+            return
+        z = self._accounted(self._z(self.population))
+        if self.budget.would_exceed(self.accountant, z, **self._sampling_args(self.population)):
+            raise PrivacyBudgetExhausted(
+                f"round {round_num} would exceed the budget epsilon={self.budget.epsilon} at "
+                f"delta={self.delta} (spent so far: {self.accountant.epsilon(self.delta):.4f})")
+
+    def _noise_generator(self, round_num: int) -> torch.Generator:
+        if self.secure_noise:
+            seed = int.from_bytes(os.urandom(8), "little")
+        else:
+            seed = client_seed(self.run_seed, round_num, "__dp_noise__")
+        return torch.Generator().manual_seed(seed)
+
+    def finish_round(
+        self, round_num: int, weights: torch.Tensor, tally: Any
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        population = self.population if self.population is not None else tally.count
+        expected = self.expected_clients(population)
+        z_update = self.update_noise_multiplier(population)
+        clip = self.clip_aggregator.clip
+        gen = self._noise_generator(round_num)
+        summed = tally.acc.weighted_sum
+        if summed is None:
+            # Poisson sampling can pick nobody; the mechanism still releases noise.
+            summed = torch.zeros_like(weights)
+        noise = torch.randn(summed.shape, generator=gen, dtype=torch.float32) * (z_update * clip)
+        mean = (summed.to(torch.float32).cpu() + noise) / expected
+        new_weights = self.apply(weights, mean.to(weights.device))
+        metrics: dict[str, Any] = {"dp_clip": clip, "dp_noise_multiplier": z_update,
+                                   "dp_noise_std_on_mean": z_update * clip / expected}
+        if self.adaptive_quantile is not None:
+            sigma_b = self._count_noise(population)
+            within = tally.stage_stats.get("within_clip", 0.0)
+            noisy = (within + float(torch.randn((), generator=gen)) * sigma_b) / expected
+            self.clip_aggregator.clip = clip * math.exp(-self.adaptive_lr
+                                                        * (noisy - self.adaptive_quantile))
+            metrics["dp_within_clip_fraction"] = noisy
+        # With adaptive clipping the update and count noise together cost exactly z.
+        self.accountant.record_gaussian_round(self._accounted(self._z(population)),
+                                              **self._sampling_args(population))
+        metrics["dp_epsilon"] = self.accountant.epsilon(self.delta)
+        metrics["dp_delta"] = self.delta
+        return new_weights, metrics
+
+    # -- state and reports --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "clip": self.clip_aggregator.clip,
+                "accountant": self.accountant.state_dict(),
+                "noise_multiplier": self.noise_multiplier, "calibrated": self._calibrated,
+                "population": self.population}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.clip_aggregator.clip = float(state["clip"])
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise_multiplier = state["noise_multiplier"]
+        self._calibrated = bool(state["calibrated"])
+        self.population = state["population"]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "strategy": self.name, "clip": self.initial_clip,
+                "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "target_epsilon": self.target_epsilon, "planned_rounds": self.planned_rounds,
+                "budget_epsilon": None if self.budget is None else self.budget.epsilon,
+                "sampling": self.sampling, "rate": self.rate,
+                "dp_clients_per_round": self.dp_clients_per_round,
+                "accountant": self.accountant_kind,
+                "adaptive_clip_quantile": self.adaptive_quantile}
+
+    def guarantees(self) -> dict[str, Any]:
+        rounds = self.accountant.steps
+        return {
+            "differential_privacy": {
+                "unit": "client",
+                "epsilon": self.accountant.epsilon(self.delta) if rounds else 0.0,
+                "delta": self.delta,
+                "accountant": self.accountant_kind,
+                "neighboring": self.neighboring,
+                "sampling": (f"Poisson, q={self.rate}" if self.sampling == "poisson" else
+                             f"fixed size {self.dp_clients_per_round} of {self.population}, "
+                             "without replacement"),
+                "rounds": rounds,
+                "noise_multiplier": self.noise_multiplier,
+                "clip": "adaptive" if self.adaptive_quantile is not None else self.initial_clip,
+                "noise_seed": "os.urandom per round" if self.secure_noise else
+                              "derived from the run seed (simulation only)",
+            },
+            "secure_aggregation": None,
+            "server_sees": "every client's clipped update in plaintext (central DP: the "
+                           "server is trusted; the released model is protected)",
+        }

@@ -1,0 +1,210 @@
+"""Client-level DP-FedAvg: clipping, fixed denominator, noise, sampling, accounting, budget."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import fedmosaic as fm
+from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.core import ClientUpdate
+from fedmosaic.data import IID, partition
+from fedmosaic.models import MLP
+from fedmosaic.privacy.accountant import epsilon_for
+from fedmosaic.privacy.dp_fedavg import ClippedSumAggregator, DPFedAvg
+from fedmosaic.privacy.local_dp import LocalDP, laplace_mechanism
+from fedmosaic.runtime import RoundTally, SequentialTransport
+from fedmosaic.train import FitConfig
+from tests.conftest import make_blobs
+
+
+def _trainer():
+    return fm.TorchTrainer(lambda: MLP(5, [8], 3), lr=0.1, batch_size=8)
+
+
+@pytest.fixture
+def fed():
+    return partition(make_blobs(600, 0), IID(), 30, 0, test=make_blobs(200, 1))
+
+
+def _update(cid, vec):
+    return ClientUpdate(cid, torch.as_tensor(vec, dtype=torch.float32), 10, base_round=1)
+
+
+def test_clipping_bounds_every_update_and_counts_those_within():
+    agg = ClippedSumAggregator(clip=1.0)
+    tally = RoundTally(agg, 2, 1)
+    tally.add(_update("a", [3.0, 4.0]))   # norm 5 -> clipped to norm 1
+    tally.add(_update("b", [0.3, 0.4]))   # norm 0.5 -> untouched
+    assert torch.allclose(tally.acc.weighted_sum, torch.tensor([0.6 + 0.3, 0.8 + 0.4]))
+    assert tally.acc.total_weight == 2.0  # uniform weights
+    assert tally.stage_stats["within_clip"] == 1.0
+
+
+def test_noise_on_the_mean_has_std_z_clip_over_expected_clients():
+    s = DPFedAvg(clip=0.5, delta=1e-5, noise_multiplier=1.2, sampling="fixed",
+                 clients_per_round=20, population=100)
+    s.run_seed = 3
+    dim = 50_000
+    tally = RoundTally(s.aggregator, dim, 1)
+    for i in range(20):
+        tally.add(_update(f"c{i}", torch.zeros(dim)))
+    new, metrics = s.finish_round(1, torch.zeros(dim), tally)
+    assert float(new.std()) == pytest.approx(1.2 * 0.5 / 20, rel=0.03)
+    assert abs(float(new.mean())) < 4 * 1.2 * 0.5 / 20 / dim ** 0.5
+    assert metrics["dp_noise_std_on_mean"] == pytest.approx(0.03)
+    assert metrics["dp_epsilon"] > 0
+
+
+def test_fixed_denominator_not_the_number_of_updates():
+    s = DPFedAvg(clip=10.0, delta=1e-5, noise_multiplier=1e-6, sampling="poisson", rate=0.5,
+                 population=8)
+    tally = RoundTally(s.aggregator, 3, 1)
+    tally.add(_update("a", [1.0, 2.0, 3.0]))
+    new, _ = s.finish_round(1, torch.zeros(3), tally)
+    assert torch.allclose(new, torch.tensor([1.0, 2.0, 3.0]) / (0.5 * 8), atol=1e-4)
+
+
+def test_poisson_sampling_draws_a_binomial_number_of_clients():
+    s = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="poisson", rate=0.2)
+    ids = [f"c{i:03d}" for i in range(500)]
+    rng = np.random.default_rng(0)
+    counts = [len(s.configure_fit(r, ids, rng, run_seed=0)) for r in range(1, 41)]
+    assert np.mean(counts) == pytest.approx(100, rel=0.05)
+    assert np.std(counts) > 3  # random cohort sizes, unlike fixed sampling
+
+
+def test_run_reports_epsilon_each_round_matching_the_accountant(fed):
+    strategy = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="poisson",
+                        rate=0.3)
+    res = fm.simulate(_trainer(), fed, strategy, rounds=5, seed=0)
+    eps = res.metric("dp_epsilon")
+    assert len(eps) == 5 and all(b > a for a, b in itertools.pairwise(eps))
+    assert eps[-1] == pytest.approx(epsilon_for(1.0, 5, "poisson", 0.3, delta=1e-5), rel=1e-6)
+    g = res.guarantees["differential_privacy"]
+    assert g["unit"] == "client" and g["rounds"] == 5 and g["epsilon"] == pytest.approx(eps[-1])
+    assert "Poisson" in g["sampling"]
+
+
+def test_target_epsilon_calibrates_noise_for_the_planned_rounds(fed):
+    strategy = DPFedAvg(clip=1.0, delta=1e-5, target_epsilon=2.0, rounds=6,
+                        sampling="fixed", clients_per_round=6)
+    res = fm.simulate(_trainer(), fed, strategy, rounds=6, seed=0)
+    assert res.metric("dp_epsilon")[-1] <= 2.0
+    assert res.metric("dp_epsilon")[-1] > 1.9  # calibrated, not grossly over-noised
+
+
+def test_budget_stops_training_before_it_is_exceeded(fed):
+    strategy = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.2, sampling="poisson",
+                        rate=0.3, budget_epsilon=4.5)
+    res = fm.simulate(_trainer(), fed, strategy, rounds=50, seed=0)
+    assert res.stopped is not None and "budget" in res.stopped
+    assert len(res.history) == 5  # epsilon after 5 rounds is 4.42, after 6 it would be 4.74
+    assert res.metric("dp_epsilon")[-1] <= 4.5
+    assert epsilon_for(1.2, 6, "poisson", 0.3, delta=1e-5) > 4.5
+
+
+def test_adaptive_clipping_moves_the_clip_towards_the_target_quantile():
+    for start, direction in ((0.05, 1), (20.0, -1)):
+        s = DPFedAvg(clip=start, delta=1e-5, noise_multiplier=1.0, sampling="fixed",
+                     clients_per_round=50, population=50, adaptive_clip_quantile=0.5,
+                     adaptive_clip_noise=2.5, adaptive_clip_lr=1.0)
+        s.run_seed = 0
+        for r in range(1, 30):
+            tally = RoundTally(s.aggregator, 4, r)
+            for i in range(50):  # every update has norm 1
+                tally.add(_update(f"c{i}", [0.5, 0.5, 0.5, 0.5]))
+            s.finish_round(r, torch.zeros(4), tally)
+        moved = s.clip_aggregator.clip - start
+        assert moved * direction > 0
+        assert 0.2 < s.clip_aggregator.clip < 5.0  # converging on the median norm (1.0)
+
+
+def test_adaptive_clipping_pays_for_its_count_noise():
+    s = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="fixed",
+                 clients_per_round=100, population=1000, adaptive_clip_quantile=0.5)
+    z_update = s.update_noise_multiplier(1000)
+    sigma_b = 100 / 20
+    assert z_update == pytest.approx((1.0 - (2 * sigma_b) ** -2) ** -0.5)
+    assert z_update > 1.0
+
+
+def test_dp_run_resumes_to_the_same_model_and_epsilon(fed, tmp_path):
+    def strategy():
+        return DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="poisson",
+                        rate=0.3, adaptive_clip_quantile=0.5, adaptive_clip_noise=2.0)
+
+    full = fm.simulate(_trainer(), fed, strategy(), rounds=4, seed=1)
+    fm.simulate(_trainer(), fed, strategy(), rounds=4, seed=1, out_dir=tmp_path, stop_after=2)
+    resumed = fm.simulate(_trainer(), fed, strategy(), rounds=4, seed=1, out_dir=tmp_path,
+                          resume=True)
+    assert torch.equal(full.weights, resumed.weights)
+    assert full.metric("dp_epsilon") == resumed.metric("dp_epsilon")
+    assert full.metric("dp_clip") == resumed.metric("dp_clip")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"clip": 0, "delta": 1e-5, "noise_multiplier": 1.0, "rate": 0.1},
+    {"clip": 1, "delta": 2.0, "noise_multiplier": 1.0, "rate": 0.1},
+    {"clip": 1, "delta": 1e-5, "rate": 0.1},
+    {"clip": 1, "delta": 1e-5, "noise_multiplier": 1.0, "target_epsilon": 1.0, "rounds": 3,
+     "rate": 0.1},
+    {"clip": 1, "delta": 1e-5, "noise_multiplier": 1.0, "rate": 1.5},
+    {"clip": 1, "delta": 1e-5, "noise_multiplier": 1.0, "sampling": "fixed"},
+    {"clip": 1, "delta": 1e-5, "noise_multiplier": 1.0, "sampling": "bernoulli"},
+])
+def test_bad_dp_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        DPFedAvg(**kwargs)
+
+
+def test_local_dp_noises_each_update_on_the_client(fed):
+    tr = _trainer()
+    stage = LocalDP(clip=0.5, noise_multiplier=2.0)
+    w = tr.initial_weights(0)
+    tasks = [ClientTask(c, FitConfig(round=1, seed=i), (stage,))
+             for i, c in enumerate(fed.client_ids[:3])]
+    plain = [ClientTask(t.client_id, t.config) for t in tasks]
+    noisy = list(SequentialTransport(tr, fed).fit(w, tasks))
+    clean = list(SequentialTransport(tr, fed).fit(w, plain))
+    for a, b in zip(noisy, clean):
+        diff = a.delta - b.delta * min(1.0, 0.5 / float(b.delta.norm()))
+        assert float(diff.std()) == pytest.approx(1.0, rel=0.2)  # z * clip = 1.0
+
+
+def test_local_dp_laplace_clips_in_l1_and_reports_pure_dp():
+    stage = LocalDP(clip=1.0, mechanism="laplace", epsilon=2.0)
+    gen = torch.Generator().manual_seed(0)
+    out = stage.apply(torch.zeros(200_000), gen)
+    # Laplace(b) has std b*sqrt(2); b = 2*clip/epsilon = 1.
+    assert float(out.std()) == pytest.approx(2 ** 0.5, rel=0.02)
+    g = stage.guarantee(rounds=10)
+    assert g["epsilon_total"] == 20.0 and g["delta"] == 0.0
+    gauss = LocalDP(clip=1.0, noise_multiplier=4.0).guarantee(rounds=10)
+    assert gauss["epsilon_total"] > gauss["epsilon_per_round"] > 0
+    with pytest.raises(ValueError):
+        LocalDP(clip=1.0, mechanism="laplace", noise_multiplier=1.0)
+
+
+def test_laplace_mechanism_scale_is_sensitivity_over_epsilon():
+    rng = np.random.default_rng(0)
+    draws = laplace_mechanism(np.zeros(100_000), sensitivity=3.0, epsilon=1.5, rng=rng)
+    assert float(np.mean(np.abs(draws))) == pytest.approx(2.0, rel=0.02)  # E|L(b)| = b
+    assert isinstance(laplace_mechanism(5.0, 1.0, 1.0, rng), float)
+    with pytest.raises(ValueError, match="epsilon"):
+        laplace_mechanism(1.0, 1.0, 0.0, rng)
+
+
+def test_fixed_size_sampling_is_accounted_under_replace_one_with_twice_the_sensitivity():
+    from fedmosaic.privacy.accountant import epsilon_for as eps_for
+
+    s = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=2.0, sampling="fixed",
+                 clients_per_round=10, population=100)
+    s.run_seed = 0
+    tally = RoundTally(s.aggregator, 3, 1)
+    tally.add(_update("a", [0.1, 0.1, 0.1]))
+    _, metrics = s.finish_round(1, torch.zeros(3), tally)
+    want = eps_for(1.0, 1, "fixed", population=100, sample_size=10, delta=1e-5,
+                   neighboring="replace_one")
+    assert metrics["dp_epsilon"] == pytest.approx(want)
