@@ -20,8 +20,9 @@ rounds have a random number of clients); ``"fixed"`` draws exactly ``clients_per
 without replacement and is accounted as sampling without replacement under the replace-one
 relation, where one client can move the clipped sum by ``2S`` (so noise ``z * S`` is a
 multiplier of ``z / 2`` for the accountant). The accountant
-(``fedmosaic.privacy.accountant``, built on dp-accounting) records every round; ``epsilon`` after each round is in the round metrics, and a budget either
-calibrates the noise multiplier up front or stops training before it would be exceeded.
+(``fedmosaic.privacy.accountant``, built on dp-accounting) records every round; ``epsilon``
+after each round is in the round metrics, and a budget either calibrates the noise
+multiplier up front or stops training before it would be exceeded.
 """
 
 from __future__ import annotations
