@@ -164,6 +164,26 @@ def fmnist_transports_section(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def privacy_section(d: dict[str, Any]) -> str:
+    lines = [
+        "## Accuracy cost of privacy on the peer task (issue #4)",
+        "",
+        f"The digits peer task with N = {d['clients']:,} clients (1-2 samples each), "
+        f"{d['rounds']} rounds, about 100 clients per round, batched transport.",
+        "",
+        f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
+        "",
+        machine_line(d["machine"]),
+        "",
+        "| run | final accuracy | epsilon (delta = 1e-5) | seconds |",
+        "|---|--:|--:|--:|",
+    ]
+    for r in d["rows"]:
+        eps = f"{r['epsilon'][-1]:.2f}" if r["epsilon"] else "-"
+        lines.append(f"| {r['run']} | {r['final_accuracy']:.4f} | {eps} | {r['seconds']:.1f} |")
+    return "\n".join([*lines, ""])
+
+
 def fmnist_fedavg_section(d: dict[str, Any]) -> str:
     rows = "\n".join(
         f"| {h['round']} | {h['test_accuracy']:.4f} | {h['test_loss']:.4f} | "
@@ -228,6 +248,8 @@ def main() -> None:
     if (d := load("fmnist_transports")) is not None:
         parts.append(fmnist_transports_section(d))
     parts.append(gpu_section(load("gpu_batched")))
+    if (d := load("privacy_accuracy")) is not None:
+        parts.append(privacy_section(d))
     if (d := load("fmnist_fedavg")) is not None:
         parts.append(fmnist_fedavg_section(d))
     OUT.write_text("\n".join(parts))

@@ -208,3 +208,31 @@ def test_fixed_size_sampling_is_accounted_under_replace_one_with_twice_the_sensi
     want = eps_for(1.0, 1, "fixed", population=100, sample_size=10, delta=1e-5,
                    neighboring="replace_one")
     assert metrics["dp_epsilon"] == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_dp_on_the_peer_task_stays_within_the_documented_margin_of_plain_fedavg():
+    """docs/privacy.md promises DP-FedAvg (q=0.1, clip 0.2, z=1) loses at most 6 points of
+    accuracy against plain FedAvg on the digits peer task after 150 rounds."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from peer_fedmosaic import peer_partition
+
+    from fedmosaic.data import load_digits
+
+    train, test = load_digits()
+    fed = peer_partition(train, test, 1000, 0)
+
+    def run(strategy):
+        tr = fm.TorchTrainer(lambda: MLP(64, [64], 10), lr=0.05, batch_size=32)
+        return fm.simulate(tr, fed, strategy, 150, seed=0,
+                           transport=fm.BatchedTransport(tr, fed))
+
+    plain = run(fm.FedAvg(clients_per_round=100))
+    dp = run(DPFedAvg(clip=0.2, delta=1e-5, noise_multiplier=1.0, sampling="poisson",
+                      rate=0.1))
+    assert plain.final["test_accuracy"] > 0.75
+    assert dp.final["test_accuracy"] >= plain.final["test_accuracy"] - 0.06
+    assert len(dp.metric("dp_epsilon")) == 150 and dp.metric("dp_epsilon")[-1] < 10
