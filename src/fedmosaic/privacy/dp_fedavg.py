@@ -112,6 +112,8 @@ class DPFedAvg(FedAvg):
         adaptive_clip_lr: float = 0.2,
         adaptive_clip_noise: float | None = None,
         secure_noise: bool = False,
+        distributed: bool = False,
+        min_contributors: int | None = None,
         min_updates: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -163,6 +165,19 @@ class DPFedAvg(FedAvg):
         self.clip_aggregator = ClippedSumAggregator(clip)
         self.aggregator = self.clip_aggregator  # type: ignore[assignment]
         self.noise_multiplier = noise_multiplier
+        self.distributed = distributed
+        if distributed:
+            if adaptive_clip_quantile is not None:
+                raise ValueError("adaptive clipping needs the server to see each update's norm; "
+                                 "it cannot run with distributed DP")
+            if min_contributors is None or min_contributors < 1:
+                raise ValueError("distributed DP needs min_contributors >= 1: the fewest "
+                                 "updates a released sum may have (at most SecAgg's threshold)")
+            # Clients clip and noise; the server only sums (SecAgg+ can carry it).
+            from fedmosaic.algorithms.aggregate import FedAvgAggregator
+
+            self.aggregator = FedAvgAggregator(weighting="uniform")  # type: ignore[assignment]
+        self.min_contributors = min_contributors
         self.run_seed = 0
         self._calibrated = False
 
@@ -227,6 +242,16 @@ class DPFedAvg(FedAvg):
             self._calibrated = True
         return float(self.noise_multiplier)
 
+    def _distributed_stage(self) -> tuple[Any, ...]:
+        if not self.distributed:
+            return ()
+        from fedmosaic.privacy.local_dp import DistributedNoiseShare
+
+        assert self.population is not None and self.min_contributors is not None
+        z = self._z(self.population)
+        return (DistributedNoiseShare(self.initial_clip,
+                                      z * self.initial_clip / math.sqrt(self.min_contributors)),)
+
     def configure_fit(
         self, round_num: int, available: Sequence[str], rng: np.random.Generator, *,
         run_seed: int, full_steps: Mapping[str, int] | None = None,
@@ -234,6 +259,8 @@ class DPFedAvg(FedAvg):
         self.run_seed = run_seed
         if self.population is None:
             self.population = len(available)
+        self.client_stages = self._distributed_stage() + tuple(
+            s for s in self.client_stages if type(s).__name__ != "DistributedNoiseShare")
         if self.sampling == "fixed":
             return super().configure_fit(round_num, available, rng, run_seed=run_seed,
                                          full_steps=full_steps)
@@ -275,11 +302,21 @@ class DPFedAvg(FedAvg):
         clip = self.clip_aggregator.clip
         gen = self._noise_generator(round_num)
         summed = tally.acc.weighted_sum
-        if summed is None:
-            # Poisson sampling can pick nobody; the mechanism still releases noise.
-            summed = torch.zeros_like(weights)
-        noise = torch.randn(summed.shape, generator=gen, dtype=torch.float32) * (z_update * clip)
-        mean = (summed.to(torch.float32).cpu() + noise) / expected
+        if self.distributed:
+            if tally.count < (self.min_contributors or 0):
+                # Fewer shares than planned: the sum is under-noised and must not be released.
+                metrics = {"dp_epsilon": self.accountant.epsilon(self.delta)
+                           if self.accountant.steps else 0.0, "dp_round_discarded": 1.0}
+                return weights, metrics
+            assert summed is not None
+            mean = summed.to(torch.float32).cpu() / expected
+        else:
+            if summed is None:
+                # Poisson sampling can pick nobody; the mechanism still releases noise.
+                summed = torch.zeros_like(weights)
+            noise = torch.randn(summed.shape, generator=gen,
+                                dtype=torch.float32) * (z_update * clip)
+            mean = (summed.to(torch.float32).cpu() + noise) / expected
         new_weights = self.apply(weights, mean.to(weights.device))
         metrics: dict[str, Any] = {"dp_clip": clip, "dp_noise_multiplier": z_update,
                                    "dp_noise_std_on_mean": z_update * clip / expected}
@@ -339,8 +376,13 @@ class DPFedAvg(FedAvg):
                 "clip": "adaptive" if self.adaptive_quantile is not None else self.initial_clip,
                 "noise_seed": "os.urandom per round" if self.secure_noise else
                               "derived from the run seed (simulation only)",
+                "noise_added_by": (f"the clients (distributed; full noise once at least "
+                                   f"{self.min_contributors} updates are summed)"
+                                   if self.distributed else "the server"),
             },
             "secure_aggregation": None,
-            "server_sees": "every client's clipped update in plaintext (central DP: the "
-                           "server is trusted; the released model is protected)",
+            "server_sees": ("only what the transport reveals: with SecAgg+, the noised sum"
+                            if self.distributed else
+                            "every client's clipped update in plaintext (central DP: the "
+                            "server is trusted; the released model is protected)"),
         }

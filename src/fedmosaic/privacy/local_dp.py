@@ -89,6 +89,35 @@ class LocalDP:
                 "delta": delta, "composition": "RDP", "rounds": rounds}
 
 
+@dataclass(frozen=True)
+class DistributedNoiseShare:
+    """A client stage for distributed DP: clip to L2 norm ``clip`` and add this client's share
+    N(0, noise_std^2) of the noise, so that a secure sum of at least ``min_contributors``
+    updates carries the full noise and no party ever sees an un-noised sum.
+
+    With total noise ``z * clip`` wanted on the sum, each client adds
+    ``noise_std = z * clip / sqrt(min_contributors)``: the variances of independent Gaussian
+    shares add up (the idea of distributed noise generation, Dwork et al. 2006, "Our Data,
+    Ourselves"; used with secure aggregation by Kairouz et al. 2021, "The Distributed Discrete
+    Gaussian Mechanism for Federated Learning with Secure Aggregation").
+    """
+
+    clip: float
+    noise_std: float
+
+    def __post_init__(self) -> None:
+        if not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+        if not self.noise_std > 0:
+            raise ValueError(f"noise_std must be > 0, got {self.noise_std}")
+
+    def apply(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        norm = float(torch.linalg.vector_norm(delta))
+        clipped = delta if norm <= self.clip else delta * (self.clip / norm)
+        noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
+        return clipped + noise * self.noise_std
+
+
 def laplace_mechanism(value: float | np.ndarray, sensitivity: float, epsilon: float,
                       rng: np.random.Generator) -> float | np.ndarray:
     """Release ``value`` with epsilon-DP: add Laplace noise of scale sensitivity/epsilon

@@ -77,6 +77,9 @@ class Server:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks = list(callbacks)
         self.spec: ParamSpec = trainer.spec
+        check = getattr(transport, "check_strategy", None)
+        if check is not None:
+            check(strategy)  # e.g. SecAgg+ refuses aggregators that need individual updates
         self.identity = fingerprint(
             {"user": identity or {}, "seed": seed, "strategy": strategy.describe(),
              "spec": self.spec.to_json()}

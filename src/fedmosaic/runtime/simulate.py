@@ -50,8 +50,17 @@ def simulate(
         callbacks=callbacks,
     )
     state = server.run(resume=resume, initial_weights=initial_weights, stop_after=stop_after)
+    guarantees = strategy.guarantees()
+    transport_guarantees = getattr(server.transport, "guarantees", None)
+    if transport_guarantees is not None:
+        extra = transport_guarantees()
+        if extra.get("secure_aggregation") and guarantees.get("differential_privacy"):
+            # The DP strategy's own "server sees" assumes no secure aggregation.
+            extra["server_sees"] += "; DP noise: " + str(
+                guarantees["differential_privacy"].get("noise_added_by", "the server"))
+        guarantees.update(extra)
     result = RunResult(history=state.history, weights=state.weights, spec=trainer.spec,
-                       guarantees=strategy.guarantees(), stopped=state.stopped)
+                       guarantees=guarantees, stopped=state.stopped)
     if out_dir is not None:
         result.save(out_dir)
     return result

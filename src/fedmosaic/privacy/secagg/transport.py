@@ -1,0 +1,195 @@
+"""SecAggPlusTransport: aggregate a round's updates with SecAgg+ so the server learns only
+their sum (Bell et al., CCS 2020; Bonawitz et al., CCS 2017).
+
+The simulated clients train through any inner transport; then each client encodes its update
+for the secure sum and the SecAgg+ protocol runs between the clients and the server through
+the real message encoding (``secagg.simulate``). What the server receives is a single
+``PartialAggregate`` built from the unmasked *sum*:
+
+* each client submits ``(w_i / W) * delta_i`` clipped per coordinate to ``[-clip, clip]``,
+  followed by two extra coordinates ``clip * w_i / W`` and ``clip``, where ``w_i`` is its
+  aggregation weight and ``W`` the declared maximum weight; the sum then yields the weighted
+  sum of the deltas, the total weight and the number of contributors, and nothing per client;
+* per-client training metrics are not reported (they would leak per-client information);
+* bytes on the wire are those of the protocol's messages, counted exactly.
+
+Only aggregators that need nothing but a weighted sum can run on it: a robust aggregator
+(median, Krum, ...) or central-DP clipping needs each update and is refused when the run is
+configured (``check_strategy``). Combine with differential privacy through client-side stages
+(each client clips and adds its share of the noise), never with server-side clipping.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.core.errors import ConfigError
+from fedmosaic.core.update import ClientUpdate
+from fedmosaic.privacy.secagg.errors import SecAggAbortError
+from fedmosaic.privacy.secagg.simulate import DROPOUT_STAGES, secure_sum
+from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
+from fedmosaic.runtime.transport import Transport, TransportResult
+from fedmosaic.train.base import FitConfig
+
+log = logging.getLogger(__name__)
+
+
+class SecAggPlusTransport:
+    """Wraps a transport; the server side only ever sees the SecAgg+ sum of a round.
+
+    ``clip`` bounds every submitted coordinate (after scaling by ``w_i / W``);
+    ``max_weight`` is ``W``, the largest aggregation weight a client may claim (its sample
+    count under FedAvg's sample weighting; 1 for uniform weighting), so that a client cannot
+    inflate its influence beyond ``W``. ``dropout_rate`` is the rate the protocol parameters
+    (neighbourhood degree, threshold) are designed for; ``simulate_dropout`` makes that
+    fraction of clients actually drop, each at a random protocol stage. ``seed`` makes keys and
+    masks reproducible for tests and benchmarks only (predictable masks protect nothing);
+    ``None`` draws them from the OS CSPRNG.
+    """
+
+    requires_streaming_aggregator = True
+
+    def __init__(
+        self,
+        inner: Transport,
+        *,
+        clip: float = 1.0,
+        max_weight: float = 1.0,
+        bits: int = 32,
+        dropout_rate: float = 0.1,
+        simulate_dropout: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        if not max_weight > 0:
+            raise ValueError(f"max_weight must be > 0, got {max_weight}")
+        if not 0 <= simulate_dropout < 1:
+            raise ValueError(f"simulate_dropout must be in [0, 1), got {simulate_dropout}")
+        self.inner = inner
+        self.clip, self.max_weight, self.bits = float(clip), float(max_weight), bits
+        self.dropout_rate = max(dropout_rate, simulate_dropout)
+        self.simulate_dropout = simulate_dropout
+        self.seed = seed
+        self.last_round: dict[str, Any] = {}
+
+    @staticmethod
+    def check_strategy(strategy: Any) -> None:
+        """Refuse, with the reason, a strategy that needs to see individual updates."""
+        aggregator = strategy.aggregator
+        if not getattr(aggregator, "streaming", False):
+            name = type(aggregator).__name__
+            raise ConfigError(
+                "aggregator", name,
+                "a weighted-sum aggregator under SecAgg+: the server only learns the sum of the "
+                "masked updates, so an aggregator that inspects or clips individual updates "
+                "(robust aggregation, central-DP clipping) cannot run; use client-side stages "
+                "(distributed DP) instead")
+
+    def guarantees(self) -> dict[str, Any]:
+        """What the secure aggregation protects, for the run report."""
+        last = self.last_round
+        return {
+            "secure_aggregation": {
+                "protocol": "SecAgg+ (Bell et al. 2020), pairwise and self masks, Shamir "
+                            "t-of-k shares over a sparse neighbour graph",
+                "ring_bits": self.bits, "clip": self.clip, "max_weight": self.max_weight,
+                "designed_dropout_rate": self.dropout_rate,
+                "neighbourhood_degree": last.get("degree"), "threshold": last.get("threshold"),
+                "masks": "reproducible from a seed (simulation only)" if self.seed is not None
+                         else "OS CSPRNG",
+            },
+            "server_sees": "only the sum of the surviving clients' updates (plus their count "
+                           "and total weight); a client's input stays hidden unless at least "
+                           "the threshold of its neighbours collude with the server",
+        }
+
+    def available_clients(self) -> list[str]:
+        return self.inner.available_clients()
+
+    def full_steps(self, client_id: str, config: FitConfig) -> int | None:
+        return self.inner.full_steps(client_id, config)
+
+    def fit(
+        self, weights: torch.Tensor, tasks: Sequence[ClientTask],
+        weighting: Weighting | None = None,
+    ) -> Iterator[TransportResult]:
+        if weighting is None:
+            raise ConfigError("aggregator", None, "a weighted-sum aggregator under SecAgg+")
+        updates: list[ClientUpdate] = []
+        for result in self.inner.fit(weights, tasks, None):
+            if isinstance(result, ClientUpdate):
+                updates.append(result)
+            elif isinstance(result, ClientFailure):
+                yield result
+            else:  # pragma: no cover - the inner transport was asked for single updates
+                raise TypeError(f"inner transport returned {type(result).__name__}")
+        rejected, rows, ids = [], [], []
+        for u in updates:
+            # The client's own software refuses to submit a broken update: once masked, the
+            # server could not tell.
+            weight = float(weighting.weight_of(u))
+            if not (torch.isfinite(u.delta).all() and 0 < weight <= self.max_weight):
+                rejected.append(f"update from client '{u.client_id}' not submitted: non-finite "
+                                f"values or weight {weight} outside (0, {self.max_weight}]")
+                continue
+            scale = weight / self.max_weight
+            # The two bookkeeping coordinates are multiples of clip so they are never clipped.
+            rows.append(np.concatenate([u.delta.double().numpy() * scale,
+                                        [scale * self.clip, self.clip]]))
+            ids.append(u.client_id)
+        if len(rows) < 2:
+            yield PartialAggregate(weighted_sum=None, rejected=[
+                *rejected, f"SecAgg+ needs at least 2 clients, {len(rows)} submitted"])
+            return
+        round_num = tasks[0].config.round if tasks else 0
+        plan = self._dropout_plan(len(rows), round_num)
+        try:
+            res = secure_sum(np.stack(rows), clip=self.clip, bits=self.bits, dropout=plan,
+                             seed=None if self.seed is None else self.seed * 1_000_003 + round_num,
+                             dropout_rate=self.dropout_rate)
+        except SecAggAbortError as exc:
+            log.warning("round %d: secure aggregation aborted: %s", round_num, exc)
+            for cid in ids:
+                yield ClientFailure(cid, f"secure aggregation aborted: {exc}")
+            return
+        survivors = set(res.survivors)
+        for i, cid in enumerate(ids):
+            if i not in survivors:
+                yield ClientFailure(cid, "dropped out during secure aggregation")
+        total = res.sum
+        count = round(float(total[-1]) / self.clip)
+        self.last_round = {
+            "round": round_num, "clients": len(rows), "survivors": len(survivors),
+            "degree": res.degree, "threshold": res.threshold,
+            "bytes_up": int(res.bytes_up_per_client.sum()),
+            "bytes_down": int(res.bytes_down_per_client.sum()),
+            "client_seconds": float(res.client_seconds.sum()),
+            "server_seconds": float(res.server_seconds),
+        }
+        if count == 0:
+            yield PartialAggregate(weighted_sum=None, rejected=rejected)
+            return
+        weighted = torch.from_numpy(total[:-2] * self.max_weight).to(torch.float32)
+        yield PartialAggregate(
+            weighted_sum=weighted, total_weight=float(total[-2] / self.clip * self.max_weight),
+            count=count,
+            num_samples=0, metric_sums={}, bytes_up=self.last_round["bytes_up"],
+            client_ids=[ids[i] for i in sorted(survivors)], rejected=rejected)
+
+    def _dropout_plan(self, n: int, round_num: int) -> dict[str, set[int]] | None:
+        if self.simulate_dropout <= 0:
+            return None
+        seed = zlib.crc32(f"{self.seed}:{round_num}".encode())
+        rng = np.random.default_rng(seed)
+        plan: dict[str, set[int]] = {stage: set() for stage in DROPOUT_STAGES}
+        for client in np.flatnonzero(rng.random(n) < self.simulate_dropout):
+            plan[DROPOUT_STAGES[int(rng.integers(len(DROPOUT_STAGES)))]].add(int(client))
+        return plan

@@ -1,0 +1,90 @@
+"""The in-process SecAgg+ driver (Bell et al., CCS 2020; Bonawitz et al., CCS 2017)."""
+
+import numpy as np
+import pytest
+
+from fedmosaic.privacy.secagg import (
+    SecAggAbortError,
+    secagg_plus_parameters,
+    secure_sum,
+    secure_sum_int,
+)
+from fedmosaic.privacy.secagg.quantize import Quantizer
+
+HEADER = 12  # "SA" | version | type | round id
+
+
+def test_secure_sum_of_floats_matches_the_clipped_sum_of_survivors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.5, size=(20, 300))
+    plan = {"advertise": {0}, "share_keys": {7}, "masked_input": {3}, "unmask": {12}}
+    result = secure_sum(x, clip=1.0, dropout=plan, seed=4, degree=10, threshold=6)
+    assert result.survivors == [u for u in range(20) if u not in {0, 7, 3}]
+    exact = np.clip(x[result.survivors], -1.0, 1.0).sum(axis=0)
+    bound = Quantizer(clip=1.0, bits=32, num_clients=20).error_bound(len(result.survivors))
+    assert np.abs(result.sum - exact).max() < bound
+    assert result.sum.dtype == np.float64
+
+
+def test_message_sizes_are_counted_exactly():
+    n, dim = 12, 100
+    result = secure_sum_int(np.ones((n, dim), dtype=np.uint32), degree=6, threshold=4, seed=1)
+    assert result.sum.tolist() == [n] * dim
+    k = 6
+    up = (
+        (HEADER + 4 + 64)  # two public keys
+        + (HEADER + 8 + k * (4 + 160))  # one encrypted pair of shares per neighbour
+        + (HEADER + 9 + 4 * dim)  # the masked vector, 4 bytes per coordinate
+        + (HEADER + 12 + k * (4 + 66))  # one share per neighbour
+    )
+    down = (
+        (HEADER + 17 + 32)  # parameters and graph seed
+        + (HEADER + 8 + k * (4 + 64))  # neighbours' keys
+        + (HEADER + 8 + k * (4 + 160))  # shares addressed to this client
+        + (HEADER + 12 + 4 * k)  # who survived
+    )
+    assert result.bytes_up_per_client.tolist() == [up] * n
+    assert result.bytes_down_per_client.tolist() == [down] * n
+    assert np.all(result.client_seconds > 0) and result.server_seconds > 0
+
+
+def test_costs_of_clients_that_drop_stop_at_the_stage_they_drop():
+    x = np.zeros((10, 50), dtype=np.uint32)
+    plan = {"advertise": {0}, "unmask": {1}}
+    result = secure_sum_int(x, degree=6, threshold=4, dropout=plan, seed=2)
+    assert result.bytes_up_per_client[0] == 0
+    assert result.bytes_down_per_client[0] == HEADER + 17 + 32  # it saw the setup only
+    assert result.client_seconds[0] == 0
+    # Client 1 uploaded its masked input but never answered the unmask request.
+    assert result.bytes_up_per_client[1] < result.bytes_up_per_client[2]
+    assert 1 in result.survivors
+
+
+def test_a_seed_makes_the_simulation_reproducible():
+    x = np.random.default_rng(3).normal(size=(8, 40))
+    a = secure_sum(x, seed=9, degree=4)
+    b = secure_sum(x, seed=9, degree=4)
+    np.testing.assert_array_equal(a.sum, b.sum)
+    np.testing.assert_array_equal(a.bytes_up_per_client, b.bytes_up_per_client)
+
+
+def test_default_parameters_follow_the_parameter_rule():
+    n = 60
+    x = np.zeros((n, 10), dtype=np.uint32)
+    plan = {"masked_input": set(range(12))}  # 20% scripted, above the 10% default design rate
+    result = secure_sum_int(x, dropout=plan, seed=5)
+    expected = secagg_plus_parameters(n, 0.2, 0.0)
+    assert (result.degree, result.threshold) == (expected.degree, expected.threshold)
+    assert result.survivors == list(range(12, n))
+
+
+def test_aborted_rounds_and_bad_arguments_raise():
+    x = np.zeros((6, 10), dtype=np.uint32)
+    with pytest.raises(SecAggAbortError, match="fewer than t"):
+        secure_sum_int(x, degree=5, threshold=4, dropout={"masked_input": {0, 1, 2}}, seed=1)
+    with pytest.raises(ValueError, match="unknown dropout stage"):
+        secure_sum_int(x, degree=5, dropout={"later": {1}})
+    with pytest.raises(ValueError, match="outside"):
+        secure_sum_int(x, degree=5, dropout={"unmask": {6}})
+    with pytest.raises(ValueError, match="shape"):
+        secure_sum(np.zeros(10))
