@@ -15,7 +15,7 @@ from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
 from tests.conftest import make_blobs
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-from peer_fedmosaic import peer_partition  # noqa: E402
+from peer_fedmosaic import peer_partition
 
 
 def _trainer():
