@@ -12,8 +12,10 @@ complete graph, i.e. classic SecAgg.
 
 Parameter rule (:func:`secagg_plus_parameters`)
 -----------------------------------------------
-Bell et al. require three events to hold (their "good graph" conditions), each with a
-failure probability bounded over the random relabelling:
+The security and correctness arguments of Bell et al. rest on three properties of the
+sampled graph; this module checks them numerically (exact probabilities and union bounds, not
+the paper's asymptotic constants), each with a failure probability bounded over the random
+relabelling:
 
 * **no double reconstruction** -- for every honest client ``u`` with ``c_u`` corrupted
   neighbours, ``2t > k + c_u``. A (possibly malicious) server that asks some honest neighbours
