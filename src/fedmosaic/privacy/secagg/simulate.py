@@ -219,6 +219,25 @@ def secure_sum_int(
     values = np.asarray(vectors_mod)
     if values.ndim != 2 or values.shape[0] < 2:
         raise ValueError(f"expected an (n >= 2, dim) array, got shape {values.shape}")
+    return _secure_round(values, lambda u: values[u], threshold=threshold, degree=degree,
+                         bits=bits, dropout=dropout, seed=seed, dropout_rate=dropout_rate,
+                         corrupted_fraction=corrupted_fraction)
+
+
+def _secure_round(
+    values: np.ndarray,
+    client_input: Callable[[int], np.ndarray],
+    *,
+    threshold: int | None,
+    degree: int | None,
+    bits: int,
+    dropout: Mapping[str, set[int]] | None,
+    seed: int | None,
+    dropout_rate: float,
+    corrupted_fraction: float,
+    decode: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> SecureSumResult:
+    """Configure and run one round for the rows of ``values`` (shared by both front ends)."""
     n, dim = values.shape
     server_random, random_for = _randomness(seed)
     config = make_config(
@@ -232,10 +251,10 @@ def secure_sum_int(
         random_bytes=server_random,
     )
     result, up, down, client_s, server_s = run_round(
-        config, lambda u: values[u], dropout=dropout, random_for=random_for
+        config, client_input, dropout=dropout, random_for=random_for
     )
     return SecureSumResult(
-        sum=result.total,
+        sum=result.total if decode is None else decode(result.total),
         survivors=list(result.survivors),
         bytes_up_per_client=up,
         bytes_down_per_client=down,
@@ -270,34 +289,10 @@ def secure_sum(
         raise ValueError(f"expected an (n >= 2, dim) array, got shape {values.shape}")
     if values.dtype.kind != "f":
         values = values.astype(np.float64)
-    n, dim = values.shape
-    quantizer = Quantizer(clip=clip, bits=bits, num_clients=n)
+    quantizer = Quantizer(clip=clip, bits=bits, num_clients=values.shape[0])
     rounding = np.random.default_rng(seed)
-    server_random, random_for = _randomness(seed)
-    config = make_config(
-        n,
-        dim,
-        bits=bits,
-        degree=degree,
-        threshold=threshold,
-        dropout_rate=_design_rate(dropout_rate, dropout, n),
-        corrupted_fraction=corrupted_fraction,
-        random_bytes=server_random,
-    )
-    result, up, down, client_s, server_s = run_round(
-        config,
-        lambda u: quantizer.encode(values[u], rounding),
-        dropout=dropout,
-        random_for=random_for,
-    )
-    return SecureSumResult(
-        sum=quantizer.decode(result.total),
-        survivors=list(result.survivors),
-        bytes_up_per_client=up,
-        bytes_down_per_client=down,
-        client_seconds=client_s,
-        server_seconds=server_s,
-        degree=config.degree,
-        threshold=config.threshold,
-    )
+    return _secure_round(
+        values, lambda u: quantizer.encode(values[u], rounding), threshold=threshold,
+        degree=degree, bits=bits, dropout=dropout, seed=seed, dropout_rate=dropout_rate,
+        corrupted_fraction=corrupted_fraction, decode=quantizer.decode)
 
