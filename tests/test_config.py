@@ -112,3 +112,29 @@ def test_privacy_modes_build_the_right_strategy():
     local = build_strategy(validate(_base(privacy={"mode": "local", "clip": 1.0,
                                                    "noise_multiplier": 2.0})))
     assert local.client_stages == (LocalDP(clip=1.0, noise_multiplier=2.0),)
+
+
+def test_secure_aggregation_and_distributed_dp_from_config():
+    from fedmosaic.build import build_data, build_strategy, build_trainer, build_transport
+    from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
+
+    exp = validate(_base(
+        partition={"clients": 6},
+        runtime={"secure_aggregation": True, "secagg_clip": 2.0},
+        privacy={"mode": "distributed", "clip": 0.5, "delta": 1e-5, "noise_multiplier": 1.0,
+                 "rate": 0.5, "min_contributors": 2}))
+    fed = build_data(exp)
+    trainer = build_trainer(exp, fed)
+    transport = build_transport(exp, fed, trainer)
+    assert isinstance(transport, SecAggPlusTransport) and transport.max_weight == 1.0
+    strategy = build_strategy(exp)
+    assert strategy.distributed and strategy.min_contributors == 2
+    with pytest.raises(ConfigError, match="secure aggregation"):
+        validate(_base(runtime={"secure_aggregation": True},
+                       privacy={"mode": "central", "clip": 1.0, "delta": 1e-5,
+                                "noise_multiplier": 1.0, "rate": 0.5}))
+    with pytest.raises(ConfigError, match="secure_aggregation = true"):
+        validate(_base(privacy={"mode": "distributed", "clip": 1.0, "delta": 1e-5,
+                                "noise_multiplier": 1.0, "rate": 0.5, "min_contributors": 2}))
+    with pytest.raises(ConfigError, match="only with secure_aggregation"):
+        validate(_base(runtime={"secagg_clip": 1.0}))

@@ -74,12 +74,30 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     rt = dict(exp["runtime"])
     kind = rt.pop("transport")
     rt.pop("device")
+    secure = rt.pop("secure_aggregation")
+    secagg = {k.removeprefix("secagg_"): rt.pop(k) for k in list(rt) if k.startswith("secagg_")}
+    transport: Any
     if kind == "batched":
-        return BatchedTransport(trainer, fed, **rt)
-    if kind == "ray":
-        return RayTransport(trainer_factory(exp, fed), fed, num_workers=rt.get("workers", 2),
-                            address=rt.get("address"), torch_threads=max(1, exp[""]["threads"]))
-    return SequentialTransport(trainer, fed)
+        transport = BatchedTransport(trainer, fed, **rt)
+    elif kind == "ray":
+        transport = RayTransport(trainer_factory(exp, fed), fed,
+                                 num_workers=rt.get("workers", 2), address=rt.get("address"),
+                                 torch_threads=max(1, exp[""]["threads"]))
+    else:
+        transport = SequentialTransport(trainer, fed)
+    if secure:
+        from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
+
+        # W: the largest weight a client may claim; by default the largest client data set,
+        # which a real deployment would fix in its configuration instead.
+        uniform = exp["privacy"]["mode"] == "distributed" or \
+            exp["strategy"]["weighting"] == "uniform"
+        default_w = 1.0 if uniform else float(max(fed.sizes().values()))
+        transport = SecAggPlusTransport(
+            transport, clip=secagg.get("clip", 1.0), max_weight=secagg.get("max_weight",
+                                                                          default_w),
+            dropout_rate=secagg.get("dropout_rate", 0.1))
+    return transport
 
 
 def build_strategy(exp: Experiment) -> FedAvg:
@@ -89,9 +107,11 @@ def build_strategy(exp: Experiment) -> FedAvg:
     name = s.pop("name")
     privacy = dict(exp["privacy"])
     mode = privacy.pop("mode")
-    if mode == "central":
+    if mode in ("central", "distributed"):
         from fedmosaic.privacy.dp_fedavg import DPFedAvg
 
+        if mode == "distributed":
+            privacy["distributed"] = True
         s.pop("weighting", None)
         if "min_updates" not in exp.raw.get("strategy", {}):
             s.pop("min_updates")  # Poisson rounds may have no clients: DPFedAvg allows 0

@@ -28,13 +28,15 @@ SERVER_OPTS = ("sgd", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTINGS = ("samples", "uniform")
 TRANSPORTS = ("sequential", "batched", "ray")
-PRIVACY_MODES = ("none", "central", "local")
+PRIVACY_MODES = ("none", "central", "distributed", "local")
 PRIVACY_KEYS = {
     "none": set(),
     "central": {"clip", "delta", "noise_multiplier", "target_epsilon", "budget_epsilon",
                 "sampling", "rate", "adaptive_clip_quantile", "accountant"},
     "local": {"clip", "mechanism", "noise_multiplier", "epsilon"},
 }
+PRIVACY_KEYS["distributed"] = (PRIVACY_KEYS["central"] - {"adaptive_clip_quantile"}) | {
+    "min_contributors"}
 TRANSPORT_KEYS = {
     "sequential": set(),
     "batched": {"memory_budget_mb", "max_clients_per_chunk"},
@@ -131,6 +133,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workers": _int(1, 4096),
         "address": Key((str,), "a Ray cluster address, e.g. 'auto' or 'ray://host:10001'",
                        lambda v: bool(v.strip())),
+        "secure_aggregation": Key((bool,), "true or false", default=False),
+        "secagg_clip": _float(*POSITIVE),
+        "secagg_max_weight": _float(*POSITIVE),
+        "secagg_dropout_rate": _float("a number in [0, 1)", lambda v: 0 <= v < 1),
     },
     "privacy": {
         "mode": _choice(PRIVACY_MODES, default="none"),
@@ -145,6 +151,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "mechanism": _choice(("gaussian", "laplace")),
         "epsilon": _float(*POSITIVE),
         "accountant": _choice(("rdp", "pld")),
+        "min_contributors": _int(1),
     },
     "server_opt": {
         "name": _choice(SERVER_OPTS, default="sgd"),
@@ -261,7 +268,12 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
     elif "mu" in strat:
         raise ConfigError("strategy.mu", strat["mu"], "only with strategy.name = 'fedprox'")
     rt = s["runtime"]
-    extra_rt = set(rt) - {"transport", "device"} - TRANSPORT_KEYS[rt["transport"]]
+    secagg_keys = {"secure_aggregation", "secagg_clip", "secagg_max_weight",
+                   "secagg_dropout_rate"}
+    if not rt["secure_aggregation"]:
+        for key in sorted(set(rt) & (secagg_keys - {"secure_aggregation"})):
+            raise ConfigError(f"runtime.{key}", rt[key], "only with secure_aggregation = true")
+    extra_rt = set(rt) - {"transport", "device"} - secagg_keys - TRANSPORT_KEYS[rt["transport"]]
     if extra_rt:
         key = sorted(extra_rt)[0]
         allowed = ", ".join(sorted(TRANSPORT_KEYS[rt["transport"]])) or "no extra keys"
@@ -302,6 +314,18 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
         return
     if "delta" not in p:
         raise ConfigError("privacy.delta", "<missing>", "required: a number in (0, 1)")
+    if mode == "distributed":
+        if "min_contributors" not in p:
+            raise ConfigError("privacy.min_contributors", "<missing>",
+                              "required: the fewest updates a released noised sum may have")
+        if not s["runtime"]["secure_aggregation"]:
+            raise ConfigError("privacy.mode", mode, "'distributed' only with "
+                              "runtime.secure_aggregation = true (else the server sees each "
+                              "update, noise shares and all)")
+    elif s["runtime"]["secure_aggregation"]:
+        raise ConfigError("privacy.mode", mode, "'none', 'local' or 'distributed' with secure "
+                          "aggregation: central DP clips individual updates, which the server "
+                          "never sees")
     if ("noise_multiplier" in p) == ("target_epsilon" in p):
         raise ConfigError("privacy.noise_multiplier", p.get("noise_multiplier", "<missing>"),
                           "exactly one of privacy.noise_multiplier and privacy.target_epsilon")
