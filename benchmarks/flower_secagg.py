@@ -63,7 +63,10 @@ Measurements (all in the JSON written to --out):
     not counted. Bytes are totalled per round and per stage; bytes_*_per_client are round 1's totals
     divided by N. Round 1 ships the float32 initial model; SecAgg+'s aggregate is float64
     (Flower dequantises to float64), so with SecAgg+ the global model sent in later rounds is
-    twice as large (see bytes_down_total_per_round).
+    twice as large (see bytes_down_total_per_round). bytes_*_arrays_per_client give the
+    ArrayRecord part: down, the global model inside the fit instructions (not protocol
+    traffic as such); up, plain FedAvg's update (SecAgg+ empties the ArrayRecord and sends
+    the masked int64 vector as bytes in its ConfigRecord).
   * correctness: the aggregated vector is compared with the float64 mean of the N client
     vectors; SecAgg+'s stochastic quantisation errs by less than one step
     2 * clipping_range / quantization_range per client (plus float32 rounding in Flower's
@@ -223,8 +226,10 @@ def record_bytes(record: Any) -> int:
     raise TypeError(f"unexpected record {type(record)}")
 
 
-def content_bytes(content: RecordDict) -> int:
-    return sum(record_bytes(record) for record in content.values())
+def content_bytes(content: RecordDict) -> tuple[int, int]:
+    """(all records, ArrayRecords alone) in a Message's content, in bytes."""
+    arrays = sum(record_bytes(r) for r in content.values() if isinstance(r, ArrayRecord))
+    return sum(record_bytes(record) for record in content.values()), arrays
 
 
 _CALL: dict[str, float] = {}  # the current call's timings (an actor runs one call at a time)
@@ -238,10 +243,10 @@ def probe_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         # read before secaggplus_mod pops the stage key from the incoming content
         stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "?"))
-    down = content_bytes(msg.content)
+    down, down_arrays = content_bytes(msg.content)
     _CALL.clear()
     out = call_next(msg, ctxt)
-    up = content_bytes(out.content) if out.has_content() else 0
+    up, up_arrays = content_bytes(out.content) if out.has_content() else (0, 0)
     log_dir = os.environ.get(LOG_ENV)
     if log_dir:
         rec = {
@@ -251,6 +256,8 @@ def probe_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
             "stage": stage,
             "down": down,
             "up": up,
+            "down_arrays": down_arrays,
+            "up_arrays": up_arrays,
             "error": out.has_error(),
             **_CALL,
         }
@@ -462,6 +469,8 @@ def summarise_clients(records: list[dict[str, Any]], rounds: int, n: int) -> dic
             s["calls"] += 1
             s["down_bytes"] += x["down"]
             s["up_bytes"] += x["up"]
+            s["down_array_bytes"] += x["down_arrays"]
+            s["up_array_bytes"] += x["up_arrays"]
             s["mod_cpu_s"] += x.get("outer_cpu", 0.0) - x.get("inner_cpu", 0.0)
             s["mod_wall_s"] += x.get("outer_wall", 0.0) - x.get("inner_wall", 0.0)
             s["app_cpu_s"] += x.get("inner_cpu", 0.0)
@@ -479,6 +488,8 @@ def summarise_clients(records: list[dict[str, Any]], rounds: int, n: int) -> dic
                 "clients_seen": len({x["node"] for x in recs}),
                 "down_bytes_total": int(total("down_bytes")),
                 "up_bytes_total": int(total("up_bytes")),
+                "down_array_bytes_total": int(total("down_array_bytes")),
+                "up_array_bytes_total": int(total("up_array_bytes")),
                 "mod_cpu_s_total": total("mod_cpu_s"),
                 "mod_wall_s_total": total("mod_wall_s"),
                 "app_cpu_s_total": total("app_cpu_s"),
@@ -491,6 +502,8 @@ def summarise_clients(records: list[dict[str, Any]], rounds: int, n: int) -> dic
         # round 1: every run (any R, plain or not) then ships the same float32 global model
         "bytes_down_per_client": round(per_round[0]["down_bytes_total"] / n),
         "bytes_up_per_client": round(per_round[0]["up_bytes_total"] / n),
+        "bytes_down_arrays_per_client": round(per_round[0]["down_array_bytes_total"] / n),
+        "bytes_up_arrays_per_client": round(per_round[0]["up_array_bytes_total"] / n),
         "mod_cpu_s_per_client": statistics.mean(p["mod_cpu_s_total"] for p in per_round) / n,
         "mod_wall_s_per_client": statistics.mean(p["mod_wall_s_total"] for p in per_round) / n,
         "app_cpu_s_per_client": statistics.mean(p["app_cpu_s_total"] for p in per_round) / n,
@@ -618,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
         "client_app_cpu_seconds_per_client": clients["app_cpu_s_per_client"],
         "bytes_up_per_client": clients["bytes_up_per_client"],
         "bytes_down_per_client": clients["bytes_down_per_client"],
+        # of which ArrayRecords: down, the global model in the fit instructions; up, the
+        # plain update (SecAgg+ sends its masked vector in a ConfigRecord instead)
+        "bytes_down_arrays_per_client": clients["bytes_down_arrays_per_client"],
+        "bytes_up_arrays_per_client": clients["bytes_up_arrays_per_client"],
         # later rounds may differ: SecAgg+ hands FedAvg a float64 aggregate, so from round 2
         # on the global model (sent to every client) is float64, twice round 1's float32
         "bytes_up_total_per_round": [p["up_bytes_total"] for p in clients["per_round"]],
