@@ -162,21 +162,15 @@ _COLUMNS = {"round": "round", "updates": "updates", "train_loss": "train loss",
 
 
 def _print_table(history: list[dict[str, Any]], title: str) -> None:
+    from fedmosaic.runtime.result import format_value  # lazy: keeps `fedmosaic --help` fast
+
     cols = [c for c in _COLUMNS if any(c in r for r in history)]
     table = Table(title=title)
     for c in cols:
         table.add_column(_COLUMNS[c], justify="right")
     for r in history:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
+        table.add_row(*[format_value(r.get(c)) for c in cols])
     console.print(table)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
 
 
 @app.command()

@@ -341,10 +341,13 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
         key = "clients_per_round" if "clients_per_round" in strat else "fraction"
         raise ConfigError(f"strategy.{key}", strat[key],
                           "not with poisson DP sampling (privacy.rate sets the cohort)")
-    if strat["name"] != "fedavg" or strat["weighting"] != "samples":
+    if strat["name"] != "fedavg":
         raise ConfigError("strategy.name", strat["name"],
-                          "'fedavg' with default weighting under central DP (DP-FedAvg weights "
-                          "clients uniformly)")
+                          "'fedavg' under central or distributed DP (DP-FedAvg is the strategy)")
+    if strat["weighting"] != "samples":
+        raise ConfigError("strategy.weighting", strat["weighting"],
+                          "the default under central or distributed DP (DP-FedAvg weights "
+                          "every client equally by construction)")
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -178,6 +178,7 @@ class DPFedAvg(FedAvg):
 
             self.aggregator = FedAvgAggregator(weighting="uniform")  # type: ignore[assignment]
         self.min_contributors = min_contributors
+        self.user_stages = self.client_stages  # the distributed noise share goes in front
         self.run_seed = 0
         self._calibrated = False
 
@@ -259,8 +260,7 @@ class DPFedAvg(FedAvg):
         self.run_seed = run_seed
         if self.population is None:
             self.population = len(available)
-        self.client_stages = self._distributed_stage() + tuple(
-            s for s in self.client_stages if type(s).__name__ != "DistributedNoiseShare")
+        self.client_stages = self._distributed_stage() + self.user_stages
         if self.sampling == "fixed":
             return super().configure_fit(round_num, available, rng, run_seed=run_seed,
                                          full_steps=full_steps)

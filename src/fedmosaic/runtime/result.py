@@ -44,7 +44,7 @@ class RunResult:
         """Rows of formatted values, header first (for printing or reports)."""
         rows = [list(columns)]
         for rec in self.history:
-            rows.append([_fmt(rec.get(c)) for c in columns])
+            rows.append([format_value(rec.get(c)) for c in columns])
         return rows
 
     def plot(self, path: str | Path, metrics: Sequence[str] = ("test_accuracy", "test_loss"),
@@ -69,7 +69,8 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A table cell: '-' for missing, 4 decimals for floats (3 significant digits if large)."""
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -70,6 +70,7 @@ class RoundTally:
         self.metric_sums: dict[str, float] = {}
         self.bytes_up = 0
         self.client_ids: list[str] = []
+        self._seen: set[str] = set()  # membership per update must be O(1): cohorts of 10,000
         self.failures: list[ClientFailure] = []
         self.rejected: list[str] = []
         # Scratch space for aggregator stages (e.g. how many updates a DP clip bound held).
@@ -94,7 +95,7 @@ class RoundTally:
             log.warning("round %d: %s", self.round, exc)
             self.rejected.append(str(exc))
             return
-        if update.client_id in self.client_ids:
+        if update.client_id in self._seen:
             msg = f"update from client '{update.client_id}' rejected: second update this round"
             log.warning("round %d: %s", self.round, msg)
             self.rejected.append(msg)
@@ -103,6 +104,7 @@ class RoundTally:
         delta = update.delta if prepare is None else prepare(update, self)
         self.acc.add(delta, self.weighting.weight_of(update))
         self.client_ids.append(update.client_id)
+        self._seen.add(update.client_id)
         self.num_samples += update.num_samples
         self.bytes_up += update.nbytes
         for key, value in update.metrics.items():
@@ -111,7 +113,7 @@ class RoundTally:
     def _merge(self, part: PartialAggregate) -> None:
         self.failures.extend(part.failures)
         self.rejected.extend(part.rejected)
-        dup = set(part.client_ids) & set(self.client_ids)
+        dup = self._seen.intersection(part.client_ids)
         if dup:
             # A whole partial sum cannot be split again: refuse it rather than double-count.
             msg = f"partial aggregate rejected: clients {sorted(dup)[:5]} already reported"
@@ -122,6 +124,7 @@ class RoundTally:
             return
         self.acc.merge(part.weighted_sum, part.total_weight, part.count)
         self.client_ids.extend(part.client_ids)
+        self._seen.update(part.client_ids)
         self.num_samples += part.num_samples
         self.bytes_up += part.bytes_up
         for key, value in part.metric_sums.items():
