@@ -22,6 +22,14 @@ from fedmosaic.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedmosaic.train.base import FitConfig
 
 
+class ServerStage(Protocol):
+    """A transformation the server applies to the new global model after each round's update
+    (e.g. re-embedding a watermark); it returns the weights and metrics to record."""
+
+    def apply(self, round_num: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        ...
+
+
 class ClientStage(Protocol):
     """A transformation a client applies to its own update before upload (e.g. local DP):
     it runs on the client, so the server never sees the untransformed update."""
@@ -64,6 +72,8 @@ class FedAvg:
     clients). ``local_epochs``, ``batch_size`` and ``lr`` sent to clients override the
     trainer's own settings when given. ``weighting`` is ``"samples"`` (weight by local sample
     count) or ``"uniform"``.
+    ``client_stages`` run on each client before upload; ``server_stages`` run on the new global
+    model after every round's update, in order, on every transport.
     ``stragglers`` is the fraction of selected clients that, as in the FedProx paper's
     systems-heterogeneity experiments, do fewer local steps; with ``drop_stragglers`` they
     are dropped from the round instead (what the FedProx paper does for FedAvg).
@@ -86,8 +96,10 @@ class FedAvg:
         stragglers: float = 0.0,
         drop_stragglers: bool = False,
         client_stages: Sequence[ClientStage] = (),
+        server_stages: Sequence[ServerStage] = (),
     ) -> None:
         self.client_stages = tuple(client_stages)
+        self.server_stages = tuple(server_stages)
         if clients_per_round is None and fraction is None:
             fraction = 1.0
         self.sampler = ClientSampler(
@@ -183,6 +195,7 @@ class FedAvg:
             "drop_stragglers": self.drop_stragglers,
             "server_opt": self.server_opt.describe(),
             "client_stages": [repr(s) for s in self.client_stages],
+            "server_stages": [repr(s) for s in self.server_stages],
         }
 
 

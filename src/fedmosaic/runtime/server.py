@@ -178,6 +178,9 @@ class Server:
                 f"{len(tally.rejected)} rejected)"
             )
         state.weights, extra = s.finish_round(round_num, weights, tally)
+        for stage in s.server_stages:
+            state.weights, stage_metrics = stage.apply(round_num, state.weights)
+            extra = {**extra, **stage_metrics}
         state.round = round_num
         record: dict[str, Any] = {
             "round": round_num,
