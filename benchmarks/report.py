@@ -221,8 +221,10 @@ def secagg_section(d: dict[str, Any]) -> str:
     for n in sorted({r["clients"] for r in d["summary"]}):
         fm_row, fl_row = by.get((n, "fedmosaic")), by.get((n, "flower-secagg+"))
         if fm_row and fl_row:
+            reps = min(fm_row.get("repeats", 1), fl_row.get("repeats", 1))
+            label = f"n = {n} (medians of {reps} runs each)" if reps > 1 else f"n = {n}"
             ratios.append(
-                f"n = {n}: round {fl_row['round_s'] / fm_row['round_s']:.1f}x faster, client "
+                f"{label}: round {fl_row['round_s'] / fm_row['round_s']:.1f}x faster, client "
                 f"work {fl_row['client_s'] / fm_row['client_s']:.1f}x, server work "
                 f"{fl_row['server_s'] / fm_row['server_s']:.1f}x")
     if ratios:

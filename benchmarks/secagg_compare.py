@@ -23,7 +23,8 @@ how much CPU other processes used meanwhile. Each runner writes a JSON result wi
 framework, clients, dim, round_seconds, client_seconds_per_client, server_seconds,
 bytes_up_per_client, bytes_down_per_client and max_abs_error. The table shows:
 
-  * round s          the median of round_seconds;
+  * round s          the median of round_seconds (with --repeats, the median over the
+                     repeated runs of each run's median; client and server s likewise);
   * client s         client-side protocol time per client and round (Flower: CPU time inside
                      secaggplus_mod; "—" for plain FedAvg, which has no protocol);
   * server s         server-side protocol time per round (Flower: the fit workflow's wall
@@ -233,26 +234,37 @@ def run_one(
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    """One row per (n, framework): the median over its repeated runs of each timing."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in runs:
-        row: dict[str, Any] = {"clients": r["clients"], "framework": r["framework"]}
-        if "error" in r:
-            row["error"] = r["error"]
+        groups.setdefault((r["clients"], r["framework"]), []).append(r)
+    rows: list[dict[str, Any]] = []
+    for (n, fw), group in groups.items():
+        row: dict[str, Any] = {"clients": n, "framework": fw}
+        ok = [r for r in group if "error" not in r]
+        if not ok:
+            row["error"] = group[-1]["error"]
             rows.append(row)
             continue
-        res = r["result"]
+        res = [r["result"] for r in ok]
+        med = statistics.median
         row.update(
-            dim=res["dim"],
-            rounds=len(res["round_seconds"]),
-            round_s=r["median_round_s"],
-            client_s=float(res["client_seconds_per_client"]),
-            server_s=float(res["server_seconds"]),
-            bytes_up=int(res["bytes_up_per_client"]),
-            bytes_down=int(res["bytes_down_per_client"]),
-            peak_rss_mb=r["peak_rss_mb"],
-            max_abs_error=float(res["max_abs_error"]),
-            correct=not r.get("incorrect", False),
+            dim=res[0]["dim"],
+            rounds=len(res[0]["round_seconds"]),
+            repeats=len(ok),
+            round_s=med(r["median_round_s"] for r in ok),
+            round_s_per_repeat=[r["median_round_s"] for r in ok],
+            client_s=med(float(x["client_seconds_per_client"]) for x in res),
+            client_s_per_repeat=[float(x["client_seconds_per_client"]) for x in res],
+            server_s=med(float(x["server_seconds"]) for x in res),
+            bytes_up=int(res[0]["bytes_up_per_client"]),
+            bytes_down=int(res[0]["bytes_down_per_client"]),
+            peak_rss_mb=max(r["peak_rss_mb"] for r in ok),
+            max_abs_error=max(float(x["max_abs_error"]) for x in res),
+            correct=not any(r.get("incorrect", False) for r in ok),
         )
+        if len(ok) < len(group):
+            row["failed_repeats"] = len(group) - len(ok)
         rows.append(row)
     by_key = {(row["clients"], row["framework"]): row for row in rows if "round_s" in row}
     for row in rows:
@@ -315,6 +327,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-n Flower round counts, e.g. 1000=1 (overrides --rounds for that n)",
     )
     p.add_argument(
+        "--repeats", type=int, default=1,
+        help="runs of each (n, framework), in alternating order; the table shows medians",
+    )
+    p.add_argument(
+        "--repeats-at",
+        type=rounds_overrides,
+        default={},
+        help="per-n repeat counts, e.g. 100=3 (overrides --repeats for that n)",
+    )
+    p.add_argument(
         "--frameworks",
         type=lambda s: [f.strip() for f in s.split(",") if f.strip()],
         default=list(FRAMEWORKS),
@@ -345,8 +367,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [f for f in args.frameworks if f not in FRAMEWORKS]
     if unknown:
         p.error(f"unknown framework(s) {unknown}; choose from {FRAMEWORKS}")
-    if args.dim < 1 or args.rounds < 1:
-        p.error("need --dim >= 1 and --rounds >= 1")
+    if args.dim < 1 or args.rounds < 1 or args.repeats < 1:
+        p.error("need --dim >= 1, --rounds >= 1 and --repeats >= 1")
+    if any(v < 1 for v in args.repeats_at.values()):
+        p.error("--repeats-at counts must be >= 1")
     return args
 
 
@@ -383,7 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         if n in args.clients and any(f.startswith("flower") for f in frameworks):
             notes.append(f"Flower runs at n={n} use {r} round(s) (--rounds-at)")
 
-    plan = [(n, fw) for n in args.clients for fw in FRAMEWORKS if fw in frameworks]
+    # Repeats alternate the order of the frameworks, so that neither always runs first on a
+    # machine still settling after the previous run (Ray's processes, page cache).
+    order = [fw for fw in FRAMEWORKS if fw in frameworks]
+    plan = [
+        (n, fw)
+        for n in args.clients
+        for rep in range(args.repeats_at.get(n, args.repeats))
+        for fw in (order if rep % 2 == 0 else order[::-1])
+    ]
     payload: dict[str, Any] = {
         "benchmark": "secure aggregation: fedmosaic SecAgg+ vs Flower 1.42 SecAgg+ / plain "
         "(see benchmarks/secagg_compare.py)",
@@ -393,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             "dim": args.dim,
             "rounds": args.rounds,
             "rounds_at": {str(k): v for k, v in args.rounds_at.items()},
+            "repeats": args.repeats,
+            "repeats_at": {str(k): v for k, v in args.repeats_at.items()},
             "frameworks": frameworks,
             "seed": args.seed,
             "flower_num_shares": args.num_shares,
