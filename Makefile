@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test lint bench-fmnist clean venv system-deps
+.PHONY: demo test lint bench-fmnist clean venv system-deps proto
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (no download at run time).
 system-deps:
@@ -45,6 +45,11 @@ lint: venv
 
 bench-fmnist: venv system-deps
 	$(PY) benchmarks/fmnist_fedavg.py
+
+# Recompile the committed protocol descriptor after editing the .proto (needs grpcio-tools);
+# fedmosaic_pb2.py builds the message classes from it at import.
+proto: venv
+	cd src/fedmosaic/net/proto && ../../../../$(PY) -m grpc_tools.protoc -I. --descriptor_set_out=fedmosaic.binpb fedmosaic.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

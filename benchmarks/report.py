@@ -293,6 +293,95 @@ def gpu_section(d: dict[str, Any] | None) -> str:
     return "\n".join([*lines, ""])
 
 
+def grpc_deploy_section(d: dict[str, Any]) -> str:
+    lines = [
+        "## Deployed gRPC runtime on loopback (issue #5)",
+        "",
+        "What runs: the server in its own process (`start_server`: TLS with required client "
+        "certificates, default `DeploySettings` apart from a loopback address and "
+        "`min_clients` = N; the unchanged server loop over `GrpcTransport`; no central "
+        "evaluation), and the N clients as threads spread over a few client processes, each "
+        "thread a `FederationClient` with its own mutual-TLS channel and certificate. Every "
+        "client takes part in every round; rounds start once all N have joined. See the "
+        "docstring of `benchmarks/grpc_deploy.py` for the details.",
+        "",
+    ]
+    if (o := d.get("overhead")) is not None:
+        lines += [
+            f"### Round overhead ({o['task']})",
+            "",
+            f"Command: `.venv/bin/python {o['command'].removeprefix('python ')}`",
+            "",
+            machine_line(o["machine"]),
+            "",
+            "*Round*: the server's wall time of a round (selection, dispatch, model downloads, "
+            "training, uploads, validation, aggregation). *Training*: the part of that time "
+            "during which at least one client was inside its trainer's `fit` (the union of the "
+            "fit intervals; fits in one client process take turns). *Overhead* = round - "
+            "training: the wall time of the round during which no client was training. "
+            "Medians over the rounds.",
+            "",
+            "| clients | client processes | rounds | round (s) | training (s) | overhead (s) | "
+            "overhead per client (ms) | server peak RSS (MiB) |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in o["rows"]:
+            lines.append(
+                f"| {r['clients']} | {r['client_procs']} | {r['rounds']} | "
+                f"{r['median_round_s']:.3f} | {r['median_training_s']:.3f} | "
+                f"{r['median_overhead_s']:.3f} | {r['median_overhead_per_client_ms']:.2f} | "
+                f"{r['server_peak_rss_mb']:.0f} |")
+        lines.append("")
+    if (m := d.get("memory")) is not None and m["rows"]:
+        rows = m["rows"]
+        lines += [
+            f"### Peak server memory, a {m['params'] / 1e6:g}M-parameter model",
+            "",
+            f"One flat float32 tensor of {m['params']:,} values ({m['model_mb']:.0f} MiB); each "
+            "client's fit adds seeded Gaussian noise instead of training "
+            "(`PerturbationTrainer`), so every upload is a full-size, distinct update. "
+            f"{rows[0]['rounds']} rounds per configuration. *Peak RSS*: the server process's "
+            "`ru_maxrss` (the kernel's high-water mark); *listening*: its RSS once the model "
+            "was built and the port open, before any client joined.",
+            "",
+            f"Command: `.venv/bin/python {m['command'].removeprefix('python ')}`",
+            "",
+            machine_line(m["machine"]),
+            "",
+            "| clients | server peak RSS (MiB) | server RSS listening (MiB) | peak - listening "
+            "(MiB) | peak - listening (model copies) | client processes' peak RSS (MiB) |",
+            "|--:|--:|--:|--:|--:|---|",
+        ]
+        for r in rows:
+            extra = r["server_peak_rss_mb"] - r["server_listening_rss_mb"]
+            clients_rss = ", ".join(f"{v:.0f}" for v in r["client_process_peak_rss_mb"])
+            lines.append(
+                f"| {r['clients']} | {r['server_peak_rss_mb']:.0f} | "
+                f"{r['server_listening_rss_mb']:.0f} | {extra:.0f} | "
+                f"{extra / m['model_mb']:.1f} | {clients_rss} |")
+        slots = rows[-1]["settings"]["upload_slots"]
+        full = [r for r in rows if r["clients"] >= slots]
+        lines += [
+            "",
+            "The server holds the global model, the running sum, at most `upload_slots` = "
+            f"{slots} upload buffers (allocated on first use, so fewer clients than slots "
+            "never fill them all) and the round's temporaries (each upload's finiteness check, "
+            "the mean update and the new model while the old one is still referenced), "
+            "whatever the number of clients.",
+        ]
+        if len(full) > 1:
+            growth = full[-1]["server_peak_rss_mb"] - full[0]["server_peak_rss_mb"]
+            lines[-1] += (
+                f" From {full[0]['clients']} clients (every slot in use) to "
+                f"{full[-1]['clients']} the peak changes by {growth:+.0f} MiB "
+                f"({growth / m['model_mb']:+.2f} model copies, "
+                f"{growth / (full[-1]['clients'] - full[0]['clients']):.0f} MiB per added "
+                "client).")
+        lines += [f"Note: {n}." for n in m.get("notes", [])]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = [header()]
     if (d := load("peer_compare")) is not None:
@@ -306,6 +395,8 @@ def main() -> None:
         parts.append(privacy_section(d))
     if (d := load("secagg_compare")) is not None and d.get("summary"):
         parts.append(secagg_section(d))
+    if (d := load("grpc_deploy")) is not None:
+        parts.append(grpc_deploy_section(d))
     if (d := load("fmnist_fedavg")) is not None:
         parts.append(fmnist_fedavg_section(d))
     OUT.write_text("\n".join(parts))

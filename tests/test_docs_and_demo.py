@@ -42,3 +42,16 @@ def test_demo_compares_all_methods_per_hospital(tmp_path):
     assert (tmp_path / "out/demo.png").read_bytes()[:4] == b"\x89PNG"
     log = (tmp_path / "log.txt").read_text()
     assert "Overall" in log and "Centralized" in log
+
+
+def test_readme_security_snippet_builds_a_defended_strategy():
+    import fedmosaic as fm
+
+    readme = (ROOT / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+                if "make_robust" in block)
+    scope: dict = {"fm": fm}
+    exec(compile(code, "README.md", "exec"), scope)
+    strategy = scope["strategy"]
+    assert strategy.robust.name == "bulyan" and strategy.anomaly is not None
+    assert not strategy.aggregator.streaming  # individual updates reach the rule

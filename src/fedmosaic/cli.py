@@ -14,10 +14,22 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedmosaic.audit.cli import audit_app
 from fedmosaic.core.errors import FedmosaicError
+from fedmosaic.net.certs_cli import certs_app
+from fedmosaic.net.commands import client as client_command
+from fedmosaic.net.commands import server as server_command
+from fedmosaic.net.commands import status as status_command
+from fedmosaic.watermark.cli import watermark_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedmosaic: federated learning that moves the model, not the data.")
+app.add_typer(certs_app, name="certs")
+app.command("server")(server_command)
+app.command("client")(client_command)
+app.command("status")(status_command)
+app.add_typer(watermark_app, name="watermark")
+app.add_typer(audit_app, name="audit")
 # Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
@@ -79,7 +91,7 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
         torch.set_num_threads(exp[""]["threads"])
     fed = build_data(exp)
     trainer = build_trainer(exp, fed)
-    strategy = build_strategy(exp)
+    strategy = build_strategy(exp, fed)
     rounds = exp[""]["rounds"]
     done = int(load_checkpoint(out)["round"]) if resume else 0
     if done >= rounds:
@@ -90,7 +102,7 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
                   f"server optimizer {strategy.server_opt.name}, "
                   f"transport {exp['runtime']['transport']}"
                   + (f"; resuming after round {done}" if resume else ""))
-    transport = build_transport(exp, fed, trainer)
+    transport = build_transport(exp, fed, trainer, strategy)
     try:
         with RoundProgress(rounds, done, exp.name) as progress:
             result = simulate(trainer, fed, strategy, rounds, seed=exp[""]["seed"],
@@ -109,6 +121,10 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
                       f"{dp['rounds']} rounds")
     if result.stopped:
         console.print(f"[yellow]stopped early:[/] {result.stopped}")
+    if attack := result.guarantees.get("simulated_attack"):
+        console.print(f"[bold red]simulated attack:[/] {attack['name']} on "
+                      f"{attack['malicious_clients']} of {attack['clients']} clients; these "
+                      "figures are not a clean run's")
     plot = result.plot(out / "report.png", title=exp.name)
     console.print(f"done in {time.perf_counter() - t0:.1f}s; model, metrics and checkpoint in "
                   f"{out}; plot {plot}")

@@ -6,6 +6,7 @@ is allowed. Unknown keys are errors too (a typo must not silently fall back to a
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,28 @@ PRIVACY_KEYS = {
 }
 PRIVACY_KEYS["distributed"] = (PRIVACY_KEYS["central"] - {"adaptive_clip_quantile"}) | {
     "min_contributors"}
+# Parameters of each simulated attack (besides kind, fraction and seed).
+ATTACK_KEYS = {
+    "label_flip": {"source", "target"},
+    "sign_flip": {"scale"},
+    "gaussian": {"std"},
+    "backdoor": {"target", "poison_fraction", "trigger_size", "trigger_value", "gamma"},
+    "alie": {"z"},
+    "ipm": {"epsilon"},
+}
+# Byzantine-robust aggregation rules (fedmosaic.robust) and the parameters each takes.
+ROBUST_KEYS = {
+    "krum": {"f"},
+    "multikrum": {"f", "m"},
+    "median": {"f"},
+    "trimmed_mean": {"f", "beta"},
+    "bulyan": {"f"},
+    "geomed": {"f", "iters"},
+    "centered_clip": {"f", "tau", "iters"},
+    "fltrust": {"root_samples"},
+    "norm_bound": {"max_norm", "noise_std"},
+}
+ROBUST_REQUIRED = {"centered_clip": "tau", "norm_bound": "max_norm"}
 TRANSPORT_KEYS = {
     "sequential": set(),
     "batched": {"memory_budget_mb", "max_clients_per_chunk"},
@@ -138,6 +161,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "secagg_max_weight": _float(*POSITIVE),
         "secagg_dropout_rate": _float("a number in [0, 1)", lambda v: 0 <= v < 1),
     },
+    # Deployment (`fedmosaic server`, issue #5); like [runtime] it may change on resume.
+    "server": {
+        "address": Key((str,), "a host name or IP address to listen on",
+                       lambda v: bool(v.strip()), "0.0.0.0"),
+        "port": _int(0, 65535, default=50051),
+        "credentials": Key((str,), "a federation directory (fedmosaic certs init)",
+                           lambda v: bool(v.strip())),
+        "round_deadline": _float(*POSITIVE, default=600.0),
+        "min_clients": _int(1, default=1),
+        "wait_for_clients": _float(*POSITIVE, default=600.0),
+        "heartbeat_interval": _float(*POSITIVE, default=5.0),
+        "metrics_port": _int(0, 65535),
+        "chunk_bytes": _int(1024, 64 * 1024 * 1024, default=1024 * 1024),
+        "upload_slots": _int(1, 64, default=2),
+        "max_workers": _int(8, 4096, default=128),
+        "round_retries": _int(0, 1000, default=3),
+        "linger": _float("a number >= 0", lambda v: v >= 0, default=15.0),
+    },
     "privacy": {
         "mode": _choice(PRIVACY_MODES, default="none"),
         "clip": _float(*POSITIVE),
@@ -160,6 +201,64 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "beta1": _float(*UNIT),
         "beta2": _float(*UNIT),
         "tau": _float(*POSITIVE),
+    },
+    # Byzantine-robust aggregation and anomaly detection (issue #6, fedmosaic.robust); no
+    # defaults here, so that a run without the tables keeps its resume identity.
+    "robust": {
+        "aggregator": _choice(tuple(ROBUST_KEYS)),
+        "f": _int(0),
+        "m": _int(1),
+        "beta": _float("a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
+        "tau": _float(*POSITIVE),
+        "iters": _int(1, 10_000),
+        "max_norm": _float(*POSITIVE),
+        "noise_std": _float("a finite number >= 0", lambda v: 0 <= v < math.inf),
+        "root_samples": _int(1),
+    },
+    "anomaly": {
+        "enabled": Key((bool,), "true or false"),
+        "z_threshold": _float(*POSITIVE),
+        "cos_threshold": _float("a number in [-1, 1]", lambda v: -1 <= v <= 1),
+        "forgetting": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "quarantine_after": _int(1),
+        "min_reputation": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "quarantine_rounds": _int(0),
+        "mad_floor": _float("a number in [0, 1)", lambda v: 0 <= v < 1),
+    },
+    # Model-theft protection (issue #6); no defaults here (see fedmosaic.watermark.from_config)
+    # so that a run without the section keeps its resume identity.
+    "watermark": {
+        "key_file": Key((str,), "a key file path (fedmosaic watermark keygen)",
+                        lambda v: bool(v.strip())),
+        "waffle": Key((bool,), "true or false"),
+        "threshold": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "target_accuracy": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "max_epochs": _int(1, 10_000),
+        "lr": _float(*POSITIVE),
+        "batch_size": _int(1),
+        "patterns_per_class": _int(1, 10_000),
+        "samples_per_pattern": _int(1, 10_000),
+        "noise": _float("a number in [0, 1]", lambda v: 0 <= v <= 1),
+        "density": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "fingerprint": Key((bool,), "true or false"),
+        "fingerprint_strength": _float("a number in (0, 1)", lambda v: 0 < v < 1),
+    },
+    # A simulated attack, for evaluating defences (fedmosaic.attacks); no defaults, so that a
+    # run without the table keeps its resume identity.
+    "attack": {
+        "kind": _choice(tuple(ATTACK_KEYS)),
+        "fraction": _float("a number in (0, 1)", lambda v: 0 < v < 1),
+        "seed": _int(0),
+        "source": _int(0),
+        "target": _int(0),
+        "scale": _float(*POSITIVE),
+        "std": _float(*POSITIVE),
+        "poison_fraction": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "trigger_size": _int(1),
+        "trigger_value": _float("a finite number", math.isfinite),
+        "gamma": _float(*POSITIVE),
+        "z": _float(*POSITIVE),
+        "epsilon": _float(*POSITIVE),
     },
 }
 
@@ -204,7 +303,9 @@ class Experiment:
         # model up to float rounding.
         top = {k: v for k, v in self.sections[""].items()
                if k not in ("rounds", "output", "threads")}
-        return {**{s: v for s, v in self.sections.items() if s and s != "runtime"}, "": top}
+        return {**{s: v for s, v in self.sections.items()
+                   if s and s not in ("runtime", "server") and v},  # empty: as if absent
+                "": top}
 
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> None:
@@ -280,6 +381,9 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         raise ConfigError(f"runtime.{key}", rt[key],
                           f"for transport '{rt['transport']}' only: {allowed}")
     _check_privacy(s)
+    _check_watermark(s)
+    _check_attack(s)
+    _check_robust(s)
     opt = s["server_opt"]
     extra = set(opt) - {"name"} - SERVER_OPT_KEYS[opt["name"]]
     if extra:
@@ -291,6 +395,104 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         raise ConfigError("model.kind", "cnn", "'cnn' needs image data (dataset 'fashion_mnist')")
     if s["train"]["momentum"] and s["train"]["optimizer"] != "sgd":
         raise ConfigError("train.momentum", s["train"]["momentum"], "only with optimizer 'sgd'")
+
+
+def _check_watermark(s: dict[str, dict[str, Any]]) -> None:
+    w = s["watermark"]
+    if not w:
+        return
+    if "key_file" not in w:
+        raise ConfigError("watermark.key_file", "<missing>", "required with a [watermark] "
+                          "table: a key file (create one with `fedmosaic watermark keygen`)")
+    if not w.get("waffle", True) and not w.get("fingerprint", False):
+        raise ConfigError("watermark.waffle", False, "true, or fingerprint = true")
+    if "fingerprint_strength" in w and not w.get("fingerprint", False):
+        raise ConfigError("watermark.fingerprint_strength", w["fingerprint_strength"],
+                          "only with watermark.fingerprint = true")
+    rt = s["runtime"]
+    if w.get("fingerprint", False) and (rt["transport"] != "sequential"
+                                        or rt["secure_aggregation"]):
+        raise ConfigError("watermark.fingerprint", True, "only with runtime.transport = "
+                          "'sequential' and no secure aggregation (the transport that sends "
+                          "each client its own fingerprinted model)")
+
+
+def _check_attack(s: dict[str, dict[str, Any]]) -> None:
+    a = s["attack"]
+    if not a:
+        return
+    for key in ("kind", "fraction"):
+        if key not in a:
+            allowed = "one of " + ", ".join(repr(k) for k in ATTACK_KEYS) if key == "kind" \
+                else "a number in (0, 1)"
+            raise ConfigError(f"attack.{key}", "<missing>", f"required with an [attack] table: "
+                              f"{allowed}")
+    kind = a["kind"]
+    extra = set(a) - {"kind", "fraction", "seed"} - ATTACK_KEYS[kind]
+    if extra:
+        key = sorted(extra)[0]
+        raise ConfigError(f"attack.{key}", a[key], f"for attack '{kind}' only: "
+                          + ", ".join(sorted(ATTACK_KEYS[kind])))
+    if kind == "label_flip":
+        if ("source" in a) != ("target" in a):
+            key = "source" if "source" not in a else "target"
+            raise ConfigError(f"attack.{key}", "<missing>",
+                              "both attack.source and attack.target, or neither")
+        if "source" in a and a["source"] == a["target"]:
+            raise ConfigError("attack.target", a["target"], "a class other than attack.source")
+
+
+def _check_robust(s: dict[str, dict[str, Any]]) -> None:
+    r, a = s["robust"], s["anomaly"]
+    if a and not a.get("enabled", False):
+        extra = sorted(set(a) - {"enabled"})
+        if extra:
+            raise ConfigError(f"anomaly.{extra[0]}", a[extra[0]], "only with anomaly.enabled = "
+                              "true")
+    anomaly = bool(a.get("enabled", False))
+    secure, mode = s["runtime"]["secure_aggregation"], s["privacy"]["mode"]
+    if anomaly and (secure or mode == "central"):
+        raise ConfigError("anomaly.enabled", True,
+                          "false with secure aggregation (the server sees only sums) or central "
+                          "DP (per-client scores and quarantine decisions are not covered by "
+                          "the DP accounting)")
+    if not r:
+        return
+    if "aggregator" not in r:
+        raise ConfigError("robust.aggregator", "<missing>", "required with a [robust] table: one "
+                          "of " + ", ".join(repr(k) for k in ROBUST_KEYS))
+    rule = r["aggregator"]
+    extra = set(r) - {"aggregator"} - ROBUST_KEYS[rule]
+    if extra:
+        key = sorted(extra)[0]
+        raise ConfigError(f"robust.{key}", r[key], f"for aggregator '{rule}' only: "
+                          + ", ".join(sorted(ROBUST_KEYS[rule])))
+    need = ROBUST_REQUIRED.get(rule)
+    if need is not None and need not in r:
+        raise ConfigError(f"robust.{need}", "<missing>", f"required for aggregator '{rule}': a "
+                          "number > 0 (scale-dependent; about the norm of an honest update)")
+    if rule == "fltrust":
+        r.setdefault("root_samples", 100)
+    if secure:
+        raise ConfigError("robust.aggregator", rule,
+                          "no robust aggregator with secure aggregation: the server only learns "
+                          "the sum of the masked updates, and a robust rule needs each update")
+    if mode == "central" and (rule != "norm_bound" or r.get("noise_std", 0)):
+        raise ConfigError("robust.aggregator", rule,
+                          "'norm_bound' without noise_std under central DP: the DP noise is "
+                          "calibrated to one client moving the clipped sum by at most the clip; "
+                          "rules that select, trim or reweight updates break that calibration")
+    n = s["strategy"].get("clients_per_round")
+    if n is not None and rule != "fltrust":
+        from fedmosaic.robust import RobustPreconditionError, make_robust
+
+        params = {k: v for k, v in r.items() if k != "aggregator"}
+        try:
+            make_robust(rule, **params).check(n)
+        except (RobustPreconditionError, ValueError) as exc:
+            raise ConfigError("robust.f", r.get("f", 0),
+                              f"a value the cohort of strategy.clients_per_round = {n} "
+                              f"allows ({exc})") from exc
 
 
 def _check_privacy(s: dict[str, dict[str, Any]]) -> None:

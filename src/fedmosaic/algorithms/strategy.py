@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +20,11 @@ from fedmosaic.algorithms.aggregate import FedAvgAggregator
 from fedmosaic.algorithms.sampling import ClientSampler, StragglerSimulation
 from fedmosaic.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedmosaic.train.base import FitConfig
+
+if TYPE_CHECKING:
+    from fedmosaic.robust.anomaly import AnomalyDetector
+    from fedmosaic.robust.base import RobustAggregator
+    from fedmosaic.robust.pipeline import DefendedRound
 
 
 class ServerStage(Protocol):
@@ -37,14 +42,26 @@ class ClientStage(Protocol):
     def apply(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
 
+class DispatchTransform(Protocol):
+    """What the server does to the global weights it sends one client (e.g. a per-client
+    fingerprint); the client's update is relative to what it received."""
+
+    def __call__(self, client_id: str, weights: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class ClientTask:
-    """One client's assignment for a round: training settings and the client-side stages
-    to apply to its update before upload."""
+    """One client's assignment for a round: training settings, the client-side stages
+    to apply to its update before upload, and the server's per-client dispatch transform."""
 
     client_id: str
     config: FitConfig
     stages: tuple[ClientStage, ...] = ()
+    dispatch: DispatchTransform | None = None
+
+    def received(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weights this client is sent (the global weights, or their transform)."""
+        return weights if self.dispatch is None else self.dispatch(self.client_id, weights)
 
     def finish(self, delta: torch.Tensor) -> torch.Tensor:
         """Apply the client stages, with randomness derived from the client's round seed."""
@@ -73,10 +90,16 @@ class FedAvg:
     trainer's own settings when given. ``weighting`` is ``"samples"`` (weight by local sample
     count) or ``"uniform"``.
     ``client_stages`` run on each client before upload; ``server_stages`` run on the new global
-    model after every round's update, in order, on every transport.
+    model after every round's update, in order, on every transport. ``dispatch_transform``
+    changes the weights sent to each client (per-client fingerprints); only transports with
+    ``supports_dispatch`` apply it, and the server refuses the others.
     ``stragglers`` is the fraction of selected clients that, as in the FedProx paper's
     systems-heterogeneity experiments, do fewer local steps; with ``drop_stragglers`` they
     are dropped from the round instead (what the FedProx paper does for FedAvg).
+    ``robust`` (a ``fedmosaic.robust`` rule) replaces the weighted mean by a Byzantine-robust
+    aggregate; ``anomaly`` scores every update, keeps reputations and quarantines clients
+    that keep failing. Either makes the server keep the round's individual updates (and
+    refuses secure aggregation); the server optimizer then applies the robust aggregate.
     """
 
     name = "fedavg"
@@ -97,9 +120,13 @@ class FedAvg:
         drop_stragglers: bool = False,
         client_stages: Sequence[ClientStage] = (),
         server_stages: Sequence[ServerStage] = (),
+        dispatch_transform: DispatchTransform | None = None,
+        robust: RobustAggregator | None = None,
+        anomaly: AnomalyDetector | None = None,
     ) -> None:
         self.client_stages = tuple(client_stages)
         self.server_stages = tuple(server_stages)
+        self.dispatch_transform = dispatch_transform
         if clients_per_round is None and fraction is None:
             fraction = 1.0
         self.sampler = ClientSampler(
@@ -107,6 +134,15 @@ class FedAvg:
         )
         self.stragglers = StragglerSimulation(fraction=stragglers, drop=drop_stragglers)
         self.aggregator = FedAvgAggregator(weighting=weighting)
+        self.robust, self.anomaly = robust, anomaly
+        self.defence: DefendedRound | None = None
+        if robust is not None or anomaly is not None:
+            from fedmosaic.robust.pipeline import DefendedRound, IndividualUpdates
+
+            self.defence = DefendedRound(robust, anomaly)
+            self.aggregator = IndividualUpdates(weighting=weighting)
+            if clients_per_round is not None:
+                self.defence.check_cohort(clients_per_round)
         self.server_opt = server_opt if server_opt is not None else ServerSGD(lr=1.0)
         if min_updates < 1:
             raise ValueError(f"min_updates must be >= 1, got {min_updates}")
@@ -133,6 +169,8 @@ class FedAvg:
         full_steps: Mapping[str, int] | None = None,
     ) -> list[ClientTask]:
         """Sample this round's clients and tell each what to do."""
+        if self.defence is not None:
+            available = self.defence.admit(round_num, available)  # quarantine
         selected = self.sampler.sample(available, rng)
         steps: Mapping[str, int | None] = {c: None for c in selected}
         if self.straggler_fraction > 0:
@@ -146,6 +184,8 @@ class FedAvg:
             cfg = self.fit_config(round_num, seed=client_seed(run_seed, round_num, cid),
                                   max_steps=steps[cid])
             tasks.append(ClientTask(cid, cfg, self.client_stages))
+        if self.defence is not None:
+            self.defence.check_cohort(len(tasks))
         return tasks
 
     def fit_config(self, round_num: int, *, seed: int, max_steps: int | None = None) -> FitConfig:
@@ -165,7 +205,12 @@ class FedAvg:
         FedAvg: the weighted mean of the updates, then the server optimizer. Privacy
         strategies override this to use a fixed denominator and add noise.
         """
-        return self.apply(weights, tally.acc.result()), {}
+        if self.defence is None:
+            return self.apply(weights, tally.acc.result()), {}
+        delta, metrics = self.defence.finish(round_num, weights, tally)
+        if delta is None:
+            return weights, metrics
+        return self.apply(weights, delta.to(weights.device)), metrics
 
     def before_round(self, round_num: int, available: Sequence[str]) -> None:
         """Called before a round is configured; may raise ``PrivacyBudgetExhausted``."""
@@ -173,13 +218,23 @@ class FedAvg:
     def guarantees(self) -> dict[str, Any]:
         """What protects the data in this run (reported with the results)."""
         return {"differential_privacy": None, "secure_aggregation": None,
-                "server_sees": "every client's update in plaintext"}
+                "server_sees": "every client's update in plaintext",
+                **self.robustness_report()}
+
+    def robustness_report(self) -> dict[str, Any]:
+        """The robust rule and the anomaly detector's final state ({} without them)."""
+        return {} if self.defence is None else {"robustness": self.defence.report()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"server_opt": self.server_opt.state_dict()}
+        state: dict[str, Any] = {"server_opt": self.server_opt.state_dict()}
+        if self.defence is not None:
+            state["defence"] = self.defence.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.server_opt.load_state_dict(state["server_opt"])
+        if self.defence is not None:
+            self.defence.load_state_dict(state["defence"])
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -196,6 +251,9 @@ class FedAvg:
             "server_opt": self.server_opt.describe(),
             "client_stages": [repr(s) for s in self.client_stages],
             "server_stages": [repr(s) for s in self.server_stages],
+            **({"dispatch_transform": repr(self.dispatch_transform)}
+               if self.dispatch_transform is not None else {}),
+            **(self.defence.describe() if self.defence is not None else {}),
         }
 
 

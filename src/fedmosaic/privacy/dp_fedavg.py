@@ -57,8 +57,15 @@ class ClippedSumAggregator:
 
     streaming = False
 
-    def __init__(self, clip: float) -> None:
+    def __init__(self, clip: float, cap: float | None = None) -> None:
         self.clip = float(clip)
+        # A norm bound (fedmosaic.robust.NormBound) tighter than the clip, if any.
+        self.cap = cap
+
+    @property
+    def bound(self) -> float:
+        """The norm every summed update is clipped to: ``min(clip, cap)``."""
+        return self.clip if self.cap is None else min(self.clip, self.cap)
 
     def weight_of(self, update: ClientUpdate) -> float:
         return 1.0
@@ -68,9 +75,10 @@ class ClippedSumAggregator:
         stats = tally.stage_stats
         stats["within_clip"] = stats.get("within_clip", 0.0) + (1.0 if norm <= self.clip else 0.0)
         stats["norm_sum"] = stats.get("norm_sum", 0.0) + norm
-        if norm <= self.clip:
+        bound = self.bound
+        if norm <= bound:
             return update.delta
-        return update.delta * (self.clip / norm)
+        return update.delta * (bound / norm)
 
     def describe(self) -> dict[str, Any]:
         return {"name": "clipped_sum", "clip": self.clip}
@@ -178,6 +186,17 @@ class DPFedAvg(FedAvg):
 
             self.aggregator = FedAvgAggregator(weighting="uniform")  # type: ignore[assignment]
         self.min_contributors = min_contributors
+        # Robust rules: only norm bounding composes (it is the clipped sum); the check
+        # explains why the others and anomaly detection are refused.
+        self.norm_bound = None
+        if self.defence is not None:
+            from fedmosaic.robust.pipeline import check_central_dp
+
+            self.norm_bound = check_central_dp(self.robust, self.anomaly,
+                                               distributed=distributed)
+            if self.norm_bound is not None:
+                self.clip_aggregator.cap = self.norm_bound.max_norm
+            self.defence = None  # the round is DP-FedAvg's clipped, noised sum
         self.user_stages = self.client_stages  # the distributed noise share goes in front
         self.run_seed = 0
         self._calibrated = False
@@ -300,6 +319,7 @@ class DPFedAvg(FedAvg):
         expected = self.expected_clients(population)
         z_update = self.update_noise_multiplier(population)
         clip = self.clip_aggregator.clip
+        bound = self.clip_aggregator.bound  # the sensitivity: clip, or a tighter norm bound
         gen = self._noise_generator(round_num)
         summed = tally.acc.weighted_sum
         if self.distributed:
@@ -315,11 +335,11 @@ class DPFedAvg(FedAvg):
                 # Poisson sampling can pick nobody; the mechanism still releases noise.
                 summed = torch.zeros_like(weights)
             noise = torch.randn(summed.shape, generator=gen,
-                                dtype=torch.float32) * (z_update * clip)
+                                dtype=torch.float32) * (z_update * bound)
             mean = (summed.to(torch.float32).cpu() + noise) / expected
         new_weights = self.apply(weights, mean.to(weights.device))
-        metrics: dict[str, Any] = {"dp_clip": clip, "dp_noise_multiplier": z_update,
-                                   "dp_noise_std_on_mean": z_update * clip / expected}
+        metrics: dict[str, Any] = {"dp_clip": bound, "dp_noise_multiplier": z_update,
+                                   "dp_noise_std_on_mean": z_update * bound / expected}
         if self.adaptive_quantile is not None:
             sigma_b = self._count_noise(population)
             within = tally.stage_stats.get("within_clip", 0.0)
@@ -357,7 +377,8 @@ class DPFedAvg(FedAvg):
                 "sampling": self.sampling, "rate": self.rate,
                 "dp_clients_per_round": self.dp_clients_per_round,
                 "accountant": self.accountant_kind,
-                "adaptive_clip_quantile": self.adaptive_quantile}
+                "adaptive_clip_quantile": self.adaptive_quantile,
+                **({"robust": self.norm_bound.describe()} if self.norm_bound else {})}
 
     def guarantees(self) -> dict[str, Any]:
         rounds = self.accountant.steps
@@ -385,4 +406,8 @@ class DPFedAvg(FedAvg):
                             if self.distributed else
                             "every client's clipped update in plaintext (central DP: the "
                             "server is trusted; the released model is protected)"),
+            **({"robustness": {"aggregator": self.norm_bound.describe(),
+                               "assumes": "nothing about f: each update is clipped to "
+                                          "min(clip, max_norm), the DP sensitivity"}}
+               if self.norm_bound is not None else {}),
         }

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
-from fedmosaic.core.errors import CheckpointError, PrivacyBudgetExhausted, RoundFailedError
+from fedmosaic.core.errors import (
+    CheckpointError,
+    ConfigError,
+    PrivacyBudgetExhausted,
+    RoundFailedError,
+)
 from fedmosaic.core.params import ParamSpec
 from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
 from fedmosaic.runtime.tally import RoundTally
@@ -80,6 +85,11 @@ class Server:
         check = getattr(transport, "check_strategy", None)
         if check is not None:
             check(strategy)  # e.g. SecAgg+ refuses aggregators that need individual updates
+        if getattr(strategy, "dispatch_transform", None) is not None and \
+                not getattr(transport, "supports_dispatch", False):
+            raise ConfigError("dispatch_transform", repr(strategy.dispatch_transform),
+                              f"a transport that applies it ({type(transport).__name__} "
+                              "does not; SequentialTransport does)")
         self.identity = fingerprint(
             {"user": identity or {}, "seed": seed, "strategy": strategy.describe(),
              "spec": self.spec.to_json()}
@@ -166,6 +176,8 @@ class Server:
             full_steps = {c: self.transport.full_steps(c, probe) for c in available}
         tasks = s.configure_fit(round_num, available, state.rng, run_seed=self.seed,
                                 full_steps=full_steps)
+        if getattr(s, "dispatch_transform", None) is not None:
+            tasks = [replace(t, dispatch=s.dispatch_transform) for t in tasks]
         weights = state.weights
         tally = RoundTally(s.aggregator, self.spec.numel, round_num, device=weights.device)
         weighting = s.aggregator if getattr(s.aggregator, "streaming", False) else None

@@ -75,6 +75,10 @@ class RoundTally:
         self.rejected: list[str] = []
         # Scratch space for aggregator stages (e.g. how many updates a DP clip bound held).
         self.stage_stats: dict[str, float] = {}
+        # Robust aggregation needs every update, not only their sum; only then are they kept.
+        self.keep_updates = bool(getattr(weighting, "keep_updates", False))
+        self.updates: list[torch.Tensor] = []
+        self.update_weights: list[float] = []
 
     @property
     def count(self) -> int:
@@ -102,7 +106,11 @@ class RoundTally:
             return
         prepare = getattr(self.weighting, "prepare", None)
         delta = update.delta if prepare is None else prepare(update, self)
-        self.acc.add(delta, self.weighting.weight_of(update))
+        weight = self.weighting.weight_of(update)
+        self.acc.add(delta, weight)
+        if self.keep_updates:
+            self.updates.append(delta)
+            self.update_weights.append(weight)
         self.client_ids.append(update.client_id)
         self._seen.add(update.client_id)
         self.num_samples += update.num_samples
@@ -122,6 +130,12 @@ class RoundTally:
             return
         if part.count == 0 or part.weighted_sum is None:
             return
+        if self.keep_updates:
+            msg = (f"partial aggregate of {part.count} updates rejected: the aggregator needs "
+                   "each update, not their sum")
+            log.warning("round %d: %s", self.round, msg)
+            self.rejected.append(msg)
+            return
         self.acc.merge(part.weighted_sum, part.total_weight, part.count)
         self.client_ids.extend(part.client_ids)
         self._seen.update(part.client_ids)
@@ -129,6 +143,18 @@ class RoundTally:
         self.bytes_up += part.bytes_up
         for key, value in part.metric_sums.items():
             self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
+
+    def stacked_updates(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The kept updates as an ``(n, d)`` matrix, their weights ``(n,)`` and client ids
+        (only when the weighting asked for ``keep_updates``)."""
+        if not self.keep_updates:
+            raise ValueError("this tally kept only the running sum (its weighting does not "
+                             "set keep_updates)")
+        if not self.updates:
+            return torch.zeros(0, self.numel), torch.zeros(0, dtype=torch.float64), []
+        return (torch.stack(self.updates), torch.tensor(self.update_weights,
+                                                        dtype=torch.float64),
+                list(self.client_ids))
 
     def mean_metrics(self) -> dict[str, float]:
         """Sample-weighted mean of every client metric."""

@@ -47,7 +47,11 @@ class SequentialTransport:
 
     Weights travel as tensors in memory: no serialization, no model rebuild per client.
     A client whose training raises is reported as a ``ClientFailure``; the round goes on.
+    It applies a task's ``dispatch`` transform (per-client fingerprints): the client trains
+    from the weights it received, and its delta is relative to them.
     """
+
+    supports_dispatch = True
 
     def __init__(self, trainer: Trainer, federated_data: object) -> None:
         self.trainer = trainer
@@ -68,8 +72,9 @@ class SequentialTransport:
         for task in tasks:
             try:
                 train = self.data.client(task.client_id).train  # type: ignore[attr-defined]
-                result = self.trainer.fit(weights, train, task.config)
-                delta = task.finish(result.weights - weights)
+                sent = task.received(weights)
+                result = self.trainer.fit(sent, train, task.config)
+                delta = task.finish(result.weights - sent)
             except Exception as exc:  # a failing client must never stop the round
                 log.warning("client %s failed in round %d: %s", task.client_id,
                             task.config.round, exc)

@@ -1,0 +1,7 @@
+"""Deployment over the network (issue #5): gRPC transport, credentials and monitoring.
+
+``server`` (``serve``), ``client`` (``run_client``), ``transport`` (``GrpcTransport``),
+``service`` (the gRPC handlers), ``secagg`` (SecAgg+ over gRPC), ``auth`` (TLS identity and
+revocation), ``wire`` (chunked tensors, fit settings, client stages), ``certs`` and
+``monitoring``. Nothing is imported here, so ``fedmosaic --help`` stays fast.
+"""

@@ -1,0 +1,584 @@
+"""Federation credentials: a private CA, a server certificate, one certificate per client, a CRL.
+
+Deployment authenticates both ends with mutual TLS (TLS 1.3, RFC 8446, with client
+certificates): the server presents ``server.pem`` and every client presents its own certificate,
+each issued by the federation's CA (``ca.pem``). The certificate profile follows RFC 5280:
+
+- CA: ``basicConstraints CA=true, pathlen=0`` and ``keyUsage keyCertSign, cRLSign`` (both
+  critical); it signs leaf certificates and the revocation list, nothing else.
+- Server: ``subjectAltName`` with the given DNS names and IP addresses (TLS clients match the
+  host they dial against these, RFC 6125) and ``extendedKeyUsage serverAuth``.
+- Clients and the operator: ``extendedKeyUsage clientAuth``. The identity is the subject common
+  name (CN), which the server reads from the verified mTLS peer; the subject's organizational
+  unit (OU) says the role (``client`` or ``operator``), and a URI ``subjectAltName``
+  ``spiffe://fedmosaic/<role>/<id>`` (SPIFFE ID form) repeats both for verifiers that read only
+  the SAN. ``operator`` is the credential for ``fedmosaic status``.
+
+Revocation uses a standard X.509 CRL (RFC 5280 section 5) signed by the CA (``crl.pem``, created
+empty). Serial numbers are the standard revocation key; each CRL entry also carries the client id
+in a private, non-critical entry extension (OID under the UUID arc 2.25, ITU-T X.667), so the
+mapping from serial to id is covered by the CA's signature and ``load_revoked`` can answer by id
+without any other file. A revoked id is never reissued, so id and serial revocation agree.
+``federation.json`` records every credential issued (id, role, serial, expiry), so revoking by id
+works even after a client's files have been handed over and deleted.
+
+Private keys are written unencrypted (gRPC loads them unattended) with mode 0600, except that
+the CA key may be encrypted with a passphrase; no function here prints or logs key material.
+Keep ``ca.key`` off the server: the server needs only ``ca.pem``, ``server.pem``, ``server.key``
+and ``crl.pem``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedmosaic.core.errors import ConfigError, FedmosaicError
+
+KeyType = Literal["ec-p256", "ec-p384", "rsa-3072", "rsa-4096"]
+KEY_TYPES: tuple[str, ...] = ("ec-p256", "ec-p384", "rsa-3072", "rsa-4096")
+OPERATOR_ID = "operator"
+TRUST_DOMAIN = "fedmosaic"
+# Names that would collide with the federation's own files or roles.
+RESERVED_IDS = frozenset({OPERATOR_ID, "server", "ca", "crl", "federation"})
+# A safe file name on every common file system: no separators, no leading dot, bounded length.
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+# Private CRL entry extension holding the revoked certificate's client id (UTF8String). A UUID OID
+# (ITU-T X.667, arc 2.25) needs no registration and cannot collide with anyone else's.
+CLIENT_ID_OID = x509.ObjectIdentifier("2.25.191893346733946094329718413925374613321")
+# Certificates start a little in the past so a client whose clock lags still accepts them.
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+_INDEX_FORMAT = 1
+
+
+class CredentialError(FedmosaicError, ValueError):
+    """A credential operation cannot be done as asked (existing federation, unknown id, bad CRL)."""
+
+
+@dataclass(frozen=True)
+class FederationPaths:
+    """Where each file of a federation directory lives."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "crl.pem"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "federation.json"
+
+    @property
+    def clients_dir(self) -> Path:
+        return self.root / "clients"
+
+    @property
+    def operator_cert(self) -> Path:
+        return self.root / f"{OPERATOR_ID}.pem"
+
+    @property
+    def operator_key(self) -> Path:
+        return self.root / f"{OPERATOR_ID}.key"
+
+    def client_cert(self, client_id: str) -> Path:
+        return self.clients_dir / f"{validate_client_id(client_id)}.pem"
+
+    def client_key(self, client_id: str) -> Path:
+        return self.clients_dir / f"{validate_client_id(client_id)}.key"
+
+
+@dataclass(frozen=True)
+class Revocations:
+    """The verified content of a CRL: revoked serials and the client ids they belong to."""
+
+    serials: frozenset[int]
+    ids: frozenset[str]
+    last_update: dt.datetime
+    next_update: dt.datetime
+
+
+@dataclass(frozen=True)
+class CredentialInfo:
+    """One issued credential, as ``fedmosaic certs list`` shows it."""
+
+    id: str
+    role: str
+    serial: int
+    not_after: dt.datetime
+    revoked: bool
+
+
+def validate_client_id(client_id: object) -> str:
+    """Return ``client_id`` if it is a safe, non-reserved file name; raise ConfigError otherwise."""
+    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
+        raise ConfigError("client_id", client_id, "1-64 characters from A-Z a-z 0-9 . _ -, "
+                          "starting with a letter or digit")
+    if client_id.lower() in RESERVED_IDS:
+        raise ConfigError("client_id", client_id, f"not one of the reserved names "
+                          f"{sorted(RESERVED_IDS)}")
+    return client_id
+
+
+def _san_entry(name: object) -> x509.GeneralName:
+    if not isinstance(name, str) or not name:
+        raise ConfigError("server_names", name, "a DNS name or an IP address")
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    labels = name.rstrip(".").split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError("server_names", name, "a DNS name or an IP address")
+    return x509.DNSName(name.rstrip(".").lower())
+
+
+def _identity_uri(role: str, client_id: str) -> x509.GeneralName:
+    # RFC 5280 wants identities in the SAN (verifiers following the CA/B profile require one);
+    # the URI form follows SPIFFE IDs, whose path alphabet is exactly the client id alphabet.
+    return x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/{role}/{client_id}")
+
+
+def _new_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    if key_type == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type in ("rsa-3072", "rsa-4096"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    raise ConfigError("key_type", key_type, KEY_TYPES)
+
+
+def _hash_for(key: object) -> hashes.HashAlgorithm:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def _key_usage(*, ca: bool, rsa_key: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not ca, content_commitment=False,
+        key_encipherment=rsa_key and not ca,  # RSA key transport, for TLS 1.2 peers
+        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+        encipher_only=False, decipher_only=False,
+    )
+
+
+def _name(common_name: str, unit: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmosaic federation")]
+    if unit is not None:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attrs)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _make_ca(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, days: int) -> x509.Certificate:
+    now = _now()
+    subject = _name("fedmosaic federation CA")
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(ca=True, rsa_key=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, _hash_for(key))
+    )
+
+
+def _issue_leaf(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, subject: x509.Name,
+    usage: x509.ObjectIdentifier, days: int, san: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
+    now = _now()
+    # A leaf never outlives its CA: verifiers would reject the tail anyway.
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False, rsa_key=isinstance(key, rsa.RSAPrivateKey)),
+                       critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(ca_key, _hash_for(ca_key))
+
+
+def _encode_id(client_id: str) -> bytes:
+    # DER UTF8String; ids are at most 64 ASCII bytes, so the short length form always applies.
+    raw = client_id.encode("utf-8")
+    return bytes([0x0C, len(raw)]) + raw
+
+
+def _decode_id(der: bytes) -> str | None:
+    if len(der) < 2 or der[0] != 0x0C or der[1] != len(der) - 2:
+        return None
+    try:
+        text = der[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if CLIENT_ID_PATTERN.fullmatch(text) else None
+
+
+def _make_crl(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    entries: Sequence[tuple[int, str, dt.datetime]], number: int,
+) -> x509.CertificateRevocationList:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject).last_update(_now())
+        # The CRL is reissued on every revocation; until then it stays valid as long as the CA.
+        .next_update(ca_cert.not_valid_after_utc)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+    )
+    for serial, client_id, when in entries:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+            .add_extension(x509.UnrecognizedExtension(CLIENT_ID_OID, _encode_id(client_id)),
+                           critical=False)
+            .build())
+    return builder.sign(ca_key, _hash_for(ca_key))
+
+
+def _write(path: Path, data: bytes, *, private: bool) -> None:
+    """Write atomically (temp file, fsync, rename); private files are created with mode 0600."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates 0600; public files are widened only after the content is in place.
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600 if private else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+             passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             encryption)
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _index_entry(role: str, cert: x509.Certificate) -> dict[str, object]:
+    return {"role": role, "serial": format(cert.serial_number, "x"),
+            "not_after": cert.not_valid_after_utc.isoformat()}
+
+
+def _check_days(days: object) -> int:
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
+        raise ConfigError("days", days, "an integer from 1 to 3650")
+    return days
+
+
+def _check_ids(clients: Sequence[str]) -> list[str]:
+    if isinstance(clients, str):
+        raise ConfigError("clients", clients, "a list of client ids, not one string")
+    ids = [validate_client_id(c) for c in clients]
+    # Case-insensitive: 'A.pem' and 'a.pem' are the same file on macOS and Windows.
+    seen: dict[str, str] = {}
+    for c in ids:
+        if c.lower() in seen:
+            raise ConfigError("clients", c, f"unique ids (case-insensitive); {seen[c.lower()]!r} "
+                              "is already listed")
+        seen[c.lower()] = c
+    return ids
+
+
+def create_federation(
+    out_dir: str | Path,
+    clients: Sequence[str],
+    server_names: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+    key_type: KeyType = "ec-p256",
+    *,
+    overwrite: bool = False,
+    ca_passphrase: bytes | None = None,
+) -> FederationPaths:
+    """Create a federation: CA, server certificate, operator and client credentials, empty CRL.
+
+    Refuses a directory that already holds a federation unless ``overwrite``; everything is
+    generated and validated before the first file is written.
+    """
+    paths = FederationPaths(Path(out_dir))
+    ids = _check_ids(clients)
+    days = _check_days(days)
+    if isinstance(server_names, str) or not server_names:
+        raise ConfigError("server_names", server_names, "a non-empty list of DNS names or IPs")
+    san = [_san_entry(n) for n in server_names]
+    if key_type not in KEY_TYPES:
+        raise ConfigError("key_type", key_type, KEY_TYPES)
+    existing = [p for p in (paths.ca_cert, paths.ca_key, paths.index) if p.exists()]
+    if existing and not overwrite:
+        raise CredentialError(f"{paths.root} already holds a federation ({existing[0].name}); "
+                              "pass overwrite=True (--overwrite) to replace it")
+
+    ca_key = _new_key(key_type)
+    ca_cert = _make_ca(ca_key, days)
+    files: list[tuple[Path, bytes, bool]] = [
+        (paths.ca_key, _key_pem(ca_key, ca_passphrase), True),
+        (paths.ca_cert, _cert_pem(ca_cert), False),
+    ]
+    index: dict[str, dict[str, object]] = {}
+    server_key = _new_key(key_type)
+    server_cert = _issue_leaf(ca_cert, ca_key, server_key, _name(server_names[0], "server"),
+                              ExtendedKeyUsageOID.SERVER_AUTH, days, san)
+    files += [(paths.server_key, _key_pem(server_key), True),
+              (paths.server_cert, _cert_pem(server_cert), False)]
+    index["server"] = _index_entry("server", server_cert)
+    for role, cid, cert_path, key_path in (
+        [("operator", OPERATOR_ID, paths.operator_cert, paths.operator_key)]
+        + [("client", c, paths.client_cert(c), paths.client_key(c)) for c in ids]
+    ):
+        key = _new_key(key_type)
+        cert = _issue_leaf(ca_cert, ca_key, key, _name(cid, role),
+                           ExtendedKeyUsageOID.CLIENT_AUTH, days, [_identity_uri(role, cid)])
+        files += [(key_path, _key_pem(key), True), (cert_path, _cert_pem(cert), False)]
+        index[cid] = _index_entry(role, cert)
+    crl = _make_crl(ca_cert, ca_key, [], number=1)
+    files.append((paths.crl, crl.public_bytes(serialization.Encoding.PEM), False))
+
+    if existing:  # overwrite: remove the old federation's credentials first
+        _remove_federation(paths)
+    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths.clients_dir.mkdir(mode=0o700, exist_ok=True)
+    for path, data, private in files:
+        _write(path, data, private=private)
+    _write_index(paths, {"format": _INDEX_FORMAT, "key_type": key_type, "days": days,
+                         "crl_number": 1, "credentials": index, "revoked": {}})
+    return paths
+
+
+def _remove_federation(paths: FederationPaths) -> None:
+    try:
+        old = _read_index(paths)
+    except CredentialError:
+        old = {"credentials": {}}
+    for cid, entry in old.get("credentials", {}).items():
+        if isinstance(entry, dict) and entry.get("role") == "client" \
+                and CLIENT_ID_PATTERN.fullmatch(str(cid)):
+            paths.client_cert(cid).unlink(missing_ok=True)
+            paths.client_key(cid).unlink(missing_ok=True)
+    for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.crl,
+              paths.operator_cert, paths.operator_key, paths.index):
+        p.unlink(missing_ok=True)
+
+
+def _write_index(paths: FederationPaths, index: dict[str, object]) -> None:
+    _write(paths.index, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode(),
+           private=False)
+
+
+def _read_index(paths: FederationPaths) -> dict:
+    try:
+        index = json.loads(paths.index.read_text())
+    except FileNotFoundError:
+        raise CredentialError(f"{paths.root} holds no federation (no {paths.index.name}); "
+                              "create one with 'fedmosaic certs init'") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CredentialError(f"{paths.index} is unreadable: {exc}") from None
+    if not isinstance(index, dict) or index.get("format") != _INDEX_FORMAT \
+            or not isinstance(index.get("credentials"), dict):
+        raise CredentialError(f"{paths.index} is not a fedmosaic federation index")
+    return index
+
+
+def _load_ca(paths: FederationPaths, passphrase: bytes | None
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), passphrase)
+    except FileNotFoundError as exc:
+        raise CredentialError(f"missing {exc.filename}: adding or revoking credentials needs the "
+                              "CA certificate and key") from None
+    except (TypeError, ValueError) as exc:
+        # The library's message names the problem (wrong or missing passphrase, bad PEM) and
+        # never echoes the key.
+        raise CredentialError(f"cannot load the CA key {paths.ca_key}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CredentialError(f"{paths.ca_key} holds an unsupported key type")
+    if cert.public_key() != key.public_key():
+        raise CredentialError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
+    return cert, key
+
+
+def add_client(
+    out_dir: str | Path, client_id: str, days: int | None = None, *,
+    ca_passphrase: bytes | None = None,
+) -> tuple[Path, Path]:
+    """Issue a certificate and key for a new client; return (certificate path, key path).
+
+    Refuses an id already issued, including a revoked one: ids are never reused, so a revoked
+    id stays refused.
+    """
+    paths = FederationPaths(Path(out_dir))
+    validate_client_id(client_id)
+    index = _read_index(paths)
+    taken = {c.lower(): c for c in index["credentials"]}
+    if client_id.lower() in taken:
+        state = "revoked" if taken[client_id.lower()] in index.get("revoked", {}) else "issued"
+        raise CredentialError(f"client id {client_id!r} was already {state} "
+                              f"(as {taken[client_id.lower()]!r}); ids are never reused")
+    days = _check_days(index.get("days", 365) if days is None else days)
+    ca_cert, ca_key = _load_ca(paths, ca_passphrase)
+    if ca_cert.not_valid_after_utc <= _now():
+        raise CredentialError(f"the CA {paths.ca_cert} has expired; create a new federation")
+    key = _new_key(str(index.get("key_type", "ec-p256")))
+    cert = _issue_leaf(ca_cert, ca_key, key, _name(client_id, "client"),
+                       ExtendedKeyUsageOID.CLIENT_AUTH, days, [_identity_uri("client", client_id)])
+    paths.clients_dir.mkdir(mode=0o700, exist_ok=True)
+    _write(paths.client_key(client_id), _key_pem(key), private=True)
+    _write(paths.client_cert(client_id), _cert_pem(cert), private=False)
+    index["credentials"][client_id] = _index_entry("client", cert)
+    _write_index(paths, index)
+    return paths.client_cert(client_id), paths.client_key(client_id)
+
+
+def revoke(out_dir: str | Path, client_id: str, *, ca_passphrase: bytes | None = None) -> int:
+    """Revoke a client's (or the operator's) certificate: reissue the signed CRL with it added.
+
+    Returns the revoked serial number. The server must reload ``crl.pem`` to apply it.
+    """
+    paths = FederationPaths(Path(out_dir))
+    if client_id != OPERATOR_ID:
+        validate_client_id(client_id)
+    index = _read_index(paths)
+    entry = index["credentials"].get(client_id)
+    if not isinstance(entry, dict) or entry.get("role") not in ("client", "operator"):
+        raise CredentialError(f"no client credential {client_id!r} in {paths.index}")
+    revoked: dict[str, dict[str, str]] = index.setdefault("revoked", {})
+    if client_id in revoked:
+        raise CredentialError(f"client {client_id!r} is already revoked")
+    ca_cert, ca_key = _load_ca(paths, ca_passphrase)
+    now = _now()
+    revoked[client_id] = {"serial": str(entry["serial"]), "date": now.isoformat()}
+    entries = [(int(r["serial"], 16), cid, dt.datetime.fromisoformat(r["date"]))
+               for cid, r in revoked.items()]
+    index["crl_number"] = int(index.get("crl_number", 1)) + 1
+    crl = _make_crl(ca_cert, ca_key, entries, number=index["crl_number"])
+    # CRL first: if the index write fails the client is revoked anyway, never the reverse.
+    _write(paths.crl, crl.public_bytes(serialization.Encoding.PEM), private=False)
+    _write_index(paths, index)
+    return int(str(entry["serial"]), 16)
+
+
+def read_revocations(path: str | Path, ca_cert: str | Path | None = None) -> Revocations:
+    """Load a CRL, verify it against the CA, and return what it revokes.
+
+    ``ca_cert`` defaults to ``ca.pem`` beside the CRL. Raises CredentialError if the CRL is not
+    issued and signed by that CA or is past its next update: an unverified list is never trusted.
+    """
+    path = Path(path)
+    ca_path = Path(ca_cert) if ca_cert is not None else path.parent / "ca.pem"
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    except OSError as exc:
+        raise CredentialError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CredentialError(f"{path} or {ca_path} is not valid PEM: {exc}") from None
+    if crl.issuer != ca.subject:
+        raise CredentialError(f"{path} was not issued by the CA in {ca_path}")
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise CredentialError(f"{path} is not signed by the CA in {ca_path}")
+    next_update = crl.next_update_utc
+    if next_update is None or next_update < _now():
+        raise CredentialError(f"{path} is stale (next update {next_update}); reissue it with "
+                              "'fedmosaic certs revoke' or a new federation")
+    serials: set[int] = set()
+    ids: set[str] = set()
+    for entry in crl:
+        serials.add(entry.serial_number)
+        for ext in entry.extensions:
+            if ext.oid == CLIENT_ID_OID and isinstance(ext.value, x509.UnrecognizedExtension):
+                cid = _decode_id(ext.value.value)
+                if cid is not None:
+                    ids.add(cid)
+    return Revocations(frozenset(serials), frozenset(ids), crl.last_update_utc, next_update)
+
+
+def load_revoked(path: str | Path, ca_cert: str | Path | None = None) -> set[str]:
+    """Client ids (certificate CNs) revoked by the CRL at ``path``, after verifying its signature.
+
+    Compare the CN the server reads from the verified mTLS peer against this set. Ids are never
+    reissued, so this equals a check by serial; ``read_revocations`` also returns the serials.
+    """
+    return set(read_revocations(path, ca_cert).ids)
+
+
+def certificate_id(cert_pem: bytes) -> str:
+    """The client id (subject CN) of a PEM certificate."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise CredentialError("certificate subject has no single common name")
+    return str(names[0].value)
+
+
+def list_credentials(out_dir: str | Path) -> list[CredentialInfo]:
+    """Every credential issued in a federation, with serial, expiry and revocation state."""
+    paths = FederationPaths(Path(out_dir))
+    index = _read_index(paths)
+    revoked_serials = read_revocations(paths.crl, paths.ca_cert).serials
+    out = []
+    for cid, entry in sorted(index["credentials"].items()):
+        serial = int(str(entry["serial"]), 16)
+        out.append(CredentialInfo(
+            id=cid, role=str(entry["role"]), serial=serial,
+            not_after=dt.datetime.fromisoformat(str(entry["not_after"])),
+            revoked=serial in revoked_serials))
+    return out

@@ -1,0 +1,340 @@
+"""The client runtime: ``run_client`` (and ``fedmosaic client``).
+
+A client connects with its own certificate, joins, sends heartbeats from a background thread
+and long-polls for tasks. For a task it downloads the global model in chunks, trains with the
+``FitConfig`` the server sent (seed included, so the result equals the simulation's), applies
+the task's client stages (local DP, distributed-DP noise shares) with the same seeded
+randomness as every simulated transport, and uploads ``delta = local - global`` in chunks --
+or, in a SecAgg+ round, takes part in the secure sum instead.
+
+Failures: UNAVAILABLE and other transient errors are retried with exponential backoff and full
+jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015) for up to
+``retry_budget`` seconds without progress; a server restart (a new server instance) makes the
+client join again, so it takes part from the next round. An authentication refusal (revoked
+credential, operator credential) is final.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.core.errors import FedmosaicError
+from fedmosaic.data import ArrayDataset
+from fedmosaic.net.auth import channel_credentials
+from fedmosaic.net.proto import fedmosaic_pb2 as pb
+from fedmosaic.net.wire import (
+    MESSAGE_OVERHEAD,
+    ChunkAssembler,
+    WireError,
+    fit_config_from_wire,
+    grpc_options,
+    iter_chunks,
+    spec_hash,
+    stage_from_wire,
+)
+from fedmosaic.train.base import Dataset, Trainer
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/fedmosaic.v1.Federation/"
+SOFTWARE = "fedmosaic-client/1"
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+FINAL = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+
+
+class ClientRefusedError(FedmosaicError, RuntimeError):
+    """The server refused this client for good (revoked, wrong credential or model)."""
+
+
+class ServerUnreachableError(FedmosaicError, RuntimeError):
+    """No progress with the server for longer than the retry budget."""
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter; ``budget`` seconds without progress is fatal."""
+
+    base: float = 0.2
+    cap: float = 10.0
+    budget: float = 300.0
+    attempts: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+    def progress(self) -> None:
+        self.attempts, self.since = 0, time.monotonic()
+
+    def wait(self, why: str) -> None:
+        if time.monotonic() - self.since > self.budget:
+            raise ServerUnreachableError(f"no progress for {self.budget:g}s; last error: {why}")
+        delay = random.uniform(0, min(self.cap, self.base * 2 ** self.attempts))
+        self.attempts += 1
+        log.info("server unreachable (%s); retrying in %.2fs", why, delay)
+        time.sleep(delay)
+
+
+@dataclass
+class ClientReport:
+    """What a client did: rounds trained, uploads accepted, joins (1 + reconnections)."""
+
+    client_id: str = ""
+    rounds: list[int] = field(default_factory=list)
+    accepted: int = 0
+    joins: int = 0
+
+
+class _Stubs:
+    """The service's methods on one channel (no generated stubs needed)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        def unary(name: str, req: Any, rep: Any) -> Any:
+            return channel.unary_unary(SERVICE + name, request_serializer=req.SerializeToString,
+                                       response_deserializer=rep.FromString)
+
+        self.join = unary("Join", pb.JoinRequest, pb.JoinReply)
+        self.heartbeat = unary("Heartbeat", pb.HeartbeatRequest, pb.HeartbeatReply)
+        self.get_task = unary("GetTask", pb.TaskRequest, pb.Task)
+        self.secagg = unary("SecAgg", pb.SecAggEnvelope, pb.SecAggEnvelope)
+        self.status = unary("Status", pb.StatusRequest, pb.StatusReply)
+        self.download = channel.unary_stream(
+            SERVICE + "DownloadModel", request_serializer=pb.ModelRequest.SerializeToString,
+            response_deserializer=pb.TensorChunk.FromString)
+        self.upload = channel.stream_unary(
+            SERVICE + "UploadUpdate", request_serializer=pb.UploadMessage.SerializeToString,
+            response_deserializer=pb.UploadReply.FromString)
+
+
+def open_channel(server: str, ca: Path, cert: Path, key: Path, *,
+                 server_name: str | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
+    """A mutual-TLS channel to ``server`` (HOST:PORT)."""
+    options = grpc_options(max_message_bytes)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(server, channel_credentials(ca, cert, key), options=options)
+
+
+def load_npz(path: str | Path) -> ArrayDataset:
+    """A client's training data from an ``.npz`` with arrays ``x`` (n, features...) and ``y``
+    (n,) integer labels; checked before any training (no pickles are loaded)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not {"x", "y"} <= set(npz.files):
+                raise ValueError(f"needs arrays 'x' and 'y', found {sorted(npz.files)}")
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError) as exc:
+        raise FedmosaicError(f"client data {path}: {exc}") from exc
+    if x.dtype.kind not in "fiu" or not np.isfinite(x).all():
+        raise FedmosaicError(f"client data {path}: x must be finite numbers")
+    if y.dtype.kind not in "iu" or y.ndim != 1 or len(y) != len(x) or len(y) == 0:
+        raise FedmosaicError(f"client data {path}: y must be a non-empty 1-D integer array with "
+                             "one label per row of x")
+    return ArrayDataset(np.ascontiguousarray(x, dtype=np.float32),
+                        np.ascontiguousarray(y, dtype=np.int64))
+
+
+class FederationClient:
+    """One client process's connection and task loop; ``run`` returns when the run is done."""
+
+    def __init__(self, channel: grpc.Channel, trainer: Trainer, data: Dataset, *,
+                 backoff: Backoff | None = None, poll_seconds: float = 10.0,
+                 rpc_timeout: float = 60.0) -> None:
+        self.stubs = _Stubs(channel)
+        self.trainer, self.data = trainer, data
+        self.backoff = backoff or Backoff()
+        self.poll_seconds, self.rpc_timeout = poll_seconds, rpc_timeout
+        self.instance = ""
+        self.heartbeat_interval = 5.0
+        self.chunk_bytes = 1024 * 1024
+        self.report = ClientReport()
+        self._stop = threading.Event()
+        self._spec_hash = spec_hash(trainer.spec)
+
+    # -- connection ---------------------------------------------------------------------------
+    def _join(self) -> None:
+        reply = self.stubs.join(pb.JoinRequest(software=SOFTWARE, spec_hash=self._spec_hash),
+                                timeout=self.rpc_timeout)
+        if reply.numel != self.trainer.spec.numel:
+            raise ClientRefusedError(f"server model has {reply.numel} values, this trainer's "
+                                     f"{self.trainer.spec.numel}")
+        if not 0 < reply.heartbeat_interval < 3600 or not 0 < reply.chunk_bytes <= 2**30:
+            raise ClientRefusedError("server sent implausible settings")
+        self.instance = reply.server_instance
+        self.heartbeat_interval, self.chunk_bytes = reply.heartbeat_interval, reply.chunk_bytes
+        self.report.client_id = reply.client_id
+        self.report.joins += 1
+        log.info("joined %s as %s (server instance %s)", reply.experiment, reply.client_id,
+                 reply.server_instance)
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            instance = self.instance
+            if not instance:
+                continue
+            try:
+                self.stubs.heartbeat(pb.HeartbeatRequest(server_instance=instance),
+                                     timeout=max(self.heartbeat_interval, 1.0))
+            except grpc.RpcError as exc:
+                log.debug("heartbeat failed: %s", exc.code())
+
+    def run(self) -> ClientReport:
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while True:
+                try:
+                    if not self.instance:
+                        self._join()
+                        self.backoff.progress()
+                    task = self.stubs.get_task(
+                        pb.TaskRequest(server_instance=self.instance,
+                                       wait_seconds=self.poll_seconds),
+                        timeout=self.poll_seconds + self.rpc_timeout)
+                    self.backoff.progress()
+                    if task.kind == pb.Task.DONE:
+                        log.info("the run is finished after round %d", task.round)
+                        return self.report
+                    if task.kind == pb.Task.FIT:
+                        self._run_task(task)
+                except grpc.RpcError as exc:
+                    self._on_error(exc)
+        finally:
+            self._stop.set()
+            # Joined before the channel closes: a thread still inside a gRPC call while the
+            # interpreter exits can abort the process ("terminate called without an active
+            # exception"). Its call ends within its own timeout.
+            beat.join(timeout=max(self.heartbeat_interval, 1.0) + 5.0)
+
+    def _on_error(self, exc: grpc.RpcError) -> None:
+        code, detail = exc.code(), exc.details() or ""
+        if code in FINAL:
+            raise ClientRefusedError(f"refused by the server: {detail or code.name}") from None
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "join again" in detail:
+            log.info("server restarted or forgot this client: joining again")
+            self.instance = ""
+            return
+        if code in TRANSIENT:
+            self.backoff.wait(f"{code.name}: {detail}")
+            return
+        # A refusal of one task (late, malformed, out of round): log it and ask for the next.
+        log.warning("server refused the last call: %s %s", code.name, detail)
+
+    # -- one task ---------------------------------------------------------------------------
+    def _download(self, task: pb.Task) -> torch.Tensor:
+        numel = self.trainer.spec.numel
+        assembler = ChunkAssembler(torch.empty(numel), numel, self.chunk_bytes)
+        timeout = max(task.deadline_seconds, 1.0) + self.rpc_timeout
+        for chunk in self.stubs.download(pb.ModelRequest(task_id=task.task_id), timeout=timeout):
+            assembler.add(chunk)
+        return assembler.finish()
+
+    def _run_task(self, task: pb.Task) -> None:
+        try:
+            config = fit_config_from_wire(task.config)
+            stages = tuple(stage_from_wire(s) for s in task.stages)
+            if config.round != task.round or task.numel != self.trainer.spec.numel:
+                raise WireError("task round or model size does not match its settings")
+        except WireError as exc:
+            log.error("ignoring a malformed task: %s", exc)
+            return
+        weights = self._download(task)
+        log.info("round %d: training", task.round)
+        try:
+            result = self.trainer.fit(weights, self.data, config)
+            # The same arithmetic and stage randomness as every simulated transport.
+            delta = ClientTask(self.report.client_id, config, stages).finish(
+                result.weights - weights)
+        except Exception:  # the server drops this client from the round at the deadline
+            log.exception("round %d: local training failed", task.round)
+            return
+        metrics = {**result.metrics, "steps": float(result.steps)}
+        if task.HasField("secagg"):
+            from fedmosaic.net.secagg import run_client_secagg
+
+            ok = run_client_secagg(self.stubs, task, delta, result.num_samples,
+                                   timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout)
+        else:
+            ok = self._upload(task, delta, result.num_samples, metrics)
+        if ok:
+            self.report.rounds.append(task.round)
+            self.report.accepted += 1
+
+    def _upload(self, task: pb.Task, delta: torch.Tensor, num_samples: int,
+                metrics: dict[str, float]) -> bool:
+        header = pb.UploadHeader(task_id=task.task_id, round=task.round, num_samples=num_samples,
+                                 metrics=metrics, numel=delta.numel())
+
+        def messages() -> Iterator[pb.UploadMessage]:
+            yield pb.UploadMessage(header=header)
+            for chunk in iter_chunks(delta, self.chunk_bytes):
+                yield pb.UploadMessage(chunk=chunk)
+
+        reply = self.stubs.upload(messages(),
+                                  timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout)
+        log.info("round %d: %s", task.round, reply.detail)
+        return reply.accepted
+
+
+def run_client(
+    server: str,
+    *,
+    ca: str | Path,
+    cert: str | Path,
+    key: str | Path,
+    trainer: Trainer,
+    data: Dataset,
+    server_name: str | None = None,
+    retry_budget: float = 300.0,
+    poll_seconds: float = 10.0,
+    chunk_bytes_limit: int = 64 * 1024 * 1024,
+) -> ClientReport:
+    """Take part in a federation until the server says the run is done.
+
+    ``server`` is HOST:PORT; ``ca``/``cert``/``key`` are this client's federation credentials
+    (``fedmosaic certs``); ``trainer`` and ``data`` are its model and local training data.
+    ``server_name`` overrides the name checked against the server certificate.
+    """
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedmosaicError(f"server address {server!r} must be HOST:PORT with a port in "
+                             "1-65535")
+    channel = open_channel(server, Path(ca), Path(cert), Path(key), server_name=server_name,
+                           max_message_bytes=chunk_bytes_limit + MESSAGE_OVERHEAD)
+    try:
+        client = FederationClient(channel, trainer, data, poll_seconds=poll_seconds,
+                                  backoff=Backoff(budget=retry_budget))
+        return client.run()
+    finally:
+        channel.close()
+
+
+def load_trainer(spec: str) -> Trainer:
+    """A trainer from ``module:attr``: a Trainer instance or a zero-argument factory."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise FedmosaicError(f"--trainer {spec!r} must be 'module:attribute'")
+    try:
+        obj: Any = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise FedmosaicError(f"--trainer {spec!r}: {exc}") from exc
+    trainer = obj if isinstance(obj, Trainer) else (obj() if callable(obj) else None)
+    if not isinstance(trainer, Trainer):
+        raise FedmosaicError(f"--trainer {spec!r} is neither a Trainer nor a factory of one")
+    return trainer
+

@@ -1,0 +1,376 @@
+"""SecAgg+ over gRPC: the protocol of ``fedmosaic.privacy.secagg`` between real processes.
+
+The messages are those of ``privacy/secagg/messages.py``, byte for byte, carried in the
+``SecAgg`` RPC's envelope (Bonawitz et al., CCS 2017, "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning"; Bell et al., CCS 2020, "Secure Single-Server Aggregation
+with (Poly)Logarithmic Overhead"). Each call carries the client's message for the current
+stage (an empty payload first: "trained, ready") and returns, once the server has closed that
+stage, the server's next message for this client -- so a stage closes when every participant
+has answered or has been given up (heartbeats stopped, or the round deadline passed), and
+dropouts at any stage are handled by the protocol itself.
+
+What each client submits is what ``SecAggPlusTransport`` submits in simulation: its delta
+scaled by ``w_i / W`` and clipped to ``[-clip, clip]``, then ``clip * w_i / W`` and ``clip``,
+quantized for a sum of ``n`` clients; the server decodes the sum into one
+``PartialAggregate`` (weighted sum, total weight, count) and never sees an individual update.
+A participant's SecAgg+ index is assigned by the server and bound to its verified identity: a
+message claiming another sender is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from fedmosaic.core.errors import ConfigError
+from fedmosaic.net.auth import Peer
+from fedmosaic.net.errors import Refused
+from fedmosaic.net.proto import fedmosaic_pb2 as pb
+from fedmosaic.net.transport import GrpcTransport, PendingTask
+from fedmosaic.net.wire import MESSAGE_OVERHEAD
+from fedmosaic.privacy.secagg.errors import SecAggAbortError, SecAggProtocolError
+from fedmosaic.privacy.secagg.messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    SetupMessage,
+    ShareKeys,
+    SharesBroadcast,
+    UnmaskResponse,
+    decode_message,
+)
+from fedmosaic.privacy.secagg.protocol import SecAggPlusClient, SecAggPlusServer
+from fedmosaic.privacy.secagg.quantize import Quantizer
+from fedmosaic.privacy.secagg.simulate import make_config
+from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
+from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
+from fedmosaic.runtime.transport import TransportResult
+
+log = logging.getLogger(__name__)
+
+# The client message each stage collects; "ready" is the empty envelope after training.
+STAGE_MESSAGES: dict[str, type] = {"advertise": AdvertiseKeys, "share_keys": ShareKeys,
+                                   "masked_input": MaskedInput, "unmask": UnmaskResponse}
+STAGE_ORDER = list(STAGE_MESSAGES)
+AGGREGATED = "aggregated"
+
+
+@dataclass
+class _Round:
+    round: int
+    stage: str = "ready"
+    server: SecAggPlusServer | None = None
+    members: dict[int, PendingTask] = field(default_factory=dict)  # SecAgg+ index -> task
+    participants: dict[int, str] = field(default_factory=dict)  # index -> client, for good
+
+
+class SecAggRoundDriver:
+    """The server side: runs one SecAgg+ round per federated round inside
+    ``GrpcTransport.fit`` and answers the ``SecAgg`` RPC. Parameters as in
+    ``SecAggPlusTransport`` (``uniform``: every client's weight is 1)."""
+
+    def __init__(self, *, clip: float, max_weight: float, uniform: bool,
+                 dropout_rate: float = 0.1, bits: int = 32) -> None:
+        if not clip > 0 or not max_weight > 0:
+            raise ConfigError("runtime.secagg_clip", clip, "clip and max_weight > 0")
+        self.clip, self.max_weight, self.uniform = float(clip), float(max_weight), uniform
+        self.dropout_rate, self.bits = dropout_rate, bits
+        self.current: _Round | None = None
+        self.last_round: dict[str, Any] = {}
+
+    # -- what the server loop and the transport ask ---------------------------------------
+    check_strategy = staticmethod(SecAggPlusTransport.check_strategy)
+
+    def wire_settings(self) -> pb.SecAggSettings:
+        return pb.SecAggSettings(clip=self.clip, max_weight=self.max_weight,
+                                 uniform_weighting=self.uniform, bits=self.bits)
+
+    def max_message_bytes(self, numel: int) -> int:
+        """The masked input is one message: ``numel + 2`` ring elements."""
+        return (numel + 2) * (self.bits // 8) + MESSAGE_OVERHEAD
+
+    def guarantees(self) -> dict[str, Any]:
+        return {
+            "secure_aggregation": {
+                "protocol": "SecAgg+ (Bell et al. 2020) over gRPC with mutual TLS",
+                "ring_bits": self.bits, "clip": self.clip, "max_weight": self.max_weight,
+                "designed_dropout_rate": self.dropout_rate,
+                "neighbourhood_degree": self.last_round.get("degree"),
+                "threshold": self.last_round.get("threshold"), "masks": "OS CSPRNG",
+            },
+            "server_sees": "only the sum of the surviving clients' updates (plus their count "
+                           "and total weight)",
+        }
+
+    # -- the round (server loop thread) ---------------------------------------------------
+    def run(self, transport: GrpcTransport, outstanding: dict[bytes, PendingTask],
+            weighting: Weighting | None) -> Iterator[TransportResult]:
+        if weighting is None:
+            raise ConfigError("aggregator", None, "a weighted-sum aggregator under SecAgg+")
+        tasks = list(outstanding.values())
+        held: list[tuple[str, TransportResult]] = []
+        with transport.cond:
+            self.current = rnd = _Round(round=transport.round)
+        try:
+            yield from self._wait(transport, tasks, lambda t: t.state == "secagg", held)
+            with transport.cond:
+                ready = sorted((t for t in tasks if t.state == "secagg"),
+                               key=lambda t: t.client_id)
+                if len(ready) < 2:
+                    for t in ready:
+                        transport.close_task(t, ClientFailure(
+                            t.client_id, "SecAgg+ needs at least 2 clients; round skipped"))
+                    ready = []
+                else:
+                    config = make_config(len(ready), transport.numel + 2, bits=self.bits,
+                                         dropout_rate=self.dropout_rate)
+                    rnd.server = SecAggPlusServer(config)
+                    setup = rnd.server.setup_message().to_bytes()
+                    for u, t in enumerate(ready):
+                        t.extra["index"] = u
+                        rnd.members[u] = t
+                        rnd.participants[u] = t.client_id
+                        t.extra["replies"] = {"ready": pb.SecAggEnvelope(payload=setup,
+                                                                         participant=u)}
+                    rnd.stage = "advertise"
+                    transport.cond.notify_all()
+            yield from self._drain(transport, held)
+            if not ready:
+                return
+            assert rnd.server is not None
+            server = rnd.server
+            steps: list[tuple[str, Callable[[], Any]]] = [
+                ("advertise", server.broadcast_keys), ("share_keys", server.route_shares),
+                ("masked_input", server.request_unmask), ("unmask", server.finalize)]
+            result = None
+            for stage, close in steps:
+                members = list(rnd.members.values())
+                yield from self._wait(transport, members,
+                                      lambda t, s=stage: t.extra.get("submitted") == s, held)
+                with transport.cond:
+                    try:
+                        out = close()
+                    except SecAggAbortError as exc:
+                        log.warning("round %d: secure aggregation aborted: %s", rnd.round, exc)
+                        for t in rnd.members.values():
+                            transport.close_task(t, ClientFailure(
+                                t.client_id, f"secure aggregation aborted: {exc}"))
+                        break
+                    if stage == "unmask":
+                        result = out
+                        for t in rnd.members.values():
+                            t.extra["replies"][stage] = pb.SecAggEnvelope(finished=True,
+                                                                          detail=AGGREGATED)
+                    else:
+                        self._publish(transport, rnd, stage, out)
+                        rnd.stage = STAGE_ORDER[STAGE_ORDER.index(stage) + 1]
+                    transport.cond.notify_all()
+                yield from self._drain(transport, held)
+            if result is None:  # aborted: every participant's failure is queued
+                yield from self._drain(transport, held)
+                yield from (r for _, r in held)
+                return
+            survivors = {rnd.participants[u] for u in result.survivors}
+            # A client that dropped (or failed) after uploading its masked input is still in
+            # the sum: it is not reported as failed.
+            yield from (r for cid, r in held if cid not in survivors)
+            held.clear()
+            # Clients quantized for a sum of all participants, dropped ones included.
+            yield self._partial(result, server.config.num_clients, rnd, survivors)
+        finally:
+            with transport.cond:
+                self.current = None
+                transport.cond.notify_all()
+
+    def _publish(self, transport: GrpcTransport, rnd: _Round, stage: str,
+                 out: dict[int, Any]) -> None:
+        """Each remaining member's next server message; the others are out of the round."""
+        for u, t in list(rnd.members.items()):
+            if u in out:
+                t.extra["replies"][stage] = pb.SecAggEnvelope(payload=out[u].to_bytes(),
+                                                              participant=u)
+            else:
+                t.extra["replies"][stage] = pb.SecAggEnvelope(
+                    finished=True, detail="left out of the secure aggregation")
+                del rnd.members[u]
+                transport.close_task(t, ClientFailure(
+                    t.client_id, f"dropped out of secure aggregation at stage {stage}"))
+
+    def _partial(self, result: Any, n: int, rnd: _Round,
+                 survivors: set[str]) -> PartialAggregate:
+        quantizer = Quantizer(clip=self.clip, bits=self.bits, num_clients=n)
+        total = quantizer.decode(result.total)
+        count = round(float(total[-1]) / self.clip)
+        assert rnd.server is not None
+        self.last_round = {"round": rnd.round, "clients": n, "survivors": len(survivors),
+                           "degree": rnd.server.config.degree,
+                           "threshold": rnd.server.config.threshold}
+        log.info("round %d: secure sum of %d of %d clients", rnd.round, count, n)
+        if count == 0:
+            return PartialAggregate(weighted_sum=None)
+        return PartialAggregate(
+            weighted_sum=torch.from_numpy(total[:-2] * self.max_weight).to(torch.float32),
+            total_weight=float(total[-2] / self.clip * self.max_weight), count=count,
+            client_ids=sorted(survivors))
+
+    def _wait(self, transport: GrpcTransport, tasks: list[PendingTask],
+              done: Callable[[PendingTask], bool],
+              held: list[tuple[str, TransportResult]]) -> Iterator[TransportResult]:
+        """Until every task is done or closed; failures meanwhile are passed on (or held
+        while inputs may still be in the sum)."""
+        while True:
+            with transport.cond:
+                if all(t.state in ("closed", "delivered") or done(t) for t in tasks):
+                    return
+                transport.cond.wait(0.2)
+            transport.expire(tasks)
+            yield from self._drain(transport, held)
+
+    def _drain(self, transport: GrpcTransport,
+               held: list[tuple[str, TransportResult]]) -> Iterator[TransportResult]:
+        stage = self.current.stage if self.current is not None else "ready"
+        while True:
+            try:
+                delivery = transport.results.get_nowait()
+            except queue.Empty:
+                return
+            if stage == "unmask":  # its input may be in the sum: decide at the end
+                held.append((delivery.task.client_id, delivery.result))
+            else:
+                yield delivery.result
+
+    # -- the RPC (handler threads) ---------------------------------------------------------
+    def handle(self, transport: GrpcTransport, peer: Peer,
+               envelope: pb.SecAggEnvelope) -> pb.SecAggEnvelope:
+        with transport.cond:
+            task = transport.task_of(peer, envelope.task_id)
+            rnd = self.current
+            if not task.extra.get("secagg") or rnd is None or rnd.round != task.round:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              "no secure aggregation in progress for this task", "secagg_state")
+            if not envelope.payload and envelope.detail:
+                self._withdraw(transport, task, rnd, envelope.detail)
+                return pb.SecAggEnvelope(finished=True, detail="withdrawn")
+            if not envelope.payload:
+                stage = self._ready(transport, task, rnd)
+            else:
+                stage = self._submit(transport, task, rnd, envelope.payload)
+            # Wait until the stage closes and this client's next message is ready.
+            deadline = time.monotonic() + transport.settings.round_deadline
+            while True:
+                reply = task.extra.get("replies", {}).get(stage)
+                if reply is not None:
+                    return reply
+                if task.state == "closed" or self.current is not rnd:
+                    return pb.SecAggEnvelope(finished=True,
+                                             detail="dropped from the secure aggregation")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "secure aggregation stage did not close in time", "deadline")
+                transport.cond.wait(min(left, 1.0))
+
+    def _withdraw(self, transport: GrpcTransport, task: PendingTask, rnd: _Round,
+                  reason: str) -> None:
+        """The client leaves the round (it will not or cannot go on): to the protocol it is
+        a dropout, and nobody waits for it any longer."""
+        if task.state not in ("issued", "secagg"):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"task is {task.state}", "task_state")
+        rnd.members.pop(task.extra.get("index", -1), None)
+        transport.close_task(task, ClientFailure(
+            task.client_id, f"withdrew from secure aggregation: {reason[:200]}"))
+
+    def _ready(self, transport: GrpcTransport, task: PendingTask, rnd: _Round) -> str:
+        if task.state != "issued" or rnd.stage != "ready":
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"cannot join the secure sum now (task {task.state}, stage "
+                          f"{rnd.stage})", "secagg_state")
+        task.state = "secagg"
+        transport.cond.notify_all()
+        return "ready"
+
+    def _submit(self, transport: GrpcTransport, task: PendingTask, rnd: _Round,
+                payload: bytes) -> str:
+        stage = rnd.stage
+        index = task.extra.get("index")
+        if task.state != "secagg" or index not in rnd.members or rnd.server is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          "not a participant of this secure sum", "secagg_state")
+        if task.extra.get("submitted") == stage:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"message for stage {stage} already received (replay?)", "replay")
+        try:
+            message = decode_message(bytes(payload))
+            expected = STAGE_MESSAGES.get(stage)
+            if expected is None or not isinstance(message, expected):
+                raise SecAggProtocolError(f"expected {getattr(expected, '__name__', 'nothing')}"
+                                          f" in stage {stage}, got {type(message).__name__}")
+            if message.sender != index:
+                raise SecAggProtocolError(f"message claims sender {message.sender}, this "
+                                          f"client is participant {index}")
+            rnd.server.receive(message)
+        except SecAggProtocolError as exc:
+            # The protocol treats a participant whose message is refused as dropped.
+            del rnd.members[index]
+            transport.reject_task(task, f"secure aggregation message refused: {exc}")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "secagg_message") from exc
+        task.extra["submitted"] = stage
+        transport.cond.notify_all()
+        return stage
+
+
+def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_samples: int,
+                      *, timeout: float) -> bool:
+    """Take part in the round's secure sum with ``delta``; True if it was aggregated."""
+    s = task.secagg
+    weight = 1.0 if s.uniform_weighting else float(num_samples)
+    if not bool(torch.isfinite(delta).all()) or not 0 < weight <= s.max_weight:
+        # Once masked, the server could not tell a broken input: do not submit one.
+        stubs.secagg(pb.SecAggEnvelope(task_id=task.task_id,
+                                       detail=f"non-finite update or weight {weight} outside "
+                                              f"(0, {s.max_weight}]"), timeout=timeout)
+        return False
+    scale = weight / s.max_weight
+    row = np.concatenate([delta.double().numpy() * scale, [scale * s.clip, s.clip]])
+
+    def call(payload: bytes = b"") -> pb.SecAggEnvelope:
+        return stubs.secagg(pb.SecAggEnvelope(task_id=task.task_id, payload=payload),
+                            timeout=timeout)
+
+    reply = call()
+    if reply.finished:
+        log.info("round %d: not in the secure sum: %s", task.round, reply.detail)
+        return False
+    client = SecAggPlusClient(reply.participant)
+    try:
+        message = decode_message(bytes(reply.payload))
+        if not isinstance(message, SetupMessage) or message.config.dim != row.size \
+                or message.config.bits != s.bits:
+            raise SecAggProtocolError("unexpected secure aggregation setup")
+        quantizer = Quantizer(clip=s.clip, bits=s.bits, num_clients=message.config.num_clients)
+        outgoing = client.handle(message)
+        while True:
+            reply = call(outgoing.to_bytes())
+            if reply.finished:
+                log.info("round %d: secure aggregation: %s", task.round, reply.detail)
+                return reply.detail == AGGREGATED
+            message = decode_message(bytes(reply.payload))
+            vector = quantizer.encode(row, np.random.default_rng()) \
+                if isinstance(message, SharesBroadcast) else None
+            outgoing = client.handle(message, vector)
+    except (SecAggProtocolError, ValueError) as exc:
+        log.error("round %d: leaving the secure aggregation: %s", task.round, exc)
+        with contextlib.suppress(grpc.RpcError):  # best effort: else the stage times it out
+            stubs.secagg(pb.SecAggEnvelope(task_id=task.task_id,
+                                           detail=f"client error: {type(exc).__name__}"),
+                         timeout=timeout)
+        return False

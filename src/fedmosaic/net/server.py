@@ -1,0 +1,176 @@
+"""``serve``: run an experiment's server over gRPC (``fedmosaic server EXPERIMENT.toml``).
+
+The pieces come from the experiment file exactly as for ``fedmosaic run`` (``build.py``):
+strategy, the trainer (for central evaluation) and the test data; only the transport differs
+(``GrpcTransport``). The output directory receives the same checkpoint, ``metrics.json`` and
+``model.pt``; a checkpoint of the same experiment found there is resumed from automatically,
+so a server killed at any moment (even ``kill -9``) continues after its last completed round
+when restarted, and the clients reconnect by themselves. ``endpoint.json`` in the output
+directory tells scripts where the server listens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedmosaic.config import Experiment
+from fedmosaic.core.errors import ConfigError, RoundFailedError
+from fedmosaic.net.auth import RevocationList, server_credentials
+from fedmosaic.net.certs import FederationPaths
+from fedmosaic.net.service import FederationService
+from fedmosaic.net.settings import DeploySettings
+from fedmosaic.net.transport import GrpcTransport
+from fedmosaic.net.wire import grpc_options, spec_hash
+from fedmosaic.runtime.checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint
+from fedmosaic.runtime.result import RunResult
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_FILE = "endpoint.json"
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server and its transport (``serve`` drives rounds on it)."""
+
+    grpc_server: grpc.Server
+    transport: GrpcTransport
+    port: int
+    service: FederationService | None = None
+    executor: futures.ThreadPoolExecutor | None = None
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop listening, end the calls in flight (after ``grace`` seconds) and join the
+        handler threads: ``grpc.Server.stop`` leaves the executor it was given running."""
+        stopped = self.grpc_server.stop(grace)
+        self.transport.stop()
+        stopped.wait()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.service is not None:
+            self.service.close()
+
+
+def start_server(settings: DeploySettings, transport: GrpcTransport,
+                 traffic: Any = None) -> RunningServer:
+    """Start listening (TLS with required client certificates) and return the server."""
+    paths = FederationPaths(settings.credentials)
+    revocations = RevocationList(paths.crl, paths.ca_cert)
+    service = FederationService(transport, revocations, traffic)
+    message_limit = settings.max_message_bytes
+    if transport.secagg is not None:
+        message_limit = max(message_limit,
+                            transport.secagg.max_message_bytes(transport.numel))
+    executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers,
+                                          thread_name_prefix="fedmosaic-rpc")
+    server = grpc.server(executor, handlers=[service.handler()],
+                         options=grpc_options(message_limit),
+                         maximum_concurrent_rpcs=settings.max_workers)
+    address = f"{settings.address}:{settings.port}"
+    try:
+        port = server.add_secure_port(address, server_credentials(paths))
+    except RuntimeError as exc:
+        executor.shutdown()
+        raise ConfigError("server.port", settings.port, f"a free port ({exc})") from exc
+    if port == 0:
+        executor.shutdown()
+        raise ConfigError("server.port", settings.port, f"a port this host can bind ({address})")
+    server.start()
+    return RunningServer(server, transport, port, service, executor)
+
+
+def serve(exp: Experiment, out: Path, settings: DeploySettings,
+          metrics: Any = None) -> RunResult:
+    """Run ``exp`` with remote clients until all rounds are done; see the module docstring."""
+    import torch
+
+    from fedmosaic.build import build_data, build_strategy, build_trainer
+    from fedmosaic.runtime.simulate import simulate
+
+    if exp[""]["threads"] > 0:
+        torch.set_num_threads(exp[""]["threads"])
+    fed = build_data(exp)
+    trainer = build_trainer(exp, fed)
+    strategy = build_strategy(exp, fed)  # the data's shape builds a [watermark]'s triggers
+    if strategy.straggler_fraction > 0:
+        raise ConfigError("strategy.stragglers", strategy.straggler_fraction,
+                          "0 with real clients: stragglers are real, and the round deadline "
+                          "(server.round_deadline) drops them")
+    rounds = exp[""]["rounds"]
+    secagg = _secagg_driver(exp, fed, settings)
+    transport = GrpcTransport(settings, numel=trainer.spec.numel, spec_hash=spec_hash(trainer.spec),
+                              experiment=exp.name, rounds=rounds, secagg=secagg,
+                              metrics=metrics)
+    running = start_server(settings, transport, traffic=metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / ENDPOINT_FILE, json.dumps({
+        "address": settings.address, "port": running.port, "pid": os.getpid(),
+        "instance": transport.instance,
+        "metrics_port": getattr(metrics, "port", None)}).encode())
+    log.info("server for %s listening on %s:%d (TLS, client certificates required)", exp.name,
+             settings.address, running.port)
+
+    def on_round(record: dict[str, Any]) -> None:
+        transport.round_completed(record)
+        if metrics is not None:
+            metrics.round_completed(record)
+        log.info("round %d done: %d updates, %d failures, %d rejected, test accuracy %s",
+                 record["round"], record["updates"], record["failures"], record["rejected"],
+                 record.get("test_accuracy"))
+
+    try:
+        attempts = 0
+        while True:
+            resume = (out / CHECKPOINT_NAME).is_file()
+            if resume:
+                done = int(load_checkpoint(out)["round"])
+                transport.resumed_at(done)
+                log.info("resuming %s after round %d from %s", exp.name, done, out)
+            try:
+                result = simulate(trainer, fed, strategy, rounds, seed=exp[""]["seed"],
+                                  transport=transport, out_dir=out, resume=resume,
+                                  eval_every=exp[""]["eval_every"], identity=exp.identity(),
+                                  callbacks=[on_round])
+                break
+            except RoundFailedError as exc:
+                attempts += 1
+                if attempts > settings.round_retries:
+                    raise
+                log.warning("round failed (%s); retry %d of %d from the last checkpoint", exc,
+                            attempts, settings.round_retries)
+        transport.finish()
+        log.info("%s finished: %d rounds", exp.name, len(result.history))
+        _linger(transport, settings.linger)
+        return result
+    finally:
+        running.stop()
+
+
+def _linger(transport: GrpcTransport, seconds: float) -> None:
+    """Keep answering DONE until every connected client has heard it (or ``seconds``)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not transport.all_told_done():
+        time.sleep(0.1)
+
+
+def _secagg_driver(exp: Experiment, fed: Any, settings: DeploySettings) -> Any:
+    rt = exp["runtime"]
+    if not rt["secure_aggregation"]:
+        return None
+    from fedmosaic.net.secagg import SecAggRoundDriver
+
+    uniform = exp["privacy"]["mode"] == "distributed" or exp["strategy"]["weighting"] == "uniform"
+    default_w = 1.0 if uniform else float(max(fed.sizes().values()))
+    return SecAggRoundDriver(clip=rt.get("secagg_clip", 1.0),
+                             max_weight=rt.get("secagg_max_weight", default_w),
+                             uniform=uniform,
+                             dropout_rate=rt.get("secagg_dropout_rate", 0.1))

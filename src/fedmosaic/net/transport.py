@@ -1,0 +1,552 @@
+"""GrpcTransport: the server loop's ``Transport`` for real client processes (issue #5).
+
+``fedmosaic.runtime.Server`` drives rounds exactly as in simulation; this class only changes
+how a round's tasks reach clients and how their updates come back. The gRPC handlers
+(``fedmosaic.net.service``) call into it from worker threads; the server loop calls
+``available_clients`` and ``fit`` from its own thread; one condition variable guards the
+shared state.
+
+Per round: each selected, connected client gets a task with a fresh random single-use id
+(``secrets.token_bytes``) bound to (client, round). The model is streamed from the one global
+tensor. An upload must present its task id from the same verified client in the same round,
+once; it is staged in one of a few reusable buffers (``BufferPool``), validated chunk by chunk
+and then as a whole (``validate_update``), and handed to the server loop's ``RoundTally``,
+which adds it to the running sum before the buffer is reused. So the server holds the global
+model, the running sum and ``upload_slots`` buffers, whatever the number of clients.
+
+A round ends when every task has been answered or given up: a client that stops sending
+heartbeats (three missed intervals) or rejoins is a failure at once; whoever has not delivered
+by the round deadline is dropped as a straggler (its late upload is refused as out of round).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.core.errors import InvalidUpdateError, RoundFailedError
+from fedmosaic.core.update import ClientUpdate, validate_update
+from fedmosaic.net.auth import Peer
+from fedmosaic.net.errors import Refused
+from fedmosaic.net.proto import fedmosaic_pb2 as pb
+from fedmosaic.net.settings import DeploySettings
+from fedmosaic.net.wire import (
+    BufferPool,
+    ChunkAssembler,
+    WireError,
+    check_metrics,
+    fit_config_to_wire,
+    iter_chunks,
+    stage_to_wire,
+)
+from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
+from fedmosaic.runtime.transport import TransportResult
+from fedmosaic.train.base import FitConfig
+
+log = logging.getLogger(__name__)
+
+TASK_ID_BYTES = 16
+MAX_DOWNLOADS_PER_TASK = 3  # a retry after a broken stream, not a bandwidth amplifier
+MAX_POLL_SECONDS = 30.0
+MAX_SAMPLES = 2**40
+
+
+@dataclass
+class PendingTask:
+    """One client's assignment in one round, and where it stands."""
+
+    task_id: bytes
+    client_id: str
+    round: int
+    task: ClientTask
+    wire: pb.Task
+    # pending -> issued -> uploading -> delivered, or closed (failed, rejected, round over)
+    state: str = "pending"
+    downloads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # used by the SecAgg+ round
+
+
+@dataclass
+class Session:
+    """A joined client: its identity (from its certificate) and when it was last heard from."""
+
+    client_id: str
+    joined: float
+    last_seen: float
+    task: PendingTask | None = None
+    seen_done: bool = False
+
+
+@dataclass
+class Delivery:
+    """A result handed from a handler thread to the server loop; ``done`` is set once the
+    loop has consumed it (the upload buffer may then be reused)."""
+
+    task: PendingTask
+    result: TransportResult
+    done: threading.Event | None = None
+    accepted: bool = False
+
+
+class GrpcTransport:
+    """Serves rounds to remote clients; see the module docstring.
+
+    ``numel``/``spec_hash`` describe the model (clients must match them); ``secagg`` (a
+    ``fedmosaic.net.secagg.SecAggRoundDriver``) switches the rounds to SecAgg+; ``metrics``
+    (a ``fedmosaic.net.monitoring.ServerMetrics``) is told rounds, connections and drops.
+    Each client is sent the model through its task's dispatch transform (``supports_dispatch``:
+    per-client fingerprints); only authenticated clients ever receive it.
+    """
+
+    supports_dispatch = True
+
+    def __init__(
+        self,
+        settings: DeploySettings,
+        *,
+        numel: int,
+        spec_hash: str,
+        experiment: str,
+        rounds: int,
+        secagg: Any = None,
+        metrics: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.numel, self.spec_hash, self.experiment = numel, spec_hash, experiment
+        self.rounds = rounds
+        self.instance = secrets.token_hex(8)
+        self.started = time.monotonic()
+        self.cond = threading.Condition()
+        self.sessions: dict[str, Session] = {}
+        self.tasks: dict[bytes, PendingTask] = {}
+        self.round = 0
+        self.completed_rounds = 0
+        self.last_record: dict[str, Any] = {}
+        self.done = False
+        self.stopping = False  # the gRPC server is stopping: long polls return at once
+        self.round_open = False
+        self.weights: torch.Tensor | None = None
+        self.results: queue.Queue[Delivery] = queue.Queue()
+        self.pool = BufferPool(numel, settings.upload_slots)
+        self.secagg = secagg
+        self.metrics = metrics
+        self.round_received = 0
+        self._round_deadline = 0.0
+
+    # -- helpers (call with self.cond held) ---------------------------------------------
+    def _alive(self, session: Session, now: float) -> bool:
+        return now - session.last_seen <= self.settings.liveness_timeout
+
+    def session_of(self, peer: Peer, instance: str) -> Session:
+        """The caller's session; a stale instance or no session means "join again"."""
+        session = self.sessions.get(peer.client_id)
+        if instance != self.instance or session is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          "not joined to this server instance: join again", "not_joined")
+        session.last_seen = time.monotonic()
+        return session
+
+    def task_of(self, peer: Peer, task_id: bytes, round_num: int | None = None) -> PendingTask:
+        """The open task ``task_id`` if it belongs to ``peer`` (and ``round_num``)."""
+        task = self.tasks.get(bytes(task_id))
+        if task is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          "unknown or expired task id (replayed, or its round is over)",
+                          "unknown_task")
+        if task.client_id != peer.client_id:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          "task id belongs to another client", "foreign_task")
+        if round_num is not None and round_num != task.round:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"task is for round {task.round}, message says round {round_num}",
+                          "wrong_round")
+        session = self.sessions.get(peer.client_id)
+        if session is not None:
+            session.last_seen = time.monotonic()  # working on its task is a sign of life
+        return task
+
+    def close_task(self, task: PendingTask, result: TransportResult | None,
+                   drop: str = "failed") -> None:
+        """End ``task`` now; ``result`` (a failure or rejection) goes to the server loop;
+        ``drop`` is the reason label counted in the metrics."""
+        if task.state in ("closed", "delivered"):
+            return
+        task.state = "closed"
+        if self.metrics is not None:
+            self.metrics.client_dropped(drop)
+        session = self.sessions.get(task.client_id)
+        if session is not None and session.task is task:
+            session.task = None
+        if result is not None and self.round_open:
+            self.results.put(Delivery(task, result))
+        self.cond.notify_all()
+
+    def reject_task(self, task: PendingTask, reason: str) -> None:
+        """Count ``task``'s update as rejected (no sum is touched) and end the task."""
+        msg = f"update from client '{task.client_id}' rejected: {reason}"
+        log.warning("round %d: %s", task.round, msg)
+        self.close_task(task, PartialAggregate(weighted_sum=None, rejected=[msg]), "rejected")
+
+    # -- RPC entry points (from handler threads) ------------------------------------------
+    def join(self, peer: Peer, spec_hash: str) -> pb.JoinReply:
+        if peer.role != "client":
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"a '{peer.role or 'unknown'}' credential cannot take part in training",
+                          "not_a_client")
+        if spec_hash != self.spec_hash:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"client model layout {spec_hash[:16]!r} differs from the server's "
+                          f"{self.spec_hash!r}: wrong trainer or model configuration",
+                          "model_mismatch")
+        now = time.monotonic()
+        with self.cond:
+            old = self.sessions.get(peer.client_id)
+            if old is not None and old.task is not None:
+                # It lost its connection or restarted: this round's task is void; it takes
+                # part again from the next round.
+                self.close_task(old.task, ClientFailure(
+                    peer.client_id, "rejoined during the round (restarted or reconnected)"),
+                    "disconnected")
+            self.sessions[peer.client_id] = Session(peer.client_id, now, now)
+            self._gauge_connected()
+            self.cond.notify_all()
+        log.info("client %s joined%s", peer.client_id, " again" if old is not None else "")
+        return pb.JoinReply(client_id=peer.client_id, server_instance=self.instance,
+                            experiment=self.experiment, numel=self.numel,
+                            spec_hash=self.spec_hash, chunk_bytes=self.settings.chunk_bytes,
+                            heartbeat_interval=self.settings.heartbeat_interval)
+
+    def heartbeat(self, peer: Peer, instance: str) -> pb.HeartbeatReply:
+        with self.cond:
+            session = self.session_of(peer, instance)
+            if self.done:
+                session.seen_done = True
+            return pb.HeartbeatReply(round=self.round, done=self.done)
+
+    def next_task(self, peer: Peer, instance: str, wait: float) -> pb.Task:
+        """Long-poll: a task for this client, DONE, or WAIT after ``wait`` seconds."""
+        wait = min(max(wait, 0.0), MAX_POLL_SECONDS) if math.isfinite(wait) else 0.0
+        deadline = time.monotonic() + wait
+        with self.cond:
+            session = self.session_of(peer, instance)
+            while True:
+                if self.done:
+                    session.seen_done = True
+                    return pb.Task(kind=pb.Task.DONE, round=self.completed_rounds)
+                if self.stopping:
+                    return pb.Task(kind=pb.Task.WAIT, round=self.round)
+                task = session.task
+                # An issued task is handed out again: the reply may have been lost, or the
+                # download broken off (downloads stay capped, the upload single-use).
+                if task is not None and task.state in ("pending", "issued") \
+                        and task.downloads < MAX_DOWNLOADS_PER_TASK:
+                    task.state = "issued"
+                    msg = pb.Task()
+                    msg.CopyFrom(task.wire)
+                    msg.deadline_seconds = max(0.0, self._round_deadline - time.monotonic())
+                    return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return pb.Task(kind=pb.Task.WAIT, round=self.round)
+                self.cond.wait(left)
+                session = self.session_of(peer, instance)
+
+    def model_chunks(self, peer: Peer, task_id: bytes) -> Iterator[pb.TensorChunk]:
+        with self.cond:
+            task = self.task_of(peer, task_id)
+            if task.state != "issued":
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"task is {task.state}, the model can no longer be downloaded",
+                              "task_state")
+            if task.downloads >= MAX_DOWNLOADS_PER_TASK:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"model already downloaded {task.downloads} times for this task",
+                              "download_limit")
+            task.downloads += 1
+            weights = self.weights
+            assert weights is not None  # a task is open only while its round is
+        # The task's dispatch transform (a per-client fingerprint), if any: the client trains
+        # from what it received and uploads its delta relative to that, so aggregation is
+        # unaffected, and a leaked copy of the model is traceable to the client it went to.
+        return iter_chunks(task.task.received(weights), self.settings.chunk_bytes)
+
+    def receive_upload(self, peer: Peer, messages: Iterator[pb.UploadMessage]) -> pb.UploadReply:
+        """Stage, validate and deliver one streamed update; see the module docstring."""
+        try:
+            first = next(messages, None)
+        except WireError as exc:  # the first message does not decode: no task is touched
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.label) from exc
+        except grpc.RpcError as exc:  # the client went away before its header arrived
+            raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted",
+                          "interrupted") from exc
+        if first is None or first.WhichOneof("part") != "header":
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          "an upload must start with its header", "malformed")
+        header = first.header
+        with self.cond:
+            task = self.task_of(peer, header.task_id, header.round)
+            if task.state != "issued":
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"task already {task.state} (replayed upload?)", "replay")
+            if task.extra.get("secagg"):
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              "this round uses secure aggregation: no plaintext uploads",
+                              "secagg_round")
+            problem = self._check_header(header)
+            if problem is not None:
+                self.reject_task(task, problem)
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem, "malformed")
+            task.state = "uploading"
+            left = self._round_deadline - time.monotonic()
+        try:
+            with self.pool.slot(timeout=left) as buffer:
+                assembler = ChunkAssembler(buffer, self.numel, self.settings.chunk_bytes)
+                for msg in messages:
+                    if msg.WhichOneof("part") != "chunk":
+                        raise WireError("only tensor chunks may follow the header")
+                    assembler.add(msg.chunk)
+                update = validate_update(ClientUpdate(
+                    client_id=peer.client_id, delta=assembler.finish(),
+                    num_samples=int(header.num_samples), base_round=task.round,
+                    metrics=check_metrics(header.metrics)), numel=self.numel,
+                    current_round=task.round)
+                return self._deliver(task, update)
+        except (WireError, InvalidUpdateError) as exc:
+            with self.cond:
+                self.reject_task(task, str(exc))
+            label = exc.label if isinstance(exc, WireError) else "invalid_update"
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), label) from exc
+        except TimeoutError as exc:
+            with self.cond:
+                self.close_task(task, ClientFailure(task.client_id, str(exc)), "deadline")
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline") from exc
+        except grpc.RpcError as exc:  # the client went away mid-stream
+            with self.cond:
+                self.close_task(task, ClientFailure(task.client_id, "upload interrupted"),
+                                "disconnected")
+            raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted", "interrupted") from exc
+
+    def _check_header(self, header: pb.UploadHeader) -> str | None:
+        if header.numel != self.numel:
+            return f"header announces {header.numel} values, the model has {self.numel}"
+        if not 0 < header.num_samples <= MAX_SAMPLES:
+            return f"num_samples {header.num_samples} outside [1, {MAX_SAMPLES}]"
+        try:
+            check_metrics(header.metrics)
+        except WireError as exc:
+            return str(exc)
+        return None
+
+    def _deliver(self, task: PendingTask, result: TransportResult) -> pb.UploadReply:
+        """Hand ``result`` to the server loop and wait until it has been summed."""
+        done = threading.Event()
+        delivery = Delivery(task, result, done)
+        with self.cond:
+            if not self.round_open or task.state != "uploading":
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {task.round} closed before the update arrived",
+                              "late")
+            task.state = "delivered"
+            self.results.put(delivery)
+        # The loop consumes deliveries as they come; the deadline bounds the wait.
+        done.wait(max(self._round_deadline - time.monotonic(), 0.0) + 30.0)
+        if not delivery.accepted:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"round {task.round} closed before the update was aggregated", "late")
+        return pb.UploadReply(accepted=True, detail=f"update for round {task.round} aggregated")
+
+    def status(self) -> pb.StatusReply:
+        with self.cond:
+            state = "done" if self.done else ("training" if self.round_open else "waiting")
+            tasks = [t for t in self.tasks.values() if t.round == self.round]
+            return pb.StatusReply(
+                experiment=self.experiment, state=state, round=self.round, rounds=self.rounds,
+                completed_rounds=self.completed_rounds,
+                connected_clients=len(self.connected_unlocked()),
+                round_tasks=len(tasks), round_received=self.round_received,
+                uptime_seconds=time.monotonic() - self.started,
+                last_record_json=json.dumps(self.last_record, default=float))
+
+    def connected_unlocked(self) -> list[str]:
+        now = time.monotonic()
+        return [c for c, s in self.sessions.items() if self._alive(s, now)]
+
+    # -- the Transport protocol (server loop thread) ---------------------------------------
+    def available_clients(self) -> list[str]:
+        """Connected clients, once at least ``min_clients`` are (waiting up to
+        ``wait_for_clients`` seconds; fewer fails the round, which the server retries)."""
+        need, wait = self.settings.min_clients, self.settings.wait_for_clients
+        deadline = time.monotonic() + wait
+        with self.cond:
+            while True:
+                alive = sorted(self.connected_unlocked())
+                if len(alive) >= need:
+                    return alive
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RoundFailedError(f"{len(alive)} clients connected after waiting {wait:g}s"
+                                           f"; min_clients is {need}")
+                self.cond.wait(min(left, 1.0))
+
+    def check_strategy(self, strategy: Any) -> None:
+        """Under SecAgg+, refuse aggregators that need individual updates (as in simulation)."""
+        if self.secagg is not None:
+            self.secagg.check_strategy(strategy)
+
+    def guarantees(self) -> dict[str, Any]:
+        return self.secagg.guarantees() if self.secagg is not None else {}
+
+    def full_steps(self, client_id: str, config: FitConfig) -> int | None:
+        return None  # unknown: real clients straggle for real
+
+    def fit(
+        self, weights: torch.Tensor, tasks: Sequence[ClientTask],
+        weighting: Weighting | None = None,
+    ) -> Iterator[TransportResult]:
+        round_num = tasks[0].config.round if tasks else self.round + 1
+        now = time.monotonic()
+        failures: list[ClientFailure] = []
+        outstanding: dict[bytes, PendingTask] = {}
+        with self.cond:
+            self.round, self.round_open, self.round_received = round_num, True, 0
+            self.weights = weights.detach()
+            self.results = queue.Queue()
+            self._round_deadline = now + self.settings.round_deadline
+            for t in tasks:
+                session = self.sessions.get(t.client_id)
+                if session is None or not self._alive(session, now):
+                    failures.append(ClientFailure(t.client_id, "not connected"))
+                    continue
+                pending = self._new_task(t, weighting)
+                self.tasks[pending.task_id] = pending
+                session.task = pending
+                outstanding[pending.task_id] = pending
+            self._gauge_connected()
+            self.cond.notify_all()
+        if self.metrics is not None:
+            self.metrics.round_started(round_num)
+        log.info("round %d: %d tasks sent, %d selected clients not connected", round_num,
+                 len(outstanding), len(failures))
+        try:
+            yield from failures
+            if self.secagg is not None:
+                yield from self.secagg.run(self, outstanding, weighting)
+            else:
+                yield from self._collect(outstanding)
+        finally:
+            self._close_round()
+
+    def _new_task(self, task: ClientTask, weighting: Weighting | None) -> PendingTask:
+        task_id = secrets.token_bytes(TASK_ID_BYTES)
+        wire = pb.Task(kind=pb.Task.FIT, task_id=task_id, round=task.config.round,
+                       config=fit_config_to_wire(task.config),
+                       stages=[stage_to_wire(s) for s in task.stages], numel=self.numel)
+        pending = PendingTask(task_id, task.client_id, task.config.round, task, wire)
+        if self.secagg is not None:
+            wire.secagg.CopyFrom(self.secagg.wire_settings())
+            pending.extra["secagg"] = True
+        return pending
+
+    def _collect(self, outstanding: dict[bytes, PendingTask]) -> Iterator[TransportResult]:
+        """Yield deliveries until every task is answered, lost or past the deadline."""
+        while outstanding:
+            try:
+                delivery = self.results.get(timeout=0.2)
+            except queue.Empty:
+                delivery = None
+            if delivery is not None:
+                outstanding.pop(delivery.task.task_id, None)
+                try:
+                    yield delivery.result
+                    delivery.accepted = True
+                    if isinstance(delivery.result, ClientUpdate):
+                        self.round_received += 1
+                finally:
+                    if delivery.done is not None:
+                        delivery.done.set()
+                continue
+            self.expire(outstanding.values())
+
+    def expire(self, tasks: Any) -> None:
+        """Fail tasks whose client went silent, and every task once the deadline passed."""
+        now = time.monotonic()
+        with self.cond:
+            for task in list(tasks):
+                if task.state in ("closed", "delivered"):
+                    continue
+                session = self.sessions.get(task.client_id)
+                if now >= self._round_deadline:
+                    self.close_task(task, ClientFailure(
+                        task.client_id, f"missed the round deadline "
+                                        f"({self.settings.round_deadline:g}s): straggler dropped"),
+                        "deadline")
+                elif session is None or session.task is not task or not self._alive(session, now):
+                    self.close_task(task, ClientFailure(
+                        task.client_id, "lost contact (no heartbeat): dropped from the round"),
+                        "heartbeat_timeout")
+            self._gauge_connected()
+
+    def _close_round(self) -> None:
+        with self.cond:
+            self.round_open = False
+            for task_id in [k for k, t in self.tasks.items() if t.round <= self.round]:
+                task = self.tasks.pop(task_id)
+                if task.state not in ("delivered", "closed"):
+                    task.state = "closed"
+                session = self.sessions.get(task.client_id)
+                if session is not None and session.task is task:
+                    session.task = None
+            self.weights = None
+            while True:  # wake handlers whose delivery the loop will never consume
+                try:
+                    delivery = self.results.get_nowait()
+                except queue.Empty:
+                    break
+                if delivery.done is not None:
+                    delivery.done.set()
+            self.cond.notify_all()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def round_completed(self, record: dict[str, Any]) -> None:
+        with self.cond:
+            self.completed_rounds = int(record["round"])
+            self.last_record = dict(record)
+
+    def resumed_at(self, completed: int) -> None:
+        with self.cond:
+            self.completed_rounds = self.round = completed
+
+    def finish(self) -> None:
+        """The run is over: every client asking from now on is told DONE."""
+        with self.cond:
+            self.done = True
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        """The server is stopping (finished or not): wake every long poll now, so that the
+        handler threads can be joined; a client still polling is told WAIT and, finding the
+        server gone, retries until it comes back (a restart resumes the run)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    def all_told_done(self) -> bool:
+        with self.cond:
+            return all(s.seen_done for s in self.sessions.values()
+                       if self._alive(s, time.monotonic()))
+
+    def _gauge_connected(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_connected_clients(len(self.connected_unlocked()))

@@ -1,0 +1,237 @@
+"""What travels on the wire besides protobuf scalars: tensors in chunks, fit settings, stages.
+
+Tensors are flat float32 vectors sent as raw little-endian bytes in chunks of at most
+``chunk_bytes``: no pickling, and no message ever grows with the model. Every received chunk is
+checked (contiguous offset, whole float32 values, bounds, finite values) before it is copied
+into the receiving buffer, so a hostile sender can neither write outside it nor smuggle NaNs in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.strategy import ClientStage
+from fedmosaic.core.errors import ConfigError
+from fedmosaic.core.params import ParamSpec
+from fedmosaic.net.proto import fedmosaic_pb2 as pb
+from fedmosaic.privacy.local_dp import DistributedNoiseShare, LocalDP
+from fedmosaic.train.base import FitConfig
+
+FLOAT_BYTES = 4
+LITTLE_F32 = np.dtype("<f4")
+# Room for a message's fields besides its tensor bytes (header, metrics map, ids).
+MESSAGE_OVERHEAD = 64 * 1024
+MAX_METRICS = 64
+MAX_METRIC_KEY = 64
+
+
+class WireError(ValueError):
+    """A received message is malformed; the text says what is wrong (sent back to the peer).
+
+    ``label`` names the kind of problem for the rejected-messages metric.
+    """
+
+    def __init__(self, message: str, label: str = "malformed") -> None:
+        super().__init__(message)
+        self.label = label
+
+
+def spec_hash(spec: ParamSpec) -> str:
+    """A short hash of a model's layout: client and server must agree on it."""
+    blob = json.dumps(spec.to_json(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Channel/server options shared by both ends: bounded messages, no port sharing."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Two servers on one port would split the clients between them.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def chunk_elements(chunk_bytes: int) -> int:
+    """Float32 values per chunk."""
+    if chunk_bytes < FLOAT_BYTES:
+        raise ConfigError("server.chunk_bytes", chunk_bytes, "at least 4 bytes")
+    return chunk_bytes // FLOAT_BYTES
+
+
+def iter_chunks(vector: torch.Tensor, chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+    """Chunks of a flat float32 vector: views of it converted one chunk at a time, so sending
+    a model to any number of clients never copies the whole vector."""
+    flat = vector.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    step = chunk_elements(chunk_bytes)
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step].numpy().astype(LITTLE_F32, copy=False)
+        yield pb.TensorChunk(offset=start, data=part.tobytes())
+
+
+class ChunkAssembler:
+    """Receives the chunks of one vector of ``numel`` float32 values into ``buffer``.
+
+    Chunks must arrive in order (each offset equal to the count received so far), hold whole
+    float32 values, at most ``max_chunk_bytes`` of them, never run past ``numel``, and contain
+    only finite values; anything else raises ``WireError`` and the buffer must be discarded.
+    """
+
+    def __init__(self, buffer: torch.Tensor, numel: int, max_chunk_bytes: int) -> None:
+        if buffer.dtype != torch.float32 or buffer.numel() < numel:
+            raise ValueError("the receiving buffer must be float32 with room for numel values")
+        self.buffer, self.numel, self.max_chunk_bytes = buffer, numel, max_chunk_bytes
+        self.filled = 0
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        data = chunk.data
+        if chunk.offset != self.filled:
+            raise WireError(f"chunk offset {chunk.offset} but {self.filled} values received so "
+                            "far (chunks must be contiguous and in order)", "wrong_shape")
+        if not data:
+            raise WireError("empty chunk", "wrong_shape")
+        if len(data) > self.max_chunk_bytes:
+            raise WireError(f"chunk of {len(data)} bytes exceeds the limit of "
+                            f"{self.max_chunk_bytes}", "oversized")
+        if len(data) % FLOAT_BYTES:
+            raise WireError(f"chunk of {len(data)} bytes is not a whole number of float32 values",
+                            "bad_dtype")
+        count = len(data) // FLOAT_BYTES
+        if self.filled + count > self.numel:
+            raise WireError(f"chunks carry more than the model's {self.numel} values",
+                            "wrong_shape")
+        values = np.frombuffer(data, dtype=LITTLE_F32)
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise WireError(f"chunk at offset {chunk.offset} has {bad} non-finite values",
+                            "non_finite")
+        self.buffer[self.filled:self.filled + count] = torch.from_numpy(
+            values.astype(np.float32))
+        self.filled += count
+
+    def finish(self) -> torch.Tensor:
+        if self.filled != self.numel:
+            raise WireError(f"stream ended after {self.filled} of {self.numel} values",
+                            "wrong_shape")
+        return self.buffer[:self.numel]
+
+
+class BufferPool:
+    """A fixed number of reusable receive buffers (a bounded pool of upload slots).
+
+    Uploads wait for a free slot, so the server holds at most ``slots`` uploads in flight
+    whatever the number of clients: with the running sum, peak memory does not grow with the
+    federation.
+    """
+
+    def __init__(self, numel: int, slots: int) -> None:
+        if slots < 1:
+            raise ConfigError("server.upload_slots", slots, "an integer >= 1")
+        self.numel = numel
+        self._free: list[torch.Tensor] = []
+        self._allocated = 0
+        self._slots = slots
+        self._sem = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self, timeout: float) -> Iterator[torch.Tensor]:
+        if not self._sem.acquire(timeout=max(timeout, 0.0)):
+            raise TimeoutError("no upload slot became free before the round's deadline")
+        try:
+            with self._lock:
+                # Allocated lazily, at most ``slots`` times over the server's life.
+                buf = self._free.pop() if self._free else torch.empty(self.numel)
+            try:
+                yield buf
+            finally:
+                with self._lock:
+                    self._free.append(buf)
+        finally:
+            self._sem.release()
+
+
+def check_metrics(metrics: Any) -> dict[str, float]:
+    """A client's reported metrics: a bounded map of short names to finite numbers."""
+    if len(metrics) > MAX_METRICS:
+        raise WireError(f"{len(metrics)} metrics, at most {MAX_METRICS} allowed")
+    out = {}
+    for key, value in metrics.items():
+        if not key or len(key) > MAX_METRIC_KEY or not key.isprintable():
+            raise WireError(f"metric name {key[:MAX_METRIC_KEY]!r} is empty, too long or "
+                            "not printable")
+        if not math.isfinite(value):
+            raise WireError(f"metric '{key}' is {value}, not finite")
+        out[key] = float(value)
+    return out
+
+
+# -- fit settings ---------------------------------------------------------------------------
+
+def fit_config_to_wire(config: FitConfig) -> pb.FitSettings:
+    msg = pb.FitSettings(round=config.round, proximal_mu=config.proximal_mu, seed=config.seed,
+                         extra={k: float(v) for k, v in config.extra.items()})
+    for name in ("epochs", "batch_size", "max_steps", "lr"):
+        value = getattr(config, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def fit_config_from_wire(msg: pb.FitSettings) -> FitConfig:
+    """The FitConfig a task carries; FitConfig's own checks reject impossible values."""
+    def opt(name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    if not math.isfinite(msg.proximal_mu) or (msg.HasField("lr") and not math.isfinite(msg.lr)):
+        raise WireError("fit settings hold non-finite numbers")
+    try:
+        return FitConfig(round=msg.round, epochs=opt("epochs"), batch_size=opt("batch_size"),
+                         max_steps=opt("max_steps"), lr=opt("lr"),
+                         proximal_mu=msg.proximal_mu, seed=msg.seed,
+                         extra=check_metrics(msg.extra))
+    except ValueError as exc:
+        raise WireError(f"invalid fit settings: {exc}") from exc
+
+
+# -- client stages --------------------------------------------------------------------------
+
+def stage_to_wire(stage: ClientStage) -> pb.StageSpec:
+    """A client stage as data; only stages the client can rebuild are allowed."""
+    if isinstance(stage, LocalDP):
+        params = {"clip": stage.clip}
+        if stage.noise_multiplier is not None:
+            params["noise_multiplier"] = stage.noise_multiplier
+        if stage.epsilon is not None:
+            params["epsilon"] = stage.epsilon
+        return pb.StageSpec(kind="local_dp", params=params, mechanism=stage.mechanism)
+    if isinstance(stage, DistributedNoiseShare):
+        return pb.StageSpec(kind="distributed_noise",
+                            params={"clip": stage.clip, "noise_std": stage.noise_std})
+    raise ConfigError("strategy.client_stages", type(stage).__name__,
+                      "LocalDP or DistributedNoiseShare (the stages a remote client can rebuild)")
+
+
+def stage_from_wire(msg: pb.StageSpec) -> ClientStage:
+    params = dict(msg.params)
+    try:
+        if msg.kind == "local_dp" and set(params) <= {"clip", "noise_multiplier", "epsilon"}:
+            return LocalDP(clip=params["clip"], mechanism=msg.mechanism,
+                           noise_multiplier=params.get("noise_multiplier"),
+                           epsilon=params.get("epsilon"))
+        if msg.kind == "distributed_noise" and set(params) == {"clip", "noise_std"}:
+            return DistributedNoiseShare(clip=params["clip"], noise_std=params["noise_std"])
+    except (KeyError, ValueError) as exc:
+        raise WireError(f"invalid client stage {msg.kind!r}: {exc}") from exc
+    raise WireError(f"unknown client stage {msg.kind!r} with parameters {sorted(params)}")
