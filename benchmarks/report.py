@@ -194,26 +194,34 @@ def secagg_section(d: dict[str, Any]) -> str:
         "measured), every client participating. fedmosaic: `secure_sum` through the real message "
         "encoding, keys and masks from the OS CSPRNG. Flower 1.42: FedAvg through "
         "`SecAggPlusWorkflow` with `secaggplus_mod` in its simulation engine; `flower-plain` is "
-        "the same round without secure aggregation. *Client s*: protocol work per client; "
-        "*server s*: the server's protocol work; bytes are per client per round.",
+        "the same round without secure aggregation. *Client CPU* / *client wall*: protocol work "
+        "per client and round, as CPU time (Flower: inside `secaggplus_mod`, whole actor "
+        "process; fedmosaic: process CPU time around each client's message handling) and as "
+        "wall time; *server*: the server's protocol work (wall); bytes are per client per "
+        "round. Each figure is the median over the repeated runs of a configuration, which "
+        "alternate the order of the frameworks.",
         "",
-        "Command: `bash benchmarks/setup_flower_venv.sh && "
-        ".venv/bin/python benchmarks/secagg_compare.py`",
+        "Command: `bash benchmarks/setup_flower_venv.sh && .venv/bin/python "
+        f"benchmarks/secagg_compare.py{' ' + settings['argv'] if settings.get('argv') else ''}`",
         "",
         machine_line(d["machine"]),
         "",
-        "| n | framework | round (s) | client (s) | server (s) | bytes up | bytes down | "
-        "peak RSS (MB) | max abs error |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| n | framework | runs | round (s) | client CPU (s) | client wall (s) | server (s) | "
+        "bytes up | bytes down | peak RSS (MB) | max abs error |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in d["summary"]:
         def num(key: str, fmt: str, r: dict[str, Any] = r) -> str:
             value = r.get(key)
             return "-" if value is None else format(value, fmt)
 
+        plain = r["framework"] == "flower-plain"  # no protocol, so no protocol time
+        client_cpu = "-" if plain else num("client_s", ".4f")
+        client_wall = "-" if plain else num("client_wall_s", ".4f")
         lines.append(
-            f"| {r['clients']} | {r['framework']} | {num('round_s', '.2f')} | "
-            f"{num('client_s', '.4f')} | {num('server_s', '.3f')} | {num('bytes_up', ',')} | "
+            f"| {r['clients']} | {r['framework']} | {r.get('repeats', 1)} | "
+            f"{num('round_s', '.2f')} | {client_cpu} | {client_wall} | "
+            f"{num('server_s', '.3f')} | {num('bytes_up', ',')} | "
             f"{num('bytes_down', ',')} | {num('peak_rss_mb', '.0f')} | "
             f"{num('max_abs_error', '.1e')} |")
     ratios = []
@@ -225,10 +233,20 @@ def secagg_section(d: dict[str, Any]) -> str:
             label = f"n = {n} (medians of {reps} runs each)" if reps > 1 else f"n = {n}"
             ratios.append(
                 f"{label}: round {fl_row['round_s'] / fm_row['round_s']:.1f}x faster, client "
-                f"work {fl_row['client_s'] / fm_row['client_s']:.1f}x, server work "
-                f"{fl_row['server_s'] / fm_row['server_s']:.1f}x")
+                f"work {fl_row['client_s'] / fm_row['client_s']:.1f}x (CPU) and "
+                f"{fl_row['client_wall_s'] / fm_row['client_wall_s']:.1f}x (wall), server "
+                f"work {fl_row['server_s'] / fm_row['server_s']:.1f}x")
     if ratios:
         lines += ["", "fedmosaic vs Flower SecAgg+: " + "; ".join(ratios) + "."]
+    spread = [
+        f"{r['framework']} at n = {r['clients']}: {min(r['client_s_per_repeat']):.4f}-"
+        f"{max(r['client_s_per_repeat']):.4f} s"
+        for r in d["summary"]
+        if len(r.get("client_s_per_repeat", [])) > 1 and r["framework"] != "flower-plain"
+    ]
+    if spread:
+        lines += ["", "Client CPU time per client across the repeated runs (the same work; "
+                  "this machine's speed varies from run to run): " + "; ".join(spread) + "."]
     lines += ["", "Bytes: Flower's *down* column includes the global model (400 KB at this size) "
               "sent with every fit instruction, in both its plain and SecAgg+ rounds; "
               "fedmosaic's counts only the protocol's own messages (the model download is the "

@@ -25,8 +25,10 @@ bytes_up_per_client, bytes_down_per_client and max_abs_error. The table shows:
 
   * round s          the median of round_seconds (with --repeats, the median over the
                      repeated runs of each run's median; client and server s likewise);
-  * client s         client-side protocol time per client and round (Flower: CPU time inside
-                     secaggplus_mod; "—" for plain FedAvg, which has no protocol);
+  * client s         client-side protocol CPU time per client and round (Flower: inside
+                     secaggplus_mod; fedmosaic: process CPU time around each client's
+                     message handling); "—" for plain FedAvg, which has no protocol. Both
+                     runners also report the wall time (client_wall_s in the summary);
   * server s         server-side protocol time per round (Flower: the fit workflow's wall
                      time minus the time spent waiting in grid.send_and_receive);
   * bytes up/down    per client and round (Flower: the records in the messages' content);
@@ -256,6 +258,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             round_s_per_repeat=[r["median_round_s"] for r in ok],
             client_s=med(float(x["client_seconds_per_client"]) for x in res),
             client_s_per_repeat=[float(x["client_seconds_per_client"]) for x in res],
+            client_wall_s=med(float(x.get("client_wall_seconds_per_client", 0.0)) for x in res),
             server_s=med(float(x["server_seconds"]) for x in res),
             bytes_up=int(res[0]["bytes_up_per_client"]),
             bytes_down=int(res[0]["bytes_down_per_client"]),
@@ -434,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             "fedmosaic_args": args.fedmosaic_args,
             "timeout_s": args.timeout,
             "rss_sample_s": SAMPLE_S,
+            "argv": shlex.join(sys.argv[1:] if argv is None else argv),
         },
         "notes": notes,
         "runs": [],
