@@ -198,3 +198,7 @@ def test_attackers_sit_below_secure_aggregation():
     # Attackers are clients: their crafted updates are masked like everyone else's.
     assert isinstance(transport, SecAggPlusTransport)
     assert isinstance(transport.inner, AdversarialTransport)
+    # ... and the run report says the run was attacked, next to what SecAgg+ protects.
+    report = transport.guarantees()
+    assert report["simulated_attack"]["malicious_clients"] == 2
+    assert "secure_aggregation" in report

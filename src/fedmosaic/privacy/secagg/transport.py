@@ -94,9 +94,12 @@ class SecAggPlusTransport:
                 "(distributed DP) instead")
 
     def guarantees(self) -> dict[str, Any]:
-        """What the secure aggregation protects, for the run report."""
+        """What the secure aggregation protects, for the run report, after whatever the inner
+        transport reports (e.g. that the run was under a simulated attack)."""
         last = self.last_round
+        inner = getattr(self.inner, "guarantees", None)
         return {
+            **(inner() if inner is not None else {}),
             "secure_aggregation": {
                 "protocol": "SecAgg+ (Bell et al. 2020), pairwise and self masks, Shamir "
                             "t-of-k shares over a sparse neighbour graph",
