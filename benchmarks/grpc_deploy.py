@@ -66,7 +66,13 @@ if str(HERE) not in sys.path:
 from common import machine  # noqa: E402  (the directory must be on sys.path first)
 
 from fedmosaic.core.params import ParamSpec  # noqa: E402
-from fedmosaic.train.base import Dataset, FitConfig, FitResult, Trainer  # noqa: E402
+from fedmosaic.train.base import (  # noqa: E402
+    Dataset,
+    FitConfig,
+    FitResult,
+    Trainer,
+    TrainerWrapper,
+)
 
 RESULTS_JSON = HERE / "results" / "grpc_deploy.json"
 SAMPLE_S = 0.02
@@ -114,23 +120,14 @@ class PerturbationTrainer:
         return {"l2_norm": float(weights.norm()), "num_samples": float(len(data))}
 
 
-class TimedTrainer:
+class TimedTrainer(TrainerWrapper):
     """Wraps a trainer: records each fit's (round, start, end) in ``time.monotonic`` seconds;
     fits sharing ``lock`` take turns."""
 
     def __init__(self, inner: Trainer, lock: threading.Lock) -> None:
-        self.inner, self.lock = inner, lock
+        super().__init__(inner)
+        self.lock = lock
         self.fits: list[tuple[int, float, float]] = []
-
-    @property
-    def spec(self) -> ParamSpec:
-        return self.inner.spec
-
-    def initial_weights(self, seed: int) -> torch.Tensor:
-        return self.inner.initial_weights(seed)
-
-    def full_steps(self, num_samples: int, config: FitConfig) -> int:
-        return self.inner.full_steps(num_samples, config)
 
     def fit(self, weights: torch.Tensor, data: Dataset, config: FitConfig) -> FitResult:
         with self.lock:
@@ -138,9 +135,6 @@ class TimedTrainer:
             result = self.inner.fit(weights, data, config)
             self.fits.append((config.round, start, time.monotonic()))
         return result
-
-    def evaluate(self, weights: torch.Tensor, data: Dataset) -> dict[str, Any]:
-        return self.inner.evaluate(weights, data)
 
 
 # --------------------------------------------------------------------------- task setup

@@ -14,25 +14,15 @@ import torch
 
 from fedmosaic.build import build_data, build_trainer
 from fedmosaic.config import load_experiment
-from fedmosaic.core.params import ParamSpec
-from fedmosaic.train.base import Dataset, FitConfig, FitResult, Trainer
+from fedmosaic.train.base import Dataset, FitConfig, FitResult, Trainer, TrainerWrapper
 
 
-class SlowTrainer:
+class SlowTrainer(TrainerWrapper):
     """A trainer that takes ``delay`` seconds longer to fit; results are unchanged."""
 
     def __init__(self, inner: Trainer, delay: float) -> None:
-        self.inner, self.delay = inner, delay
-
-    @property
-    def spec(self) -> ParamSpec:
-        return self.inner.spec
-
-    def initial_weights(self, seed: int) -> torch.Tensor:
-        return self.inner.initial_weights(seed)
-
-    def full_steps(self, num_samples: int, config: FitConfig) -> int:
-        return self.inner.full_steps(num_samples, config)
+        super().__init__(inner)
+        self.delay = delay
 
     def fit(self, weights: torch.Tensor, data: Dataset, config: FitConfig) -> FitResult:
         time.sleep(self.delay)

@@ -82,3 +82,27 @@ class Trainer(Protocol):
     def fit(self, weights: torch.Tensor, data: Dataset, config: FitConfig) -> FitResult: ...
 
     def evaluate(self, weights: torch.Tensor, data: Dataset) -> dict[str, float]: ...
+
+
+class TrainerWrapper:
+    """A trainer that delegates everything to ``inner``; subclasses override what they change
+    (e.g. timing or delaying ``fit``) and stay valid ``Trainer``s."""
+
+    def __init__(self, inner: Trainer) -> None:
+        self.inner = inner
+
+    @property
+    def spec(self) -> ParamSpec:
+        return self.inner.spec
+
+    def initial_weights(self, seed: int) -> torch.Tensor:
+        return self.inner.initial_weights(seed)
+
+    def full_steps(self, num_samples: int, config: FitConfig) -> int:
+        return self.inner.full_steps(num_samples, config)
+
+    def fit(self, weights: torch.Tensor, data: Dataset, config: FitConfig) -> FitResult:
+        return self.inner.fit(weights, data, config)
+
+    def evaluate(self, weights: torch.Tensor, data: Dataset) -> dict[str, float]:
+        return self.inner.evaluate(weights, data)
