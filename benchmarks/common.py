@@ -44,3 +44,13 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def replace_doc_section(doc: Path, heading: str, body: str) -> None:
+    """Replace the section of ``doc`` that starts at ``heading`` (up to the next ``## ``
+    heading) with ``body``, which starts with that heading; one blank line before the next."""
+    text = doc.read_text()
+    start = text.index(heading)
+    nxt = text.find("\n## ", start + len(heading))
+    tail = "" if nxt < 0 else text[nxt + 1:]
+    doc.write_text(text[:start] + body.rstrip("\n") + "\n" + ("\n" + tail if tail else ""))

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, machine, save
+from common import RESULTS, machine, replace_doc_section, save
 
 from fedmosaic import data as fd
 from fedmosaic.audit import leakage_audit
@@ -216,12 +216,7 @@ def render(d: dict[str, Any]) -> str:
 
 def update_doc(d: dict[str, Any]) -> None:
     """Replace the gradient-leakage section of docs/security.md (up to the next heading)."""
-    text = DOC.read_text()
-    start = text.index(HEADING)
-    nxt = text.find("\n## ", start + len(HEADING))
-    end = len(text) if nxt < 0 else nxt + 1
-    tail = text[end:]
-    DOC.write_text(text[:start] + render(d).rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
+    replace_doc_section(DOC, HEADING, render(d))
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, machine, save
+from common import RESULTS, machine, replace_doc_section, save
 
 import fedmosaic as fm
 from fedmosaic import data as fd
@@ -287,11 +287,7 @@ def reading(d: dict[str, Any], cell: dict[tuple[str, str], dict[str, Any]]) -> l
 
 def update_doc(d: dict[str, Any]) -> None:
     """Replace the section under ``HEADING`` (up to the next ``## `` heading)."""
-    text = DOC.read_text()
-    start = text.index(HEADING)
-    nxt = text.find("\n## ", start + len(HEADING))
-    end = len(text) if nxt < 0 else nxt + 1
-    DOC.write_text(text[:start] + markdown(d) + "\n" + text[end:].lstrip("\n"))
+    replace_doc_section(DOC, HEADING, markdown(d))
     print(f"updated {DOC}")
 
 

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, machine, save
+from common import RESULTS, machine, replace_doc_section, save
 
 import fedmosaic as fm
 from fedmosaic import data as fd
@@ -299,12 +299,7 @@ def render(d: dict[str, Any]) -> str:
 
 def update_doc(d: dict[str, Any]) -> None:
     """Replace the watermark section of docs/security.md (up to the next ``## `` heading)."""
-    text = DOC.read_text()
-    start = text.index(HEADING)
-    nxt = text.find("\n## ", start + len(HEADING))
-    end = len(text) if nxt < 0 else nxt + 1
-    tail = text[end:]
-    DOC.write_text(text[:start] + render(d).rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
+    replace_doc_section(DOC, HEADING, render(d))
 
 
 def main() -> None:
