@@ -24,10 +24,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch is installed explicitly first so pip never pulls a multi-GB CUDA build here;
-# the project itself only asks for torch>=2.2.
+# the project itself only asks for torch>=2.6.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.2"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.6"
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
