@@ -22,6 +22,7 @@ from fedmosaic.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedmosaic.train.base import FitConfig
 
 if TYPE_CHECKING:
+    from fedmosaic.privacy.randomness import NoiseSource
     from fedmosaic.robust.anomaly import AnomalyDetector
     from fedmosaic.robust.base import RobustAggregator
     from fedmosaic.robust.pipeline import DefendedRound
@@ -37,9 +38,11 @@ class ServerStage(Protocol):
 
 class ClientStage(Protocol):
     """A transformation a client applies to its own update before upload (e.g. local DP):
-    it runs on the client, so the server never sees the untransformed update."""
+    it runs on the client, so the server never sees the untransformed update. Randomness comes
+    from ``noise`` (``fedmosaic.privacy.randomness``): ``SecureNoise`` on a deployed client,
+    ``SeededNoise`` in simulation."""
 
-    def apply(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+    def apply(self, delta: torch.Tensor, noise: NoiseSource) -> torch.Tensor: ...
 
 
 class DispatchTransform(Protocol):
@@ -47,6 +50,11 @@ class DispatchTransform(Protocol):
     fingerprint); the client's update is relative to what it received."""
 
     def __call__(self, client_id: str, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+# Simulated client stages draw from the round seed XOR this constant (a separate stream from
+# the seed's use in training).
+_STAGE_SEED = 0x5EED5EED
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,22 @@ class ClientTask:
         """The weights this client is sent (the global weights, or their transform)."""
         return weights if self.dispatch is None else self.dispatch(self.client_id, weights)
 
-    def finish(self, delta: torch.Tensor) -> torch.Tensor:
-        """Apply the client stages, with randomness derived from the client's round seed."""
+    def finish(self, delta: torch.Tensor, noise: NoiseSource | None = None) -> torch.Tensor:
+        """Apply the client stages to ``delta``, drawing their randomness from ``noise``.
+
+        ``noise=None`` is the simulation path: ``SeededNoise`` derived from the client's round
+        seed, so a simulated run is bit-reproducible -- and the server, which computed that
+        seed and sent it in ``FitConfig.seed``, can regenerate the noise and remove it. A
+        deployed client must therefore call ``finish(delta, noise=SecureNoise())``.
+        """
         if not self.stages:
             return delta
-        gen = torch.Generator().manual_seed(self.config.seed ^ 0x5EED5EED)
+        # Imported here: fedmosaic.privacy imports this module.
+        from fedmosaic.privacy.randomness import SeededNoise
+
+        source = noise if noise is not None else SeededNoise(self.config.seed ^ _STAGE_SEED)
         for stage in self.stages:
-            delta = stage.apply(delta, gen)
+            delta = stage.apply(delta, source)
         return delta
 
 

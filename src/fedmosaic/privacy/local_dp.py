@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmosaic.privacy.randomness import NoiseSource, as_noise_source
+
 MECHANISMS = ("gaussian", "laplace")
 
 
@@ -53,22 +55,23 @@ class LocalDP:
             if self.noise_multiplier is not None:
                 raise ValueError("LocalDP laplace takes epsilon, not noise_multiplier")
 
-    def apply(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The privatised update (a new tensor)."""
+    def apply(self, delta: torch.Tensor,
+              noise: NoiseSource | torch.Generator) -> torch.Tensor:
+        """The privatised update (a new tensor), with noise drawn from ``noise``: the client's
+        ``SecureNoise`` in a deployment, seeded noise in a simulation (a bare
+        ``torch.Generator`` is taken as seeded noise)."""
+        source = as_noise_source(noise)
         if self.mechanism == "gaussian":
             norm = float(torch.linalg.vector_norm(delta))
             clipped = delta if norm <= self.clip else delta * (self.clip / norm)
             assert self.noise_multiplier is not None
-            noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
-            return clipped + noise * (self.noise_multiplier * self.clip)
+            return clipped + source.gaussian(delta.shape, self.noise_multiplier * self.clip,
+                                             delta.dtype).to(delta.device)
         norm1 = float(delta.abs().sum())
         clipped = delta if norm1 <= self.clip else delta * (self.clip / norm1)
         assert self.epsilon is not None
         scale = 2 * self.clip / self.epsilon
-        # Laplace(0, b) as the difference of two exponentials, from the client's generator.
-        e1 = torch.empty(delta.shape, dtype=delta.dtype).exponential_(generator=generator)
-        e2 = torch.empty(delta.shape, dtype=delta.dtype).exponential_(generator=generator)
-        return clipped + (e1 - e2) * scale
+        return clipped + source.laplace(delta.shape, scale, delta.dtype).to(delta.device)
 
     def guarantee(self, rounds: int, delta: float = 1e-5) -> dict[str, Any]:
         """What one client's reports over ``rounds`` rounds guarantee."""
@@ -111,11 +114,16 @@ class DistributedNoiseShare:
         if not self.noise_std > 0:
             raise ValueError(f"noise_std must be > 0, got {self.noise_std}")
 
-    def apply(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def apply(self, delta: torch.Tensor,
+              noise: NoiseSource | torch.Generator) -> torch.Tensor:
+        """The clipped update plus this client's noise share, drawn from ``noise`` (the
+        client's ``SecureNoise`` in a deployment: the server must not be able to regenerate
+        the share and subtract it)."""
+        source = as_noise_source(noise)
         norm = float(torch.linalg.vector_norm(delta))
         clipped = delta if norm <= self.clip else delta * (self.clip / norm)
-        noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
-        return clipped + noise * self.noise_std
+        return clipped + source.gaussian(delta.shape, self.noise_std,
+                                         delta.dtype).to(delta.device)
 
 
 def laplace_mechanism(value: float | np.ndarray, sensitivity: float, epsilon: float,
