@@ -1,11 +1,16 @@
 """The client runtime: ``run_client`` (and ``fedmosaic client``).
 
 A client connects with its own certificate, joins, sends heartbeats from a background thread
-and long-polls for tasks. For a task it downloads the global model in chunks, trains with the
-``FitConfig`` the server sent (seed included, so the result equals the simulation's), applies
-the task's client stages (local DP, distributed-DP noise shares) with the same seeded
-randomness as every simulated transport, and uploads ``delta = local - global`` in chunks --
-or, in a SecAgg+ round, takes part in the secure sum instead.
+and long-polls for tasks. For a task it first checks the task against its own privacy policy
+(``fedmosaic.net.policy``: secure aggregation required, minimum noise, maximum clip, minimum
+SecAgg+ bits, its epsilon budget) and refuses a task that violates it with ``RefuseTask``
+(reason sent to the server and logged on both sides) -- it never falls back to a plaintext
+upload the policy does not allow. Otherwise it downloads the global model in chunks, trains
+with the ``FitConfig`` the server sent, applies the task's client stages (local DP,
+distributed-DP noise shares) with noise from ``SecureNoise`` -- a CSPRNG keyed from the
+operating system, never from the server-sent seed, so the server cannot regenerate and
+subtract it -- charges its local-DP releases to its persisted ledger, and uploads
+``delta = local - global`` in chunks, or, in a SecAgg+ round, takes part in the secure sum.
 
 Failures: UNAVAILABLE and other transient errors are retried with exponential backoff and full
 jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015) for up to
@@ -32,7 +37,14 @@ import torch
 from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.errors import FedmosaicError
 from fedmosaic.data import ArrayDataset
-from fedmosaic.net.auth import channel_credentials
+from fedmosaic.net.auth import channel_credentials, pinned_server_name
+from fedmosaic.net.policy import (
+    Acceptance,
+    PolicyViolation,
+    PrivacyLedger,
+    PrivacyPolicy,
+    default_ledger_path,
+)
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.wire import (
     MESSAGE_OVERHEAD,
@@ -41,9 +53,11 @@ from fedmosaic.net.wire import (
     fit_config_from_wire,
     grpc_options,
     iter_chunks,
+    printable_reason,
     spec_hash,
     stage_from_wire,
 )
+from fedmosaic.privacy.randomness import SecureNoise
 from fedmosaic.train.base import Dataset, Trainer
 
 log = logging.getLogger(__name__)
@@ -88,12 +102,14 @@ class Backoff:
 
 @dataclass
 class ClientReport:
-    """What a client did: rounds trained, uploads accepted, joins (1 + reconnections)."""
+    """What a client did: rounds trained, uploads accepted, joins (1 + reconnections),
+    rounds whose task it refused under its privacy policy."""
 
     client_id: str = ""
     rounds: list[int] = field(default_factory=list)
     accepted: int = 0
     joins: int = 0
+    refused: list[int] = field(default_factory=list)
 
 
 class _Stubs:
@@ -109,6 +125,7 @@ class _Stubs:
         self.get_task = unary("GetTask", pb.TaskRequest, pb.Task)
         self.secagg = unary("SecAgg", pb.SecAggEnvelope, pb.SecAggEnvelope)
         self.status = unary("Status", pb.StatusRequest, pb.StatusReply)
+        self.refuse_task = unary("RefuseTask", pb.TaskRefusal, pb.RefusalReply)
         self.download = channel.unary_stream(
             SERVICE + "DownloadModel", request_serializer=pb.ModelRequest.SerializeToString,
             response_deserializer=pb.TensorChunk.FromString)
@@ -122,6 +139,9 @@ def open_channel(server: str, ca: Path, cert: Path, key: Path, *,
                  max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
     """A mutual-TLS channel to ``server`` (HOST:PORT)."""
     options = grpc_options(max_message_bytes)
+    # The server certificate generation named by our CRL (beside ca.pem) replaces the host name
+    # check: a revoked server certificate then fails the handshake (fedmosaic.net.auth).
+    server_name = pinned_server_name(ca) or server_name
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(server, channel_credentials(ca, cert, key), options=options)
@@ -148,11 +168,21 @@ def load_npz(path: str | Path) -> ArrayDataset:
 
 
 class FederationClient:
-    """One client process's connection and task loop; ``run`` returns when the run is done."""
+    """One client process's connection and task loop; ``run`` returns when the run is done.
+
+    ``policy`` (a ``PrivacyPolicy``; None accepts every task, as before policies existed) is
+    checked against each task; ``ledger`` (a ``PrivacyLedger``) records local-DP releases and
+    is required when the policy sets an epsilon budget.
+    """
 
     def __init__(self, channel: grpc.Channel, trainer: Trainer, data: Dataset, *,
                  backoff: Backoff | None = None, poll_seconds: float = 10.0,
-                 rpc_timeout: float = 60.0) -> None:
+                 rpc_timeout: float = 60.0, policy: PrivacyPolicy | None = None,
+                 ledger: PrivacyLedger | None = None) -> None:
+        if policy is not None and policy.dp.epsilon_budget is not None and ledger is None:
+            raise ValueError("a policy with an epsilon budget needs a PrivacyLedger")
+        self.policy, self.ledger = policy, ledger
+        self.experiment = ""
         self.stubs = _Stubs(channel)
         self.trainer, self.data = trainer, data
         self.backoff = backoff or Backoff()
@@ -173,7 +203,7 @@ class FederationClient:
                                      f"{self.trainer.spec.numel}")
         if not 0 < reply.heartbeat_interval < 3600 or not 0 < reply.chunk_bytes <= 2**30:
             raise ClientRefusedError("server sent implausible settings")
-        self.instance = reply.server_instance
+        self.instance, self.experiment = reply.server_instance, reply.experiment
         self.heartbeat_interval, self.chunk_bytes = reply.heartbeat_interval, reply.chunk_bytes
         self.report.client_id = reply.client_id
         self.report.joins += 1
@@ -242,6 +272,31 @@ class FederationClient:
             assembler.add(chunk)
         return assembler.finish()
 
+    def _refuse(self, task: pb.Task, code: str, reason: str) -> None:
+        """Tell the server this task is refused (it fails the task at once and logs why)."""
+        reason = printable_reason(reason)
+        log.warning("round %d: refusing the task (%s): %s", task.round, code, reason)
+        self.report.refused.append(task.round)
+        try:
+            reply = self.stubs.refuse_task(
+                pb.TaskRefusal(task_id=task.task_id, round=task.round, code=code,
+                               reason=reason), timeout=self.rpc_timeout)
+            log.info("round %d: server: %s", task.round, reply.detail)
+        except grpc.RpcError as exc:  # the server then drops the task at its deadline
+            log.warning("round %d: the refusal did not reach the server (%s: %s)", task.round,
+                        exc.code().name, exc.details())
+
+    def _accept(self, task: pb.Task, stages: tuple[Any, ...]) -> Acceptance | None:
+        """The policy's verdict on a task; None (after refusing it) if it violates it."""
+        if self.policy is None:
+            return Acceptance()
+        bits = int(task.secagg.bits) if task.HasField("secagg") else None
+        try:
+            return self.policy.check(stages, bits, self.ledger)
+        except PolicyViolation as exc:
+            self._refuse(task, exc.code, exc.reason)
+            return None
+
     def _run_task(self, task: pb.Task) -> None:
         try:
             config = fit_config_from_wire(task.config)
@@ -249,18 +304,34 @@ class FederationClient:
             if config.round != task.round or task.numel != self.trainer.spec.numel:
                 raise WireError("task round or model size does not match its settings")
         except WireError as exc:
-            log.error("ignoring a malformed task: %s", exc)
+            self._refuse(task, "malformed_task", f"malformed task: {exc}")
+            return
+        accepted = self._accept(task, stages)  # before the download: nothing is wasted
+        if accepted is None:
             return
         weights = self._download(task)
         log.info("round %d: training", task.round)
         try:
             result = self.trainer.fit(weights, self.data, config)
-            # The same arithmetic and stage randomness as every simulated transport.
+            # Stage noise from the operating system's CSPRNG, never from config.seed: the
+            # server computed that seed and could regenerate seeded noise and subtract it.
             delta = ClientTask(self.report.client_id, config, stages).finish(
-                result.weights - weights)
+                result.weights - weights, noise=SecureNoise())
         except Exception:  # the server drops this client from the round at the deadline
             log.exception("round %d: local training failed", task.round)
             return
+        if accepted.releases:
+            # Charged and persisted before the update leaves: a crash can only over-count.
+            assert self.ledger is not None
+            budget = self.policy.dp.epsilon_budget if self.policy is not None else None
+            try:
+                spent = self.ledger.charge(accepted.releases, budget=budget,
+                                           round_num=task.round, experiment=self.experiment)
+            except PolicyViolation as exc:
+                self._refuse(task, exc.code, exc.reason)
+                return
+            log.info("round %d: local-DP epsilon spent by this client: %.4g (delta %g)",
+                     task.round, spent, self.ledger.delta)
         metrics = {**result.metrics, "steps": float(result.steps)}
         if task.HasField("secagg"):
             from fedmosaic.net.secagg import run_client_secagg
@@ -268,6 +339,9 @@ class FederationClient:
             ok = run_client_secagg(self.stubs, task, delta, result.num_samples,
                                    timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout)
         else:
+            # Never silent: a client that accepts plaintext uploads says so every round.
+            log.info("round %d: uploading in plaintext (the task has no secure aggregation%s)",
+                     task.round, "" if self.policy is not None else "; no privacy policy")
             ok = self._upload(task, delta, result.num_samples, metrics)
         if ok:
             self.report.rounds.append(task.round)
@@ -301,25 +375,42 @@ def run_client(
     retry_budget: float = 300.0,
     poll_seconds: float = 10.0,
     chunk_bytes_limit: int = 64 * 1024 * 1024,
+    policy: PrivacyPolicy | str | Path | None = None,
 ) -> ClientReport:
     """Take part in a federation until the server says the run is done.
 
     ``server`` is HOST:PORT; ``ca``/``cert``/``key`` are this client's federation credentials
     (``fedmosaic certs``); ``trainer`` and ``data`` are its model and local training data.
-    ``server_name`` overrides the name checked against the server certificate.
+    ``server_name`` overrides the name checked against the server certificate. ``policy``
+    (a ``PrivacyPolicy`` or the path of its TOML file) is this client's privacy policy; its
+    ledger of local-DP releases lives at the policy's ``ledger`` path, by default next to
+    ``key`` (``default_ledger_path``). Without a policy every task is accepted.
     """
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise FedmosaicError(f"server address {server!r} must be HOST:PORT with a port in "
                              "1-65535")
-    channel = open_channel(server, Path(ca), Path(cert), Path(key), server_name=server_name,
-                           max_message_bytes=chunk_bytes_limit + MESSAGE_OVERHEAD)
+    if policy is not None and not isinstance(policy, PrivacyPolicy):
+        policy = PrivacyPolicy.load(policy)
+    ledger = None
+    if policy is not None:
+        ledger = PrivacyLedger(policy.ledger or default_ledger_path(key), delta=policy.dp.delta)
+        log.info("privacy policy %s: %s; local-DP epsilon spent so far %.4g (delta %g, "
+                 "ledger %s)", policy.source, policy.describe(), ledger.epsilon(),
+                 ledger.delta, ledger.path)
     try:
-        client = FederationClient(channel, trainer, data, poll_seconds=poll_seconds,
-                                  backoff=Backoff(budget=retry_budget))
-        return client.run()
+        channel = open_channel(server, Path(ca), Path(cert), Path(key), server_name=server_name,
+                               max_message_bytes=chunk_bytes_limit + MESSAGE_OVERHEAD)
+        try:
+            client = FederationClient(channel, trainer, data, poll_seconds=poll_seconds,
+                                      backoff=Backoff(budget=retry_budget), policy=policy,
+                                      ledger=ledger)
+            return client.run()
+        finally:
+            channel.close()
     finally:
-        channel.close()
+        if ledger is not None:
+            ledger.close()
 
 
 def load_trainer(spec: str) -> Trainer:

@@ -128,6 +128,8 @@ def client(
         help="name to verify in the server certificate (default: the host dialled)")] = None,
     retry_budget: Annotated[float, typer.Option(
         help="give up after this many seconds without reaching the server")] = 300.0,
+    policy: Annotated[Path | None, typer.Option(
+        help="this client's privacy policy (.toml): tasks that violate it are refused")] = None,
     json_logs: Annotated[bool, typer.Option(help="structured JSON log lines")] = False,
 ) -> None:
     """Join a federation, train on local data each round, until the server says done."""
@@ -137,13 +139,23 @@ def client(
     _quick_exit()
     try:
         ca, cert, key = _credential_paths(credentials, client_id, ca, cert, key)
+        from fedmosaic.net.policy import PrivacyPolicy
+
+        the_policy = PrivacyPolicy.load(policy) if policy is not None else None
+        if the_policy is None:
+            err.print("[bold yellow]warning:[/] no privacy policy (--policy FILE): this client "
+                      "accepts every task the server sends, including plaintext uploads "
+                      "without secure aggregation and any noise level")
         the_trainer, dataset = _client_setup(cert, data, config, trainer)
         from fedmosaic.net.client import run_client
 
         report = run_client(server, ca=ca, cert=cert, key=key, trainer=the_trainer, data=dataset,
-                            server_name=server_name, retry_budget=retry_budget)
+                            server_name=server_name, retry_budget=retry_budget,
+                            policy=the_policy)
+        refused = f", refused rounds {report.refused}" if report.refused else ""
         console.print(f"client {report.client_id}: trained rounds {report.rounds}, "
-                      f"{report.accepted} updates accepted, joined {report.joins} times")
+                      f"{report.accepted} updates accepted, joined {report.joins} times"
+                      f"{refused}")
     except FedmosaicError as exc:
         _fail(str(exc))
 

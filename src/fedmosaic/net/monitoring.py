@@ -74,6 +74,7 @@ DROP_REASONS: tuple[str, ...] = (
     "interrupted",        # upload stream cut off
     "rejected",           # its update failed validation
     "failed",             # reported or suffered another failure
+    "refused_by_client",  # the client's privacy policy refused the task (net/policy.py)
     OTHER,
 )
 # Round durations span sub-second simulated rounds to hour-long cross-silo ones.

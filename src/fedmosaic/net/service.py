@@ -191,6 +191,9 @@ class FederationService:
                           "this federation does not use secure aggregation", "no_secagg")
         return driver.handle(self.transport, peer, request)
 
+    def refuse_task(self, peer: Peer, request: pb.TaskRefusal) -> pb.RefusalReply:
+        return self.transport.refuse_task(peer, request)
+
     def status(self, peer: Peer, request: pb.StatusRequest) -> pb.StatusReply:
         if peer.role != "operator":
             raise Refused(grpc.StatusCode.PERMISSION_DENIED,
@@ -255,6 +258,8 @@ class FederationService:
             "GetTask": unary("GetTask", self.get_task, pb.TaskRequest, pb.Task),
             "SecAgg": unary("SecAgg", self.secagg, pb.SecAggEnvelope, pb.SecAggEnvelope),
             "Status": unary("Status", self.status, pb.StatusRequest, pb.StatusReply),
+            "RefuseTask": unary("RefuseTask", self.refuse_task, pb.TaskRefusal,
+                                pb.RefusalReply),
             "DownloadModel": grpc.unary_stream_rpc_method_handler(
                 self.download, request_deserializer=None,
                 response_serializer=pb.TensorChunk.SerializeToString),

@@ -17,6 +17,10 @@ model, the running sum and ``upload_slots`` buffers, whatever the number of clie
 A round ends when every task has been answered or given up: a client that stops sending
 heartbeats (three missed intervals) or rejoins is a failure at once; whoever has not delivered
 by the round deadline is dropped as a straggler (its late upload is refused as out of round).
+A client whose privacy policy forbids its task (``fedmosaic.net.policy``) says so with
+``RefuseTask``: its task fails at once with ``refused by client: <reason>``, counted under the
+drop reason ``refused_by_client`` and logged; the reason is checked (a known category, at most
+``MAX_REFUSAL_REASON`` printable characters) before it is logged or kept.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +52,7 @@ from fedmosaic.net.wire import (
     ChunkAssembler,
     WireError,
     check_metrics,
+    check_refusal,
     fit_config_to_wire,
     iter_chunks,
     stage_to_wire,
@@ -61,6 +67,7 @@ TASK_ID_BYTES = 16
 MAX_DOWNLOADS_PER_TASK = 3  # a retry after a broken stream, not a bandwidth amplifier
 MAX_POLL_SECONDS = 30.0
 MAX_SAMPLES = 2**40
+MAX_KEPT_REFUSALS = 1000  # the latest refusals kept in memory (all are logged)
 
 
 @dataclass
@@ -143,6 +150,9 @@ class GrpcTransport:
         self.secagg = secagg
         self.metrics = metrics
         self.round_received = 0
+        self.round_refused = 0
+        # (round, client, code, reason) of the latest client refusals, for the operator.
+        self.refusals: deque[tuple[int, str, str, str]] = deque(maxlen=MAX_KEPT_REFUSALS)
         self._round_deadline = 0.0
 
     # -- helpers (call with self.cond held) ---------------------------------------------
@@ -338,6 +348,25 @@ class GrpcTransport:
                                 "disconnected")
             raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted", "interrupted") from exc
 
+    def refuse_task(self, peer: Peer, refusal: pb.TaskRefusal) -> pb.RefusalReply:
+        """The client refuses its task under its privacy policy: fail the task now (no
+        update from it will be accepted this round) and record why."""
+        code, reason = check_refusal(refusal)  # WireError: refused as malformed
+        with self.cond:
+            task = self.task_of(peer, refusal.task_id, refusal.round)
+            if task.state not in ("pending", "issued"):
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"task is {task.state}: too late to refuse it", "task_state")
+            self.close_task(task, ClientFailure(task.client_id,
+                                                f"refused by client: {reason}"),
+                            "refused_by_client")
+            self.refusals.append((task.round, task.client_id, code, reason))
+            if task.round == self.round:
+                self.round_refused += 1
+        log.warning("round %d: client %s refused its task (%s): %s", task.round,
+                    task.client_id, code, reason)
+        return pb.RefusalReply(detail=f"refusal of the round {task.round} task recorded")
+
     def _check_header(self, header: pb.UploadHeader) -> str | None:
         if header.numel != self.numel:
             return f"header announces {header.numel} values, the model has {self.numel}"
@@ -376,6 +405,7 @@ class GrpcTransport:
                 completed_rounds=self.completed_rounds,
                 connected_clients=len(self.connected_unlocked()),
                 round_tasks=len(tasks), round_received=self.round_received,
+                round_refused=self.round_refused,
                 uptime_seconds=time.monotonic() - self.started,
                 last_record_json=json.dumps(self.last_record, default=float))
 
@@ -421,6 +451,7 @@ class GrpcTransport:
         outstanding: dict[bytes, PendingTask] = {}
         with self.cond:
             self.round, self.round_open, self.round_received = round_num, True, 0
+            self.round_refused = 0
             self.weights = weights.detach()
             self.results = queue.Queue()
             self._round_deadline = now + self.settings.round_deadline

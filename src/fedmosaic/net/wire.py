@@ -32,6 +32,19 @@ LITTLE_F32 = np.dtype("<f4")
 MESSAGE_OVERHEAD = 64 * 1024
 MAX_METRICS = 64
 MAX_METRIC_KEY = 64
+# A client's refusal of its task (``TaskRefusal``): a category from a fixed set (so that logs
+# and metrics never take a label from the client) and a short, printable reason.
+REFUSAL_CODES: tuple[str, ...] = (
+    "secagg_required",    # the task has no secure aggregation; the policy requires SecAgg+
+    "secagg_bits",        # fewer SecAgg+ ring bits than the policy's minimum
+    "no_dp",              # the task carries no DP stage; the policy requires noise
+    "noise_multiplier",   # a DP stage's noise is below the policy's minimum
+    "clip",               # a DP stage's clip is above the policy's maximum
+    "epsilon_per_round",  # one round's local-DP epsilon is above the policy's maximum
+    "epsilon_budget",     # the client's own epsilon budget would be exceeded
+    "malformed_task",     # the task could not be decoded (unknown stage, bad settings)
+)
+MAX_REFUSAL_REASON = 512
 
 
 class WireError(ValueError):
@@ -175,6 +188,28 @@ def check_metrics(metrics: Any) -> dict[str, float]:
             raise WireError(f"metric '{key}' is {value}, not finite")
         out[key] = float(value)
     return out
+
+
+def check_refusal(msg: pb.TaskRefusal) -> tuple[str, str]:
+    """The (code, reason) of a client's ``TaskRefusal``; ``WireError`` if the code is not one
+    of ``REFUSAL_CODES`` or the reason is empty, longer than ``MAX_REFUSAL_REASON`` characters
+    or not printable (a newline or control character could forge log lines)."""
+    code, reason = msg.code, msg.reason
+    if code not in REFUSAL_CODES:
+        raise WireError(f"refusal code {code[:32]!r} is not one of {', '.join(REFUSAL_CODES)}")
+    if not reason or len(reason) > MAX_REFUSAL_REASON or not reason.isprintable():
+        raise WireError(f"refusal reason must be 1 to {MAX_REFUSAL_REASON} printable characters "
+                        f"(got {len(reason)} characters)")
+    return code, reason
+
+
+def printable_reason(text: str) -> str:
+    """``text`` made acceptable to ``check_refusal``: non-printable characters replaced by
+    spaces, cut to ``MAX_REFUSAL_REASON`` characters (what a client sends)."""
+    cleaned = "".join(c if c.isprintable() else " " for c in text).strip() or "refused"
+    if len(cleaned) > MAX_REFUSAL_REASON:
+        cleaned = cleaned[:MAX_REFUSAL_REASON - 3] + "..."
+    return cleaned
 
 
 # -- fit settings ---------------------------------------------------------------------------

@@ -62,8 +62,10 @@ UploadReply = _message("UploadReply")
 SecAggEnvelope = _message("SecAggEnvelope")
 StatusRequest = _message("StatusRequest")
 StatusReply = _message("StatusReply")
+TaskRefusal = _message("TaskRefusal")
+RefusalReply = _message("RefusalReply")
 
 __all__ = ["DESCRIPTOR", "FitSettings", "HeartbeatReply", "HeartbeatRequest", "JoinReply",
-           "JoinRequest", "ModelRequest", "SecAggEnvelope", "SecAggSettings", "StageSpec",
-           "StatusReply", "StatusRequest", "Task", "TaskRequest", "TensorChunk", "UploadHeader",
-           "UploadMessage", "UploadReply"]
+           "JoinRequest", "ModelRequest", "RefusalReply", "SecAggEnvelope", "SecAggSettings",
+           "StageSpec", "StatusReply", "StatusRequest", "Task", "TaskRefusal", "TaskRequest",
+           "TensorChunk", "UploadHeader", "UploadMessage", "UploadReply"]
