@@ -210,7 +210,8 @@ def test_counts_merge_and_describe():
     at_once.record_laplace(10.0)
     info = at_once.describe()
     assert info == {
-        "accountant": "rdp", "neighboring": "add_remove", "rounds": 35,
+        "accountant": "rdp", "neighboring": "add_remove", "conversion": "improved",
+        "orders": "dp_accounting", "rounds": 35,
         "sampling": ["poisson"], "sampling_rates": [0.05, 0.1],
         "noise_multipliers": [0.9, 1.2], "laplace_releases": 1, "laplace_scales": [10.0],
     }
