@@ -33,8 +33,9 @@ PRIVACY_MODES = ("none", "central", "distributed", "local")
 PRIVACY_KEYS = {
     "none": set(),
     "central": {"clip", "delta", "noise_multiplier", "target_epsilon", "budget_epsilon",
-                "sampling", "rate", "adaptive_clip_quantile", "accountant"},
-    "local": {"clip", "mechanism", "noise_multiplier", "epsilon"},
+                "sampling", "rate", "adaptive_clip_quantile", "accountant", "secure_noise",
+                "insecure_seeded_noise", "client_metrics"},
+    "local": {"clip", "mechanism", "noise_multiplier", "epsilon", "client_metrics"},
 }
 PRIVACY_KEYS["distributed"] = (PRIVACY_KEYS["central"] - {"adaptive_clip_quantile"}) | {
     "min_contributors"}
@@ -193,6 +194,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "epsilon": _float(*POSITIVE),
         "accountant": _choice(("rdp", "pld")),
         "min_contributors": _int(1),
+        # Noise and cohorts from a CSPRNG keyed from os.urandom (fedmosaic.privacy.randomness);
+        # no default: simulation uses seeded noise, ``fedmosaic server`` secure noise.
+        "secure_noise": Key((bool,), "true or false"),
+        # The loudly named opt-out that lets ``fedmosaic server`` run DP with seeded noise.
+        "insecure_seeded_noise": Key((bool,), "true or false"),
+        "client_metrics": _choice(("record", "suppress")),
     },
     "server_opt": {
         "name": _choice(SERVER_OPTS, default="sgd"),
@@ -516,6 +523,10 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
         return
     if "delta" not in p:
         raise ConfigError("privacy.delta", "<missing>", "required: a number in (0, 1)")
+    if p.get("insecure_seeded_noise") and p.get("secure_noise", False):
+        raise ConfigError("privacy.insecure_seeded_noise", True,
+                          "only with privacy.secure_noise = false (it allows seeded noise in a "
+                          "deployment, for tests)")
     if mode == "distributed":
         if "min_contributors" not in p:
             raise ConfigError("privacy.min_contributors", "<missing>",

@@ -56,6 +56,9 @@ class DispatchTransform(Protocol):
 # the seed's use in training).
 _STAGE_SEED = 0x5EED5EED
 
+#: What the round records do with the clients' reported training metrics.
+CLIENT_METRICS = ("record", "suppress")
+
 
 @dataclass(frozen=True)
 class ClientTask:
@@ -117,6 +120,9 @@ class FedAvg:
     aggregate; ``anomaly`` scores every update, keeps reputations and quarantines clients
     that keep failing. Either makes the server keep the round's individual updates (and
     refuses secure aggregation); the server optimizer then applies the robust aggregate.
+    ``client_metrics`` is ``"record"`` (the round records carry the sample-weighted mean of
+    the clients' reported training metrics) or ``"suppress"`` (they do not: under DP those
+    metrics are computed from private data without noise, outside the guarantee).
     """
 
     name = "fedavg"
@@ -140,7 +146,12 @@ class FedAvg:
         dispatch_transform: DispatchTransform | None = None,
         robust: RobustAggregator | None = None,
         anomaly: AnomalyDetector | None = None,
+        client_metrics: str = "record",
     ) -> None:
+        if client_metrics not in CLIENT_METRICS:
+            raise ValueError(f"client_metrics must be one of {CLIENT_METRICS}, "
+                             f"got {client_metrics!r}")
+        self.client_metrics = client_metrics
         self.client_stages = tuple(client_stages)
         self.server_stages = tuple(server_stages)
         self.dispatch_transform = dispatch_transform
@@ -271,6 +282,9 @@ class FedAvg:
             **({"dispatch_transform": repr(self.dispatch_transform)}
                if self.dispatch_transform is not None else {}),
             **(self.defence.describe() if self.defence is not None else {}),
+            # Only when not the default, so that existing runs keep their resume identity.
+            **({"client_metrics": self.client_metrics}
+               if self.client_metrics != "record" else {}),
         }
 
 

@@ -100,7 +100,8 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
         torch.set_num_threads(exp[""]["threads"])
     fed = build_data(exp)
     trainer = build_trainer(exp, fed)
-    strategy = build_strategy(exp, fed)  # the data's shape builds a [watermark]'s triggers
+    # The data's shape builds a [watermark]'s triggers; deployment: DP noise from SecureNoise.
+    strategy = build_strategy(exp, fed, deployment=True)
     if strategy.straggler_fraction > 0:
         raise ConfigError("strategy.stragglers", strategy.straggler_fraction,
                           "0 with real clients: stragglers are real, and the round deadline "

@@ -10,9 +10,14 @@ is the client: neighbouring data sets differ in all the data of one client.
 Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy 2021, "Differentially Private
 Learning with Adaptive Clipping", NeurIPS) tracks a target quantile ``gamma`` of the update
 norms: ``S <- S * exp(-eta * (b - gamma))`` where ``b`` is the noisy fraction of clients whose
-norm was at most ``S``. Its noise (std ``sigma_b``, on a count with sensitivity 1) is paid
-for by raising the update noise multiplier so that the pair costs exactly what ``z`` alone
-would: ``z_update = (z**-2 - (2 * sigma_b)**-2) ** -0.5`` (Andrew et al., Theorem 1).
+norm was at most ``S``. As in TF-Privacy's quantile estimator, the server releases the noised
+sum of ``b_i - 1/2`` over the round's clients (noise std ``sigma_b``), which one added or
+removed client moves by at most 1/2, and recovers the fraction by adding ``expected / 2`` and
+dividing by ``expected``. That sensitivity is what Andrew et al.'s split assumes: the update
+noise multiplier is raised to ``z_update = (z**-2 - (2 * sigma_b)**-2) ** -0.5`` so that the
+pair of Gaussian releases together has noise multiplier ``z`` (their Theorem 1). Under the
+replace-one relation (fixed-size cohorts) one client moves the centred count by 1 and the sum
+by ``2S``, so the pair has multiplier ``z / 2``, the same ratio as the update alone.
 
 Client sampling is part of the guarantee: ``sampling="poisson"`` includes each client
 independently with probability ``q`` (the assumption of the subsampled-Gaussian analysis;
@@ -27,8 +32,8 @@ multiplier up front or stops training before it would be exceeded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,8 +48,22 @@ from fedmosaic.privacy.accountant import (
     PrivacyBudget,
     calibrate_noise_multiplier,
 )
+from fedmosaic.privacy.randomness import NoiseSource, SecureNoise, SeededNoise
 
 SAMPLINGS = ("poisson", "fixed")
+
+#: What a run with seeded noise says about its noise in its guarantees.
+SEEDED_NOISE_NOTICE = "deterministic noise: simulation only"
+
+#: What the DP guarantee does not cover (said in every DP run's guarantees).
+NOT_COVERED = (
+    "participation: which clients were selected and reported, and how many (the round "
+    "records' clients_selected and updates)",
+    "clients' sample counts",
+    "clients' reported training metrics (train_loss, train_accuracy, ...), unless "
+    "privacy.client_metrics = 'suppress'",
+    "floating-point attacks on the float Gaussian sampler (Mironov 2012)",
+)
 
 
 class ClippedSumAggregator:
@@ -95,9 +114,13 @@ class DPFedAvg(FedAvg):
     ``adaptive_clip_lr`` and count-noise std ``adaptive_clip_noise`` (sigma_b, the paper's
     default is expected_clients / 20).
 
-    The noise is drawn from a generator seeded by (run seed, round) so that simulations are
-    reproducible; ``secure_noise=True`` draws the seed from ``os.urandom`` each round instead,
-    as a deployment should (a predictable noise seed voids the guarantee).
+    Randomness (``fedmosaic.privacy.randomness``): by default the noise comes from
+    ``SeededNoise`` seeded by (run seed, round) and the cohort from the run's seeded generator,
+    so simulations are reproducible -- and anyone who knows or finds the run seed (a client can
+    search it from its own ``FitConfig.seed``) can predict the cohort and remove the noise; the
+    guarantees then say "deterministic noise: simulation only". ``secure_noise=True`` draws the
+    noise, the cohort and the clients' ``FitConfig`` seeds from ``SecureNoise`` (ChaCha20 keyed
+    from ``os.urandom``), as a deployment must; ``fedmosaic server`` turns it on by default.
     """
 
     name = "dp-fedavg"
@@ -168,7 +191,8 @@ class DPFedAvg(FedAvg):
         self.adaptive_quantile = adaptive_clip_quantile
         self.adaptive_lr = float(adaptive_clip_lr)
         self.adaptive_noise = adaptive_clip_noise
-        self.secure_noise = secure_noise
+        self.secure_noise = bool(secure_noise)
+        self._secure: SecureNoise | None = None  # keyed on first use
         self.initial_clip = float(clip)
         self.clip_aggregator = ClippedSumAggregator(clip)
         self.aggregator = self.clip_aggregator  # type: ignore[assignment]
@@ -240,6 +264,12 @@ class DPFedAvg(FedAvg):
             return float(self.adaptive_noise)
         return self.expected_clients(population) / 20.0
 
+    def count_sensitivity(self) -> float:
+        """How far one client can move the released (centred) count of clients within the
+        clip: 1/2 under add/remove (it adds or removes one ``b_i - 1/2``), 1 under
+        replace-one (one ``b_i`` flips)."""
+        return 0.5 if self.neighboring == "add_remove" else 1.0
+
     def _sensitivity_factor(self) -> float:
         """How far one client can move the clipped sum, in units of the clip: ``S`` under
         add/remove (Poisson), ``2S`` under replace-one (fixed-size sampling)."""
@@ -280,18 +310,29 @@ class DPFedAvg(FedAvg):
         if self.population is None:
             self.population = len(available)
         self.client_stages = self._distributed_stage() + self.user_stages
+        if self.secure_noise:
+            # The cohort is part of the mechanism (amplification by sampling): it must not be
+            # predictable from the run seed, which a client can search from its own seed.
+            rng = self._secure_source().numpy()
         if self.sampling == "fixed":
-            return super().configure_fit(round_num, available, rng, run_seed=run_seed,
-                                         full_steps=full_steps)
-        # Poisson sampling: every client independently with probability q, so a round may
-        # have any number of clients (even none) -- the analysed mechanism.
-        ids = sorted(available)
-        assert self.rate is not None
-        chosen = [c for c, keep in zip(ids, rng.random(len(ids)) < self.rate) if keep]
-        return [ClientTask(c, self.fit_config(round_num,
-                                              seed=client_seed(run_seed, round_num, c)),
-                           self.client_stages)
-                for c in chosen]
+            tasks = super().configure_fit(round_num, available, rng, run_seed=run_seed,
+                                          full_steps=full_steps)
+        else:
+            # Poisson sampling: every client independently with probability q, so a round may
+            # have any number of clients (even none) -- the analysed mechanism.
+            ids = sorted(available)
+            assert self.rate is not None
+            chosen = [c for c, keep in zip(ids, rng.random(len(ids)) < self.rate) if keep]
+            tasks = [ClientTask(c, self.fit_config(round_num,
+                                                   seed=client_seed(run_seed, round_num, c)),
+                                self.client_stages)
+                     for c in chosen]
+        if not self.secure_noise:
+            return tasks
+        # Seeds that say nothing about the run seed: drawn from the CSPRNG, not derived.
+        seeds = self._secure_source().numpy().integers(0, 2**63, size=len(tasks))
+        return [dataclasses.replace(t, config=dataclasses.replace(t.config, seed=int(sd)))
+                for t, sd in zip(tasks, seeds)]
 
     # -- the round ---------------------------------------------------------------------------
     def before_round(self, round_num: int, available: Sequence[str]) -> None:
@@ -305,12 +346,17 @@ class DPFedAvg(FedAvg):
                 f"round {round_num} would exceed the budget epsilon={self.budget.epsilon} at "
                 f"delta={self.delta} (spent so far: {self.accountant.epsilon(self.delta):.4f})")
 
-    def _noise_generator(self, round_num: int) -> torch.Generator:
+    def _secure_source(self) -> SecureNoise:
+        if self._secure is None:
+            self._secure = SecureNoise()
+        return self._secure
+
+    def round_noise(self, round_num: int) -> NoiseSource:
+        """Where this round's central noise comes from: ``SecureNoise`` with
+        ``secure_noise``, else ``SeededNoise`` from (run seed, round) (simulation only)."""
         if self.secure_noise:
-            seed = int.from_bytes(os.urandom(8), "little")
-        else:
-            seed = client_seed(self.run_seed, round_num, "__dp_noise__")
-        return torch.Generator().manual_seed(seed)
+            return self._secure_source()
+        return SeededNoise(client_seed(self.run_seed, round_num, "__dp_noise__"))
 
     def finish_round(
         self, round_num: int, weights: torch.Tensor, tally: Any
@@ -320,7 +366,7 @@ class DPFedAvg(FedAvg):
         z_update = self.update_noise_multiplier(population)
         clip = self.clip_aggregator.clip
         bound = self.clip_aggregator.bound  # the sensitivity: clip, or a tighter norm bound
-        gen = self._noise_generator(round_num)
+        noise_source = self.round_noise(round_num)
         summed = tally.acc.weighted_sum
         if self.distributed:
             if tally.count < (self.min_contributors or 0):
@@ -334,25 +380,35 @@ class DPFedAvg(FedAvg):
             if summed is None:
                 # Poisson sampling can pick nobody; the mechanism still releases noise.
                 summed = torch.zeros_like(weights)
-            noise = torch.randn(summed.shape, generator=gen,
-                                dtype=torch.float32) * (z_update * bound)
+            noise = noise_source.gaussian(summed.shape, z_update * bound, torch.float32)
             mean = (summed.to(torch.float32).cpu() + noise) / expected
         new_weights = self.apply(weights, mean.to(weights.device))
         metrics: dict[str, Any] = {"dp_clip": bound, "dp_noise_multiplier": z_update,
                                    "dp_noise_std_on_mean": z_update * bound / expected}
         if self.adaptive_quantile is not None:
             sigma_b = self._count_noise(population)
-            within = tally.stage_stats.get("within_clip", 0.0)
-            noisy = (within + float(torch.randn((), generator=gen)) * sigma_b) / expected
+            released = self.released_count(tally) + float(
+                noise_source.gaussian((), sigma_b, torch.float64))
+            # The fraction: add back the expected sum of the 1/2's, divide by the expected
+            # cohort (TF-Privacy's quantile estimator).
+            noisy = (released + expected / 2) / expected
             self.clip_aggregator.clip = clip * math.exp(-self.adaptive_lr
                                                         * (noisy - self.adaptive_quantile))
             metrics["dp_within_clip_fraction"] = noisy
-        # With adaptive clipping the update and count noise together cost exactly z.
+        # With adaptive clipping the update and count noise together have multiplier z
+        # (Andrew et al. 2021, Theorem 1; the count's sensitivity is count_sensitivity()).
         self.accountant.record_gaussian_round(self._accounted(self._z(population)),
                                               **self._sampling_args(population))
         metrics["dp_epsilon"] = self.accountant.epsilon(self.delta)
         metrics["dp_delta"] = self.delta
         return new_weights, metrics
+
+    @staticmethod
+    def released_count(tally: Any) -> float:
+        """The count adaptive clipping releases before noise: ``sum_i (b_i - 1/2)`` over the
+        round's summed updates, ``b_i = 1`` when update i's norm was within the clip."""
+        within = tally.stage_stats.get("within_clip", 0.0)
+        return within - tally.count / 2
 
     # -- state and reports --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -395,11 +451,15 @@ class DPFedAvg(FedAvg):
                 "rounds": rounds,
                 "noise_multiplier": self.noise_multiplier,
                 "clip": "adaptive" if self.adaptive_quantile is not None else self.initial_clip,
-                "noise_seed": "os.urandom per round" if self.secure_noise else
-                              "derived from the run seed (simulation only)",
+                "noise": ("ChaCha20 keyed from os.urandom (SecureNoise): noise, Poisson "
+                          "cohorts and client seeds no party can reproduce"
+                          if self.secure_noise else SEEDED_NOISE_NOTICE),
                 "noise_added_by": (f"the clients (distributed; full noise once at least "
                                    f"{self.min_contributors} updates are summed)"
                                    if self.distributed else "the server"),
+                "not_covered": list(NOT_COVERED) if self.client_metrics != "suppress" else
+                               [n for n in NOT_COVERED if "training metrics" not in n],
+                "client_metrics": self.client_metrics,
             },
             "secure_aggregation": None,
             "server_sees": ("only what the transport reveals: with SecAgg+, the noised sum"

@@ -203,7 +203,9 @@ class Server:
             "bytes_down": len(tasks) * self.spec.nbytes,
             "bytes_up": tally.bytes_up,
         }
-        record.update(tally.mean_metrics())
+        if s.client_metrics == "record":
+            # Computed from private data without noise: a DP run may suppress them.
+            record.update(tally.mean_metrics())
         record.update(extra)
         if self.test_data is not None and (
             round_num % self.eval_every == 0 or round_num == self.rounds
