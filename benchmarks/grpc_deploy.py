@@ -355,7 +355,7 @@ def run_config(task: str, clients: int, rounds: int, client_procs: int, params: 
         if task == "digits":
             digits_experiment(workdir, clients, rounds)
         ids = client_ids(task, clients, workdir)
-        create_federation(workdir / "federation", clients=ids)
+        create_federation(workdir / "federation", clients=ids, ca_passphrase=None)
         common = ["--workdir", str(workdir), "--task", task, "--params", str(params),
                   "--clients", str(clients), "--rounds", str(rounds), "--seed", str(seed)]
         procs = {"server": _spawn(["--role", "server", *common], workdir / "server.log")}

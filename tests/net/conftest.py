@@ -26,7 +26,7 @@ REVOKED = "spare"
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Credentials for client_0..client_9 plus 'spare', whose certificate is revoked."""
     root = tmp_path_factory.mktemp("federation")
-    create_federation(root, clients=[*CLIENTS, REVOKED])
+    create_federation(root, clients=[*CLIENTS, REVOKED], ca_passphrase=None)
     revoke(root, REVOKED)
     return root
 
@@ -35,7 +35,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def foreign_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another CA issuing a certificate with a legitimate-looking id (client_00)."""
     root = tmp_path_factory.mktemp("foreign")
-    create_federation(root, clients=["client_00"])
+    create_federation(root, clients=["client_00"], ca_passphrase=None)
     return root
 
 

@@ -43,12 +43,13 @@ def _verify_server(paths: FederationPaths, leaf: x509.Certificate,
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationPaths:
-    return certs.create_federation(tmp_path_factory.mktemp("fed") / "federation", CLIENTS)
+    return certs.create_federation(tmp_path_factory.mktemp("fed") / "federation", CLIENTS,
+                                   ca_passphrase=None)
 
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> FederationPaths:
-    return certs.create_federation(tmp_path / "fed", ["a", "b"])
+    return certs.create_federation(tmp_path / "fed", ["a", "b"], ca_passphrase=None)
 
 
 def test_files_and_private_key_permissions(fed: FederationPaths) -> None:
@@ -74,7 +75,9 @@ def test_ca_profile(fed: FederationPaths) -> None:
 def test_server_certificate_chain_san_and_eku(fed: FederationPaths) -> None:
     server = _cert(fed.server_cert)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    # The real name, then the generation name that clients pin (revocable server certificate).
+    assert san.get_values_for_type(x509.DNSName) == ["localhost",
+                                                      "gen-1.server.fedmosaic.invalid"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
@@ -110,21 +113,23 @@ def test_client_and_operator_certificates(fed: FederationPaths) -> None:
 
 
 def test_other_ca_does_not_verify(fed: FederationPaths, tmp_path: Path) -> None:
-    other = certs.create_federation(tmp_path / "other", ["hospital-a"])
+    other = certs.create_federation(tmp_path / "other", ["hospital-a"], ca_passphrase=None)
     with pytest.raises(VerificationError):
         _verify_client(fed, _cert(other.client_cert("hospital-a")))
 
 
 @pytest.mark.parametrize("key_type", ["ec-p384", "rsa-3072"])
 def test_other_key_types(tmp_path: Path, key_type: str) -> None:
-    paths = certs.create_federation(tmp_path / "f", ["a"], key_type=key_type)  # type: ignore[arg-type]
+    paths = certs.create_federation(tmp_path / "f", ["a"], key_type=key_type,  # type: ignore[arg-type]
+                                    ca_passphrase=None)
     _verify_client(paths, _cert(paths.client_cert("a")))
     _verify_server(paths, _cert(paths.server_cert), x509.DNSName("localhost"))
 
 
 def test_custom_server_names(tmp_path: Path) -> None:
     paths = certs.create_federation(tmp_path / "f", ["a"],
-                                    server_names=["fl.example.org", "10.0.0.7", "::1"])
+                                    server_names=["fl.example.org", "10.0.0.7", "::1"],
+                                    ca_passphrase=None)
     server = _cert(paths.server_cert)
     assert server.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "fl.example.org"
     for name in (x509.DNSName("fl.example.org"),
@@ -132,7 +137,8 @@ def test_custom_server_names(tmp_path: Path) -> None:
                  x509.IPAddress(ipaddress.ip_address("::1"))):
         _verify_server(paths, server, name)
     with pytest.raises(ConfigError, match="server_names"):
-        certs.create_federation(tmp_path / "g", ["a"], server_names=["bad name!"])
+        certs.create_federation(tmp_path / "g", ["a"], server_names=["bad name!"],
+                                ca_passphrase=None)
 
 
 def test_revoke_then_load_revoked(fresh: FederationPaths) -> None:
@@ -170,7 +176,7 @@ def test_revoke_by_id_works_without_the_client_files(fresh: FederationPaths) -> 
 
 def test_crl_signed_by_another_key_is_refused(fresh: FederationPaths, tmp_path: Path) -> None:
     # Same CA subject name, different key: only the signature check can tell them apart.
-    other = certs.create_federation(tmp_path / "other", ["a"])
+    other = certs.create_federation(tmp_path / "other", ["a"], ca_passphrase=None)
     certs.revoke(other.root, "a")
     assert _cert(other.ca_cert).subject == _cert(fresh.ca_cert).subject
     with pytest.raises(certs.CredentialError, match="not signed by the CA"):
@@ -212,19 +218,19 @@ def _b64(data: bytes) -> bytes:
                                  "x" * 65, "operator", "Server", "ca", 7, None])
 def test_bad_client_ids_are_refused(tmp_path: Path, bad: object) -> None:
     with pytest.raises(ConfigError, match="client_id"):
-        certs.create_federation(tmp_path / "f", ["ok", bad])  # type: ignore[list-item]
+        certs.create_federation(tmp_path / "f", ["ok", bad], ca_passphrase=None)  # type: ignore[list-item]
     assert not (tmp_path / "f").exists()  # validated before anything is written
 
 
 def test_duplicate_ids_and_bad_arguments(tmp_path: Path, fresh: FederationPaths) -> None:
     with pytest.raises(ConfigError, match="unique"):
-        certs.create_federation(tmp_path / "f", ["a", "b", "A"])
+        certs.create_federation(tmp_path / "f", ["a", "b", "A"], ca_passphrase=None)
     with pytest.raises(ConfigError, match="clients"):
-        certs.create_federation(tmp_path / "f", "abc")
+        certs.create_federation(tmp_path / "f", "abc", ca_passphrase=None)
     with pytest.raises(ConfigError, match="days"):
-        certs.create_federation(tmp_path / "f", ["a"], days=0)
+        certs.create_federation(tmp_path / "f", ["a"], days=0, ca_passphrase=None)
     with pytest.raises(ConfigError, match="key_type"):
-        certs.create_federation(tmp_path / "f", ["a"], key_type="dsa")  # type: ignore[arg-type]
+        certs.create_federation(tmp_path / "f", ["a"], key_type="dsa", ca_passphrase=None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="client_id"):
         certs.add_client(fresh.root, "../../etc/passwd")
     with pytest.raises(certs.CredentialError, match="already issued"):
@@ -236,9 +242,9 @@ def test_duplicate_ids_and_bad_arguments(tmp_path: Path, fresh: FederationPaths)
 def test_existing_federation_is_not_overwritten(fresh: FederationPaths) -> None:
     before = fresh.ca_cert.read_bytes()
     with pytest.raises(certs.CredentialError, match="already holds a federation"):
-        certs.create_federation(fresh.root, ["x"])
+        certs.create_federation(fresh.root, ["x"], ca_passphrase=None)
     assert fresh.ca_cert.read_bytes() == before
-    certs.create_federation(fresh.root, ["x"], overwrite=True)
+    certs.create_federation(fresh.root, ["x"], overwrite=True, ca_passphrase=None)
     assert fresh.ca_cert.read_bytes() != before
     assert not fresh.client_cert("a").exists()  # the old federation's credentials are gone
     assert [c.id for c in certs.list_credentials(fresh.root)] == ["operator", "server", "x"]
@@ -257,17 +263,17 @@ def test_add_client_issues_a_verifiable_credential(fresh: FederationPaths) -> No
 def test_passphrase_protected_ca_key(tmp_path: Path) -> None:
     paths = certs.create_federation(tmp_path / "f", ["a"], ca_passphrase=b"correct horse")
     assert b"ENCRYPTED PRIVATE KEY" in paths.ca_key.read_bytes()
-    with pytest.raises(certs.CredentialError, match="cannot load the CA key"):
+    with pytest.raises(certs.CredentialError, match="is encrypted: give its passphrase"):
         certs.add_client(paths.root, "b")
-    with pytest.raises(certs.CredentialError, match="cannot load the CA key"):
-        certs.revoke(paths.root, "a", ca_passphrase=b"wrong")
+    with pytest.raises(certs.CredentialError, match="wrong passphrase"):
+        certs.revoke(paths.root, "a", ca_passphrase=b"wrong passphrase")
     certs.add_client(paths.root, "b", ca_passphrase=b"correct horse")
     certs.revoke(paths.root, "a", ca_passphrase=b"correct horse")
     assert certs.load_revoked(paths.crl) == {"a"}
 
 
 def test_cli_never_prints_key_material(tmp_path: Path) -> None:
-    runner = CliRunner()
+    runner = CliRunner(env={"FEDMOSAIC_CA_PASSPHRASE": "correct horse battery"})
     out = tmp_path / "fed"
     results = [
         runner.invoke(app, ["certs", "init", "--out", str(out), "--clients", "a,b",
@@ -279,6 +285,8 @@ def test_cli_never_prints_key_material(tmp_path: Path) -> None:
     for r in results:
         assert r.exit_code == 0, r.output
         assert "BEGIN" not in r.output and "PRIVATE" not in r.output
+        assert "correct horse" not in r.output
+    assert certs.ca_key_is_encrypted(out)  # encrypted by default
     listing = results[-1].output
     serial_b = format(_cert(out / "clients" / "b.pem").serial_number, "x")
     assert serial_b in listing and "yes" in listing
@@ -332,7 +340,7 @@ def test_mtls_handshake_accepts_federation_clients(mtls_server: int,
 
 def test_mtls_handshake_refuses_strangers(mtls_server: int, fed: FederationPaths,
                                           tmp_path: Path) -> None:
-    other = certs.create_federation(tmp_path / "other", [CLIENTS[0]])
+    other = certs.create_federation(tmp_path / "other", [CLIENTS[0]], ca_passphrase=None)
     target = f"localhost:{mtls_server}"
     with pytest.raises(grpc.RpcError) as no_cert:
         _call(target, fed.ca_cert)

@@ -56,7 +56,7 @@ def _client_trainer() -> TorchTrainer:
 @pytest.fixture(scope="module")
 def blobs_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("blobs-fed")
-    create_federation(root, clients=[f"c{i}" for i in range(6)])
+    create_federation(root, clients=[f"c{i}" for i in range(6)], ca_passphrase=None)
     return root
 
 

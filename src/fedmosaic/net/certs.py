@@ -22,15 +22,34 @@ without any other file. A revoked id is never reissued, so id and serial revocat
 ``federation.json`` records every credential issued (id, role, serial, expiry), so revoking by id
 works even after a client's files have been handed over and deleted.
 
-Private keys are written unencrypted (gRPC loads them unattended) with mode 0600, except that
-the CA key may be encrypted with a passphrase; no function here prints or logs key material.
-Keep ``ca.key`` off the server: the server needs only ``ca.pem``, ``server.pem``, ``server.key``
-and ``crl.pem``.
+Certificate requests (RFC 2986): ``request_certificate`` makes a key and a CSR on the client's
+own machine, ``sign_request`` lets the operator issue the certificate from the CSR alone, so the
+private key never leaves its owner. The operator checks the CSR's signature and key type and
+copies nothing from it but the public key: subject, constraints, usages and names are always
+our own profile above, whatever extensions the CSR asks for.
+
+Every CRL carries a CRL number (RFC 5280 section 5.2.3) that grows with each reissue; verifiers
+refuse a CRL without one, and the server refuses one whose number is below the last it accepted
+(``fedmosaic.net.auth``), so an old CRL cannot be replayed to un-revoke a credential. The
+server certificate is revocable too: it carries, besides its real names, a DNS name
+``gen-<N>.server.fedmosaic.invalid`` for its generation N (``.invalid`` is reserved, RFC 6761,
+so it never resolves), and every CRL carries the current generation in a private non-critical
+extension. ``renew_server`` revokes the current server certificate and issues generation N+1;
+clients read the generation from their CA-verified CRL and make TLS check that name instead of
+the host name (``grpc.ssl_target_name_override``), so after they receive the new CRL the old
+server certificate fails the handshake. gRPC Python gives a client no access to the server's
+certificate, so this name binding is the check a client can make.
+
+Private keys are written unencrypted (gRPC loads them unattended) with mode 0600; the CA key is
+encrypted with a passphrase (PKCS#8, ``BestAvailableEncryption``) unless the caller opts out
+with ``ca_passphrase=None``. No function here prints or logs key material. Keep ``ca.key`` off
+the server: the server needs only ``ca.pem``, ``server.pem``, ``server.key`` and ``crl.pem``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -42,6 +61,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -60,6 +80,10 @@ _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # Private CRL entry extension holding the revoked certificate's client id (UTF8String). A UUID OID
 # (ITU-T X.667, arc 2.25) needs no registration and cannot collide with anyone else's.
 CLIENT_ID_OID = x509.ObjectIdentifier("2.25.191893346733946094329718413925374613321")
+# Private CRL extension holding the current server certificate generation (DER INTEGER).
+SERVER_GENERATION_OID = x509.ObjectIdentifier("2.25.244770311668046572264759306595964060776")
+# The CA key's passphrase is at least this long (NIST SP 800-63B's floor for memorized secrets).
+MIN_PASSPHRASE_BYTES = 8
 # Certificates start a little in the past so a client whose clock lags still accepts them.
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 _INDEX_FORMAT = 1
@@ -100,6 +124,11 @@ class FederationPaths:
         return self.root / "federation.json"
 
     @property
+    def crl_state(self) -> Path:
+        """The server's record of the last CRL it accepted (number and digest)."""
+        return self.root / "crl-accepted.json"
+
+    @property
     def clients_dir(self) -> Path:
         return self.root / "clients"
 
@@ -126,6 +155,9 @@ class Revocations:
     ids: frozenset[str]
     last_update: dt.datetime
     next_update: dt.datetime
+    number: int = 0  # the CRL number (RFC 5280 5.2.3); read_revocations requires one
+    server_generation: int | None = None  # None: a CRL from before server revocation existed
+    digest: str = ""  # SHA-256 of the CRL's DER encoding
 
 
 @dataclass(frozen=True)
@@ -161,6 +193,11 @@ def _san_entry(name: object) -> x509.GeneralName:
     if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise ConfigError("server_names", name, "a DNS name or an IP address")
     return x509.DNSName(name.rstrip(".").lower())
+
+
+def server_generation_name(generation: int) -> str:
+    """The DNS name that only generation ``generation`` of the server certificate carries."""
+    return f"gen-{generation}.server.{TRUST_DOMAIN}.invalid"
 
 
 def _identity_uri(role: str, client_id: str) -> x509.GeneralName:
@@ -223,22 +260,24 @@ def _make_ca(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, days: int) -> 
 
 def _issue_leaf(
     ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey, subject: x509.Name,
     usage: x509.ObjectIdentifier, days: int, san: list[x509.GeneralName] | None = None,
 ) -> x509.Certificate:
+    # Only the public key comes from the subject (a CSR or a key made here): every extension is
+    # ours, so a request cannot obtain CA rights, another usage or extra names.
     now = _now()
     # A leaf never outlives its CA: verifiers would reject the tail anyway.
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
+        .subject_name(subject).issuer_name(ca_cert.subject).public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _CLOCK_SKEW).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False, rsa_key=isinstance(key, rsa.RSAPrivateKey)),
+        .add_extension(_key_usage(ca=False, rsa_key=isinstance(public_key, rsa.RSAPublicKey)),
                        critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
     )
@@ -263,9 +302,24 @@ def _decode_id(der: bytes) -> str | None:
     return text if CLIENT_ID_PATTERN.fullmatch(text) else None
 
 
+def _der_uint(n: int) -> bytes:
+    # DER INTEGER (X.690 8.3) of a small non-negative int: minimal big-endian bytes, with a
+    # leading zero byte when the top bit is set so it does not read as negative.
+    raw = n.to_bytes(n.bit_length() // 8 + 1, "big")
+    return bytes([0x02, len(raw)]) + raw
+
+
+def _der_uint_decode(der: bytes) -> int | None:
+    if len(der) < 3 or der[0] != 0x02 or der[1] != len(der) - 2 or der[1] > 8:
+        return None
+    value = int.from_bytes(der[2:], "big", signed=True)
+    return value if value >= 1 else None
+
+
 def _make_crl(
     ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
-    entries: Sequence[tuple[int, str, dt.datetime]], number: int,
+    entries: Sequence[tuple[int, str | None, dt.datetime]], number: int,
+    server_generation: int = 1,
 ) -> x509.CertificateRevocationList:
     builder = (
         x509.CertificateRevocationListBuilder()
@@ -275,13 +329,15 @@ def _make_crl(
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
+        .add_extension(x509.UnrecognizedExtension(SERVER_GENERATION_OID,
+                                                  _der_uint(server_generation)), critical=False)
     )
     for serial, client_id, when in entries:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
-            .add_extension(x509.UnrecognizedExtension(CLIENT_ID_OID, _encode_id(client_id)),
-                           critical=False)
-            .build())
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+        if client_id is not None:  # server certificates are revoked by serial only
+            entry = entry.add_extension(
+                x509.UnrecognizedExtension(CLIENT_ID_OID, _encode_id(client_id)), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
     return builder.sign(ca_key, _hash_for(ca_key))
 
 
@@ -314,15 +370,33 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _spki_digest(public_key: object) -> str:
+    der = public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 def _index_entry(role: str, cert: x509.Certificate) -> dict[str, object]:
     return {"role": role, "serial": format(cert.serial_number, "x"),
-            "not_after": cert.not_valid_after_utc.isoformat()}
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            # Whose key: lets sign_request refuse a public key already certified for another id.
+            "spki_sha256": _spki_digest(cert.public_key())}
 
 
 def _check_days(days: object) -> int:
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
         raise ConfigError("days", days, "an integer from 1 to 3650")
     return days
+
+
+def _check_passphrase(passphrase: object) -> bytes | None:
+    if passphrase is None:
+        return None
+    if not isinstance(passphrase, bytes) or len(passphrase) < MIN_PASSPHRASE_BYTES:
+        raise ConfigError("ca_passphrase", "<hidden>", f"bytes of at least "
+                          f"{MIN_PASSPHRASE_BYTES} characters, or None to store the CA key "
+                          "unencrypted (tests only)")
+    return passphrase
 
 
 def _check_ids(clients: Sequence[str]) -> list[str]:
@@ -339,6 +413,13 @@ def _check_ids(clients: Sequence[str]) -> list[str]:
     return ids
 
 
+def _server_san(server_names: Sequence[str], generation: int) -> list[x509.GeneralName]:
+    if isinstance(server_names, str) or not server_names:
+        raise ConfigError("server_names", server_names, "a non-empty list of DNS names or IPs")
+    return [*(_san_entry(n) for n in server_names),
+            x509.DNSName(server_generation_name(generation))]
+
+
 def create_federation(
     out_dir: str | Path,
     clients: Sequence[str],
@@ -346,20 +427,22 @@ def create_federation(
     days: int = 365,
     key_type: KeyType = "ec-p256",
     *,
+    ca_passphrase: bytes | None,
     overwrite: bool = False,
-    ca_passphrase: bytes | None = None,
 ) -> FederationPaths:
     """Create a federation: CA, server certificate, operator and client credentials, empty CRL.
 
-    Refuses a directory that already holds a federation unless ``overwrite``; everything is
-    generated and validated before the first file is written.
+    ``ca_passphrase`` is required: the CA key is encrypted with it; ``None`` is the explicit
+    opt-out that stores it unencrypted (tests and throwaway federations). Clients can also get
+    their certificates later from a CSR (``request_certificate``, ``sign_request``) instead of
+    being listed here. Refuses a directory that already holds a federation unless
+    ``overwrite``; everything is generated and validated before the first file is written.
     """
     paths = FederationPaths(Path(out_dir))
     ids = _check_ids(clients)
     days = _check_days(days)
-    if isinstance(server_names, str) or not server_names:
-        raise ConfigError("server_names", server_names, "a non-empty list of DNS names or IPs")
-    san = [_san_entry(n) for n in server_names]
+    ca_passphrase = _check_passphrase(ca_passphrase)
+    san = _server_san(server_names, 1)
     if key_type not in KEY_TYPES:
         raise ConfigError("key_type", key_type, KEY_TYPES)
     existing = [p for p in (paths.ca_cert, paths.ca_key, paths.index) if p.exists()]
@@ -375,7 +458,8 @@ def create_federation(
     ]
     index: dict[str, dict[str, object]] = {}
     server_key = _new_key(key_type)
-    server_cert = _issue_leaf(ca_cert, ca_key, server_key, _name(server_names[0], "server"),
+    server_cert = _issue_leaf(ca_cert, ca_key, server_key.public_key(),
+                              _name(server_names[0], "server"),
                               ExtendedKeyUsageOID.SERVER_AUTH, days, san)
     files += [(paths.server_key, _key_pem(server_key), True),
               (paths.server_cert, _cert_pem(server_cert), False)]
@@ -385,11 +469,11 @@ def create_federation(
         + [("client", c, paths.client_cert(c), paths.client_key(c)) for c in ids]
     ):
         key = _new_key(key_type)
-        cert = _issue_leaf(ca_cert, ca_key, key, _name(cid, role),
+        cert = _issue_leaf(ca_cert, ca_key, key.public_key(), _name(cid, role),
                            ExtendedKeyUsageOID.CLIENT_AUTH, days, [_identity_uri(role, cid)])
         files += [(key_path, _key_pem(key), True), (cert_path, _cert_pem(cert), False)]
         index[cid] = _index_entry(role, cert)
-    crl = _make_crl(ca_cert, ca_key, [], number=1)
+    crl = _make_crl(ca_cert, ca_key, [], number=1, server_generation=1)
     files.append((paths.crl, crl.public_bytes(serialization.Encoding.PEM), False))
 
     if existing:  # overwrite: remove the old federation's credentials first
@@ -399,7 +483,8 @@ def create_federation(
     for path, data, private in files:
         _write(path, data, private=private)
     _write_index(paths, {"format": _INDEX_FORMAT, "key_type": key_type, "days": days,
-                         "crl_number": 1, "credentials": index, "revoked": {}})
+                         "crl_number": 1, "server_generation": 1, "credentials": index,
+                         "revoked": {}, "revoked_servers": []})
     return paths
 
 
@@ -414,7 +499,7 @@ def _remove_federation(paths: FederationPaths) -> None:
             paths.client_cert(cid).unlink(missing_ok=True)
             paths.client_key(cid).unlink(missing_ok=True)
     for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.crl,
-              paths.operator_cert, paths.operator_key, paths.index):
+              paths.operator_cert, paths.operator_key, paths.index, paths.crl_state):
         p.unlink(missing_ok=True)
 
 
@@ -437,23 +522,50 @@ def _read_index(paths: FederationPaths) -> dict:
     return index
 
 
+def ca_key_is_encrypted(out_dir: str | Path) -> bool:
+    """Whether the federation's ``ca.key`` is passphrase-protected (read from its PEM label)."""
+    path = FederationPaths(Path(out_dir)).ca_key
+    try:
+        head = path.read_bytes()[:64]
+    except OSError as exc:
+        raise CredentialError(f"cannot read {path}: {exc.strerror}") from None
+    return head.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+
+
 def _load_ca(paths: FederationPaths, passphrase: bytes | None
              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
     try:
         cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), passphrase)
+        raw = paths.ca_key.read_bytes()
     except FileNotFoundError as exc:
-        raise CredentialError(f"missing {exc.filename}: adding or revoking credentials needs the "
-                              "CA certificate and key") from None
+        raise CredentialError(f"missing {exc.filename}: issuing or revoking credentials needs "
+                              "the CA certificate and key") from None
+    encrypted = raw.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    if encrypted and not passphrase:
+        raise CredentialError(f"the CA key {paths.ca_key} is encrypted: give its passphrase "
+                              "(FEDMOSAIC_CA_PASSPHRASE, --passphrase-file, or at the prompt)")
+    try:
+        key = serialization.load_pem_private_key(raw, passphrase if encrypted else None)
     except (TypeError, ValueError) as exc:
-        # The library's message names the problem (wrong or missing passphrase, bad PEM) and
-        # never echoes the key.
-        raise CredentialError(f"cannot load the CA key {paths.ca_key}: {exc}") from None
+        # The library's message names the problem (wrong passphrase, bad PEM) and never echoes
+        # the key.
+        reason = "wrong passphrase" if encrypted else str(exc)
+        raise CredentialError(f"cannot load the CA key {paths.ca_key}: {reason}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CredentialError(f"{paths.ca_key} holds an unsupported key type")
     if cert.public_key() != key.public_key():
         raise CredentialError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
+    if cert.not_valid_after_utc <= _now():
+        raise CredentialError(f"the CA {paths.ca_cert} has expired; create a new federation")
     return cert, key
+
+
+def _check_new_id(index: dict, client_id: str) -> None:
+    taken = {c.lower(): c for c in index["credentials"]}
+    if client_id.lower() in taken:
+        state = "revoked" if taken[client_id.lower()] in index.get("revoked", {}) else "issued"
+        raise CredentialError(f"client id {client_id!r} was already {state} "
+                              f"(as {taken[client_id.lower()]!r}); ids are never reused")
 
 
 def add_client(
@@ -462,23 +574,17 @@ def add_client(
 ) -> tuple[Path, Path]:
     """Issue a certificate and key for a new client; return (certificate path, key path).
 
-    Refuses an id already issued, including a revoked one: ids are never reused, so a revoked
-    id stays refused.
+    The operator then holds the client's key; ``request_certificate`` + ``sign_request`` avoid
+    that. Refuses an id already issued, including a revoked one: ids are never reused.
     """
     paths = FederationPaths(Path(out_dir))
     validate_client_id(client_id)
     index = _read_index(paths)
-    taken = {c.lower(): c for c in index["credentials"]}
-    if client_id.lower() in taken:
-        state = "revoked" if taken[client_id.lower()] in index.get("revoked", {}) else "issued"
-        raise CredentialError(f"client id {client_id!r} was already {state} "
-                              f"(as {taken[client_id.lower()]!r}); ids are never reused")
+    _check_new_id(index, client_id)
     days = _check_days(index.get("days", 365) if days is None else days)
     ca_cert, ca_key = _load_ca(paths, ca_passphrase)
-    if ca_cert.not_valid_after_utc <= _now():
-        raise CredentialError(f"the CA {paths.ca_cert} has expired; create a new federation")
     key = _new_key(str(index.get("key_type", "ec-p256")))
-    cert = _issue_leaf(ca_cert, ca_key, key, _name(client_id, "client"),
+    cert = _issue_leaf(ca_cert, ca_key, key.public_key(), _name(client_id, "client"),
                        ExtendedKeyUsageOID.CLIENT_AUTH, days, [_identity_uri("client", client_id)])
     paths.clients_dir.mkdir(mode=0o700, exist_ok=True)
     _write(paths.client_key(client_id), _key_pem(key), private=True)
@@ -488,10 +594,151 @@ def add_client(
     return paths.client_cert(client_id), paths.client_key(client_id)
 
 
+# --- certificate requests (RFC 2986) -----------------------------------------------------------
+
+def request_certificate(
+    out_dir: str | Path, client_id: str, key_type: KeyType = "ec-p256", *,
+    role: Literal["client", "server"] = "client", overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """On the client's (or server's) own machine: make a private key and a CSR for it.
+
+    Writes ``<id>.key`` (mode 0600, stays here) and ``<id>.csr`` (send it to the operator) in
+    ``out_dir``; returns (key path, CSR path). The CSR's subject is the id, for the operator to
+    check; what the certificate will say is decided by the operator's ``sign_request``.
+    """
+    if role == "server":
+        name = "server"
+    elif role == "client":
+        name = validate_client_id(client_id)
+    else:
+        raise ConfigError("role", role, ("client", "server"))
+    if key_type not in KEY_TYPES:
+        raise ConfigError("key_type", key_type, KEY_TYPES)
+    out = Path(out_dir)
+    key_path, csr_path = out / f"{name}.key", out / f"{name}.csr"
+    if key_path.exists() and not overwrite:
+        raise CredentialError(f"{key_path} exists; pass overwrite=True (--overwrite) to replace "
+                              "it (its certificate then stops working)")
+    key = _new_key(key_type)
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(_name(name if role == "client" else client_id, role))
+           .sign(key, _hash_for(key)))
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write(key_path, _key_pem(key), private=True)
+    _write(csr_path, csr.public_bytes(serialization.Encoding.PEM), private=False)
+    return key_path, csr_path
+
+
+def _load_csr(csr_path: str | Path) -> x509.CertificateSigningRequest:
+    path = Path(csr_path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CredentialError(f"cannot read {path}: {exc.strerror}") from None
+    if b"PRIVATE KEY" in raw:
+        raise CredentialError(f"{path} contains a private key: send only the .csr file; the key "
+                              "stays with its owner")
+    try:
+        csr = (x509.load_pem_x509_csr(raw) if raw.lstrip().startswith(b"-----")
+               else x509.load_der_x509_csr(raw))
+    except ValueError as exc:
+        raise CredentialError(f"{path} is not a certificate signing request: {exc}") from None
+    try:
+        valid = csr.is_signature_valid
+    except UnsupportedAlgorithm as exc:
+        raise CredentialError(f"{path}: unsupported signature algorithm ({exc})") from None
+    if not valid:
+        # Proof of possession (RFC 2986 section 3): without it anyone could get a certificate
+        # for a key they do not hold, e.g. another member's.
+        raise CredentialError(f"{path}: the request's signature does not verify (not signed by "
+                              "the key it certifies, or altered)")
+    return csr
+
+
+def _check_request_key(csr: x509.CertificateSigningRequest, where: str
+                       ) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    key = csr.public_key()
+    ec_ok = isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in ("secp256r1",
+                                                                              "secp384r1")
+    rsa_ok = isinstance(key, rsa.RSAPublicKey) and key.key_size >= 3072
+    if not (ec_ok or rsa_ok):
+        raise CredentialError(f"{where}: key type not accepted (ours: EC P-256 or P-384, RSA "
+                              "3072 bits or more)")
+    if not isinstance(csr.signature_hash_algorithm, hashes.SHA256 | hashes.SHA384
+                      | hashes.SHA512):
+        raise CredentialError(f"{where}: signed with a weak or unknown hash "
+                              f"({csr.signature_hash_algorithm}); use SHA-256 or better")
+    return key
+
+
+def _csr_common_name(csr: x509.CertificateSigningRequest) -> str | None:
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if len(names) == 1 else None
+
+
+def sign_request(
+    out_dir: str | Path, csr_path: str | Path, client_id: str, days: int | None = None, *,
+    ca_passphrase: bytes | None = None, out: str | Path | None = None,
+) -> Path:
+    """The operator issues a client certificate from a CSR; returns the certificate's path.
+
+    Reads only the CSR: the key stays on the client. Checks the CSR's self-signature (proof of
+    possession), key type and hash, that its subject CN (if any) is ``client_id``, that the id
+    was never issued and that the key is not already certified for another id. The
+    certificate gets our client profile (CN and OU, ``clientAuth``, ``CA=false``, the SPIFFE
+    SAN); any extension in the CSR (CA rights, other usages, extra names) is ignored.
+    Written to ``clients/<id>.pem`` (or ``out``).
+    """
+    paths = FederationPaths(Path(out_dir))
+    validate_client_id(client_id)
+    csr = _load_csr(csr_path)
+    public_key = _check_request_key(csr, str(csr_path))
+    cn = _csr_common_name(csr)
+    if cn is not None and cn != client_id:
+        raise CredentialError(f"{csr_path} asks for {cn!r}, not {client_id!r}: check that this "
+                              "is the right request")
+    index = _read_index(paths)
+    _check_new_id(index, client_id)
+    spki = _spki_digest(public_key)
+    holders = [c for c, e in index["credentials"].items()
+               if isinstance(e, dict) and e.get("spki_sha256") == spki]
+    if holders:
+        raise CredentialError(f"{csr_path}: this key is already certified for {holders[0]!r}; "
+                              "each member needs its own key")
+    days = _check_days(index.get("days", 365) if days is None else days)
+    ca_cert, ca_key = _load_ca(paths, ca_passphrase)
+    cert = _issue_leaf(ca_cert, ca_key, public_key, _name(client_id, "client"),
+                       ExtendedKeyUsageOID.CLIENT_AUTH, days, [_identity_uri("client", client_id)])
+    target = Path(out) if out is not None else paths.client_cert(client_id)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write(target, _cert_pem(cert), private=False)
+    index["credentials"][client_id] = _index_entry("client", cert)
+    _write_index(paths, index)
+    return target
+
+
+# --- revocation --------------------------------------------------------------------------------
+
+def _reissue_crl(paths: FederationPaths, index: dict, ca_cert: x509.Certificate,
+                 ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    entries: list[tuple[int, str | None, dt.datetime]] = [
+        (int(r["serial"], 16), cid, dt.datetime.fromisoformat(r["date"]))
+        for cid, r in index.get("revoked", {}).items()]
+    entries += [(int(r["serial"], 16), None, dt.datetime.fromisoformat(r["date"]))
+                for r in index.get("revoked_servers", [])]
+    index["crl_number"] = int(index.get("crl_number", 1)) + 1
+    crl = _make_crl(ca_cert, ca_key, entries, number=index["crl_number"],
+                    server_generation=int(index.get("server_generation", 1)))
+    # CRL first: if the index write fails the credential is revoked anyway, never the reverse.
+    _write(paths.crl, crl.public_bytes(serialization.Encoding.PEM), private=False)
+    _write_index(paths, index)
+
+
 def revoke(out_dir: str | Path, client_id: str, *, ca_passphrase: bytes | None = None) -> int:
     """Revoke a client's (or the operator's) certificate: reissue the signed CRL with it added.
 
-    Returns the revoked serial number. The server must reload ``crl.pem`` to apply it.
+    Returns the revoked serial number. The server must reload ``crl.pem`` to apply it (it does,
+    within a second, when the file changes).
     """
     paths = FederationPaths(Path(out_dir))
     if client_id != OPERATOR_ID:
@@ -499,33 +746,91 @@ def revoke(out_dir: str | Path, client_id: str, *, ca_passphrase: bytes | None =
     index = _read_index(paths)
     entry = index["credentials"].get(client_id)
     if not isinstance(entry, dict) or entry.get("role") not in ("client", "operator"):
-        raise CredentialError(f"no client credential {client_id!r} in {paths.index}")
+        raise CredentialError(f"no client credential {client_id!r} in {paths.index}; the server "
+                              "certificate is revoked with renew_server ('certs renew-server')")
     revoked: dict[str, dict[str, str]] = index.setdefault("revoked", {})
     if client_id in revoked:
         raise CredentialError(f"client {client_id!r} is already revoked")
     ca_cert, ca_key = _load_ca(paths, ca_passphrase)
-    now = _now()
-    revoked[client_id] = {"serial": str(entry["serial"]), "date": now.isoformat()}
-    entries = [(int(r["serial"], 16), cid, dt.datetime.fromisoformat(r["date"]))
-               for cid, r in revoked.items()]
-    index["crl_number"] = int(index.get("crl_number", 1)) + 1
-    crl = _make_crl(ca_cert, ca_key, entries, number=index["crl_number"])
-    # CRL first: if the index write fails the client is revoked anyway, never the reverse.
-    _write(paths.crl, crl.public_bytes(serialization.Encoding.PEM), private=False)
-    _write_index(paths, index)
+    revoked[client_id] = {"serial": str(entry["serial"]), "date": _now().isoformat()}
+    _reissue_crl(paths, index, ca_cert, ca_key)
     return int(str(entry["serial"]), 16)
+
+
+def _current_server_names(paths: FederationPaths) -> list[str]:
+    try:
+        cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        raise CredentialError(f"cannot read the server names from {paths.server_cert}; give "
+                              "them (--server-name)") from None
+    suffix = f".server.{TRUST_DOMAIN}.invalid"
+    return [*(n for n in san.get_values_for_type(x509.DNSName) if not n.endswith(suffix)),
+            *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+def renew_server(
+    out_dir: str | Path, *, csr: str | Path | None = None,
+    server_names: Sequence[str] | None = None, days: int | None = None,
+    ca_passphrase: bytes | None = None,
+) -> tuple[int, int]:
+    """Revoke the current server certificate and issue the next generation.
+
+    The new certificate's key comes from the server host's CSR (``csr``, made with
+    ``request_certificate(role="server")``; ``server.key`` here is then removed, it belongs to
+    the revoked certificate) or, without one, is generated here as ``server.key``. Server names
+    default to the current certificate's. The reissued CRL carries the new generation: clients
+    that load it accept only the new certificate. Returns (revoked serial, new generation).
+    """
+    paths = FederationPaths(Path(out_dir))
+    index = _read_index(paths)
+    entry = index["credentials"].get("server")
+    if not isinstance(entry, dict) or entry.get("role") != "server":
+        raise CredentialError(f"no server credential in {paths.index}")
+    names = list(server_names) if server_names else _current_server_names(paths)
+    generation = int(index.get("server_generation", 1)) + 1
+    san = _server_san(names, generation)
+    days = _check_days(index.get("days", 365) if days is None else days)
+    new_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None
+    if csr is not None:
+        request = _load_csr(csr)
+        public_key = _check_request_key(request, str(csr))
+    else:
+        new_key = _new_key(str(index.get("key_type", "ec-p256")))
+        public_key = new_key.public_key()
+    if _spki_digest(public_key) == entry.get("spki_sha256"):
+        raise CredentialError("the new server certificate needs a new key: the current one is "
+                              "being revoked")
+    ca_cert, ca_key = _load_ca(paths, ca_passphrase)
+    cert = _issue_leaf(ca_cert, ca_key, public_key, _name(names[0], "server"),
+                       ExtendedKeyUsageOID.SERVER_AUTH, days, san)
+    old_serial = int(str(entry["serial"]), 16)
+    index.setdefault("revoked_servers", []).append(
+        {"serial": str(entry["serial"]), "date": _now().isoformat(),
+         "generation": generation - 1})
+    index["server_generation"] = generation
+    index["credentials"]["server"] = _index_entry("server", cert)
+    if new_key is not None:
+        _write(paths.server_key, _key_pem(new_key), private=True)
+    else:
+        paths.server_key.unlink(missing_ok=True)
+    _write(paths.server_cert, _cert_pem(cert), private=False)
+    _reissue_crl(paths, index, ca_cert, ca_key)
+    return old_serial, generation
 
 
 def read_revocations(path: str | Path, ca_cert: str | Path | None = None) -> Revocations:
     """Load a CRL, verify it against the CA, and return what it revokes.
 
     ``ca_cert`` defaults to ``ca.pem`` beside the CRL. Raises CredentialError if the CRL is not
-    issued and signed by that CA or is past its next update: an unverified list is never trusted.
+    issued and signed by that CA, is past its next update, or has no CRL number: an unverified
+    or unorderable list is never trusted.
     """
     path = Path(path)
     ca_path = Path(ca_cert) if ca_cert is not None else path.parent / "ca.pem"
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        raw = path.read_bytes()
+        crl = x509.load_pem_x509_crl(raw)
         ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
     except OSError as exc:
         raise CredentialError(f"cannot read {exc.filename}: {exc.strerror}") from None
@@ -539,6 +844,17 @@ def read_revocations(path: str | Path, ca_cert: str | Path | None = None) -> Rev
     if next_update is None or next_update < _now():
         raise CredentialError(f"{path} is stale (next update {next_update}); reissue it with "
                               "'fedmosaic certs revoke' or a new federation")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        raise CredentialError(f"{path} has no CRL number, so a replayed older list could not be "
+                              "told apart; reissue it with this version of fedmosaic") from None
+    generation = None
+    for ext in crl.extensions:
+        if ext.oid == SERVER_GENERATION_OID and isinstance(ext.value, x509.UnrecognizedExtension):
+            generation = _der_uint_decode(ext.value.value)
+            if generation is None:
+                raise CredentialError(f"{path} has a malformed server generation")
     serials: set[int] = set()
     ids: set[str] = set()
     for entry in crl:
@@ -548,7 +864,9 @@ def read_revocations(path: str | Path, ca_cert: str | Path | None = None) -> Rev
                 cid = _decode_id(ext.value.value)
                 if cid is not None:
                     ids.add(cid)
-    return Revocations(frozenset(serials), frozenset(ids), crl.last_update_utc, next_update)
+    digest = hashlib.sha256(crl.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return Revocations(frozenset(serials), frozenset(ids), crl.last_update_utc, next_update,
+                       number=number, server_generation=generation, digest=digest)
 
 
 def load_revoked(path: str | Path, ca_cert: str | Path | None = None) -> set[str]:
