@@ -92,6 +92,54 @@ def test_dp_accounting_overestimates_fractional_orders_safely():
     np.testing.assert_allclose(acc._rdp_total()[1], ref, rtol=1e-9)
 
 
+def _sampled_gaussian_rdp(q, z, alpha):
+    """One round's RDP of the Poisson-sampled Gaussian at order alpha, by a 40-digit
+    numerical integral: log E_{x ~ N(0, z^2)}[(1 - q + q exp((2x - 1) / (2 z^2)))^alpha] /
+    (alpha - 1) (Mironov, Talwar and Zhang 2019, the add/remove direction that dominates)."""
+    import mpmath as mp
+
+    with mp.workdps(40):
+        q, z, a = mp.mpf(q), mp.mpf(z), mp.mpf(alpha)
+
+        def f(x):
+            return mp.npdf(x, 0, z) * (1 - q + q * mp.e ** ((2 * x - 1) / (2 * z**2))) ** a
+
+        return float(mp.log(mp.quad(f, [-mp.inf, -10, 0, 10, 40, mp.inf])) / (a - 1))
+
+
+@pytest.mark.parametrize(("alpha", "excess"),
+                         [(1.1, 0.074), (1.5, 0.040), (1.9, 0.008), (2.5, 0.0009), (3.0, 0.0)])
+def test_dp_accounting_fractional_order_error_against_an_integral(alpha, excess):
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    exact = _sampled_gaussian_rdp(0.01, 1.0, alpha)
+    acc = PrivacyAccountant(orders=[alpha])
+    acc.record_gaussian_round(1.0, "poisson", 0.01)
+    ours = float(acc._rdp_total()[1][0])
+    assert ours >= exact * (1 - 1e-12)  # the safe side
+    assert ours / exact - 1 == pytest.approx(excess, abs=max(0.1 * excess, 1e-9))
+    opacus = opacus_rdp.compute_rdp(q=0.01, noise_multiplier=1.0, steps=1, orders=[alpha])[0]
+    assert opacus == pytest.approx(exact, rel=1e-7)
+
+
+@pytest.mark.parametrize(("q", "z", "rounds", "ours", "opacus"), [
+    (0.1, 1.0, 100, 7.904, 7.899),
+    (0.1, 2.0, 10_000, 38.489, 38.203),
+    (0.1, 1.0, 10_000, 170.109, 134.502),
+    (0.01, 1.0, 10_000, 6.713, 6.713),
+])
+def test_dp_accounting_against_opacus_table(q, z, rounds, ours, opacus):
+    # The table in docs/privacy.md (improved conversion, dp-accounting's orders, delta 1e-5).
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    orders = list(ORDER_GRIDS["dp_accounting"])
+    mine = epsilon_for(z, rounds, "poisson", q, delta=1e-5)
+    curve = opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=rounds, orders=orders)
+    theirs, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=curve, delta=1e-5)
+    assert (round(mine, 3), round(theirs, 3)) == (ours, opacus)
+    assert mine >= theirs
+
+
 # -- the classic conversion ---------------------------------------------------------------------
 
 
