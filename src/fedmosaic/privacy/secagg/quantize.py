@@ -25,12 +25,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from fedmosaic.privacy.secagg.crypto import reduce_mod, ring_dtype
 
 _MAX_EXACT_LEVEL = 1 << 53
+
+
+@runtime_checkable
+class IntegerEncoder(Protocol):
+    """A client-side encoder that produces the integers mod ``2**bits`` SecAgg+ sums itself,
+    and the server-side decoder of their sum: what ``SecAggPlusTransport`` carries instead of
+    the float :class:`Quantizer` when the encoding is part of a privacy mechanism (the
+    distributed Skellam mechanism, ``fedmosaic.privacy.skellam``, which adds integer noise on
+    the client before masking).
+
+    ``encode`` runs on one client with that client's private generator and returns a vector of
+    ``encoded_dim`` values in the ring dtype; ``decode`` maps the unmasked sum of at most
+    ``max_clients`` encodings back to a float vector of the update's length. The encoder is
+    responsible for its own no-wrap guarantee for sums of up to ``max_clients`` vectors.
+    """
+
+    bits: int
+    max_clients: int
+
+    @property
+    def encoded_dim(self) -> int: ...
+
+    def encode(self, values: np.ndarray, rng: np.random.Generator,
+               round_num: int) -> np.ndarray: ...
+
+    def decode(self, total: np.ndarray, round_num: int) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,25 @@ Only aggregators that need nothing but a weighted sum can run on it: a robust ag
 (median, Krum, ...) or central-DP clipping needs each update and is refused when the run is
 configured (``check_strategy``). Combine with differential privacy through client-side stages
 (each client clips and adds its share of the noise), never with server-side clipping.
+
+Integer encoders. Instead of the float ``Quantizer`` the transport can carry an
+:class:`~fedmosaic.privacy.secagg.quantize.IntegerEncoder` that each client runs itself and that
+produces the ring elements directly: the distributed Skellam mechanism
+(``fedmosaic.privacy.skellam``) clips, scales, rotates, rounds and adds integer noise there.
+It is given as ``encoder=`` or, more usually, supplied by the strategy
+(``DistributedSkellam.secagg_encoder``), which the transport picks up in ``check_strategy``.
+Updates are then summed unweighted (uniform weighting), the count of contributors is the
+number of SecAgg+ survivors (which the server learns from the protocol anyway), each client
+draws its noise from its own generator (``SecureNoise`` with ``secure_noise=True``, otherwise
+``SeededNoise`` from the client's round seed: deterministic noise, simulation only), and a
+round with more submissions than the encoder's ``max_clients`` -- the size its modular-clipping
+bound was designed for -- is refused before anything is masked.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -32,13 +46,18 @@ import torch
 from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.errors import ConfigError
 from fedmosaic.core.update import ClientUpdate
+from fedmosaic.privacy.randomness import SecureNoise, SeededNoise
 from fedmosaic.privacy.secagg.errors import SecAggAbortError
-from fedmosaic.privacy.secagg.simulate import DROPOUT_STAGES, secure_sum
+from fedmosaic.privacy.secagg.quantize import IntegerEncoder
+from fedmosaic.privacy.secagg.simulate import DROPOUT_STAGES, secure_sum, secure_sum_int
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import Transport, TransportResult
 from fedmosaic.train.base import FitConfig
 
 log = logging.getLogger(__name__)
+
+# Simulated clients' encoder noise: their round seed XOR this (a stream of its own).
+_ENCODER_SEED = 0x5CE11A3
 
 
 class SecAggPlusTransport:
@@ -51,7 +70,10 @@ class SecAggPlusTransport:
     (neighbourhood degree, threshold) are designed for; ``simulate_dropout`` makes that
     fraction of clients actually drop, each at a random protocol stage. ``seed`` makes keys and
     masks reproducible for tests and benchmarks only (predictable masks protect nothing);
-    ``None`` draws them from the OS CSPRNG.
+    ``None`` draws them from the OS CSPRNG. ``encoder`` replaces the float quantizer by an
+    integer encoder run on each client (see the module docstring); ``secure_noise`` makes each
+    client draw the encoder's randomness from ``SecureNoise`` (what a deployment does) instead
+    of a generator seeded from its round seed.
     """
 
     requires_streaming_aggregator = True
@@ -66,6 +88,8 @@ class SecAggPlusTransport:
         dropout_rate: float = 0.1,
         simulate_dropout: float = 0.0,
         seed: int | None = None,
+        encoder: IntegerEncoder | None = None,
+        secure_noise: bool = False,
     ) -> None:
         if not clip > 0:
             raise ValueError(f"clip must be > 0, got {clip}")
@@ -78,11 +102,45 @@ class SecAggPlusTransport:
         self.dropout_rate = max(dropout_rate, simulate_dropout)
         self.simulate_dropout = simulate_dropout
         self.seed = seed
+        if encoder is not None and not isinstance(encoder, IntegerEncoder):
+            raise TypeError(f"encoder must implement IntegerEncoder, got {type(encoder).__name__}")
+        self.encoder = encoder
+        self.secure_noise = bool(secure_noise)
+        self._encoder_provider: Any = None
+        # Instances adopt a strategy's encoder; the class-level check stays for reuse (gRPC).
+        self.check_strategy = self._adopt_strategy  # type: ignore[method-assign]
         self.last_round: dict[str, Any] = {}
 
     @staticmethod
     def check_strategy(strategy: Any) -> None:
-        """Refuse, with the reason, a strategy that needs to see individual updates."""
+        """Refuse, with the reason, a strategy that needs to see individual updates.
+
+        This class-level check is what transports that reuse it (SecAgg+ over gRPC) run: they
+        do not run integer encoders, so a strategy that supplies one is refused. An instance
+        of this transport replaces it by :meth:`_adopt_strategy`, which adopts the encoder.
+        """
+        if getattr(strategy, "secagg_encoder", None) is not None:
+            raise ConfigError(
+                "transport", "secure aggregation without integer encoders",
+                f"SecAggPlusTransport (in-process simulation) for {type(strategy).__name__}: "
+                "its clients must encode their updates with the strategy's integer encoder")
+        SecAggPlusTransport._check_aggregator(strategy)
+
+    def _adopt_strategy(self, strategy: Any) -> None:
+        """``check_strategy`` of an instance: the aggregator check, and adopt the strategy's
+        integer encoder (``secagg_encoder``) if it has one."""
+        provider = getattr(strategy, "secagg_encoder", None)
+        if provider is not None:
+            if self.encoder is not None:
+                raise ConfigError(
+                    "encoder", type(self.encoder).__name__,
+                    f"no encoder on the transport: {type(strategy).__name__} supplies its own "
+                    "integer encoder (its accountant must match what the clients encode)")
+            self._encoder_provider = provider
+        self._check_aggregator(strategy)
+
+    @staticmethod
+    def _check_aggregator(strategy: Any) -> None:
         aggregator = strategy.aggregator
         if not getattr(aggregator, "streaming", False):
             name = type(aggregator).__name__
@@ -98,16 +156,23 @@ class SecAggPlusTransport:
         transport reports (e.g. that the run was under a simulated attack)."""
         last = self.last_round
         inner = getattr(self.inner, "guarantees", None)
+        encoding: Any = "fixed-point Quantizer (no noise)"
+        if self.encoder is not None or self._encoder_provider is not None:
+            encoding = last.get("encoder") or "integer encoder supplied by the strategy"
         return {
             **(inner() if inner is not None else {}),
             "secure_aggregation": {
                 "protocol": "SecAgg+ (Bell et al. 2020), pairwise and self masks, Shamir "
                             "t-of-k shares over a sparse neighbour graph",
-                "ring_bits": self.bits, "clip": self.clip, "max_weight": self.max_weight,
+                "ring_bits": last.get("bits", self.bits),
+                "clip": self.clip, "max_weight": self.max_weight,
                 "designed_dropout_rate": self.dropout_rate,
                 "neighbourhood_degree": last.get("degree"), "threshold": last.get("threshold"),
                 "masks": "reproducible from a seed (simulation only)" if self.seed is not None
                          else "OS CSPRNG",
+                "encoding": encoding,
+                **({"client_noise": self._noise_label()}
+                   if self.encoder is not None or self._encoder_provider is not None else {}),
             },
             "server_sees": "only the sum of the surviving clients' updates (plus their count "
                            "and total weight); a client's input stays hidden unless at least "
@@ -126,6 +191,14 @@ class SecAggPlusTransport:
     ) -> Iterator[TransportResult]:
         if weighting is None:
             raise ConfigError("aggregator", None, "a weighted-sum aggregator under SecAgg+")
+        round_num = tasks[0].config.round if tasks else 0
+        encoder = self.encoder
+        if encoder is None and self._encoder_provider is not None:
+            encoder = self._encoder_provider(round_num, dim=int(weights.numel()),
+                                             noise_secure=self.secure_noise)
+        if encoder is not None:
+            yield from self._fit_integer(encoder, weights, tasks, weighting, round_num)
+            return
         updates: list[ClientUpdate] = []
         for result in self.inner.fit(weights, tasks, None):
             if isinstance(result, ClientUpdate):
@@ -152,7 +225,6 @@ class SecAggPlusTransport:
             yield PartialAggregate(weighted_sum=None, rejected=[
                 *rejected, f"SecAgg+ needs at least 2 clients, {len(rows)} submitted"])
             return
-        round_num = tasks[0].config.round if tasks else 0
         plan = self._dropout_plan(len(rows), round_num)
         try:
             res = secure_sum(np.stack(rows), clip=self.clip, bits=self.bits, dropout=plan,
@@ -186,6 +258,95 @@ class SecAggPlusTransport:
             count=count,
             num_samples=0, metric_sums={}, bytes_up=self.last_round["bytes_up"],
             client_ids=[ids[i] for i in sorted(survivors)], rejected=rejected)
+
+    def _noise_label(self) -> str:
+        return ("SecureNoise (ChaCha20 keyed from os.urandom on each client)" if self.secure_noise
+                else "deterministic noise: simulation only (seeded from each client's round "
+                     "seed, which the server knows)")
+
+    def _client_rng(self, task: ClientTask | None) -> np.random.Generator:
+        """The client's own generator for its encoder (rounding and noise)."""
+        if self.secure_noise or task is None:
+            return SecureNoise().numpy()
+        return SeededNoise(task.config.seed ^ _ENCODER_SEED).numpy()
+
+    def _fit_integer(
+        self, encoder: IntegerEncoder, weights: torch.Tensor, tasks: Sequence[ClientTask],
+        weighting: Weighting, round_num: int,
+    ) -> Iterator[TransportResult]:
+        """The round with an integer encoder: each client encodes (clip, round, noise) its
+        own update into the ring; the server decodes the unmasked sum."""
+        by_id = {t.client_id: t for t in tasks}
+        updates: list[ClientUpdate] = []
+        for result in self.inner.fit(weights, tasks, None):
+            if isinstance(result, ClientUpdate):
+                updates.append(result)
+            elif isinstance(result, ClientFailure):
+                yield result
+            else:  # pragma: no cover - the inner transport was asked for single updates
+                raise TypeError(f"inner transport returned {type(result).__name__}")
+        rejected: list[str] = []
+        kept: list[ClientUpdate] = []
+        for u in updates:
+            weight = float(weighting.weight_of(u))
+            if not torch.isfinite(u.delta).all() or weight != 1.0:
+                rejected.append(f"update from client '{u.client_id}' not submitted: non-finite "
+                                f"values or weight {weight} != 1 (an integer encoder sums "
+                                "unweighted updates: use uniform weighting)")
+                continue
+            kept.append(u)
+        if len(kept) > encoder.max_clients:
+            reason = (f"{len(kept)} clients submitted but the encoder's modular-clipping bound "
+                      f"holds for at most {encoder.max_clients}; round refused before masking")
+            log.warning("round %d: %s", round_num, reason)
+            for u in kept:
+                yield ClientFailure(u.client_id, reason)
+            return
+        if len(kept) < 2:
+            yield PartialAggregate(weighted_sum=None, rejected=[
+                *rejected, f"SecAgg+ needs at least 2 clients, {len(kept)} submitted"])
+            return
+        encode_seconds = np.zeros(len(kept))
+        rows = []
+        for i, u in enumerate(kept):
+            tick = time.perf_counter()
+            rows.append(encoder.encode(u.delta.double().numpy(),
+                                       self._client_rng(by_id.get(u.client_id)), round_num))
+            encode_seconds[i] = time.perf_counter() - tick
+        ids = [u.client_id for u in kept]
+        plan = self._dropout_plan(len(rows), round_num)
+        try:
+            res = secure_sum_int(
+                np.stack(rows), bits=encoder.bits, dropout=plan,
+                seed=None if self.seed is None else self.seed * 1_000_003 + round_num,
+                dropout_rate=self.dropout_rate)
+        except SecAggAbortError as exc:
+            log.warning("round %d: secure aggregation aborted: %s", round_num, exc)
+            for cid in ids:
+                yield ClientFailure(cid, f"secure aggregation aborted: {exc}")
+            return
+        survivors = sorted(res.survivors)
+        for i, cid in enumerate(ids):
+            if i not in set(survivors):
+                yield ClientFailure(cid, "dropped out during secure aggregation")
+        self.last_round = {
+            "round": round_num, "clients": len(rows), "survivors": len(survivors),
+            "degree": res.degree, "threshold": res.threshold,
+            "bytes_up": int(res.bytes_up_per_client.sum()),
+            "bytes_down": int(res.bytes_down_per_client.sum()),
+            "client_seconds": float(res.client_seconds.sum() + encode_seconds.sum()),
+            "server_seconds": float(res.server_seconds),
+            "encoder": encoder.describe(), "bits": encoder.bits,
+        }
+        if not survivors:
+            yield PartialAggregate(weighted_sum=None, rejected=rejected)
+            return
+        total = encoder.decode(res.sum, round_num)
+        yield PartialAggregate(
+            weighted_sum=torch.from_numpy(total).to(torch.float32),
+            total_weight=float(len(survivors)), count=len(survivors), num_samples=0,
+            metric_sums={}, bytes_up=self.last_round["bytes_up"],
+            client_ids=[ids[i] for i in survivors], rejected=rejected)
 
     def _dropout_plan(self, n: int, round_num: int) -> dict[str, set[int]] | None:
         if self.simulate_dropout <= 0:
