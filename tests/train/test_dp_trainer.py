@@ -1,6 +1,5 @@
 """DPSGDTrainer: DP-SGD (Abadi et al. 2016) inside each client with Opacus."""
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -276,11 +275,23 @@ def test_missing_opacus_gives_install_hint(monkeypatch):
         _trainer()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchcsprng") is not None,
-                    reason="torchcsprng is installed")
-def test_secure_rng_needs_torchcsprng():
-    with pytest.raises(ImportError, match="torchcsprng"):
-        _trainer(secure_rng=True)
+def test_secure_noise_trains_and_is_not_reproducible():
+    data = make_blobs(120, 0)
+    tr = _trainer(noise="secure")
+    w0 = tr.initial_weights(0)
+    cfg = FitConfig(round=1, seed=3)
+    a, b = tr.fit(w0, data, cfg), tr.fit(w0, data, cfg)
+    assert torch.isfinite(a.weights).all() and a.steps == b.steps
+    # Same seed, different weights: neither lots nor noise come from FitConfig.seed.
+    assert not torch.equal(a.weights, b.weights)
+    assert a.metrics["epsilon"] > 0
+
+
+def test_noise_option_is_checked():
+    with pytest.raises(ValueError, match="seeded, secure"):
+        _trainer(noise="csprng")
+    with pytest.raises(TypeError):
+        _trainer(secure_rng=True)  # the torchcsprng path is gone
 
 
 def test_importing_fedmosaic_does_not_import_opacus():

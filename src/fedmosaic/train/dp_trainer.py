@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fedmosaic.core.params import ParamSpec
+from fedmosaic.privacy.randomness import NoiseSource, SecureNoise
 from fedmosaic.train.base import Dataset, FitConfig, FitResult
 from fedmosaic.train.torch_trainer import MetricFn, TorchTrainer
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["DPSGDTrainer"]
 
 _ACCOUNTANTS = ("rdp", "prv", "gdp")
+_NOISE = ("seeded", "secure")
 
 # Independent random streams derived from one FitConfig.seed: lot sampling and DP noise must
 # not share a generator, or the noise would be a function of which examples were sampled.
@@ -53,15 +55,35 @@ def _opacus() -> Any:
         from opacus import GradSampleModule
         from opacus.accountants import create_accountant
         from opacus.optimizers import DPOptimizer
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
         from opacus.validators import ModuleValidator
     except ImportError as exc:
         raise ImportError(
             "DPSGDTrainer needs Opacus: pip install opacus (or pip install 'fedmosaic[dpsgd]')"
         ) from exc
 
+    class SourceDPOptimizer(DPOptimizer):  # type: ignore[misc]
+        """Opacus's ``DPOptimizer`` with its Gaussian noise drawn from a ``NoiseSource``
+        (Opacus's own noise takes only a ``torch.Generator``); clipping, accumulation and
+        scaling are Opacus's."""
+
+        def __init__(self, optimizer: Any, *, noise_source: NoiseSource, **kw: Any) -> None:
+            super().__init__(optimizer, **kw)
+            self.noise_source = noise_source
+
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                ref = p.summed_grad
+                noise = self.noise_source.gaussian(ref.shape, std, ref.dtype)
+                p.grad = (ref + noise.to(ref.device)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
     class _Opacus:
         grad_sample_module = GradSampleModule
         dp_optimizer = DPOptimizer
+        source_optimizer = SourceDPOptimizer
         module_validator = ModuleValidator
         create = staticmethod(create_accountant)
 
@@ -105,13 +127,15 @@ class DPSGDTrainer:
     distributions, tighter) or ``"gdp"`` (Gaussian DP, experimental: Opacus warns that it
     can under-estimate epsilon).
 
-    ``secure_rng=False`` draws lots and noise from seeded PyTorch generators, which makes a
-    simulation reproducible (the same ``FitConfig.seed`` gives the same weights) but is *not*
-    secure: the noise is predictable from the seed and vulnerable to floating-point attacks.
-    Production deployments must set ``secure_rng=True``: lots and noise then come from a
-    cryptographically secure generator (``torchcsprng``, as Opacus's ``secure_mode``
-    requires) and noise is drawn with Opacus's floating-point-attack-resistant sampler; runs
-    are then not reproducible.
+    ``noise`` says where lots and noise come from (``fedmosaic.privacy.randomness``):
+    ``"seeded"`` (the default, for simulation) draws them from PyTorch generators seeded from
+    ``FitConfig.seed``, so the same seed gives the same weights -- but the server computes and
+    sends that seed, so it can regenerate the noise and the lots and subtract the noise from
+    the update: seeded noise is *simulation only*. A deployed client must use
+    ``noise="secure"``: lots and noise then come from ``SecureNoise`` (ChaCha20 keyed from
+    ``os.urandom``, one key per trainer), which no other party can reproduce; runs are then not
+    reproducible. A ``NoiseSource`` instance is used as given (tests). The float Gaussian is
+    not protected against floating-point attacks (Mironov 2012; see ``docs/privacy.md``).
 
     FitResult metrics: ``train_loss`` and ``train_accuracy`` (classification) over the
     examples of the sampled lots, and ``epsilon``, the client's cumulative epsilon at
@@ -142,7 +166,7 @@ class DPSGDTrainer:
         device: str | torch.device = "cpu",
         metrics: Mapping[str, MetricFn] | None = None,
         accountant: str = "rdp",
-        secure_rng: bool = False,
+        noise: str | NoiseSource = "seeded",
         eval_batch_size: int = 2048,
         trainable_only: bool = False,
     ) -> None:
@@ -165,11 +189,19 @@ class DPSGDTrainer:
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.poisson_sampling = bool(poisson_sampling)
         self.accountant = accountant
-        self.secure_rng = bool(secure_rng)
+        self._source: NoiseSource | None
+        if isinstance(noise, str):
+            if noise not in _NOISE:
+                raise ValueError(f"noise must be one of {', '.join(_NOISE)} or a NoiseSource, "
+                                 f"got {noise!r}")
+            self.noise = noise
+            self._source = SecureNoise() if noise == "secure" else None
+        elif isinstance(noise, NoiseSource):
+            self.noise, self._source = repr(noise), noise
+        else:
+            raise ValueError(f"noise must be one of {', '.join(_NOISE)} or a NoiseSource, "
+                             f"got {type(noise).__name__}")
         self._op = _opacus()
-        self._secure_generator: torch.Generator | None = None
-        if self.secure_rng:
-            self._secure_generator = self._make_secure_generator()
         # The non-private TorchTrainer supplies what DP does not change (model construction,
         # the flat-weight spec, losses, evaluation), so both trainers evaluate identically and
         # the model is still built exactly once.
@@ -203,17 +235,6 @@ class DPSGDTrainer:
         self._anchored = [(p, entries[n]) for n, p in self.model.named_parameters()
                           if p.requires_grad and n in entries]
         self._accountants: dict[str, IAccountant] = {}
-
-    @staticmethod
-    def _make_secure_generator() -> torch.Generator:
-        try:
-            import torchcsprng
-        except ImportError as exc:
-            raise ImportError(
-                "secure_rng=True needs a cryptographically secure generator: "
-                "pip install torchcsprng (https://github.com/pytorch/csprng)"
-            ) from exc
-        return torchcsprng.create_random_device_generator("/dev/urandom")
 
     # -- Trainer protocol -------------------------------------------------------------------
     @property
@@ -272,18 +293,20 @@ class DPSGDTrainer:
         anchors = [weights[e.offset : e.offset + e.numel].view(e.shape).to(self.device)
                    for _, e in self._anchored] if mu > 0 else []
 
-        if self._secure_generator is not None:
-            sample_gen = noise_gen = self._secure_generator
-        else:
+        sgd = torch.optim.SGD(self._params, lr=lr)
+        common = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                      expected_batch_size=expected_lot, loss_reduction="mean")
+        lots: Iterator[torch.Tensor]
+        if self._source is None:
+            # Simulation: both streams from FitConfig.seed (which the server knows).
             sample_gen = torch.Generator().manual_seed(_stream_seed(config.seed, _SAMPLING_STREAM))
             noise_gen = torch.Generator(device=self.device).manual_seed(
                 _stream_seed(config.seed, _NOISE_STREAM))
-        sgd = torch.optim.SGD(self._params, lr=lr)
-        optimizer = self._op.dp_optimizer(
-            sgd, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=expected_lot, loss_reduction="mean", generator=noise_gen,
-            secure_mode=self.secure_rng,
-        )
+            optimizer = self._op.dp_optimizer(sgd, generator=noise_gen, **common)
+            lots = self._lots(n, batch_size, sample_rate, sample_gen)
+        else:
+            optimizer = self._op.source_optimizer(sgd, noise_source=self._source, **common)
+            lots = self._source_lots(n, batch_size, sample_rate, self._source.numpy())
         accountant = self._accountants.get(key)
         if accountant is None:
             accountant = self._accountants[key] = self._op.create(self.accountant)
@@ -293,9 +316,8 @@ class DPSGDTrainer:
 
         self._gsm.train()
         loss_sum, correct, seen, steps = 0.0, 0, 0, 0
-        lots = self._lots(n, batch_size, sample_rate, sample_gen)
         # Model randomness (dropout) is seeded from the client's seed, as in TorchTrainer, so
-        # a fit is a pure function of (weights, data, config) when secure_rng is off.
+        # a fit is a pure function of (weights, data, config) with seeded noise.
         try:
             with torch.random.fork_rng(devices=self._rng_devices()), warnings.catch_warnings():
                 # Opacus records backprops with full backward hooks; inputs never require grad,
@@ -413,5 +435,20 @@ class DPSGDTrainer:
         else:
             while True:
                 order = torch.randperm(n, generator=gen)
+                for start in range(0, n, batch_size):
+                    yield order[start : start + batch_size]
+
+    def _source_lots(
+        self, n: int, batch_size: int, sample_rate: float, rng: np.random.Generator
+    ) -> Iterator[torch.Tensor]:
+        """``_lots`` with the NoiseSource's generator: which examples a lot holds is part of
+        the mechanism (amplification by sampling), so it must be as unpredictable as the
+        noise."""
+        if self.poisson_sampling:
+            while True:
+                yield torch.from_numpy(np.flatnonzero(rng.random(n) < sample_rate))
+        else:
+            while True:
+                order = torch.from_numpy(rng.permutation(n))
                 for start in range(0, n, batch_size):
                     yield order[start : start + batch_size]
