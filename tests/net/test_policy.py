@@ -53,6 +53,21 @@ def test_example_policy_loads_with_every_key() -> None:
     assert policy.dp.assumed_contributors == 10 and policy.ledger is None
 
 
+def test_secagg_bounds_reach_the_secagg_client_under_its_own_names() -> None:
+    secagg = pytest.importorskip("fedmosaic.privacy.secagg")
+    if not hasattr(secagg, "SecAggBounds"):
+        pytest.skip("this version's SecAgg+ client has no SecAggBounds")
+    policy = _policy(secagg={"min_population": 4, "max_population": 50,
+                             "corrupted_fraction": 0.1, "dropout_fraction": 0.3,
+                             "security_bits": 30})
+    bounds = policy.secagg.bounds()
+    assert isinstance(bounds, secagg.SecAggBounds)
+    assert (bounds.min_clients, bounds.max_clients) == (4, 50)
+    assert (bounds.corrupted_fraction, bounds.dropout_rate, bounds.security_bits) == \
+        (0.1, 0.3, 30)
+    assert _policy(secagg={"mode": "secagg+"}).secagg.bounds() is None  # the client's defaults
+
+
 @pytest.mark.parametrize(("text", "key"), [
     ("[dp]\nmin_noise = 1.0\n", "dp.min_noise"),
     ("[secagg]\nmode = \"plaintext\"\n", "secagg.mode"),
@@ -60,7 +75,8 @@ def test_example_policy_loads_with_every_key() -> None:
     ("[secagg]\nmin_bits = 32.5\n", "secagg.min_bits"),
     ("[secagg]\nmin_population = 10\nmax_population = 5\n", "secagg.max_population"),
     ("[secagg]\ncorrupted_fraction = 1.0\n", "secagg.corrupted_fraction"),
-    ("[secagg]\ncorrupted_fraction = 0.5\ndropout_fraction = 0.5\n", "secagg.dropout_fraction"),
+    ("[secagg]\ndropout_fraction = -0.1\n", "secagg.dropout_fraction"),
+    ("[secagg]\nsecurity_bits = 0\n", "secagg.security_bits"),
     ("[dp]\nmin_noise_multiplier = -1\n", "dp.min_noise_multiplier"),
     ("[dp]\nmax_clip = \"1\"\n", "dp.max_clip"),
     ("[dp]\nepsilon_budget = nan\n", "dp.epsilon_budget"),

@@ -13,9 +13,12 @@ stage divided by its clip, i.e. the noise multiplier on what the server sees:
 
 * ``[secagg] mode = "secagg+"``: the task must carry SecAgg+ settings, with at least
   ``min_bits`` ring bits when set. ``min_population``/``max_population``/
-  ``corrupted_fraction``/``dropout_fraction`` are the bounds from which the SecAgg+ client
-  derives the weakest threshold and degree it accepts (Bell et al. 2020); they travel to it
-  as a ``SecAggBounds`` when that class is available.
+  ``corrupted_fraction``/``dropout_fraction``/``security_bits`` are the bounds from which the
+  SecAgg+ client derives the weakest threshold and degree it accepts (Bell et al. 2020); they
+  travel to it as a ``fedmosaic.privacy.secagg.SecAggBounds`` (fields ``min_clients``,
+  ``max_clients``, ``corrupted_fraction``, ``dropout_rate``, ``security_bits``), which checks
+  each round's setup message -- after training, so a setup it refuses is a withdrawal from
+  the secure sum, not a ``RefuseTask``.
 * Local DP, Gaussian: ``z = noise_multiplier``. Distributed noise share: ``z = noise_std *
   sqrt(m) / clip``, where ``m`` is ``[dp] assumed_contributors`` under secure aggregation
   (the number of honest shares the data holder counts on being in every sum the server can
@@ -84,11 +87,15 @@ MAX_LEDGER_RELEASES = 1000  # the release log kept for people; the accountant ke
 
 _SCHEMA: dict[str, tuple[str, ...]] = {
     "secagg": ("mode", "min_bits", "min_population", "max_population", "corrupted_fraction",
-               "dropout_fraction"),
+               "dropout_fraction", "security_bits"),
     "dp": ("min_noise_multiplier", "max_clip", "max_epsilon_per_round", "epsilon_budget",
            "delta", "assumed_contributors"),
 }
 _TOP_LEVEL = ("ledger",)
+# Policy key -> SecAggBounds field (the policy file speaks of the population, as the issue).
+_BOUNDS = {"min_population": "min_clients", "max_population": "max_clients",
+           "corrupted_fraction": "corrupted_fraction", "dropout_fraction": "dropout_rate",
+           "security_bits": "security_bits"}
 
 
 class PolicyError(FedmosaicError, ValueError):
@@ -113,16 +120,17 @@ class SecAggPolicy:
     max_population: int | None = None
     corrupted_fraction: float | None = None
     dropout_fraction: float | None = None
+    security_bits: float | None = None
 
     @property
     def required(self) -> bool:
         return self.mode == "secagg+"
 
     def bounds(self) -> Any:
-        """A ``fedmosaic.privacy.secagg.SecAggBounds`` for the SecAgg+ client, or None when
-        no bound is set or that class does not exist in this version."""
-        values = {k: getattr(self, k) for k in ("min_population", "max_population",
-                                                "corrupted_fraction", "dropout_fraction")}
+        """The ``fedmosaic.privacy.secagg.SecAggBounds`` the SecAgg+ client checks each setup
+        against (its defaults for the keys not set), or None when no key is set or that class
+        does not exist in this version. ``ValueError`` if it refuses the values."""
+        values = {name: getattr(self, key) for key, name in _BOUNDS.items()}
         if all(v is None for v in values.values()):
             return None
         try:
@@ -215,16 +223,12 @@ class PrivacyPolicy:
             min_population=_int(s, "secagg", "min_population", 2, None),
             max_population=_int(s, "secagg", "max_population", 2, None),
             corrupted_fraction=_fraction(s, "secagg", "corrupted_fraction"),
-            dropout_fraction=_fraction(s, "secagg", "dropout_fraction"))
+            dropout_fraction=_fraction(s, "secagg", "dropout_fraction"),
+            security_bits=_positive(s, "secagg", "security_bits"))
         if secagg.min_population is not None and secagg.max_population is not None \
                 and secagg.max_population < secagg.min_population:
             raise ConfigError("secagg.max_population", secagg.max_population,
                               f"an integer >= secagg.min_population ({secagg.min_population})")
-        if (secagg.corrupted_fraction or 0.0) + (secagg.dropout_fraction or 0.0) >= 1:
-            raise ConfigError("secagg.dropout_fraction", secagg.dropout_fraction,
-                              "a fraction with corrupted_fraction + dropout_fraction < 1 (no "
-                              "threshold both survives the dropouts and exceeds the "
-                              "corrupted members)")
         delta = _positive(d, "dp", "delta")
         if delta is not None and delta >= 1:
             raise ConfigError("dp.delta", delta, "a number in (0, 1)")
@@ -246,7 +250,7 @@ class PrivacyPolicy:
                      source=source)
         try:  # the SecAgg+ client's own checks of the bounds, when it has them
             policy.secagg.bounds()
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise ConfigError("secagg", {k: v for k, v in s.items() if k != "mode"},
                               f"bounds the SecAgg+ client accepts ({exc})") from exc
         return policy

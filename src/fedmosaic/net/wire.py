@@ -196,7 +196,9 @@ def check_refusal(msg: pb.TaskRefusal) -> tuple[str, str]:
     or not printable (a newline or control character could forge log lines)."""
     code, reason = msg.code, msg.reason
     if code not in REFUSAL_CODES:
-        raise WireError(f"refusal code {code[:32]!r} is not one of {', '.join(REFUSAL_CODES)}")
+        # The text is not echoed: it is the client's, and this message is logged.
+        raise WireError(f"refusal code ({len(code)} characters) is not one of "
+                        f"{', '.join(REFUSAL_CODES)}")
     if not reason or len(reason) > MAX_REFUSAL_REASON or not reason.isprintable():
         raise WireError(f"refusal reason must be 1 to {MAX_REFUSAL_REASON} printable characters "
                         f"(got {len(reason)} characters)")

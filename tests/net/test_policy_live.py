@@ -1,0 +1,280 @@
+"""Client refusals against a live in-process gRPC server (loopback, mutual TLS): the
+``RefuseTask`` RPC, hostile refusal messages, and ``run_client`` threads whose privacy
+policies refuse the server's tasks (minimum noise, epsilon budget)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from fedmosaic.algorithms.aggregate import FedAvgAggregator
+from fedmosaic.algorithms.strategy import ClientTask, FedAvg
+from fedmosaic.data import FederatedDataset
+from fedmosaic.models import build_model
+from fedmosaic.net.certs import FederationPaths, create_federation
+from fedmosaic.net.client import _Stubs, open_channel, run_client
+from fedmosaic.net.monitoring import ServerMetrics
+from fedmosaic.net.policy import PrivacyLedger, PrivacyPolicy, default_ledger_path
+from fedmosaic.net.proto import fedmosaic_pb2 as pb
+from fedmosaic.net.server import start_server
+from fedmosaic.net.settings import DeploySettings
+from fedmosaic.net.transport import GrpcTransport
+from fedmosaic.net.wire import MAX_REFUSAL_REASON, iter_chunks, spec_hash
+from fedmosaic.privacy.local_dp import LocalDP
+from fedmosaic.runtime.simulate import simulate
+from fedmosaic.runtime.tally import ClientFailure, RoundTally
+from fedmosaic.train import TorchTrainer
+from fedmosaic.train.base import FitConfig
+
+NUMEL = 1000
+CHUNK = 1024
+CLIENTS = ["c0", "c1", "c2"]
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("policy-fed")
+    create_federation(root, clients=CLIENTS, ca_passphrase=None)
+    return root
+
+
+class Live:
+    """A running server (real transport, service and TLS) and raw client calls."""
+
+    def __init__(self, credentials: Path, transport: GrpcTransport, port: int,
+                 metrics: ServerMetrics) -> None:
+        self.paths = FederationPaths(credentials)
+        self.transport, self.port, self.metrics = transport, port, metrics
+        self.channels: list[grpc.Channel] = []
+
+    def channel(self, cid: str) -> grpc.Channel:
+        p = self.paths
+        cert, key = ((p.operator_cert, p.operator_key) if cid == "operator"
+                     else (p.client_cert(cid), p.client_key(cid)))
+        channel = open_channel(f"127.0.0.1:{self.port}", p.ca_cert, cert, key)
+        self.channels.append(channel)
+        return channel
+
+    def joined(self, cid: str) -> tuple[_Stubs, pb.Task]:
+        """Join as ``cid`` and wait for its task (a round must be running)."""
+        stubs = _Stubs(self.channel(cid))
+        instance = stubs.join(pb.JoinRequest(spec_hash="spec"), timeout=10).server_instance
+        return stubs, instance
+
+    def task(self, stubs: _Stubs, instance: str) -> pb.Task:
+        task = stubs.get_task(pb.TaskRequest(server_instance=instance, wait_seconds=10),
+                              timeout=20)
+        assert task.kind == pb.Task.FIT
+        return task
+
+    def start_round(self, clients: list[str]) -> tuple[threading.Thread, RoundTally]:
+        tasks = [ClientTask(c, FitConfig(round=1, seed=i)) for i, c in enumerate(clients)]
+        tally = RoundTally(FedAvgAggregator(), NUMEL, 1)
+
+        def loop() -> None:
+            for result in self.transport.fit(torch.zeros(NUMEL), tasks, None):
+                tally.add(result)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        return thread, tally
+
+
+@pytest.fixture
+def live(credentials: Path, tmp_path: Path) -> Iterator[Live]:
+    fed = Path(shutil.copytree(credentials, tmp_path / "fed"))
+    settings = DeploySettings(credentials=fed, address="127.0.0.1", port=0,
+                              heartbeat_interval=0.5, round_deadline=20.0, min_clients=1,
+                              wait_for_clients=5.0, chunk_bytes=CHUNK, max_workers=16)
+    metrics = ServerMetrics()
+    transport = GrpcTransport(settings, numel=NUMEL, spec_hash="spec", experiment="test",
+                              rounds=1, metrics=metrics)
+    running = start_server(settings, transport, traffic=metrics)
+    srv = Live(fed, transport, running.port, metrics)
+    try:
+        yield srv
+    finally:
+        transport.finish()
+        for ch in srv.channels:
+            ch.close()
+        running.stop(0)
+
+
+def _upload(stubs: _Stubs, task: pb.Task) -> pb.UploadReply:
+    header = pb.UploadHeader(task_id=task.task_id, round=task.round, num_samples=10,
+                             numel=NUMEL)
+    messages = [pb.UploadMessage(header=header)] + [
+        pb.UploadMessage(chunk=c) for c in iter_chunks(torch.ones(NUMEL), CHUNK)]
+    return stubs.upload(iter(messages), timeout=20)
+
+
+def _code(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details() or ""
+
+
+def _refusal(task: pb.Task, code: str = "secagg_required",
+             reason: str = "policy requires SecAgg+") -> pb.TaskRefusal:
+    return pb.TaskRefusal(task_id=task.task_id, round=task.round, code=code, reason=reason)
+
+
+def test_a_refusal_fails_the_task_at_once_and_no_update_is_taken_for_it(
+        live: Live, fedlog: pytest.LogCaptureFixture) -> None:
+    a, ia = live.joined("c0")
+    b, ib = live.joined("c1")
+    start = time.monotonic()
+    thread, tally = live.start_round(["c0", "c1"])
+    ta, tb = live.task(a, ia), live.task(b, ib)
+    reply = a.refuse_task(_refusal(ta), timeout=10)
+    assert "recorded" in reply.detail
+    status = _Stubs(live.channel("operator")).status(pb.StatusRequest(), timeout=10)
+    assert status.round_refused == 1
+    # The refused task is spent: no upload and no second refusal for it.
+    code, detail = _code(lambda: _upload(a, ta))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, detail
+    code, _ = _code(lambda: a.refuse_task(_refusal(ta), timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert _upload(b, tb).accepted
+    thread.join(timeout=15)
+    assert not thread.is_alive() and time.monotonic() - start < 10  # no deadline wait
+    assert tally.count == 1
+    assert tally.failures == [ClientFailure("c0", "refused by client: policy requires SecAgg+")]
+    assert list(live.transport.refusals) == [(1, "c0", "secagg_required",
+                                              "policy requires SecAgg+")]
+    snap = live.metrics.snapshot()
+    assert snap["clients_dropped"]["refused_by_client"] == 1
+    assert "client c0 refused its task (secagg_required): policy requires SecAgg+" in fedlog.text
+
+
+def test_malformed_or_foreign_refusals_are_refused_and_leave_the_task_open(
+        live: Live, fedlog: pytest.LogCaptureFixture) -> None:
+    a, ia = live.joined("c0")
+    b, ib = live.joined("c1")
+    thread, tally = live.start_round(["c0", "c1"])
+    ta, tb = live.task(a, ia), live.task(b, ib)
+    hostile = [
+        _refusal(ta, code="because"),                        # not a known category
+        _refusal(ta, code="clip\nINFO forged"),
+        _refusal(ta, reason=""),
+        _refusal(ta, reason="ok\nWARNING round 1: client c1 refused its task"),  # forged line
+        _refusal(ta, reason="\x1b[31mred"),
+        _refusal(ta, reason="x" * (MAX_REFUSAL_REASON + 1)),
+    ]
+    for message in hostile:
+        code, detail = _code(lambda m=message: a.refuse_task(m, timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, detail
+    undecodable = live.channel("c0").unary_unary("/fedmosaic.v1.Federation/RefuseTask")
+    code, detail = _code(lambda: undecodable(b"\x0a\x7f", timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "undecodable" in detail
+    # Another client's task, a wrong round, an unknown task id.
+    code, _ = _code(lambda: b.refuse_task(_refusal(ta), timeout=10))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    wrong_round = _refusal(ta)
+    wrong_round.round = 7
+    code, _ = _code(lambda: a.refuse_task(wrong_round, timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    code, _ = _code(lambda: a.refuse_task(pb.TaskRefusal(
+        task_id=b"\x00" * 16, round=1, code="clip", reason="r"), timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    # Nothing was failed or logged from the hostile text; both tasks are still open.
+    assert _upload(a, ta).accepted and _upload(b, tb).accepted
+    thread.join(timeout=15)
+    assert tally.count == 2 and tally.failures == []
+    assert list(live.transport.refusals) == []
+    snap = live.metrics.snapshot()
+    assert snap["rejected_messages"]["malformed"] == len(hostile) + 1
+    assert snap["clients_dropped"]["refused_by_client"] == 0
+    assert "forged" not in fedlog.text and "\x1b" not in fedlog.text
+    assert not [r for r in fedlog.records if r.levelno >= 40 or r.exc_info]
+
+
+# -- run_client with policies ---------------------------------------------------------------
+
+_FIT_LOCK = threading.Lock()
+
+
+class _LockedTrainer(TorchTrainer):
+    """Client threads share torch's global RNG, which each fit seeds: no interleaving."""
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        with _FIT_LOCK:
+            return super().fit(*args, **kwargs)
+
+
+def _trainer(cls: type[TorchTrainer] = TorchTrainer) -> TorchTrainer:
+    return cls(partial(build_model, "mlp", (5,), 3, hidden=(8,)), lr=0.1, batch_size=8)
+
+
+def test_policies_refuse_too_little_noise_and_an_exhausted_budget(
+        blobs_fed: FederatedDataset, credentials: Path, tmp_path: Path) -> None:
+    """Local DP z = 1 for three rounds: c0 needs z >= 2 and refuses every round; c1's budget
+    covers two rounds (its own accountant, persisted next to its key) and it refuses the third;
+    c2 has no policy and trains every round."""
+    rounds = 3
+    stage = LocalDP(clip=1.0, noise_multiplier=1.0)
+    two, three = (stage.guarantee(rounds=r)["epsilon_total"] for r in (2, 3))
+    fed = FederatedDataset(name="blobs", clients=blobs_fed.clients[:3], test=blobs_fed.test,
+                           num_classes=3, feature_shape=(5,))
+    creds = Path(shutil.copytree(credentials, tmp_path / "fed"))
+    paths = FederationPaths(creds)
+    (tmp_path / "c0.toml").write_text("[dp]\nmin_noise_multiplier = 2.0\n")
+    (tmp_path / "c1.toml").write_text(f"[dp]\nepsilon_budget = {(two + three) / 2}\n")
+    policies = {"c0": tmp_path / "c0.toml", "c1": tmp_path / "c1.toml", "c2": None}
+    settings = DeploySettings(credentials=creds, address="127.0.0.1", port=0, min_clients=3,
+                              heartbeat_interval=1.0, round_deadline=30.0,
+                              wait_for_clients=60.0, chunk_bytes=256, max_workers=32)
+    server_trainer = _trainer()
+    metrics = ServerMetrics()
+    transport = GrpcTransport(settings, numel=server_trainer.spec.numel,
+                              spec_hash=spec_hash(server_trainer.spec), experiment="blobs",
+                              rounds=rounds, metrics=metrics)
+    running = start_server(settings, transport, traffic=metrics)
+    trainers = {cid: _trainer(_LockedTrainer) for cid in fed.client_ids}
+    reports: dict[str, Any] = {}
+
+    def client(cid: str) -> None:
+        reports[cid] = run_client(
+            f"127.0.0.1:{running.port}", ca=paths.ca_cert, cert=paths.client_cert(cid),
+            key=paths.client_key(cid), trainer=trainers[cid], data=fed.client(cid).train,
+            retry_budget=60, poll_seconds=1.0, policy=policies[cid])
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in CLIENTS]
+    for t in threads:
+        t.start()
+    try:
+        result = simulate(server_trainer, fed, FedAvg(client_stages=[stage]), rounds, seed=5,
+                          transport=transport)
+        transport.finish()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        running.stop(0)
+    assert [r["updates"] for r in result.history] == [2, 2, 1]
+    assert [r["failures"] for r in result.history] == [1, 1, 2]
+    assert (reports["c0"].rounds, reports["c0"].refused) == ([], [1, 2, 3])
+    assert (reports["c1"].rounds, reports["c1"].refused) == ([1, 2], [3])
+    assert (reports["c2"].rounds, reports["c2"].refused) == ([1, 2, 3], [])
+    assert metrics.snapshot()["clients_dropped"]["refused_by_client"] == 4
+    codes = sorted((cid, code) for _, cid, code, _ in transport.refusals)
+    assert codes == [("c0", "noise_multiplier")] * 3 + [("c1", "epsilon_budget")]
+    # c1's ledger, next to its key, holds exactly two z = 1 releases; c0 and c2 spent nothing.
+    ledger_path = default_ledger_path(paths.client_key("c1"))
+    assert [r["round"] for r in json.loads(ledger_path.read_text())["releases"]] == [1, 2]
+    with PrivacyLedger(ledger_path) as ledger:
+        assert ledger.epsilon() == pytest.approx(two, rel=1e-9)
+        budget = PrivacyPolicy.load(tmp_path / "c1.toml")
+        with pytest.raises(Exception, match="over its budget"):
+            budget.check([stage], None, ledger)
+    assert not default_ledger_path(paths.client_key("c0")).exists()  # never released
+    assert not default_ledger_path(paths.client_key("c2")).exists()  # no policy, no ledger
