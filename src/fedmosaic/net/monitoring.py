@@ -8,8 +8,13 @@ whatever clients send (Prometheus' guidance on label cardinality).
 
 ``configure_logging`` writes one JSON object per line (timestamp, level, logger, message and any
 ``extra=`` fields such as ``round`` or ``client``) and installs ``RedactSecrets``, a filter that
-masks anything that looks like key material before a record is formatted. It is a safety net:
-the code never logs keys on purpose.
+masks anything that looks like key material before a record is formatted; the formatters redact
+the message, traceback and stack again, so a handler installed without the filter does not leak
+either. Configuring the root logger also routes uncaught exceptions (``sys.excepthook``, threads'
+``threading.excepthook`` and ``sys.unraisablehook``) through it, so a crash's traceback is one
+redacted JSON record instead of raw text on stderr: a traceback quotes the source lines and the
+messages of every chained exception and note, which is where a key or token can appear. It is
+a safety net: the code never logs keys on purpose.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import threading
 from collections.abc import Iterable, Mapping
 from json import dumps
+from types import TracebackType
 from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -339,16 +345,17 @@ class JsonFormatter(logging.Formatter):
             .isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         for key, value in _extras(record).items():
             out[f"extra_{key}" if key in self.CORE else key] = value
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            out["exception"] = record.exc_text
+            # The whole traceback is one JSON string: its lines never reach the stream raw.
+            out["exception"] = redact(record.exc_text)
         if record.stack_info:
-            out["stack"] = record.stack_info
+            out["stack"] = redact(record.stack_info)
         # default=str: an extra that is not JSON (a Path, a tensor shape) still logs.
         return dumps(out, default=str, ensure_ascii=False)
 
@@ -360,21 +367,65 @@ class TextFormatter(logging.Formatter):
         stamp = dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(
             timespec="milliseconds")
         extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{stamp} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{stamp} {record.levelname} {record.name}: {redact(record.getMessage())}"
         line = f"{line} {extras}" if extras else line
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
-        return f"{line}\n{record.exc_text}" if record.exc_text else line
+        return f"{line}\n{redact(record.exc_text)}" if record.exc_text else line
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The logger that uncaught exceptions go to, once configure_logging has installed the hooks.
+_uncaught_logger: str | None = None
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException,
+                  tb: TracebackType | None) -> None:
+    if _uncaught_logger is None or issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)  # Ctrl-C stays a one-line exit
+        return
+    logging.getLogger(_uncaught_logger).critical(
+        "uncaught exception, exiting", exc_info=(exc_type, exc, tb))
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:  # threading's own default ignores it too
+        return
+    if _uncaught_logger is None:
+        threading.__excepthook__(args)
+        return
+    name = args.thread.name if args.thread is not None else "unknown"
+    logging.getLogger(_uncaught_logger).error(
+        "uncaught exception in thread %s", name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # type: ignore[arg-type]
+
+
+def _log_unraisable(args: Any) -> None:
+    if _uncaught_logger is None or args.exc_type is None:
+        sys.__unraisablehook__(args)
+        return
+    logging.getLogger(_uncaught_logger).error(
+        "exception ignored in %r: %s", args.object, args.err_msg or "unraisable exception",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _install_exception_hooks(logger: str) -> None:
+    global _uncaught_logger
+    _uncaught_logger = logger
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
 
 
 def configure_logging(level: str | int = "INFO", json: bool = True, *,
-                      stream: TextIO | None = None, logger: str = "") -> logging.Logger:
+                      stream: TextIO | None = None, logger: str = "",
+                      capture_uncaught: bool | None = None) -> logging.Logger:
     """Send ``logger`` (default: the root, so that libraries' records such as gRPC's are
     included) to ``stream`` (stderr) as JSON lines or plain text, with secrets redacted.
 
+    ``capture_uncaught`` (default: when configuring the root logger) routes uncaught
+    exceptions of the process and its threads, and "exception ignored" reports, through the
+    same logger, redacted, instead of Python's raw traceback on stderr; Ctrl-C stays as is.
     Idempotent: a second call replaces the handler installed by the first. A named logger
     stops propagating to the root, so each record is written exactly once.
     """
@@ -395,4 +446,6 @@ def configure_logging(level: str | int = "INFO", json: bool = True, *,
     target.setLevel(numeric)
     if logger:
         target.propagate = False
+    if capture_uncaught if capture_uncaught is not None else not logger:
+        _install_exception_hooks(logger)
     return target
