@@ -1,12 +1,13 @@
 """Privacy audits a user runs on their own model and data.
 
-``leakage_audit`` mounts the gradient-inversion attacks DLG (Zhu et al. 2019) and iDLG (Zhao
-et al. 2020) against a client's update, as an honest-but-curious server would, with no
-defence and with each defence (local DP noise, top-k pruning, secure aggregation), and
-reports how well the client's inputs and labels are reconstructed.
+``leakage_audit`` mounts the gradient-inversion attacks DLG (Zhu et al. 2019), iDLG (Zhao
+et al. 2020) and, for a fully connected first layer, the analytic inversion (Phong et al.
+2017; Geiping et al. 2020, Sec. 3) against a client's update, as an honest-but-curious
+server would, with no defence and with each defence (local DP noise, top-k pruning, secure
+aggregation), and reports how well the client's inputs and labels are reconstructed.
 """
 
-from fedmosaic.audit.attacks import Reconstruction, idlg_label, invert
+from fedmosaic.audit.attacks import Reconstruction, analytic_inversion, idlg_label, invert
 from fedmosaic.audit.defences import (
     DEFENCE_NAMES,
     GaussianNoise,
@@ -33,6 +34,7 @@ __all__ = [
     "SecureAggregation",
     "TopK",
     "UpdateModel",
+    "analytic_inversion",
     "expand_defences",
     "idlg_label",
     "invert",

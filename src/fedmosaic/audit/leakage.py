@@ -1,5 +1,6 @@
-"""``leakage_audit``: attack a user's own model and data with DLG and iDLG, with no defence
-and with each defence, and report how much of the data the server could reconstruct."""
+"""``leakage_audit``: attack a user's own model and data with DLG, iDLG and (for a fully
+connected first layer) the analytic inversion, with no defence and with each defence, and
+report how much of the data the server could reconstruct."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmosaic.audit.attacks import idlg_label, invert
+from fedmosaic.audit.attacks import analytic_inversion, check_analytic, idlg_label, invert
 from fedmosaic.audit.defences import (
     DEFAULT_KEEP,
     DEFAULT_NOISE,
@@ -29,7 +30,7 @@ from fedmosaic.audit.target import UpdateModel
 from fedmosaic.train import TorchTrainer
 from fedmosaic.train.base import Dataset
 
-ATTACKS = ("dlg", "idlg")
+ATTACKS = ("dlg", "idlg", "analytic")
 _DEFENCE_TYPES = (NoDefence, GaussianNoise, TopK, SecureAggregation)
 
 
@@ -78,7 +79,7 @@ def leakage_audit(
     samples: int = 8,
     label_samples: int = 200,
     defences: Iterable[str | Defence] = DEFENCE_NAMES,
-    attacks: Sequence[str] = ATTACKS,
+    attacks: Sequence[str] | None = None,
     lr: float | None = None,
     local_steps: int = 1,
     batch_size: int = 1,
@@ -106,10 +107,15 @@ def leakage_audit(
     ``defences``: names (``none``, ``dp``, ``topk``, ``secagg``, each expanded over
     ``noise_multipliers``, ``keep_fractions``, ``secagg_clients``; ``clip`` is the DP clip,
     None for each update's own norm) or defence objects from ``fedmosaic.audit``.
-    iDLG runs only where the observed update comes from a single sample.
+    ``attacks``: names from ``ATTACKS``; None runs DLG, iDLG and, where the model's first
+    layer is fully connected with a bias, the analytic inversion (asking for ``analytic``
+    on another model is an error). iDLG runs only where the observed update comes from a
+    single sample.
     """
     trainer = model if isinstance(model, TorchTrainer) else _trainer_for(model, lr)
     lr = float(lr if lr is not None else trainer.lr)
+    explicit = attacks is not None
+    attacks = list(ATTACKS) if attacks is None else list(attacks)
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
         what = f"unknown attack(s) {unknown}" if unknown else "no attacks given"
@@ -142,6 +148,15 @@ def leakage_audit(
     lo, hi = float(x_all.min()), float(x_all.max())
     if not hi > lo:
         raise AuditError("every feature value is the same: there is nothing to reconstruct")
+    notes: list[str] = []
+    if "analytic" in attacks:
+        try:
+            check_analytic(target, torch.from_numpy(x_all[:1]))
+        except AuditError as exc:
+            if explicit:
+                raise
+            attacks.remove("analytic")
+            notes.append(f"the analytic attack was not run: {exc}")
     data_range = hi - lo
     # The attacked samples come first; iDLG's label accuracy also uses the rest.
     order = np.random.default_rng(seed).choice(len(x_all), size=label_samples, replace=False)
@@ -154,7 +169,6 @@ def leakage_audit(
     audit = _Audit(target, x_true, y_true, samples, prior_mse, lo, hi, batch_size, iterations,
                    restarts, seed)
     results: list[AttackResult] = []
-    notes: list[str] = []
     for pos, defence in enumerate(chosen):
         for attack in attacks:
             if attack == "idlg" and defence.clients * batch_size != 1:
@@ -167,6 +181,15 @@ def leakage_audit(
     if local_steps > 1 and "idlg" in attacks:
         notes.append(f"iDLG's label rule is exact for one step; here it reads the sum of "
                      f"{local_steps} steps' gradients, where it is a heuristic")
+    if "analytic" in attacks:
+        notes.append("the analytic attack reads inputs off the first layer's gradient "
+                     "(x = dL/dW[i,:] / dL/db[i]): exact for an update from one sample, for "
+                     "any number of local steps; its labels are iDLG's rule's")
+        if any(d.clients * batch_size > 1 for d in chosen):
+            notes.append("where an update covers several samples (batches, secure sums) the "
+                         "analytic attack's rows are mixtures of the samples, exact only for "
+                         "a sample that alone activates a first-layer unit; it recovers no "
+                         "labels there (label accuracy 0 by construction)")
     notes.append("central DP (DP-FedAvg) adds its noise on the server after seeing each "
                  "clipped update, so it does not protect against this attacker; the 'dp' rows "
                  "are local DP (LocalDP), where each client noises its own update")
@@ -206,6 +229,7 @@ class _Audit:
         self.lo, self.hi, self.batch_size = lo, hi, batch_size
         self.iterations, self.restarts, self.seed = iterations, restarts, seed
         self._updates: dict[tuple[int, ...], torch.Tensor] = {}
+        self._labels_right: dict[int, int] = {}
         # The attacker knows the range of valid inputs (the data format) and starts its dummy
         # inputs near the middle of it; from the papers' N(0, 1), L-BFGS stalls in poor local
         # minima of ReLU networks more often (restarts recover, at a cost).
@@ -235,8 +259,11 @@ class _Audit:
 
     def _idlg_labels(self, defence: Defence, pos: int) -> int:
         """How many of the label samples iDLG's rule labels right (one-sample updates)."""
-        return sum(idlg_label(self.target, self._observed(defence, pos, i)) == int(y)
-                   for i, y in enumerate(self.y_label))
+        if pos not in self._labels_right:  # iDLG and the analytic attack share the rule
+            self._labels_right[pos] = sum(
+                idlg_label(self.target, self._observed(defence, pos, i)) == int(y)
+                for i, y in enumerate(self.y_label))
+        return self._labels_right[pos]
 
     def run(self, defence: Defence, pos: int, attack: str) -> AttackResult:
         per_group = defence.clients * self.batch_size
@@ -249,10 +276,16 @@ class _Audit:
             labels = None
             if attack == "idlg":
                 labels = torch.tensor([[idlg_label(self.target, observed)]])
-            rec = invert(self.target, observed, clients=defence.clients, batch=self.batch_size,
-                         feature_shape=tuple(self.x_true.shape[1:]), labels=labels, mask=mask,
-                         iterations=self.iterations, restarts=self.restarts,
-                         seed=self.seed * 7919 + g, init=self.init)
+            if attack == "analytic":
+                rec = analytic_inversion(self.target, observed, clients=defence.clients,
+                                         batch=self.batch_size,
+                                         feature_shape=tuple(self.x_true.shape[1:]), mask=mask,
+                                         fill=self.init[0], data_range=self.hi - self.lo)
+            else:
+                rec = invert(self.target, observed, clients=defence.clients,
+                             batch=self.batch_size, feature_shape=tuple(self.x_true.shape[1:]),
+                             labels=labels, mask=mask, iterations=self.iterations,
+                             restarts=self.restarts, seed=self.seed * 7919 + g, init=self.init)
             true_x = self.x_true[start:start + per_group]
             true_y = self.y_true[start:start + per_group]
             rec_x = rec.x.reshape(per_group, *true_x.shape[1:]).clamp(self.lo, self.hi)
@@ -267,7 +300,10 @@ class _Audit:
         psnrs = psnr(mse, data_range)
         leaked = int((mse < self.prior_mse[:n]).sum())
         label_n = n
-        if attack == "idlg":
+        if attack == "idlg" or (attack == "analytic" and per_group == 1
+                                and self.target.output_layer() is not None):
+            # The analytic attack recovers inputs only; with one sample per update the
+            # attacker reads the label with iDLG's rule.
             correct, label_n = self._idlg_labels(defence, pos), len(self.y_label)
         return AttackResult(
             defence=defence.label, defence_kind=defence.kind, defence_params=defence.params(),

@@ -186,6 +186,22 @@ class UpdateModel:
             return offsets[-1], None
         return None
 
+    def first_layer(self, features: int) -> tuple[slice, slice] | None:
+        """Where a fully connected first layer's weight and bias sit in the pseudo-gradient.
+
+        The first matched entries are taken as that layer when they have its shapes: a
+        weight ``(h, features)`` followed by a bias ``(h,)``. The spec's order is the order
+        the module registered its parameters in, not necessarily the order of the forward
+        pass: :func:`fedmosaic.audit.attacks.check_analytic` confirms that the layer really
+        sees the raw (flattened) input.
+        """
+        if len(self.entries) < 2:
+            return None
+        w, b = self.entries[0], self.entries[1]
+        if len(w.shape) != 2 or w.shape[1] != features or tuple(b.shape) != (w.shape[0],):
+            return None
+        return slice(0, w.numel), slice(w.numel, w.numel + b.numel)
+
     def weight_rows(self, vector: torch.Tensor, where: slice) -> torch.Tensor:
         """The output layer's weight gradient as a ``(C, h)`` matrix."""
         return vector[where].view(self.num_classes, -1)
