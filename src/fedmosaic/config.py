@@ -38,7 +38,9 @@ PRIVACY_KEYS = {
     "local": {"clip", "mechanism", "noise_multiplier", "epsilon", "client_metrics"},
 }
 PRIVACY_KEYS["distributed"] = (PRIVACY_KEYS["central"] - {"adaptive_clip_quantile"}) | {
-    "min_contributors"}
+    "min_contributors", "mechanism", "bits", "max_clients"}
+# Keys of the distributed Skellam mechanism only (privacy.mechanism = "skellam").
+SKELLAM_KEYS = {"bits", "max_clients"}
 # Parameters of each simulated attack (besides kind, fraction and seed).
 ATTACK_KEYS = {
     "label_flip": {"source", "target"},
@@ -190,7 +192,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sampling": _choice(("poisson", "fixed")),
         "rate": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
         "adaptive_clip_quantile": _float("a number in (0, 1)", lambda v: 0 < v < 1),
-        "mechanism": _choice(("gaussian", "laplace")),
+        "mechanism": _choice(("gaussian", "laplace", "skellam")),
+        # Distributed Skellam: the SecAgg+ ring and the largest sum its no-wrap bound covers.
+        "bits": _int(2, 64),
+        "max_clients": _int(1),
         "epsilon": _float(*POSITIVE),
         "accountant": _choice(("rdp", "pld")),
         "min_contributors": _int(1),
@@ -516,6 +521,9 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError("privacy.clip", "<missing>", "required: a number > 0")
     if mode == "local":
         mech = p.setdefault("mechanism", "gaussian")
+        if mech not in ("gaussian", "laplace"):
+            raise ConfigError("privacy.mechanism", mech, "'gaussian' or 'laplace' for local DP "
+                              "('skellam' is a distributed mechanism)")
         need = "noise_multiplier" if mech == "gaussian" else "epsilon"
         if need not in p:
             raise ConfigError(f"privacy.{need}", "<missing>",
@@ -528,6 +536,17 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
                           "only with privacy.secure_noise = false (it allows seeded noise in a "
                           "deployment, for tests)")
     if mode == "distributed":
+        mech = p.get("mechanism", "gaussian")
+        if mech not in ("gaussian", "skellam"):
+            raise ConfigError("privacy.mechanism", mech, "'gaussian' or 'skellam' for "
+                              "distributed DP")
+        misplaced = sorted(SKELLAM_KEYS & set(p)) if mech != "skellam" else \
+            sorted({"accountant"} & set(p))
+        if misplaced:
+            raise ConfigError(f"privacy.{misplaced[0]}", p[misplaced[0]],
+                              "only with privacy.mechanism = 'skellam'" if mech != "skellam"
+                              else "not with the Skellam mechanism (it has its own RDP "
+                              "accountant)")
         if "min_contributors" not in p:
             raise ConfigError("privacy.min_contributors", "<missing>",
                               "required: the fewest updates a released noised sum may have")
