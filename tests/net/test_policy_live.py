@@ -212,8 +212,52 @@ class _LockedTrainer(TorchTrainer):
             return super().fit(*args, **kwargs)
 
 
-def _trainer(cls: type[TorchTrainer] = TorchTrainer) -> TorchTrainer:
-    return cls(partial(build_model, "mlp", (5,), 3, hidden=(8,)), lr=0.1, batch_size=8)
+def _trainer(cls: type[TorchTrainer] = TorchTrainer, hidden: int = 8) -> TorchTrainer:
+    return cls(partial(build_model, "mlp", (5,), 3, hidden=(hidden,)), lr=0.1, batch_size=8)
+
+
+def _deploy(fed: FederatedDataset, credentials: Path, strategy: FedAvg, rounds: int,
+            policies: dict[str, Path | None], hidden: int = 8) -> tuple[Any, dict[str, Any],
+                                                                   GrpcTransport, ServerMetrics]:
+    """Serve ``rounds`` rounds of ``strategy`` to ``run_client`` threads, one per client of
+    ``fed``, each with its policy file (None: no policy)."""
+    paths = FederationPaths(credentials)
+    settings = DeploySettings(credentials=credentials, address="127.0.0.1", port=0,
+                              min_clients=len(fed.client_ids), heartbeat_interval=1.0,
+                              round_deadline=30.0, wait_for_clients=60.0, chunk_bytes=256,
+                              max_workers=32)
+    server_trainer = _trainer(hidden=hidden)
+    metrics = ServerMetrics()
+    transport = GrpcTransport(settings, numel=server_trainer.spec.numel,
+                              spec_hash=spec_hash(server_trainer.spec), experiment="blobs",
+                              rounds=rounds, metrics=metrics)
+    running = start_server(settings, transport, traffic=metrics)
+    # Built here, not in the threads: building a model draws from torch's global RNG too.
+    trainers = {cid: _trainer(_LockedTrainer, hidden) for cid in fed.client_ids}
+    reports: dict[str, Any] = {}
+
+    def client(cid: str) -> None:
+        reports[cid] = run_client(
+            f"127.0.0.1:{running.port}", ca=paths.ca_cert, cert=paths.client_cert(cid),
+            key=paths.client_key(cid), trainer=trainers[cid], data=fed.client(cid).train,
+            retry_budget=60, poll_seconds=1.0, policy=policies.get(cid))
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in fed.client_ids]
+    for t in threads:
+        t.start()
+    try:
+        result = simulate(server_trainer, fed, strategy, rounds, seed=5, transport=transport)
+        transport.finish()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        running.stop(0)
+    return result, reports, transport, metrics
+
+
+def _subset(fed: FederatedDataset, n: int) -> FederatedDataset:
+    return FederatedDataset(name="blobs", clients=fed.clients[:n], test=fed.test,
+                            num_classes=3, feature_shape=(5,))
 
 
 def test_policies_refuse_too_little_noise_and_an_exhausted_budget(
@@ -224,42 +268,13 @@ def test_policies_refuse_too_little_noise_and_an_exhausted_budget(
     rounds = 3
     stage = LocalDP(clip=1.0, noise_multiplier=1.0)
     two, three = (stage.guarantee(rounds=r)["epsilon_total"] for r in (2, 3))
-    fed = FederatedDataset(name="blobs", clients=blobs_fed.clients[:3], test=blobs_fed.test,
-                           num_classes=3, feature_shape=(5,))
     creds = Path(shutil.copytree(credentials, tmp_path / "fed"))
     paths = FederationPaths(creds)
     (tmp_path / "c0.toml").write_text("[dp]\nmin_noise_multiplier = 2.0\n")
     (tmp_path / "c1.toml").write_text(f"[dp]\nepsilon_budget = {(two + three) / 2}\n")
     policies = {"c0": tmp_path / "c0.toml", "c1": tmp_path / "c1.toml", "c2": None}
-    settings = DeploySettings(credentials=creds, address="127.0.0.1", port=0, min_clients=3,
-                              heartbeat_interval=1.0, round_deadline=30.0,
-                              wait_for_clients=60.0, chunk_bytes=256, max_workers=32)
-    server_trainer = _trainer()
-    metrics = ServerMetrics()
-    transport = GrpcTransport(settings, numel=server_trainer.spec.numel,
-                              spec_hash=spec_hash(server_trainer.spec), experiment="blobs",
-                              rounds=rounds, metrics=metrics)
-    running = start_server(settings, transport, traffic=metrics)
-    trainers = {cid: _trainer(_LockedTrainer) for cid in fed.client_ids}
-    reports: dict[str, Any] = {}
-
-    def client(cid: str) -> None:
-        reports[cid] = run_client(
-            f"127.0.0.1:{running.port}", ca=paths.ca_cert, cert=paths.client_cert(cid),
-            key=paths.client_key(cid), trainer=trainers[cid], data=fed.client(cid).train,
-            retry_budget=60, poll_seconds=1.0, policy=policies[cid])
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in CLIENTS]
-    for t in threads:
-        t.start()
-    try:
-        result = simulate(server_trainer, fed, FedAvg(client_stages=[stage]), rounds, seed=5,
-                          transport=transport)
-        transport.finish()
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        running.stop(0)
+    result, reports, transport, metrics = _deploy(
+        _subset(blobs_fed, 3), creds, FedAvg(client_stages=[stage]), rounds, policies)
     assert [r["updates"] for r in result.history] == [2, 2, 1]
     assert [r["failures"] for r in result.history] == [1, 1, 2]
     assert (reports["c0"].rounds, reports["c0"].refused) == ([], [1, 2, 3])
@@ -278,3 +293,36 @@ def test_policies_refuse_too_little_noise_and_an_exhausted_budget(
             budget.check([stage], None, ledger)
     assert not default_ledger_path(paths.client_key("c0")).exists()  # never released
     assert not default_ledger_path(paths.client_key("c2")).exists()  # no policy, no ledger
+
+
+def test_a_deployed_client_noise_is_not_the_noise_the_server_can_regenerate(
+        blobs_fed: FederatedDataset, credentials: Path, tmp_path: Path) -> None:
+    """Issue 24 finding 1 on the deployed path: the server knows every client's round seed,
+    so it can compute the seeded (simulation) noise; the deployed client draws its local-DP
+    noise from SecureNoise instead, and subtracting the regenerated noise recovers nothing.
+
+    One client, one round, FedAvg with server learning rate 1: the new global model minus
+    the old is exactly the client's privatised update r = c + n. The server's attack is
+    r - n_seeded, which equals the clipped update c when n = n_seeded (issue: within 2.3e-7).
+    """
+    hidden, clip, z = 64, 0.5, 1.0  # 579 parameters
+    fed = _subset(blobs_fed, 1)
+    creds = Path(shutil.copytree(credentials, tmp_path / "fed"))
+    stage = LocalDP(clip=clip, noise_multiplier=z)
+    deployed, *_ = _deploy(fed, creds, FedAvg(client_stages=[stage]), 1, {}, hidden=hidden)
+    # What the server computes on its own: the un-noised update and the seeded noise.
+    w0 = _trainer(hidden=hidden).initial_weights(5)  # what simulate(seed=5) starts from
+    plain = simulate(_trainer(hidden=hidden), fed, FedAvg(), 1, seed=5)
+    seeded = simulate(_trainer(hidden=hidden), fed, FedAvg(client_stages=[stage]), 1, seed=5)
+    delta = plain.weights - w0
+    clipped = delta * min(1.0, clip / float(delta.norm()))
+    n_seeded = seeded.weights - w0 - clipped
+    assert float(n_seeded.std()) == pytest.approx(z * clip, rel=0.15)  # the seeded draw
+    received = deployed.weights - w0
+    residual = received - n_seeded - clipped  # zero if the client had used seeded noise
+    scale = z * clip * received.numel() ** 0.5
+    assert float(residual.norm()) > 0.5 * scale
+    noise = received - clipped
+    assert float(noise.std()) == pytest.approx(z * clip, rel=0.15)  # the client did add noise
+    corr = float(torch.dot(noise, n_seeded) / (noise.norm() * n_seeded.norm()))
+    assert abs(corr) < 0.25  # independent: |corr| ~ N(0, 1/579), 6 standard deviations
