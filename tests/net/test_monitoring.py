@@ -204,7 +204,7 @@ def test_root_logger_by_default_catches_library_records() -> None:
     saved_handlers, saved_level = list(root.handlers), root.level
     stream = io.StringIO()
     try:
-        configure_logging("WARNING", stream=stream)
+        configure_logging("WARNING", stream=stream, capture_uncaught=False)
         # gRPC logs through its own logger (with only a NullHandler attached).
         logging.getLogger("grpc._common").error("Exception deserializing message! %s",
                                                 "ab" * 20)
@@ -251,6 +251,90 @@ def test_redaction_in_messages_extras_and_tracebacks(json_log) -> None:
     assert first["key"] == "[REDACTED PEM]" and first["nested"] == {"k": ["[REDACTED PEM]"]}
     assert first["token"] == "[REDACTED]" and first["raw"] == "<2 bytes>"
     assert "ValueError: bad key [REDACTED]" in second["exception"]
+
+
+CRASH = """
+import threading
+from fedmosaic.net.monitoring import configure_logging
+
+configure_logging("INFO", json=True)
+SECRET = "9f2c4e7a1b3d5f60718293a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4"
+
+
+def check(key):
+    raise RuntimeError("cannot use key " + key)
+
+
+def work(pem):
+    session_key = SECRET  # a local holding a key: Python never prints locals, nor may we
+    check("9f2c4e7a1b3d5f60718293a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4")  # source line
+
+
+pem = open(__import__("sys").argv[1]).read()
+thread = threading.Thread(target=work, args=(pem,), name="worker")
+thread.start()
+thread.join()
+try:
+    work(pem)
+except RuntimeError as exc:
+    exc.add_note("loaded from " + pem)
+    raise ValueError("could not start") from exc
+"""
+
+
+def test_crash_traceback_is_one_redacted_json_record(tmp_path) -> None:
+    """An uncaught exception (main thread and another thread), whose message, source line and
+    note hold key material, reaches stderr only as redacted JSON records."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pem = _pem_key()
+    (tmp_path / "key.pem").write_text(pem)
+    secret = "9f2c4e7a1b3d5f60718293a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4"
+    script = tmp_path / "crash.py"  # a file, so that tracebacks quote its source lines
+    script.write_text(CRASH)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "key.pem")],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert secret not in err and "PRIVATE KEY" not in err and pem.splitlines()[1] not in err
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]  # all JSON
+    thread_rec, main_rec = [r for r in records if "exception" in r]
+    assert thread_rec["level"] == "ERROR" and "thread worker" in thread_rec["message"]
+    assert main_rec["level"] == "CRITICAL" and main_rec["message"].startswith("uncaught")
+    assert "RuntimeError: cannot use key [REDACTED]" in thread_rec["exception"]
+    tb = main_rec["exception"]
+    assert tb.startswith("Traceback") and "ValueError: could not start" in tb
+    assert 'check("[REDACTED]")' in tb  # the quoted source line
+    assert "direct cause" in tb and "loaded from [REDACTED PEM]" in tb
+
+
+def test_formatters_redact_even_without_the_filter() -> None:
+    from fedmosaic.net.monitoring import JsonFormatter, TextFormatter
+
+    secret = "ab" * 16 + "0123456789abcdef"
+    logger = logging.getLogger("fedmosaic.test_mon.nofilter")
+    logger.propagate = False
+    streams = [io.StringIO(), io.StringIO()]
+    handlers = [logging.StreamHandler(out) for out in streams]
+    handlers[0].setFormatter(JsonFormatter())
+    handlers[1].setFormatter(TextFormatter())
+    for h in handlers:
+        logger.addHandler(h)
+    try:
+        try:
+            raise KeyError(secret)
+        except KeyError:
+            logger.exception("token %s", secret, stack_info=True)
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+    for out in streams:
+        assert secret not in out.getvalue() and "[REDACTED]" in out.getvalue()
+    record = json.loads(streams[0].getvalue())
+    assert record["message"] == "token [REDACTED]" and "KeyError" in record["exception"]
 
 
 def test_redact_catches_random_secrets_and_keeps_ordinary_text() -> None:
