@@ -45,8 +45,10 @@ def test_audit_leakage_writes_the_report(tmp_path):
     assert report["data"]["name"] == "digits, client 'client_0'"
     assert report["settings"]["lr"] == 0.1 and report["settings"]["seed"] == 2
     rows = {(r["defence"], r["attack"]): r for r in report["results"]}
+    # By default every attack that applies: the MLP's first layer is fully connected.
     assert set(rows) == {(d, a) for d in ("none", "dp z=0.001", "dp z=10")
-                         for a in ("dlg", "idlg")}
+                         for a in ("dlg", "idlg", "analytic")}
+    assert rows[("none", "analytic")]["psnr"] == 100.0
     assert rows[("none", "idlg")]["label_accuracy"] == 1.0
     assert rows[("none", "idlg")]["leaked_samples"] == 2
     assert rows[("dp z=10", "dlg")]["leaked_samples"] == 0

@@ -40,7 +40,9 @@ def leakage(
         min=1, help="samples for iDLG's label accuracy (no optimisation: cheap)")] = 200,
     defences: Annotated[str, typer.Option(
         help="comma-separated: none, dp, topk, secagg")] = "none,dp,topk,secagg",
-    attacks: Annotated[str, typer.Option(help="comma-separated: dlg, idlg")] = "dlg,idlg",
+    attacks: Annotated[str | None, typer.Option(
+        help="comma-separated: dlg, idlg, analytic (default: all that apply to the model; "
+             "analytic needs a fully connected first layer with a bias)")] = None,
     noise: Annotated[str | None, typer.Option(
         help="DP noise multipliers to test, comma-separated")] = None,
     keep: Annotated[str | None, typer.Option(
@@ -59,7 +61,8 @@ def leakage(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="directory for report.json and report.md")] = None,
 ) -> None:
-    """DLG and iDLG reconstruction of a client's data from its updates, per defence."""
+    """DLG, iDLG and analytic reconstruction of a client's data from its updates, per
+    defence."""
     import torch
 
     from fedmosaic.audit.defences import DEFAULT_KEEP, DEFAULT_NOISE, DEFAULT_SECAGG_CLIENTS
@@ -85,7 +88,8 @@ def leakage(
         report = leakage_audit(
             trainer, data.train, samples=samples, label_samples=label_samples,
             defences=[d.strip() for d in defences.split(",") if d.strip()],
-            attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+            attacks=([a.strip() for a in attacks.split(",") if a.strip()]
+                     if attacks is not None else None),
             noise_multipliers=_numbers("--noise", noise, float) if noise else DEFAULT_NOISE,
             keep_fractions=_numbers("--keep", keep, float) if keep else DEFAULT_KEEP,
             secagg_clients=(_numbers("--secagg-clients", secagg_clients, int)
