@@ -11,9 +11,10 @@ from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core import ClientUpdate
 from fedmosaic.data import IID, partition
 from fedmosaic.models import MLP
-from fedmosaic.privacy.accountant import epsilon_for
+from fedmosaic.privacy.accountant import PrivacyAccountant, epsilon_for
 from fedmosaic.privacy.dp_fedavg import ClippedSumAggregator, DPFedAvg
 from fedmosaic.privacy.local_dp import LocalDP, laplace_mechanism
+from fedmosaic.privacy.randomness import SeededNoise
 from fedmosaic.runtime import RoundTally, SequentialTransport
 from fedmosaic.train import FitConfig
 from tests.conftest import make_blobs
@@ -128,6 +129,118 @@ def test_adaptive_clipping_pays_for_its_count_noise():
     sigma_b = 100 / 20
     assert z_update == pytest.approx((1.0 - (2 * sigma_b) ** -2) ** -0.5)
     assert z_update > 1.0
+
+
+class _Recording:
+    """A NoiseSource that records the std of every Gaussian draw (noise on: seeded, or
+    zero with ``zero=True``)."""
+
+    secure = False
+
+    def __init__(self, seed=0, zero=False):
+        self.inner, self.zero, self.draws = SeededNoise(seed), zero, []
+
+    def gaussian(self, shape, std, dtype=torch.float32):
+        self.draws.append((tuple(torch.Size(shape) if not isinstance(shape, int)
+                                 else (shape,)), std))
+        out = self.inner.gaussian(shape, std, dtype)
+        return torch.zeros_like(out) if self.zero else out
+
+    def numpy(self):
+        return self.inner.numpy()
+
+
+def _released_count(strategy, updates, population):
+    """The count adaptive clipping released (noise set to zero), before adding expected/2."""
+    strategy.round_noise = lambda r: _Recording(zero=True)
+    tally = RoundTally(strategy.aggregator, 3, 1)
+    for i, u in enumerate(updates):
+        tally.add(_update(f"c{i}", u))
+    _, metrics = strategy.finish_round(1, torch.zeros(3), tally)
+    expected = strategy.expected_clients(population)
+    return metrics["dp_within_clip_fraction"] * expected - expected / 2
+
+
+_BASE = [[0.1, 0.2, 0.0], [3.0, 0.0, 4.0], [0.0, 0.5, 0.5], [9.0, 9.0, 9.0]]
+_ADVERSARIES = [[0.0, 0.0, 0.0], [1e-30, 0.0, 0.0], [1e30, -1e30, 1e30], [0.6, 0.8, 0.0],
+                [-3.0, 0.0, -4.0]]
+
+
+def _poisson_adaptive(**kw):
+    return DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="poisson", rate=0.2,
+                    population=20, adaptive_clip_quantile=0.5, adaptive_clip_noise=2.0, **kw)
+
+
+def _count_move_poisson():
+    """The largest move of the released count when one client is added (add/remove)."""
+    base = _released_count(_poisson_adaptive(), _BASE, 20)
+    return max(abs(_released_count(_poisson_adaptive(), [*_BASE, adv], 20) - base)
+               for adv in _ADVERSARIES)
+
+
+def test_adaptive_clipping_count_moves_by_at_most_half_with_poisson_sampling():
+    # TF-Privacy's estimator releases sum(b_i - 1/2): one added client moves it by exactly
+    # 1/2, whether its norm is within the clip (b = 1) or not (b = 0).
+    assert _count_move_poisson() == pytest.approx(0.5)
+    assert _poisson_adaptive().count_sensitivity() == 0.5
+    base = _released_count(_poisson_adaptive(), _BASE, 20)
+    for drop in range(len(_BASE)):  # removing a client: also at most 1/2
+        rest = _BASE[:drop] + _BASE[drop + 1:]
+        assert abs(_released_count(_poisson_adaptive(), rest, 20) - base) <= 0.5
+    # The fraction is recovered: 2 of the 4 base updates are within the clip of 1.
+    s = _poisson_adaptive()
+    s.round_noise = lambda r: _Recording(zero=True)
+    tally = RoundTally(s.aggregator, 3, 1)
+    for i, u in enumerate(_BASE):
+        tally.add(_update(f"c{i}", u))
+    _, metrics = s.finish_round(1, torch.zeros(3), tally)
+    assert metrics["dp_within_clip_fraction"] == pytest.approx((2 - 4 / 2 + 4 / 2) / 4)
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_reported_epsilon_equals_epsilon_of_the_noise_actually_drawn(sampling):
+    # Recompute epsilon, with the same accountant, from the std of every Gaussian the server
+    # drew and the sensitivity measured on the real code (add/remove: 1/2 for the count,
+    # the clip for the sum; replace-one: 1 and twice the clip).
+    population, dim, rounds = 20, 6, 5
+    kw = ({"rate": 0.2} if sampling == "poisson" else {"clients_per_round": 4})
+    s = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling=sampling,
+                 population=population, adaptive_clip_quantile=0.5, adaptive_clip_noise=2.0,
+                 **kw)
+    if sampling == "poisson":
+        count_sens, sum_factor = _count_move_poisson(), 1.0
+    else:
+        def replaced(adv):
+            s2 = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="fixed",
+                          clients_per_round=4, population=20, adaptive_clip_quantile=0.5,
+                          adaptive_clip_noise=2.0)
+            return _released_count(s2, [adv, *_BASE[1:]], 20)
+        counts = [replaced(a) for a in _ADVERSARIES]
+        count_sens = max(counts) - min(counts)
+        sum_factor = 2.0
+    recorder = _Recording(seed=1)
+    s.round_noise = lambda r: recorder
+    rng = np.random.default_rng(0)
+    ids = [f"c{i:02d}" for i in range(population)]
+    weights, reported = torch.zeros(dim), None
+    accountant = PrivacyAccountant("rdp", neighboring=s.neighboring)
+    for r in range(1, rounds + 1):
+        tally = RoundTally(s.aggregator, dim, r)
+        for t in s.configure_fit(r, ids, rng, run_seed=0):
+            gen = torch.Generator().manual_seed(r * 100 + int(t.client_id[1:]))
+            tally.add(_update(t.client_id, torch.randn(dim, generator=gen)))
+        start = len(recorder.draws)
+        weights, metrics = s.finish_round(r, weights, tally)
+        (_, update_std), (count_shape, count_std) = recorder.draws[start:]
+        assert count_shape == ()
+        z_update = update_std / (sum_factor * metrics["dp_clip"])
+        z_count = count_std / count_sens
+        effective = (z_update ** -2 + z_count ** -2) ** -0.5
+        sampling_args = ({"sampling": "poisson", "rate": 0.2} if sampling == "poisson" else
+                         {"sampling": "fixed", "population": population, "sample_size": 4})
+        accountant.record_gaussian_round(effective, **sampling_args)
+        reported = metrics["dp_epsilon"]
+    assert reported == pytest.approx(accountant.epsilon(1e-5), rel=1e-9)
 
 
 def test_dp_run_resumes_to_the_same_model_and_epsilon(fed, tmp_path):

@@ -264,6 +264,11 @@ class DPFedAvg(FedAvg):
             return float(self.adaptive_noise)
         return self.expected_clients(population) / 20.0
 
+    def sum_sensitivity(self) -> float:
+        """How far one client can move the clipped update sum (L2), as the accountant
+        assumes: the bound ``min(clip, cap)`` under add/remove, twice it under replace-one."""
+        return self._sensitivity_factor() * self.clip_aggregator.bound
+
     def count_sensitivity(self) -> float:
         """How far one client can move the released (centred) count of clients within the
         clip: 1/2 under add/remove (it adds or removes one ``b_i - 1/2``), 1 under
