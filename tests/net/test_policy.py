@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmosaic.net.policy import (
     PolicyError,
@@ -267,3 +268,79 @@ def test_what_a_client_sends_always_passes_the_servers_check() -> None:
         reason = printable_reason(text)
         assert check_refusal(pb.TaskRefusal(code="clip", reason=reason)) == ("clip", reason)
     assert len(printable_reason("y" * 5000)) == MAX_REFUSAL_REASON
+
+
+# -- the client's task handling (no server: the RPCs are recorded) -----------------------------
+
+class _FakeStubs:
+    """Stands in for the client's RPC stubs; records refusals, fails a download or upload."""
+
+    def __init__(self) -> None:
+        self.refusals: list[pb.TaskRefusal] = []
+        self.downloads = 0
+
+    def refuse_task(self, msg: pb.TaskRefusal, timeout: float) -> pb.RefusalReply:
+        self.refusals.append(msg)
+        return pb.RefusalReply(detail="recorded")
+
+    def download(self, msg: pb.ModelRequest, timeout: float) -> list[pb.TensorChunk]:
+        self.downloads += 1
+        raise AssertionError("a refused task must not be downloaded")
+
+    def upload(self, messages: object, timeout: float) -> pb.UploadReply:
+        raise AssertionError("a refused task must not be uploaded")
+
+
+def _client(policy: PrivacyPolicy | None) -> tuple[object, _FakeStubs]:
+    import grpc
+
+    from fedmosaic.net.client import FederationClient
+    from fedmosaic.train import TorchTrainer
+
+    trainer = TorchTrainer(lambda: torch.nn.Linear(2, 2))
+    client = FederationClient(grpc.insecure_channel("127.0.0.1:9"), trainer, None,  # type: ignore[arg-type]
+                              policy=policy)
+    stubs = _FakeStubs()
+    client.stubs = stubs  # type: ignore[assignment]
+    return client, stubs
+
+
+def _task(numel: int, stages: list[pb.StageSpec], secagg_bits: int | None = None) -> pb.Task:
+    task = pb.Task(kind=pb.Task.FIT, task_id=b"t" * 16, round=3, numel=numel,
+                   config=pb.FitSettings(round=3, seed=1), stages=stages)
+    if secagg_bits is not None:
+        task.secagg.CopyFrom(pb.SecAggSettings(clip=1.0, max_weight=1.0, bits=secagg_bits))
+    return task
+
+
+def test_the_client_refuses_before_downloading_and_never_uploads() -> None:
+    client, stubs = _client(_policy(secagg={"mode": "secagg+"}))
+    client._run_task(_task(6, []))  # type: ignore[attr-defined]
+    assert [(r.code, r.round, r.task_id) for r in stubs.refusals] == \
+        [("secagg_required", 3, b"t" * 16)]
+    assert check_refusal(stubs.refusals[0])[0] == "secagg_required"
+    assert stubs.downloads == 0 and client.report.refused == [3]  # type: ignore[attr-defined]
+
+
+def test_the_client_refuses_a_malformed_task_with_a_reason() -> None:
+    client, stubs = _client(None)  # even without a policy: the server learns why at once
+    client._run_task(_task(6, [pb.StageSpec(kind="bogus", params={"x": 1.0})]))  # type: ignore[attr-defined]
+    assert [r.code for r in stubs.refusals] == ["malformed_task"]
+    assert "unknown client stage 'bogus'" in stubs.refusals[0].reason
+    wrong_size = _task(7, [])
+    client._run_task(wrong_size)  # type: ignore[attr-defined]
+    assert [r.code for r in stubs.refusals] == ["malformed_task"] * 2 and stubs.downloads == 0
+
+
+def test_fedmosaic_client_rejects_a_bad_policy_before_connecting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedmosaic.cli import app
+
+    bad = tmp_path / "policy.toml"
+    bad.write_text("[dp]\nmin_noise_multiplier = -1\n")
+    result = CliRunner().invoke(app, [
+        "client", "--server", "127.0.0.1:9", "--ca", "ca.pem", "--cert", "c.pem", "--key",
+        "c.key", "--data", "x.npz", "--trainer", "m:t", "--policy", str(bad)])
+    assert result.exit_code == 2
+    assert "dp.min_noise_multiplier" in " ".join(result.output.split())
