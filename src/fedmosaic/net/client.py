@@ -320,9 +320,8 @@ class FederationClient:
         except Exception:  # the server drops this client from the round at the deadline
             log.exception("round %d: local training failed", task.round)
             return
-        if accepted.releases:
+        if accepted.releases and self.ledger is not None:
             # Charged and persisted before the update leaves: a crash can only over-count.
-            assert self.ledger is not None
             budget = self.policy.dp.epsilon_budget if self.policy is not None else None
             try:
                 spent = self.ledger.charge(accepted.releases, budget=budget,
