@@ -6,7 +6,10 @@ from fedmosaic.build import build_strategy
 from fedmosaic.config import load_experiment, validate
 from fedmosaic.core import ConfigError
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+# Experiment files; a client's privacy policy (client_policy.toml) is another format, checked
+# in tests/net/test_policy.py.
+EXAMPLES = sorted(p for p in (Path(__file__).parent.parent / "examples").glob("*.toml")
+                  if p.name != "client_policy.toml")
 
 
 def _base(**sections):
@@ -115,6 +118,38 @@ def test_privacy_modes_build_the_right_strategy():
     local = build_strategy(validate(_base(privacy={"mode": "local", "clip": 1.0,
                                                    "noise_multiplier": 2.0})))
     assert local.client_stages == (LocalDP(clip=1.0, noise_multiplier=2.0),)
+
+
+def test_secure_noise_and_client_metrics_from_config():
+    central = {"mode": "central", "clip": 0.5, "delta": 1e-5, "noise_multiplier": 1.0,
+               "rate": 0.2}
+    # Simulation: seeded noise unless asked; a deployment: secure noise unless refused.
+    assert build_strategy(validate(_base(privacy=central))).secure_noise is False
+    assert build_strategy(validate(_base(privacy=central)), deployment=True).secure_noise
+    on = build_strategy(validate(_base(privacy={**central, "secure_noise": True,
+                                                "client_metrics": "suppress"})))
+    assert on.secure_noise and on.client_metrics == "suppress"
+    off = validate(_base(privacy={**central, "secure_noise": False}))
+    assert build_strategy(off).secure_noise is False
+    with pytest.raises(ConfigError, match=r"privacy\.secure_noise.*insecure_seeded_noise"):
+        build_strategy(off, deployment=True)
+    opted_out = validate(_base(privacy={**central, "secure_noise": False,
+                                        "insecure_seeded_noise": True}))
+    assert build_strategy(opted_out, deployment=True).secure_noise is False
+    with pytest.raises(ConfigError, match=r"privacy\.insecure_seeded_noise"):
+        validate(_base(privacy={**central, "secure_noise": True,
+                                "insecure_seeded_noise": True}))
+    with pytest.raises(ConfigError, match=r"privacy\.secure_noise"):
+        validate(_base(privacy={**central, "secure_noise": "yes"}))
+    with pytest.raises(ConfigError, match=r"privacy\.client_metrics"):
+        validate(_base(privacy={**central, "client_metrics": "noised"}))
+    local = build_strategy(validate(_base(privacy={"mode": "local", "clip": 1.0,
+                                                   "noise_multiplier": 2.0,
+                                                   "client_metrics": "suppress"})))
+    assert local.client_metrics == "suppress"
+    with pytest.raises(ConfigError, match=r"privacy\.secure_noise"):  # clients noise local DP
+        validate(_base(privacy={"mode": "local", "clip": 1.0, "noise_multiplier": 2.0,
+                                "secure_noise": True}))
 
 
 def test_secure_aggregation_and_distributed_dp_from_config():

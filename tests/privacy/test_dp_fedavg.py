@@ -88,6 +88,31 @@ def test_run_reports_epsilon_each_round_matching_the_accountant(fed):
     assert "Poisson" in g["sampling"]
 
 
+def test_guarantees_name_the_noise_source_and_what_dp_does_not_cover(fed):
+    def run(**kw):
+        s = DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="poisson", rate=0.3,
+                     **kw)
+        return fm.simulate(_trainer(), fed, s, rounds=2, seed=0)
+
+    seeded, secure = run(), run(secure_noise=True, client_metrics="suppress")
+    g = seeded.guarantees["differential_privacy"]
+    assert g["noise"] == "deterministic noise: simulation only"
+    assert any("participation" in n for n in g["not_covered"])
+    assert any("training metrics" in n for n in g["not_covered"])
+    assert "train_loss" in seeded.history[-1]  # recorded by default
+    g = secure.guarantees["differential_privacy"]
+    assert "os.urandom" in g["noise"] and g["client_metrics"] == "suppress"
+    assert not any("training metrics" in n for n in g["not_covered"])
+    # Suppressed: no per-client metric (computed from private data without noise) is kept.
+    assert all("train_loss" not in r and "train_accuracy" not in r for r in secure.history)
+    assert "dp_epsilon" in secure.history[-1] and "test_accuracy" in secure.history[-1]
+    # Secure noise: the same seed no longer gives the same model (nor the same cohorts).
+    again = run(secure_noise=True, client_metrics="suppress")
+    assert not torch.equal(again.weights, secure.weights)
+    with pytest.raises(ValueError, match="client_metrics"):
+        DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, rate=0.3, client_metrics="noisy")
+
+
 def test_target_epsilon_calibrates_noise_for_the_planned_rounds(fed):
     strategy = DPFedAvg(clip=1.0, delta=1e-5, target_epsilon=2.0, rounds=6,
                         sampling="fixed", clients_per_round=6)
