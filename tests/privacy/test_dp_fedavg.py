@@ -96,12 +96,12 @@ def test_guarantees_name_the_noise_source_and_what_dp_does_not_cover(fed):
 
     seeded, secure = run(), run(secure_noise=True, client_metrics="suppress")
     g = seeded.guarantees["differential_privacy"]
-    assert g["noise"] == "deterministic noise: simulation only"
+    assert g["noise_seed"] == "deterministic noise: simulation only"
     assert any("participation" in n for n in g["not_covered"])
     assert any("training metrics" in n for n in g["not_covered"])
     assert "train_loss" in seeded.history[-1]  # recorded by default
     g = secure.guarantees["differential_privacy"]
-    assert "os.urandom" in g["noise"] and g["client_metrics"] == "suppress"
+    assert "os.urandom" in g["noise_seed"] and g["client_metrics"] == "suppress"
     assert not any("training metrics" in n for n in g["not_covered"])
     # Suppressed: no per-client metric (computed from private data without noise) is kept.
     assert all("train_loss" not in r and "train_accuracy" not in r for r in secure.history)
@@ -111,6 +111,16 @@ def test_guarantees_name_the_noise_source_and_what_dp_does_not_cover(fed):
     assert not torch.equal(again.weights, secure.weights)
     with pytest.raises(ValueError, match="client_metrics"):
         DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, rate=0.3, client_metrics="noisy")
+
+
+def test_local_dp_run_reports_its_guarantee_and_noise_source(fed):
+    stage = LocalDP(clip=1.0, noise_multiplier=3.0)
+    res = fm.simulate(_trainer(), fed, fm.FedAvg(client_stages=[stage], fraction=0.2), rounds=1,
+                      seed=0)
+    (g,) = res.guarantees["local_differential_privacy"]
+    assert g["epsilon_per_round"] == stage.guarantee(1)["epsilon_per_round"]
+    assert "deterministic noise: simulation only" in g["noise_seed"]
+    assert any("training metrics" in n for n in g["not_covered"])
 
 
 def test_target_epsilon_calibrates_noise_for_the_planned_rounds(fed):

@@ -59,6 +59,12 @@ _STAGE_SEED = 0x5EED5EED
 #: What the round records do with the clients' reported training metrics.
 CLIENT_METRICS = ("record", "suppress")
 
+#: Where client-side DP noise comes from (said in the guarantees of runs with client stages).
+CLIENT_NOISE_NOTICE = (
+    "drawn by each client: in a simulated transport from its round seed (deterministic noise: "
+    "simulation only; the server knows that seed); on a deployed fedmosaic client from its "
+    "own SecureNoise (ChaCha20 keyed from os.urandom)")
+
 
 @dataclass(frozen=True)
 class ClientTask:
@@ -247,7 +253,24 @@ class FedAvg:
         """What protects the data in this run (reported with the results)."""
         return {"differential_privacy": None, "secure_aggregation": None,
                 "server_sees": "every client's update in plaintext",
-                **self.robustness_report()}
+                **self.local_dp_report(), **self.robustness_report()}
+
+    def local_dp_report(self) -> dict[str, Any]:
+        """Each local-DP client stage's per-report guarantee ({} without one)."""
+        from fedmosaic.privacy.local_dp import LocalDP
+
+        stages = [s for s in self.client_stages if isinstance(s, LocalDP)]
+        if not stages:
+            return {}
+        not_covered = ["participation (which clients reported, and when)",
+                       "clients' sample counts"]
+        if self.client_metrics == "record":
+            not_covered.append("clients' reported training metrics (computed without noise)")
+        return {"local_differential_privacy": [
+            {**s.guarantee(1), "composition_over_rounds": "per round a client reports",
+             "noise_seed": CLIENT_NOISE_NOTICE,
+             "not_covered": not_covered}
+            for s in stages]}
 
     def robustness_report(self) -> dict[str, Any]:
         """The robust rule and the anomaly detector's final state ({} without them)."""

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmosaic.algorithms.strategy import ClientTask, FedAvg, client_seed
+from fedmosaic.algorithms.strategy import CLIENT_NOISE_NOTICE, ClientTask, FedAvg, client_seed
 from fedmosaic.core.errors import PrivacyBudgetExhausted
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.privacy.accountant import (
@@ -456,9 +456,10 @@ class DPFedAvg(FedAvg):
                 "rounds": rounds,
                 "noise_multiplier": self.noise_multiplier,
                 "clip": "adaptive" if self.adaptive_quantile is not None else self.initial_clip,
-                "noise": ("ChaCha20 keyed from os.urandom (SecureNoise): noise, Poisson "
-                          "cohorts and client seeds no party can reproduce"
-                          if self.secure_noise else SEEDED_NOISE_NOTICE),
+                "noise_seed": ("SecureNoise (ChaCha20 keyed from os.urandom): noise, cohorts "
+                               "and client seeds no party can reproduce"
+                               if self.secure_noise else SEEDED_NOISE_NOTICE),
+                **({"client_noise": CLIENT_NOISE_NOTICE} if self.distributed else {}),
                 "noise_added_by": (f"the clients (distributed; full noise once at least "
                                    f"{self.min_contributors} updates are summed)"
                                    if self.distributed else "the server"),
