@@ -302,8 +302,9 @@ class DistributedSkellam(FedAvg):
             assert mech is not None
             mean = tally.acc.weighted_sum.to(torch.float32).cpu() / self.expected_clients()
             new_weights = self.apply(weights, mean.to(weights.device))
-            metrics["dp_noise_std_on_mean"] = mech.noise_std * math.sqrt(
-                count / self.min_contributors) / self.expected_clients()
+            # Nominal (min_contributors shares), as DP-FedAvg reports it; each further
+            # contributor adds its share on top.
+            metrics["dp_noise_std_on_mean"] = mech.noise_std / self.expected_clients()
         metrics["dp_epsilon"] = self._epsilon()
         metrics["dp_epsilon_against_server"] = self._epsilon(self.server_accountant)
         metrics["dp_delta"] = self.delta

@@ -19,13 +19,17 @@ Steinke 2021) there is no inflation term for the distributed version.
 
 Subsampling. dp-accounting has no Skellam event, so Poisson subsampling with rate ``q`` is
 accounted with the general upper bound of Zhu and Wang 2019 ("Poisson Subsampled Rényi
-Differential Privacy", ICML, Theorem 6), valid for *any* mechanism at integer orders:
+Differential Privacy", ICML), valid for *any* mechanism at integer orders (the accounting of
+the Skellam paper's own experiments):
 
     eps_q(alpha) <= 1/(alpha-1) * log( (1-q)^(alpha-1) (alpha q - q + 1)
                       + C(alpha,2) q^2 (1-q)^(alpha-2) e^{eps(2)}
                       + 3 sum_{l=3}^{alpha} C(alpha,l) (1-q)^(alpha-l) q^l e^{(l-1) eps(l)} )
 
 and the minimum of that and the un-amplified ``eps(alpha)`` is used (both are valid bounds).
+It is looser than the exact subsampled-Gaussian analysis DP-FedAvg uses (it equals it at
+alpha = 2 and exceeds it at higher orders, the factor 3), so at the same epsilon Skellam needs
+somewhat more noise, the more so the larger ``q`` (benchmarks/skellam.py).
 Rounds compose by adding RDP at each order; the conversion to (epsilon, delta) is
 dp-accounting's ``compute_epsilon`` (Canonne, Kamath and Steinke 2020, Prop. 12).
 """
@@ -61,9 +65,9 @@ def skellam_rdp(alpha: float | np.ndarray, l1: float, l2: float, mu: float) -> n
 
 
 def poisson_subsampled_rdp(alpha: int, q: float, eps: Any) -> float:
-    """Zhu and Wang 2019, Theorem 6: RDP at integer order ``alpha`` of a mechanism with RDP
-    function ``eps`` run on a Poisson subsample with rate ``q``; the un-amplified bound when
-    it is smaller (and exactly ``eps(alpha)`` for ``q == 1``)."""
+    """Zhu and Wang 2019, general upper bound: RDP at integer order ``alpha`` of a mechanism
+    with RDP function ``eps`` run on a Poisson subsample with rate ``q``; the un-amplified
+    bound when it is smaller (and exactly ``eps(alpha)`` for ``q == 1``)."""
     alpha = int(alpha)
     if alpha < 2:
         raise ValueError(f"the subsampling bound needs an integer order >= 2, got {alpha}")
