@@ -115,3 +115,18 @@ def test_gaussian_pair_epsilon_edges():
         (0.0, 1.0), (1.0, 1.0), 1e-5)
     with pytest.raises(ValueError, match="standard deviations"):
         gaussian_pair_epsilon((0.0, 0.0), (1.0, 1.0), 1e-5)
+
+
+def test_largest_lower_bound_is_what_perfect_guesses_give():
+    from fedmosaic.audit.privacy_audit import largest_lower_bound
+
+    rng = np.random.default_rng(1)
+    included = rng.permutation(300) < 150  # exactly half: every guesser can be all right
+    perfect = guessing_game({"x": included.astype(float), "y": rng.random(300)}, included, 1e-5)
+    assert perfect.epsilon_lower_bound == pytest.approx(largest_lower_bound(300, 1e-5, scores=2))
+    # The delta term 2 m delta caps it: with the audit's two scores, 5,000 canaries certify
+    # no more than 2,000 at delta = 1e-5.
+    assert largest_lower_bound(5000, 1e-5, scores=2) < largest_lower_bound(2000, 1e-5,
+                                                                             scores=2)
+    assert largest_lower_bound(5000, 1e-7, scores=2) > largest_lower_bound(2000, 1e-7,
+                                                                             scores=2)

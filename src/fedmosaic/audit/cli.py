@@ -188,7 +188,12 @@ def privacy(
                   f"{s.guesses} guesses right ({s.score})")
     table.add_row("estimate", f"{report.andrew_epsilon_estimate:.3f}",
                   "Andrew et al. 2024, Gaussian fit to final-model cosines (not a bound)")
+    table.add_row("estimate", f"{report.andrew_equal_variance_estimate:.3f}",
+                  "the same with one pooled variance (not a bound)")
     console.print(table)
+    console.print(f"with every guess right the lower bound would be "
+                  f"{report.largest_possible_bound:.3f}: the most {report.canaries} canaries "
+                  "can show")
     if report.violation:
         console.print("[bold red]violation:[/] the lower bound exceeds the accounted epsilon; "
                       "the run releases more than its accountant charges for")

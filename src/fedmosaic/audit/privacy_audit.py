@@ -101,6 +101,25 @@ def default_guess_counts(m: int) -> list[int]:
     return sorted(c for c in counts if c <= m)
 
 
+def _plans(m: int, guess_counts: Sequence[int] | None) -> list[tuple[int, int]]:
+    """The guessers ``(k+, k-)``: top ``k`` "in" only, and top ``k`` in with bottom ``k`` out."""
+    counts = list(guess_counts) if guess_counts is not None else default_guess_counts(m)
+    if not counts or min(counts) < 1 or max(counts) > m:
+        raise ValueError(f"guess counts must be in 1..{m}, got {counts}")
+    return [(k, 0) for k in counts] + [(k, k) for k in counts if 2 * k <= m]
+
+
+def largest_lower_bound(m: int, delta: float, confidence: float = 0.95, scores: int = 1,
+                        guess_counts: Sequence[int] | None = None) -> float:
+    """The largest lower bound ``guessing_game`` can return with ``m`` canaries: every guess
+    right. A mechanism that claims more than this cannot be caught by an audit of this size,
+    however badly it is broken: the bound grows only like log m, and the delta term
+    ``2 m delta`` stops it growing at all once ``m`` nears ``(1 - confidence) / delta``."""
+    plans = _plans(m, guess_counts)
+    per_test = 1.0 - (1.0 - confidence) / (len(plans) * scores)
+    return max(steinke_lower_bound(m, a + b, a + b, delta, per_test) for a, b in plans)
+
+
 @dataclass(frozen=True)
 class GuessingGame:
     """The best guesser of the one-run game and the lower bound it gives."""
@@ -134,10 +153,7 @@ def guessing_game(scores: np.ndarray | Mapping[str, np.ndarray], included: np.nd
         if np.shape(values) != included.shape:
             raise ValueError(f"score {name!r} has shape {np.shape(values)}, expected one "
                              f"value per canary {included.shape}")
-    counts = list(guess_counts) if guess_counts is not None else default_guess_counts(m)
-    if not counts or min(counts) < 1 or max(counts) > m:
-        raise ValueError(f"guess counts must be in 1..{m}, got {counts}")
-    plans = [(k, 0) for k in counts] + [(k, k) for k in counts if 2 * k <= m]
+    plans = _plans(m, guess_counts)
     tests = len(plans) * len(named)
     per_test = 1.0 - (1.0 - confidence) / tests
     best = GuessingGame(0.0, confidence, next(iter(named)), 0, 0, 0, 0, tests)
@@ -321,6 +337,7 @@ class PrivacyAuditReport:
     canaries: int
     inserted: int
     cosines: dict[str, float]
+    largest_possible_bound: float
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -335,6 +352,7 @@ class PrivacyAuditReport:
                 "andrew_epsilon_estimate": self.andrew_epsilon_estimate,
                 "andrew_equal_variance_estimate": self.andrew_equal_variance_estimate,
                 "canaries": self.canaries, "inserted": self.inserted, "cosines": self.cosines,
+                "largest_possible_bound": self.largest_possible_bound,
                 "violation": self.violation, "settings": self.settings}
 
     def markdown(self) -> str:
@@ -349,7 +367,9 @@ class PrivacyAuditReport:
             f"- estimate (Andrew et al. 2024, Gaussian fit, not a bound): "
             f"{self.andrew_epsilon_estimate:.3f} (one pooled variance: "
             f"{self.andrew_equal_variance_estimate:.3f})",
-            f"- canaries: {self.canaries}, inserted {self.inserted}",
+            f"- canaries: {self.canaries}, inserted {self.inserted}; with every guess right "
+            f"the bound would be {self.largest_possible_bound:.3f}, the most this audit can "
+            "show",
             f"- cosine with the final model delta: inserted {self.cosines['inserted_mean']:.4f}"
             f" +- {self.cosines['inserted_std']:.4f}, never inserted "
             f"{self.cosines['null_mean']:.4f} +- {self.cosines['null_std']:.4f}",
@@ -415,6 +435,8 @@ def evaluate_canaries(scores: Mapping[str, np.ndarray], included: np.ndarray, de
         canaries=len(final), inserted=int(included.sum()),
         cosines={"inserted_mean": fit_in[0], "inserted_std": fit_in[1],
                  "null_mean": fit_null[0], "null_std": fit_null[1]},
+        largest_possible_bound=largest_lower_bound(len(final), delta, confidence,
+                                                   scores=len(scores)),
         settings=dict(settings or {}))
 
 
