@@ -139,6 +139,7 @@ class DistributedSkellam(FedAvg):
         self.server_accountant = SkellamAccountant()  # against the server: no amplification
         self.noise_secure: bool | None = None
         self._encoded_rounds: set[int] = set()
+        self._transport: Any = None
         self.run_seed = 0
 
     # -- the mechanism -------------------------------------------------------------------------
@@ -225,6 +226,11 @@ class DistributedSkellam(FedAvg):
         self.mechanism, self.dim = mechanism, dim
         return mechanism
 
+    def attach_secure_aggregation(self, transport: Any) -> None:
+        """Called by ``SecAggPlusTransport`` when it adopts this strategy's encoder; without
+        it no round is configured (clients would upload their updates in plaintext)."""
+        self._transport = transport
+
     def secagg_encoder(self, round_num: int, *, dim: int,
                        noise_secure: bool) -> SkellamMechanism:
         """What ``SecAggPlusTransport`` runs on each client this round; refuses a round that
@@ -246,6 +252,11 @@ class DistributedSkellam(FedAvg):
         self, round_num: int, available: Sequence[str], rng: np.random.Generator, *,
         run_seed: int, full_steps: Mapping[str, int] | None = None,
     ) -> list[ClientTask]:
+        if self._transport is None:
+            raise ConfigError(
+                "transport", "a transport without the Skellam encoder",
+                "SecAggPlusTransport: DistributedSkellam's clients encode and noise their "
+                "updates inside SecAgg+ (any other transport would upload them in plaintext)")
         self.run_seed = run_seed
         if self.population is None:
             self.population = len(available)

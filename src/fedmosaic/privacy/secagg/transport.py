@@ -137,6 +137,9 @@ class SecAggPlusTransport:
                     f"no encoder on the transport: {type(strategy).__name__} supplies its own "
                     "integer encoder (its accountant must match what the clients encode)")
             self._encoder_provider = provider
+            attach = getattr(strategy, "attach_secure_aggregation", None)
+            if attach is not None:
+                attach(self)
         self._check_aggregator(strategy)
 
     @staticmethod
