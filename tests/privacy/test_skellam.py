@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from fedmosaic.privacy.skellam import (
@@ -176,3 +178,21 @@ def test_bad_inputs_are_refused_with_the_reason():
         _mech(beta=1.0)
     with pytest.raises(ValueError, match="sum of 512"):
         m.decode(np.zeros(300, dtype=np.uint32), 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dim=st.integers(1, 200), n=st.integers(1, 6), rotation=st.booleans(),
+       scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2 ** 32 - 1))
+def test_noise_free_sums_decode_within_the_rounding_bound(dim, n, rotation, scale, seed):
+    """Any clients, any dimension: every rounded vector is within Delta_2 and the decoded
+    noise-free sum is the clipped sum up to n * sqrt(d') / gamma in L2."""
+    m = SkellamMechanism(dim=dim, clip=1.0, gamma=64.0, mu=1.0, min_contributors=1,
+                         max_clients=n, bits=32, rotation=rotation)
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(n, dim)) * scale
+    rounded = [m.round_to_integers(x, rng, seed % 7) for x in xs]
+    for r in rounded:
+        assert np.linalg.norm(r) <= m.l2_sensitivity + 1e-9
+    decoded = m.unrotate(np.sum(rounded, axis=0) / m.gamma, seed % 7)
+    truth = sum(_clipped(x, 1.0) for x in xs)
+    assert np.linalg.norm(decoded - truth) <= n * math.sqrt(m.encoded_dim) / m.gamma + 1e-9
