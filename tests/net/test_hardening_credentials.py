@@ -3,6 +3,7 @@ revocable server certificate checked by clients over real gRPC handshakes."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import stat
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from fedmosaic.cli import app
 from fedmosaic.core.errors import ConfigError
-from fedmosaic.net import certs
+from fedmosaic.net import certs, sealed_key
 from fedmosaic.net.auth import Peer, RevocationList, pinned_server_name, server_credentials
 from fedmosaic.net.certs import CredentialError, FederationPaths
 from fedmosaic.net.client import open_channel
@@ -40,7 +41,8 @@ def _verify_client(paths: FederationPaths, leaf: x509.Certificate) -> None:
 
 @pytest.fixture
 def fed(tmp_path: Path) -> FederationPaths:
-    return certs.create_federation(tmp_path / "fed", ["a"], ca_passphrase=PASS)
+    # Unencrypted here: the sealed CA key costs a deliberate ~0.3 s per use (tested below).
+    return certs.create_federation(tmp_path / "fed", ["a"], ca_passphrase=None)
 
 
 def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cn: str | None,
@@ -71,8 +73,7 @@ def test_request_and_sign_keep_the_key_with_its_owner(fed: FederationPaths,
     assert b"PRIVATE KEY" not in csr_path.read_bytes()
     inbox.mkdir()
     shutil.copy(csr_path, inbox / "hospital-b.csr")  # only the CSR travels
-    cert_path = certs.sign_request(fed.root, inbox / "hospital-b.csr", "hospital-b",
-                                   ca_passphrase=PASS)
+    cert_path = certs.sign_request(fed.root, inbox / "hospital-b.csr", "hospital-b")
     assert cert_path == fed.client_cert("hospital-b")
     leaf = _cert(cert_path)
     _verify_client(fed, leaf)
@@ -89,7 +90,7 @@ def test_request_and_sign_keep_the_key_with_its_owner(fed: FederationPaths,
             assert secret not in data and der not in data, f
     assert {c.id for c in certs.list_credentials(fed.root)} >= {"a", "hospital-b"}
     with pytest.raises(CredentialError, match="already issued"):
-        certs.sign_request(fed.root, inbox / "hospital-b.csr", "hospital-b", ca_passphrase=PASS)
+        certs.sign_request(fed.root, inbox / "hospital-b.csr", "hospital-b")
 
 
 def test_our_profile_whatever_the_request_asks(fed: FederationPaths, tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_our_profile_whatever_the_request_asks(fed: FederationPaths, tmp_path: P
                       crl_sign=True, encipher_only=False, decipher_only=False),
     ])
     leaf = _cert(certs.sign_request(fed.root, _write_csr(tmp_path / "z.csr", greedy),
-                                    "hospital-z", ca_passphrase=PASS))
+                                    "hospital-z"))
     ext = leaf.extensions
     assert not ext.get_extension_for_class(x509.BasicConstraints).value.ca
     assert list(ext.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
@@ -130,31 +131,28 @@ def test_bad_requests_are_refused(fed: FederationPaths, tmp_path: Path) -> None:
     # One byte of the subject changed after signing: the self-signature no longer verifies.
     (tmp_path / "tampered.csr").write_bytes(der.replace(b"hospital-q", b"hospital-r"))
     with pytest.raises(CredentialError, match="signature does not verify"):
-        certs.sign_request(fed.root, tmp_path / "tampered.csr", "hospital-r", ca_passphrase=PASS)
+        certs.sign_request(fed.root, tmp_path / "tampered.csr", "hospital-r")
     with pytest.raises(CredentialError, match="asks for 'hospital-q', not 'hospital-x'"):
-        certs.sign_request(fed.root, _write_csr(tmp_path / "q.csr", good), "hospital-x",
-                           ca_passphrase=PASS)
+        certs.sign_request(fed.root, _write_csr(tmp_path / "q.csr", good), "hospital-x")
     weak = _csr(rsa.generate_private_key(public_exponent=65537, key_size=2048), "hospital-w")
     with pytest.raises(CredentialError, match="key type not accepted"):
-        certs.sign_request(fed.root, _write_csr(tmp_path / "w.csr", weak), "hospital-w",
-                           ca_passphrase=PASS)
+        certs.sign_request(fed.root, _write_csr(tmp_path / "w.csr", weak), "hospital-w")
     with pytest.raises(CredentialError, match="ids are never reused"):
-        certs.sign_request(fed.root, _write_csr(tmp_path / "a.csr", _csr(key, None)), "a",
-                           ca_passphrase=PASS)
+        certs.sign_request(fed.root, _write_csr(tmp_path / "a.csr", _csr(key, None)), "a")
     # One key, two ids: refused (each member needs its own key).
     anonymous = _write_csr(tmp_path / "anon.csr", _csr(key, None))
-    certs.sign_request(fed.root, anonymous, "first", ca_passphrase=PASS)
+    certs.sign_request(fed.root, anonymous, "first")
     with pytest.raises(CredentialError, match="already certified for 'first'"):
-        certs.sign_request(fed.root, anonymous, "second", ca_passphrase=PASS)
+        certs.sign_request(fed.root, anonymous, "second")
     bundle = tmp_path / "bundle.pem"  # a client that sends its key along is told not to
     bundle.write_bytes(good.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     with pytest.raises(CredentialError, match="contains a private key"):
-        certs.sign_request(fed.root, bundle, "hospital-q", ca_passphrase=PASS)
+        certs.sign_request(fed.root, bundle, "hospital-q")
     (tmp_path / "junk.csr").write_bytes(b"not a request")
     with pytest.raises(CredentialError, match="not a certificate signing request"):
-        certs.sign_request(fed.root, tmp_path / "junk.csr", "hospital-j", ca_passphrase=PASS)
+        certs.sign_request(fed.root, tmp_path / "junk.csr", "hospital-j")
 
 
 def test_cli_request_and_sign(tmp_path: Path) -> None:
@@ -195,10 +193,24 @@ def test_ca_key_is_encrypted_by_default(tmp_path: Path) -> None:
                        env={"FEDMOSAIC_CA_PASSPHRASE": PASS.decode()})
     assert ok.exit_code == 0, ok.output
     raw = (out / "ca.key").read_bytes()
-    assert raw.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-    assert b"BEGIN PRIVATE KEY" not in raw and b"BEGIN EC PRIVATE KEY" not in raw
-    with pytest.raises(TypeError):  # not loadable as a plaintext key
+    assert b"BEGIN PRIVATE" not in raw and stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
+    with pytest.raises(ValueError):  # not a plaintext key in any form
         serialization.load_pem_private_key(raw, None)
+    with pytest.raises(ValueError):
+        serialization.load_der_private_key(raw, None)
+    assert sealed_key.is_sealed(raw)
+    with pytest.raises(sealed_key.SealedKeyError, match="wrong passphrase"):
+        sealed_key.unseal(raw, b"not the passphrase")
+    key = serialization.load_der_private_key(sealed_key.unseal(raw, PASS), None)
+    assert key.public_key() == _cert(out / "ca.pem").public_key()
+    body = bytearray(base64.b64decode(b"".join(raw.splitlines()[1:-1])))
+    for i in (4, 10, 30, len(body) - 1):  # scrypt N, salt, nonce, tag: all authenticated
+        altered = bytearray(body)
+        altered[i] ^= 1
+        armoured = b"\n".join([raw.splitlines()[0], base64.b64encode(bytes(altered)),
+                               raw.splitlines()[-1]])
+        with pytest.raises(sealed_key.SealedKeyError):
+            sealed_key.unseal(armoured, PASS)
     with pytest.raises(CredentialError, match="is encrypted: give its passphrase"):
         certs.add_client(out, "b")
     with pytest.raises(CredentialError, match="wrong passphrase"):

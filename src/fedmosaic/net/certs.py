@@ -41,9 +41,10 @@ server certificate fails the handshake. gRPC Python gives a client no access to 
 certificate, so this name binding is the check a client can make.
 
 Private keys are written unencrypted (gRPC loads them unattended) with mode 0600; the CA key is
-encrypted with a passphrase (PKCS#8, ``BestAvailableEncryption``) unless the caller opts out
-with ``ca_passphrase=None``. No function here prints or logs key material. Keep ``ca.key`` off
-the server: the server needs only ``ca.pem``, ``server.pem``, ``server.key`` and ``crl.pem``.
+encrypted with a passphrase unless the caller opts out with ``ca_passphrase=None``: sealed with
+scrypt and AES-256-GCM (``fedmosaic.net.sealed_key``, which says why not encrypted PKCS#8 or
+PKCS#12). No function here prints or logs key material. Keep ``ca.key`` off the server: the
+server needs only ``ca.pem``, ``server.pem``, ``server.key`` and ``crl.pem``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmosaic.core.errors import ConfigError, FedmosaicError
+from fedmosaic.net import sealed_key
 
 KeyType = Literal["ec-p256", "ec-p384", "rsa-3072", "rsa-4096"]
 KEY_TYPES: tuple[str, ...] = ("ec-p256", "ec-p384", "rsa-3072", "rsa-4096")
@@ -366,6 +368,21 @@ def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
                              encryption)
 
 
+def _ca_key_bytes(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+                  passphrase: bytes | None) -> bytes:
+    if passphrase is None:
+        return _key_pem(key)
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return sealed_key.seal(der, passphrase)
+
+
+def _is_encrypted(raw: bytes) -> bool:
+    # Sealed (ours) or an encrypted PKCS#8 PEM (made by older versions); plain PEM otherwise.
+    return sealed_key.is_sealed(raw) or raw.lstrip().startswith(
+        b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+
+
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -453,7 +470,7 @@ def create_federation(
     ca_key = _new_key(key_type)
     ca_cert = _make_ca(ca_key, days)
     files: list[tuple[Path, bytes, bool]] = [
-        (paths.ca_key, _key_pem(ca_key, ca_passphrase), True),
+        (paths.ca_key, _ca_key_bytes(ca_key, ca_passphrase), True),
         (paths.ca_cert, _cert_pem(ca_cert), False),
     ]
     index: dict[str, dict[str, object]] = {}
@@ -529,7 +546,7 @@ def ca_key_is_encrypted(out_dir: str | Path) -> bool:
         head = path.read_bytes()[:64]
     except OSError as exc:
         raise CredentialError(f"cannot read {path}: {exc.strerror}") from None
-    return head.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    return _is_encrypted(head)
 
 
 def _load_ca(paths: FederationPaths, passphrase: bytes | None
@@ -540,16 +557,23 @@ def _load_ca(paths: FederationPaths, passphrase: bytes | None
     except FileNotFoundError as exc:
         raise CredentialError(f"missing {exc.filename}: issuing or revoking credentials needs "
                               "the CA certificate and key") from None
-    encrypted = raw.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    encrypted = _is_encrypted(raw)
     if encrypted and not passphrase:
         raise CredentialError(f"the CA key {paths.ca_key} is encrypted: give its passphrase "
                               "(FEDMOSAIC_CA_PASSPHRASE, --passphrase-file, or at the prompt)")
+    key: object
     try:
-        key = serialization.load_pem_private_key(raw, passphrase if encrypted else None)
+        if sealed_key.is_sealed(raw):
+            assert passphrase is not None  # checked above
+            key = serialization.load_der_private_key(sealed_key.unseal(raw, passphrase), None)
+        else:
+            key = serialization.load_pem_private_key(raw, passphrase if encrypted else None)
+    except sealed_key.SealedKeyError as exc:
+        raise CredentialError(f"cannot load the CA key {paths.ca_key}: {exc}") from None
     except (TypeError, ValueError) as exc:
         # The library's message names the problem (wrong passphrase, bad PEM) and never echoes
         # the key.
-        reason = "wrong passphrase" if encrypted else str(exc)
+        reason = "wrong passphrase (or a damaged file)" if encrypted else str(exc)
         raise CredentialError(f"cannot load the CA key {paths.ca_key}: {reason}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CredentialError(f"{paths.ca_key} holds an unsupported key type")
