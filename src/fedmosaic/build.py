@@ -260,7 +260,6 @@ def build_strategy(exp: Experiment, fed: fd.FederatedDataset | None = None, *,
             # SecAggPlusTransport (build_transport passes secure_noise there).
             from fedmosaic.privacy.distributed_skellam import DistributedSkellam
 
-            privacy.pop("secure_noise")
             s.pop("weighting", None)
             if "min_updates" not in exp.raw.get("strategy", {}):
                 s.pop("min_updates")

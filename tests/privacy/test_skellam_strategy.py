@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fedmosaic as fm
+from fedmosaic.algorithms.strategy import client_seed
 from fedmosaic.core import ConfigError
 from fedmosaic.data import IID, partition
 from fedmosaic.models import MLP
@@ -155,6 +156,21 @@ def test_seeded_noise_reproduces_and_secure_noise_does_not(fed):
     assert not torch.equal(c.weights, d.weights)
     assert "SecureNoise" in c.guarantees["differential_privacy"]["noise_seed"]
     assert "SecureNoise" in c.guarantees["secure_aggregation"]["client_noise"]
+    assert "simulation only" in a.guarantees["differential_privacy"]["cohort"]
+
+
+def test_secure_noise_draws_cohorts_and_client_seeds_nobody_can_derive(fed40):
+    strategy = _strategy(sampling="poisson", rate=0.5, clients_per_round=None,
+                         min_contributors=8, secure_noise=True)
+    transport = SecAggPlusTransport(fm.SequentialTransport(_trainer(), fed40),
+                                    secure_noise=True)
+    transport.check_strategy(strategy)
+    cohorts = [strategy.configure_fit(1, fed40.client_ids, np.random.default_rng(0),
+                                      run_seed=0) for _ in range(2)]
+    assert [t.client_id for t in cohorts[0]] != [t.client_id for t in cohorts[1]]
+    # Same server rng, different cohorts; and seeds not derived from the run seed.
+    assert all(t.config.seed != client_seed(0, 1, t.client_id) for t in cohorts[0])
+    assert "SecureNoise" in strategy.guarantees()["differential_privacy"]["cohort"]
 
 
 def test_the_strategy_state_round_trips(fed):

@@ -25,6 +25,7 @@ variance it actually carries.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 from fedmosaic.algorithms.aggregate import FedAvgAggregator
 from fedmosaic.algorithms.strategy import ClientTask, FedAvg, client_seed
 from fedmosaic.core.errors import ConfigError, PrivacyBudgetExhausted
+from fedmosaic.privacy.randomness import SecureNoise
 from fedmosaic.privacy.skellam import SkellamMechanism, max_gamma, padded_dim, rounded_l2_bound
 from fedmosaic.privacy.skellam_accountant import (
     SkellamAccountant,
@@ -57,6 +59,10 @@ class DistributedSkellam(FedAvg):
     population under Poisson sampling, the cohort under fixed sampling) at ``bits``.
     ``sampling="poisson"`` with ``rate`` (q) or ``"fixed"`` with ``clients_per_round`` (accounted
     without amplification). ``budget_epsilon`` stops the run before a round that would exceed it.
+    ``secure_noise=True`` draws the cohort and the clients' ``FitConfig`` seeds from
+    ``SecureNoise`` (the amplification by sampling needs a cohort nobody can predict from the
+    run seed); the clients' Skellam noise itself is drawn in the transport
+    (``SecAggPlusTransport(secure_noise=True)``).
     """
 
     name = "distributed-skellam"
@@ -82,6 +88,7 @@ class DistributedSkellam(FedAvg):
         rotation: bool = True,
         rotation_seed: int = 0,
         max_wrap_probability: float = 1e-9,
+        secure_noise: bool = False,
         min_updates: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -133,6 +140,8 @@ class DistributedSkellam(FedAvg):
         self.bits, self.gamma, self.beta = bits, gamma, beta
         self.rotation, self.rotation_seed = rotation, rotation_seed
         self.max_wrap_probability = max_wrap_probability
+        self.secure_noise = bool(secure_noise)
+        self._secure: SecureNoise | None = None  # keyed on first use
         self.mechanism: SkellamMechanism | None = None
         self.dim: int | None = None
         self.accountant = SkellamAccountant()  # against observers of the released models
@@ -260,16 +269,27 @@ class DistributedSkellam(FedAvg):
         self.run_seed = run_seed
         if self.population is None:
             self.population = len(available)
+        if self.secure_noise:
+            if self._secure is None:
+                self._secure = SecureNoise()
+            rng = self._secure.numpy()  # a cohort nobody can predict from the run seed
         if self.sampling == "fixed":
-            return super().configure_fit(round_num, available, rng, run_seed=run_seed,
-                                         full_steps=full_steps)
-        ids = sorted(available)
-        assert self.rate is not None
-        chosen = [c for c, keep in zip(ids, rng.random(len(ids)) < self.rate) if keep]
-        return [ClientTask(c, self.fit_config(round_num,
-                                              seed=client_seed(run_seed, round_num, c)),
-                           self.client_stages)
-                for c in chosen]
+            tasks = super().configure_fit(round_num, available, rng, run_seed=run_seed,
+                                          full_steps=full_steps)
+        else:
+            ids = sorted(available)
+            assert self.rate is not None
+            chosen = [c for c, keep in zip(ids, rng.random(len(ids)) < self.rate) if keep]
+            tasks = [ClientTask(c, self.fit_config(round_num,
+                                                   seed=client_seed(run_seed, round_num, c)),
+                                self.client_stages)
+                     for c in chosen]
+        if not self.secure_noise:
+            return tasks
+        # Seeds that say nothing about the run seed: drawn from the CSPRNG, not derived.
+        seeds = rng.integers(0, 2 ** 63, size=len(tasks))
+        return [dataclasses.replace(t, config=dataclasses.replace(t.config, seed=int(sd)))
+                for t, sd in zip(tasks, seeds, strict=True)]
 
     def before_round(self, round_num: int, available: Sequence[str]) -> None:
         if self.population is None:
@@ -347,7 +367,8 @@ class DistributedSkellam(FedAvg):
                 "min_contributors": self.min_contributors, "max_clients": self.max_clients,
                 "bits": self.bits, "gamma": self.gamma, "beta": self.beta,
                 "rotation": self.rotation, "rotation_seed": self.rotation_seed,
-                "max_wrap_probability": self.max_wrap_probability}
+                "max_wrap_probability": self.max_wrap_probability,
+                **({"secure_noise": True} if self.secure_noise else {})}
 
     def guarantees(self) -> dict[str, Any]:
         mech = self.mechanism
@@ -374,6 +395,8 @@ class DistributedSkellam(FedAvg):
                              "who do not know the cohort; the server does)"
                              if self.sampling == "poisson" else
                              f"fixed size {self.dp_clients_per_round} of {self.population}"),
+                "cohort": "SecureNoise (ChaCha20 keyed from os.urandom)" if self.secure_noise
+                          else "derived from the run seed (deterministic: simulation only)",
                 "rounds": self.accountant.steps,
                 "clip": self.clip,
                 "noise_multiplier": self.noise_multiplier,
