@@ -100,6 +100,7 @@ def test_secure_aggregation_does_not_stop_it_on_a_relu_mlp(digits, mlp_fn):
     assert r.samples == 4 and r.leaked_samples >= 3 and r.best_psnr == 100.0
     assert r.label_accuracy == 0.0  # no labels from a mixture of samples
     assert any("mixtures" in n for n in report.notes)
+    assert "the analytic attack only (no optimisation)" in report.to_markdown()
 
 
 class TinyConv(nn.Module):

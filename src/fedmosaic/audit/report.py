@@ -85,8 +85,10 @@ class LeakageReport:
             "",
             f"Attacker: the server, holding the global weights ({s['weights']}) and each "
             f"client's update after {s['local_steps']} full-batch SGD step(s) at lr "
-            f"{s['lr']:g} on {s['batch_size']} sample(s); L-BFGS, {s['iterations']} iterations, "
-            f"{s['restarts']} restart(s), seed {s['seed']}.",
+            f"{s['lr']:g} on {s['batch_size']} sample(s); "
+            + (f"L-BFGS (DLG, iDLG), {s['iterations']} iterations, {s['restarts']} restart(s)"
+               if set(s.get("attacks", ["dlg"])) - {"analytic"} else "the analytic attack only (no "
+               "optimisation)") + f", seed {s['seed']}.",
             "",
             f"Reconstructions are clipped to the data range [{d['min']:g}, {d['max']:g}]; PSNR "
             f"uses the range {d['data_range']:g}. Baseline (the data set's mean input as the "
