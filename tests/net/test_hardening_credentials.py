@@ -222,6 +222,18 @@ def test_ca_key_is_encrypted_by_default(tmp_path: Path) -> None:
     assert (tmp_path / "t" / "ca.key").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
+def test_ca_key_encrypted_by_an_older_version_still_loads(tmp_path: Path) -> None:
+    fed = certs.create_federation(tmp_path / "fed", ["a"], ca_passphrase=None)
+    key = serialization.load_pem_private_key(fed.ca_key.read_bytes(), None)
+    fed.ca_key.write_bytes(key.private_bytes(  # encrypted PKCS#8 PEM, as before sealing
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(PASS)))
+    assert certs.ca_key_is_encrypted(fed.root)
+    with pytest.raises(CredentialError, match="wrong passphrase"):
+        certs.add_client(fed.root, "b", ca_passphrase=b"not the passphrase")
+    certs.add_client(fed.root, "b", ca_passphrase=PASS)
+
+
 def test_library_makes_the_choice_explicit(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="ca_passphrase"):
         certs.create_federation(tmp_path / "f", ["a"])  # type: ignore[call-arg]
