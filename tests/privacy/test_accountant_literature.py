@@ -269,6 +269,16 @@ def test_report_gives_every_accountant_side_by_side():
     assert classic.report(1e-5, pld=False)["pld"] is None
 
 
+def test_report_of_the_mcmahan_cell_in_the_docs():
+    # docs/privacy.md's table: K = 10^6, C = 10^4, z = 1, 10^6 rounds, delta = K^-1.1.
+    acc = PrivacyAccountant(conversion="classic", orders="moments_accountant")
+    acc.record_gaussian_round(1.0, "poisson", 0.01, count=10**6)
+    rep = acc.report(1e6**-1.1)
+    assert (round(rep["epsilon"], 2), round(rep["rdp_classic"], 2)) == (187.01, 187.01)
+    assert round(rep["rdp"], 2) == 185.62 and round(rep["pld"], 2) == 149.10
+    assert rep["orders"] == "moments_accountant" and rep["rdp_classic_order"] == 2.0
+
+
 def test_report_names_what_an_accountant_cannot_account_for():
     fixed = PrivacyAccountant("rdp", "replace_one")
     fixed.record_gaussian_round(1.0, "fixed", population=1000, sample_size=10, count=5)
