@@ -22,6 +22,7 @@ import pytest
 
 from fedmosaic.net import tls
 from fedmosaic.net.certs import FederationPaths, create_federation
+from tests.net.conftest import Processes, experiment_toml, wait_for_endpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,9 +30,9 @@ SERVER = """
 import sys
 from concurrent import futures
 from pathlib import Path
-from fedmosaic.net import tls
 from fedmosaic.net.auth import server_credentials
 from fedmosaic.net.certs import FederationPaths
+from fedmosaic.net import tls
 import grpc
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
 port = server.add_secure_port("127.0.0.1:0", server_credentials(FederationPaths(Path(sys.argv[1]))))
@@ -95,12 +96,12 @@ def lenient_server(fed: FederationPaths) -> Iterator[tuple[int, str]]:
     yield from _server(fed, **{tls.ALLOW_TLS12_ENV: "1"})
 
 
-def _handshake(fed: FederationPaths, port: int, version: ssl.TLSVersion) -> str:
+def _handshake(fed: FederationPaths, port: int, version: ssl.TLSVersion, cid: str = "a") -> str:
     """Handshake with Python's ssl (OpenSSL) with ``version`` as the highest version offered:
     the negotiated version, or the error."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(fed.ca_cert)
-    ctx.load_cert_chain(fed.client_cert("a"), fed.client_key("a"))
+    ctx.load_cert_chain(fed.client_cert(cid), fed.client_key(cid))
     ctx.maximum_version = version
     ctx.set_alpn_protocols(["h2"])
     try:
@@ -124,6 +125,21 @@ def test_tls12_probe_succeeds_when_the_policy_is_off(fed: FederationPaths,
     port, policy = lenient_server
     assert policy == "allowed"
     assert _handshake(fed, port, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+
+
+def test_fedmosaic_server_command_refuses_tls12(tmp_path: Path, federation: Path,
+                                                 processes: Processes) -> None:
+    """The real ``fedmosaic server``; its environment says nothing about cipher suites (an
+    empty value counts as unset), so the policy comes from the command itself."""
+    exp = experiment_toml(tmp_path / "exp.toml", federation, rounds=1)
+    processes.start("server", "server", str(exp), "--output", str(tmp_path / "out"),
+                    "--json-logs", env={tls.CIPHER_ENV: "", tls.ALLOW_TLS12_ENV: ""})
+    port = wait_for_endpoint(tmp_path / "out", processes)["port"]
+    paths = FederationPaths(federation)
+    assert _handshake(paths, port, ssl.TLSVersion.TLSv1_2, "client_00").startswith("refused")
+    assert _handshake(paths, port, ssl.TLSVersion.TLSv1_3, "client_00") == "TLSv1.3"
+    processes.kill("server")
+    assert "TLS policy" not in processes.log("server")  # no "TLS 1.2 still accepted" warning
 
 
 def _tls12_server(fed: FederationPaths) -> tuple[socket.socket, dict[str, str],
