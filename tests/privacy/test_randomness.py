@@ -129,3 +129,12 @@ def test_client_task_finish_is_seeded_by_default_and_secure_on_request():
     assert torch.equal(task.finish(delta), stage.apply(delta, SeededNoise(123 ^ 0x5EED5EED)))
     a, b = task.finish(delta, noise=SecureNoise()), task.finish(delta, noise=SecureNoise())
     assert not torch.equal(a, b)
+
+
+def test_laplace_mechanism_takes_a_noise_source():
+    from fedmosaic.privacy.local_dp import laplace_mechanism
+
+    values = np.array([laplace_mechanism(0.0, 1.0, 2.0, SecureNoise()) for _ in range(4000)])
+    assert np.mean(np.abs(values)) == pytest.approx(0.5, rel=0.08)  # E|Laplace(b)| = b = 1/2
+    seeded = [laplace_mechanism(1.0, 1.0, 1.0, SeededNoise(3)) for _ in range(2)]
+    assert seeded[0] == seeded[1]

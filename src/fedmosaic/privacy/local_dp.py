@@ -127,9 +127,13 @@ class DistributedNoiseShare:
 
 
 def laplace_mechanism(value: float | np.ndarray, sensitivity: float, epsilon: float,
-                      rng: np.random.Generator) -> float | np.ndarray:
+                      rng: np.random.Generator | NoiseSource) -> float | np.ndarray:
     """Release ``value`` with epsilon-DP: add Laplace noise of scale sensitivity/epsilon
-    (Dwork, McSherry, Nissim and Smith 2006). ``sensitivity`` is the L1 sensitivity."""
+    (Dwork, McSherry, Nissim and Smith 2006). ``sensitivity`` is the L1 sensitivity. ``rng``
+    is a NumPy generator or a ``NoiseSource`` (whose generator is used): pass ``SecureNoise()``
+    for a release that must not be reproducible by anyone else."""
+    if isinstance(rng, NoiseSource):
+        rng = rng.numpy()
     if not (sensitivity > 0 and math.isfinite(sensitivity)):
         raise ValueError(f"sensitivity must be a finite number > 0, got {sensitivity}")
     if not (epsilon > 0 and math.isfinite(epsilon)):
