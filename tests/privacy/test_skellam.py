@@ -196,3 +196,31 @@ def test_noise_free_sums_decode_within_the_rounding_bound(dim, n, rotation, scal
     decoded = m.unrotate(np.sum(rounded, axis=0) / m.gamma, seed % 7)
     truth = sum(_clipped(x, 1.0) for x in xs)
     assert np.linalg.norm(decoded - truth) <= n * math.sqrt(m.encoded_dim) / m.gamma + 1e-9
+
+
+def test_the_wrap_bound_is_above_the_observed_wrap_frequency():
+    """A configuration allowed a wrap probability of 0.3: sums of n full-norm vectors wrap
+    less often than that; with gamma three times larger they do wrap (the check has power)."""
+    n, d, bits = 4, 64, 12
+    limit = (1 << (bits - 1)) - 1
+
+    def wrap_rate(m, trials=300):
+        rng = np.random.default_rng(9)
+        wraps = 0
+        for t in range(trials):
+            total = np.zeros(m.encoded_dim, dtype=np.int64)
+            for _ in range(n):
+                x = rng.normal(size=d)
+                total += m.round_to_integers(x / np.linalg.norm(x), rng, t)
+                total += m.noise_share(rng)
+            wraps += bool(np.abs(total).max() > limit)
+        return wraps / trials
+
+    g = max_gamma(d, 1.0, 0.01, bits, n, n, max_wrap_probability=0.3)
+    m = SkellamMechanism(dim=d, clip=1.0, gamma=g, mu=g * g * 0.01, min_contributors=n,
+                         max_clients=n, bits=bits, max_wrap_probability=0.3)
+    assert wrap_rate(m) <= m.wrap_probability() <= 0.3
+    # (A 12-bit mechanism at 3 gamma is refused; encode in 16 bits, count 12-bit wraps.)
+    big = SkellamMechanism(dim=d, clip=1.0, gamma=3 * g, mu=9 * g * g * 0.01,
+                           min_contributors=n, max_clients=n, bits=16)
+    assert wrap_rate(big) > 0.05
