@@ -68,6 +68,12 @@ def test_fixed_cohorts_use_mirrored_canaries_and_stay_below(federation):
     assert report.steinke.epsilon_lower_bound < report.accounted_epsilon
 
 
+def test_distributed_dp_canaries_add_their_own_noise_share(federation):
+    report = _audit(federation, rounds=10, target_epsilon=None, noise_multiplier=1.0,
+                    distributed=True, min_contributors=20)
+    assert report.steinke.epsilon_lower_bound < report.accounted_epsilon
+
+
 def test_under_noised_mechanism_is_caught(federation):
     report = _audit(federation, cls=UnderNoisedDPFedAvg)
     # The accountant still says 2.0; the audit proves, at 95%, that epsilon is higher.
