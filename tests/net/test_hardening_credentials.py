@@ -174,9 +174,13 @@ def test_cli_request_and_sign(tmp_path: Path) -> None:
                                  "--dir", str(fed), "--passphrase-file", str(pass_file)],
                            env={"FEDMOSAIC_CA_PASSPHRASE": ""})
     assert signed.exit_code == 0, signed.output
-    for r in (init, req, signed):
+    renewed = runner.invoke(app, ["certs", "renew-server", "--dir", str(fed),
+                                  "--passphrase-file", str(pass_file)])
+    assert renewed.exit_code == 0 and "generation 2" in renewed.output, renewed.output
+    for r in (init, req, signed, renewed):
         assert "PRIVATE" not in r.output and PASS.decode() not in r.output
     _verify_client(FederationPaths(fed), _cert(fed / "clients" / "site-7.pem"))
+    assert certs.read_revocations(fed / "crl.pem").server_generation == 2
 
 
 # --- the CA key --------------------------------------------------------------------------------

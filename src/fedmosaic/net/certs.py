@@ -628,7 +628,9 @@ def request_certificate(
 
     Writes ``<id>.key`` (mode 0600, stays here) and ``<id>.csr`` (send it to the operator) in
     ``out_dir``; returns (key path, CSR path). The CSR's subject is the id, for the operator to
-    check; what the certificate will say is decided by the operator's ``sign_request``.
+    check; what the certificate will say is decided by the operator's ``sign_request``. For
+    ``role="server"`` the files are ``server.key`` and ``server.csr`` and ``client_id`` is not
+    used (``renew_server`` takes the names from the operator).
     """
     if role == "server":
         name = "server"
@@ -645,7 +647,7 @@ def request_certificate(
                               "it (its certificate then stops working)")
     key = _new_key(key_type)
     csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(_name(name if role == "client" else client_id, role))
+           .subject_name(_name(name, role))
            .sign(key, _hash_for(key)))
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write(key_path, _key_pem(key), private=True)

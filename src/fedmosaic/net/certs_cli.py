@@ -163,7 +163,7 @@ def revoke(
 @certs_app.command("request")
 def request(
     client_id: Annotated[str, typer.Argument(help="this client's id (as agreed with the "
-                                                  "operator); 'server' with --server")],
+                                                  "operator); ignored with --server")],
     out: Annotated[Path, typer.Option("--out", "-o", help="where to write <id>.key and "
                                                           "<id>.csr")] = Path("."),
     key_type: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-3072 or rsa-4096")
