@@ -9,6 +9,7 @@ import torch
 import fedmosaic as fm
 from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core import ClientUpdate
+from fedmosaic.core.errors import CheckpointError
 from fedmosaic.data import IID, partition
 from fedmosaic.models import MLP
 from fedmosaic.privacy.accountant import PrivacyAccountant, epsilon_for
@@ -290,6 +291,23 @@ def test_dp_run_resumes_to_the_same_model_and_epsilon(fed, tmp_path):
     assert torch.equal(full.weights, resumed.weights)
     assert full.metric("dp_epsilon") == resumed.metric("dp_epsilon")
     assert full.metric("dp_clip") == resumed.metric("dp_clip")
+
+
+def test_secure_noise_run_resumes_with_the_same_ledger_and_refuses_a_seeded_checkpoint(
+        fed, tmp_path):
+    def strategy(secure=True):
+        return DPFedAvg(clip=1.0, delta=1e-5, noise_multiplier=1.0, sampling="poisson",
+                        rate=0.3, secure_noise=secure)
+
+    fm.simulate(_trainer(), fed, strategy(), rounds=4, seed=1, out_dir=tmp_path, stop_after=2)
+    resumed = fm.simulate(_trainer(), fed, strategy(), rounds=4, seed=1, out_dir=tmp_path,
+                          resume=True)
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+    assert resumed.metric("dp_epsilon")[-1] == pytest.approx(
+        epsilon_for(1.0, 4, "poisson", 0.3, delta=1e-5), rel=1e-6)
+    with pytest.raises(CheckpointError, match="different experiment"):
+        fm.simulate(_trainer(), fed, strategy(secure=False), rounds=6, seed=1,
+                    out_dir=tmp_path, resume=True)
 
 
 @pytest.mark.parametrize("kwargs", [

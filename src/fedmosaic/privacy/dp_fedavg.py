@@ -439,6 +439,9 @@ class DPFedAvg(FedAvg):
                 "dp_clients_per_round": self.dp_clients_per_round,
                 "accountant": self.accountant_kind,
                 "adaptive_clip_quantile": self.adaptive_quantile,
+                # Only when on, so that seeded runs keep their resume identity; a checkpoint
+                # of a seeded run does not resume under secure noise, nor the reverse.
+                **({"secure_noise": True} if self.secure_noise else {}),
                 **({"robust": self.norm_bound.describe()} if self.norm_bound else {})}
 
     def guarantees(self) -> dict[str, Any]:
