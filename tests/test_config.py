@@ -176,3 +176,16 @@ def test_secure_aggregation_and_distributed_dp_from_config():
                                 "noise_multiplier": 1.0, "rate": 0.5, "min_contributors": 2}))
     with pytest.raises(ConfigError, match="only with secure_aggregation"):
         validate(_base(runtime={"secagg_clip": 1.0}))
+
+
+def test_fedmosaic_server_refuses_dp_with_seeded_noise(tmp_path):
+    from fedmosaic.net.server import serve
+    from fedmosaic.net.settings import DeploySettings
+
+    exp = validate(_base(privacy={"mode": "central", "clip": 0.5, "delta": 1e-5,
+                                  "noise_multiplier": 1.0, "rate": 0.2,
+                                  "secure_noise": False}))
+    # Refused while building the run, before any port is opened or credential read.
+    with pytest.raises(ConfigError, match="insecure_seeded_noise"):
+        serve(exp, tmp_path / "out", DeploySettings(credentials=tmp_path / "none"))
+    assert not (tmp_path / "out").exists()
