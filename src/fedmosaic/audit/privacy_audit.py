@@ -52,6 +52,7 @@ from fedmosaic.train.base import FitConfig
 
 CANARY_PREFIX = "__canary_"
 EXCLUDED = ("absent", "mirror")
+CANARY_STREAM = 0xCA7A_0001  # separates the canaries' random stream from the run's
 EPS_CAP = 50.0  # search range for epsilon; beyond this a lower bound is reported as the cap
 
 
@@ -236,10 +237,15 @@ class Canaries:
             raise AuditError(f"need at least 2 canaries, got {count}")
         if dim < 1:
             raise AuditError(f"the model has {dim} parameters")
-        gen = torch.Generator().manual_seed(seed)
+        # A stream of its own: the run's seed also drives the server's sampling generator and
+        # the model's initialisation, and Steinke et al.'s bound needs the inclusion bits to
+        # be independent of the mechanism's randomness.
+        directions_seq, inclusion_seq = np.random.SeedSequence([seed, CANARY_STREAM]).spawn(2)
+        gen = torch.Generator().manual_seed(int(directions_seq.generate_state(1, np.uint64)[0]
+                                                & (2**63 - 1)))
         directions = torch.randn(count, dim, generator=gen, dtype=torch.float64)
         directions /= torch.linalg.vector_norm(directions, dim=1, keepdim=True)
-        included = np.random.default_rng(seed).random(count) < 0.5
+        included = np.random.default_rng(inclusion_seq).random(count) < 0.5
         return cls(directions.to(torch.float32), included)
 
     @property
