@@ -199,6 +199,50 @@ def test_malformed_or_foreign_refusals_are_refused_and_leave_the_task_open(
     assert not [r for r in fedlog.records if r.levelno >= 40 or r.exc_info]
 
 
+def test_refusals_in_a_secure_aggregation_round_end_it_without_waiting(
+        credentials: Path, tmp_path: Path) -> None:
+    """Under SecAgg+ a refusal arrives before the client says "ready": the secure sum stops
+    waiting for it, and with every member refusing the round ends at once."""
+    from fedmosaic.net.secagg import SecAggRoundDriver
+
+    fed = Path(shutil.copytree(credentials, tmp_path / "fed"))
+    settings = DeploySettings(credentials=fed, address="127.0.0.1", port=0,
+                              heartbeat_interval=0.5, round_deadline=30.0, min_clients=1,
+                              wait_for_clients=5.0, chunk_bytes=CHUNK, max_workers=16)
+    metrics = ServerMetrics()
+    transport = GrpcTransport(settings, numel=NUMEL, spec_hash="spec", experiment="test",
+                              rounds=1, metrics=metrics,
+                              secagg=SecAggRoundDriver(clip=1.0, max_weight=100.0,
+                                                       uniform=False, bits=16))
+    running = start_server(settings, transport, traffic=metrics)
+    live = Live(fed, transport, running.port, metrics)
+    try:
+        joined = {cid: live.joined(cid) for cid in CLIENTS}
+        start = time.monotonic()
+        tasks = [ClientTask(c, FitConfig(round=1, seed=i)) for i, c in enumerate(CLIENTS)]
+        seen: list[Any] = []
+        thread = threading.Thread(target=lambda: seen.extend(transport.fit(
+            torch.zeros(NUMEL), tasks, FedAvgAggregator())), daemon=True)
+        thread.start()
+        for cid, (stubs, instance) in joined.items():
+            task = live.task(stubs, instance)
+            assert task.HasField("secagg") and task.secagg.bits == 16
+            stubs.refuse_task(_refusal(task, code="secagg_bits",
+                                       reason=f"{cid}: 16 ring bits, policy needs 32"),
+                              timeout=10)
+        thread.join(timeout=15)
+        assert not thread.is_alive() and time.monotonic() - start < 10
+    finally:
+        transport.finish()
+        for ch in live.channels:
+            ch.close()
+        running.stop(0)
+    failures = sorted((f.client_id, f.reason) for f in seen if isinstance(f, ClientFailure))
+    assert failures == [(c, f"refused by client: {c}: 16 ring bits, policy needs 32")
+                        for c in CLIENTS]
+    assert metrics.snapshot()["clients_dropped"]["refused_by_client"] == len(CLIENTS)
+
+
 # -- run_client with policies ---------------------------------------------------------------
 
 _FIT_LOCK = threading.Lock()
