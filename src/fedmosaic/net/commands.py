@@ -244,7 +244,7 @@ def status(
     info = {"experiment": reply.experiment, "state": reply.state, "round": reply.round,
             "rounds": reply.rounds, "completed_rounds": reply.completed_rounds,
             "connected_clients": reply.connected_clients, "round_tasks": reply.round_tasks,
-            "round_received": reply.round_received,
+            "round_received": reply.round_received, "round_refused": reply.round_refused,
             "uptime_seconds": round(reply.uptime_seconds, 1),
             "last_round": json.loads(reply.last_record_json or "{}")}
     if as_json:
@@ -256,4 +256,6 @@ def status(
                   f"{info['completed_rounds']}/{info['rounds']} rounds complete, "
                   f"{info['connected_clients']} clients connected, round {info['round']}: "
                   f"{info['round_received']}/{info['round_tasks']} updates"
+                  + (f" ({info['round_refused']} tasks refused by client policies)"
+                     if info["round_refused"] else "")
                   + (f"; last test accuracy {acc:.4f}" if acc is not None else ""))
