@@ -18,7 +18,9 @@ def test_secure_sum_of_floats_matches_the_clipped_sum_of_survivors():
     rng = np.random.default_rng(0)
     x = rng.normal(0, 0.5, size=(20, 300))
     plan = {"advertise": {0}, "share_keys": {7}, "masked_input": {3}, "unmask": {12}}
-    result = secure_sum(x, clip=1.0, dropout=plan, seed=4, degree=10, threshold=6)
+    # t = 6 of k = 10 is the minimum only for clients that tolerate no corrupted member.
+    result = secure_sum(x, clip=1.0, dropout=plan, seed=4, degree=10, threshold=6,
+                        corrupted_fraction=0.0)
     assert result.survivors == [u for u in range(20) if u not in {0, 7, 3}]
     exact = np.clip(x[result.survivors], -1.0, 1.0).sum(axis=0)
     bound = Quantizer(clip=1.0, bits=32, num_clients=20).error_bound(len(result.survivors))
@@ -28,20 +30,24 @@ def test_secure_sum_of_floats_matches_the_clipped_sum_of_survivors():
 
 def test_message_sizes_are_counted_exactly():
     n, dim = 12, 100
-    result = secure_sum_int(np.ones((n, dim), dtype=np.uint32), degree=6, threshold=4, seed=1)
+    result = secure_sum_int(np.ones((n, dim), dtype=np.uint32), degree=6, threshold=4, seed=1,
+                            corrupted_fraction=0.0)
     assert result.sum.tolist() == [n] * dim
-    k = 6
+    k, sig = 6, 4 + 64  # a P-256 signature: length prefix and r || s
     up = (
-        (HEADER + 4 + 64)  # two public keys
-        + (HEADER + 8 + k * (4 + 160))  # one encrypted pair of shares per neighbour
+        (HEADER + 4 + 64 + 32 + sig + 4)  # two keys, contribution, signature, no certificate
+        + (HEADER + 8 + k * (4 + 160) + 32)  # encrypted shares per neighbour, commitment
         + (HEADER + 9 + 4 * dim)  # the masked vector, 4 bytes per coordinate
+        + (HEADER + 4 + sig)  # the signature on the survivor set
         + (HEADER + 12 + k * (4 + 66))  # one share per neighbour
     )
+    identities = sum(len(f"client/{u}") for u in range(n))
     down = (
-        (HEADER + 17 + 32)  # parameters and graph seed
-        + (HEADER + 8 + k * (4 + 64))  # neighbours' keys
+        (HEADER + 17 + 32)  # parameters and the server's graph-seed nonce
+        + (HEADER + 8 + n * (4 + 4 + 96 + sig + 4) + identities)  # every member's signed keys
         + (HEADER + 8 + k * (4 + 160))  # shares addressed to this client
-        + (HEADER + 12 + 4 * k)  # who survived
+        + (HEADER + 8 + 4 * n)  # the survivor set to sign
+        + (HEADER + 12 + 4 * n + n * (4 + sig))  # the survivor set and every signature
     )
     assert result.bytes_up_per_client.tolist() == [up] * n
     assert result.bytes_down_per_client.tolist() == [down] * n
@@ -51,7 +57,8 @@ def test_message_sizes_are_counted_exactly():
 def test_costs_of_clients_that_drop_stop_at_the_stage_they_drop():
     x = np.zeros((10, 50), dtype=np.uint32)
     plan = {"advertise": {0}, "unmask": {1}}
-    result = secure_sum_int(x, degree=6, threshold=4, dropout=plan, seed=2)
+    result = secure_sum_int(x, degree=6, threshold=4, dropout=plan, seed=2,
+                            corrupted_fraction=0.0)
     assert result.bytes_up_per_client[0] == 0
     assert result.bytes_down_per_client[0] == HEADER + 17 + 32  # it saw the setup only
     assert result.client_seconds[0] == 0
@@ -73,7 +80,7 @@ def test_default_parameters_follow_the_parameter_rule():
     x = np.zeros((n, 10), dtype=np.uint32)
     plan = {"masked_input": set(range(12))}  # 20% scripted, above the 10% default design rate
     result = secure_sum_int(x, dropout=plan, seed=5)
-    expected = secagg_plus_parameters(n, 0.2, 0.0)
+    expected = secagg_plus_parameters(n, 0.2, 0.2)  # gamma = 0.2 by default, never 0
     assert (result.degree, result.threshold) == (expected.degree, expected.threshold)
     assert result.survivors == list(range(12, n))
 
@@ -81,7 +88,8 @@ def test_default_parameters_follow_the_parameter_rule():
 def test_aborted_rounds_and_bad_arguments_raise():
     x = np.zeros((6, 10), dtype=np.uint32)
     with pytest.raises(SecAggAbortError, match="fewer than t"):
-        secure_sum_int(x, degree=5, threshold=4, dropout={"masked_input": {0, 1, 2}}, seed=1)
+        secure_sum_int(x, degree=5, threshold=4, dropout={"masked_input": {0, 1, 2}}, seed=1,
+                       corrupted_fraction=0.0)
     with pytest.raises(ValueError, match="unknown dropout stage"):
         secure_sum_int(x, degree=5, dropout={"later": {1}})
     with pytest.raises(ValueError, match="outside"):

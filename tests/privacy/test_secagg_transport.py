@@ -47,7 +47,7 @@ def test_secure_aggregation_gives_the_plain_weighted_mean_up_to_quantization(fed
 def test_dropouts_during_the_protocol_leave_the_sum_of_the_survivors(fed):
     tr = _trainer()
     transport = SecAggPlusTransport(fm.SequentialTransport(tr, fed), clip=1.0, max_weight=40,
-                                    simulate_dropout=0.25, dropout_rate=0.3, seed=3)
+                                    simulate_dropout=0.25, dropout_rate=0.25, seed=4)
     w0 = tr.initial_weights(0)
     tasks = fm.FedAvg(fraction=1.0).configure_fit(1, fed.client_ids,
                                                   __import__("numpy").random.default_rng(0),
@@ -112,3 +112,19 @@ def test_peer_task_with_secagg_and_100_clients_per_round_matches_plain_accuracy(
     plain, secure = run(False), run(True)
     assert abs(plain.final["test_accuracy"] - secure.final["test_accuracy"]) <= 0.01
     assert torch.allclose(plain.weights, secure.weights, atol=1e-4)
+
+
+def test_three_participants_give_a_failed_round_with_the_reason_not_a_crash():
+    """Issue #24: with 3 participants left no parameters are secure (gamma = 0.2, delta = 0.1):
+    ``secagg_plus_parameters`` used to raise an uncaught ValueError that ended the run."""
+    tr = _trainer()
+    small = partition(make_blobs(120, 0), IID(), 3, 0, test=make_blobs(30, 1))
+    transport = SecAggPlusTransport(fm.SequentialTransport(tr, small), clip=1.0, max_weight=40)
+    tasks = fm.FedAvg(fraction=1.0).configure_fit(1, small.client_ids,
+                                                  __import__("numpy").random.default_rng(0),
+                                                  run_seed=0)
+    out = list(transport.fit(tr.initial_weights(0), tasks, fm.FedAvgAggregator()))
+    assert len(out) == 3 and all(isinstance(r, fm.runtime.ClientFailure) for r in out)
+    assert all("no SecAgg+ parameters for n=3" in r.reason for r in out)
+    with pytest.raises(fm.core.RoundFailedError, match="3 clients failed"):
+        fm.simulate(tr, small, fm.FedAvg(fraction=1.0), rounds=1, transport=transport)

@@ -336,7 +336,8 @@ class FederationClient:
             from fedmosaic.net.secagg import run_client_secagg
 
             ok = run_client_secagg(self.stubs, task, delta, result.num_samples,
-                                   timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout)
+                                   timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout,
+                                   credentials=getattr(self, "secagg_credentials", None))
         else:
             # Never silent: a client that accepts plaintext uploads says so every round.
             log.info("round %d: uploading in plaintext (the task has no secure aggregation%s)",
@@ -404,6 +405,9 @@ def run_client(
             client = FederationClient(channel, trainer, data, poll_seconds=poll_seconds,
                                       backoff=Backoff(budget=retry_budget), policy=policy,
                                       ledger=ledger)
+            from fedmosaic.net.secagg import SecAggCredentials  # signs SecAgg+ keys (mTLS key)
+
+            client.secagg_credentials = SecAggCredentials.from_files(ca, cert, key)
             return client.run()
         finally:
             channel.close()

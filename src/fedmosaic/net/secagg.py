@@ -15,6 +15,13 @@ quantized for a sum of ``n`` clients; the server decodes the sum into one
 ``PartialAggregate`` (weighted sum, total weight, count) and never sees an individual update.
 A participant's SecAgg+ index is assigned by the server and bound to its verified identity: a
 message claiming another sender is refused.
+
+Against a malicious server (``docs/security.md``): each client signs its advertised keys and
+the survivor set with its mTLS certificate key (:class:`SecAggCredentials`), verifies every
+other member's certificate against the federation CA and checks that its common name is the
+client id the server claims for that index, and refuses a setup weaker than its own
+:class:`~fedmosaic.privacy.secagg.graph.SecAggBounds`; the refusal's reason goes to the
+server (a withdrawal) and into both logs.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,8 +46,11 @@ from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.transport import GrpcTransport, PendingTask
 from fedmosaic.net.wire import MESSAGE_OVERHEAD
 from fedmosaic.privacy.secagg.errors import SecAggAbortError, SecAggProtocolError
+from fedmosaic.privacy.secagg.graph import SecAggBounds
+from fedmosaic.privacy.secagg.identity import CertificateVerifier, PeerVerifier, SigningIdentity
 from fedmosaic.privacy.secagg.messages import (
     AdvertiseKeys,
+    ConsistencySignature,
     MaskedInput,
     SetupMessage,
     ShareKeys,
@@ -49,7 +60,7 @@ from fedmosaic.privacy.secagg.messages import (
 )
 from fedmosaic.privacy.secagg.protocol import SecAggPlusClient, SecAggPlusServer
 from fedmosaic.privacy.secagg.quantize import Quantizer
-from fedmosaic.privacy.secagg.simulate import make_config
+from fedmosaic.privacy.secagg.simulate import DEFAULT_CORRUPTED_FRACTION, make_config
 from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import TransportResult
@@ -58,7 +69,11 @@ log = logging.getLogger(__name__)
 
 # The client message each stage collects; "ready" is the empty envelope after training.
 STAGE_MESSAGES: dict[str, type] = {"advertise": AdvertiseKeys, "share_keys": ShareKeys,
-                                   "masked_input": MaskedInput, "unmask": UnmaskResponse}
+                                   "masked_input": MaskedInput,
+                                   "consistency": ConsistencySignature,
+                                   "unmask": UnmaskResponse}
+# From these stages on a participant's masked input may be in the sum: failures are held.
+LATE_STAGES = ("consistency", "unmask")
 STAGE_ORDER = list(STAGE_MESSAGES)
 AGGREGATED = "aggregated"
 
@@ -75,14 +90,21 @@ class _Round:
 class SecAggRoundDriver:
     """The server side: runs one SecAgg+ round per federated round inside
     ``GrpcTransport.fit`` and answers the ``SecAgg`` RPC. Parameters as in
-    ``SecAggPlusTransport`` (``uniform``: every client's weight is 1)."""
+    ``SecAggPlusTransport`` (``uniform``: every client's weight is 1); ``corrupted_fraction``
+    is the fraction of participants assumed to collude with a malicious server when ``k`` and
+    ``t`` are chosen -- clients refuse a setup designed for less than their own tolerance."""
 
     def __init__(self, *, clip: float, max_weight: float, uniform: bool,
-                 dropout_rate: float = 0.1, bits: int = 32) -> None:
+                 dropout_rate: float = 0.1, bits: int = 32,
+                 corrupted_fraction: float = DEFAULT_CORRUPTED_FRACTION) -> None:
         if not clip > 0 or not max_weight > 0:
             raise ConfigError("runtime.secagg_clip", clip, "clip and max_weight > 0")
+        if not 0 <= corrupted_fraction < 1:
+            raise ConfigError("runtime.secagg_corrupted_fraction", corrupted_fraction,
+                              "a number in [0, 1)")
         self.clip, self.max_weight, self.uniform = float(clip), float(max_weight), uniform
         self.dropout_rate, self.bits = dropout_rate, bits
+        self.corrupted_fraction = corrupted_fraction
         self.current: _Round | None = None
         self.last_round: dict[str, Any] = {}
 
@@ -103,8 +125,12 @@ class SecAggRoundDriver:
                 "protocol": "SecAgg+ (Bell et al. 2020) over gRPC with mutual TLS",
                 "ring_bits": self.bits, "clip": self.clip, "max_weight": self.max_weight,
                 "designed_dropout_rate": self.dropout_rate,
+                "tolerated_corrupted_fraction": self.corrupted_fraction,
                 "neighbourhood_degree": self.last_round.get("degree"),
                 "threshold": self.last_round.get("threshold"), "masks": "OS CSPRNG",
+                "malicious_server": "keys and survivor set signed with the clients' mTLS "
+                                    "certificate keys, consistency check; each client "
+                                    "enforces its own minimum threshold (docs/security.md)",
             },
             "server_sees": "only the sum of the surviving clients' updates (plus their count "
                            "and total weight)",
@@ -130,9 +156,19 @@ class SecAggRoundDriver:
                             t.client_id, "SecAgg+ needs at least 2 clients; round skipped"))
                     ready = []
                 else:
-                    config = make_config(len(ready), transport.numel + 2, bits=self.bits,
-                                         dropout_rate=self.dropout_rate)
-                    rnd.server = SecAggPlusServer(config)
+                    try:
+                        config = make_config(len(ready), transport.numel + 2, bits=self.bits,
+                                             dropout_rate=self.dropout_rate,
+                                             corrupted_fraction=self.corrupted_fraction)
+                    except SecAggAbortError as exc:  # infeasible: a failed round, not a crash
+                        log.warning("round %d: secure aggregation impossible: %s",
+                                    rnd.round, exc)
+                        for t in ready:
+                            transport.close_task(t, ClientFailure(
+                                t.client_id, f"secure aggregation impossible: {exc}"))
+                        ready = []
+                if ready:
+                    rnd.server = SecAggPlusServer(config, [t.client_id for t in ready])
                     setup = rnd.server.setup_message().to_bytes()
                     for u, t in enumerate(ready):
                         t.extra["index"] = u
@@ -149,7 +185,8 @@ class SecAggRoundDriver:
             server = rnd.server
             steps: list[tuple[str, Callable[[], Any]]] = [
                 ("advertise", server.broadcast_keys), ("share_keys", server.route_shares),
-                ("masked_input", server.request_unmask), ("unmask", server.finalize)]
+                ("masked_input", server.request_consistency),
+                ("consistency", server.request_unmask), ("unmask", server.finalize)]
             result = None
             for stage, close in steps:
                 members = list(rnd.members.values())
@@ -179,6 +216,9 @@ class SecAggRoundDriver:
                 yield from (r for _, r in held)
                 return
             survivors = {rnd.participants[u] for u in result.survivors}
+            for u in result.corrupt_share_senders:
+                log.warning("round %d: client %s sent corrupt unmask shares; they were skipped",
+                            rnd.round, rnd.participants[u])
             # A client that dropped (or failed) after uploading its masked input is still in
             # the sum: it is not reported as failed.
             yield from (r for cid, r in held if cid not in survivors)
@@ -242,7 +282,7 @@ class SecAggRoundDriver:
                 delivery = transport.results.get_nowait()
             except queue.Empty:
                 return
-            if stage == "unmask":  # its input may be in the sum: decide at the end
+            if stage in LATE_STAGES:  # its input may be in the sum: decide at the end
                 held.append((delivery.task.client_id, delivery.result))
             else:
                 yield delivery.result
@@ -328,16 +368,47 @@ class SecAggRoundDriver:
         return stage
 
 
+@dataclass(frozen=True)
+class SecAggCredentials:
+    """What a client needs to take part in SecAgg+ against a malicious server: its signing
+    identity (the mTLS certificate and key), a verifier of the other members' certificates
+    (the federation CA) and its own bounds on the setups it accepts."""
+
+    signer: SigningIdentity
+    verifier: PeerVerifier
+    bounds: SecAggBounds = field(default_factory=SecAggBounds)
+
+    @classmethod
+    def from_files(cls, ca: str | Path, cert: str | Path, key: str | Path,
+                   bounds: SecAggBounds | None = None) -> SecAggCredentials:
+        return cls(SigningIdentity.from_files(cert, key), CertificateVerifier.from_file(ca),
+                   bounds or SecAggBounds())
+
+
 def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_samples: int,
-                      *, timeout: float) -> bool:
-    """Take part in the round's secure sum with ``delta``; True if it was aggregated."""
+                      *, timeout: float, credentials: SecAggCredentials | None = None) -> bool:
+    """Take part in the round's secure sum with ``delta``; True if it was aggregated.
+
+    Without ``credentials`` the client cannot sign its keys, so it withdraws (with that
+    reason) rather than take part unauthenticated.
+    """
     s = task.secagg
+
+    def withdraw(reason: str) -> None:
+        with contextlib.suppress(grpc.RpcError):  # best effort: else the stage times it out
+            stubs.secagg(pb.SecAggEnvelope(task_id=task.task_id, detail=reason[:500]),
+                         timeout=timeout)
+
     weight = 1.0 if s.uniform_weighting else float(num_samples)
     if not bool(torch.isfinite(delta).all()) or not 0 < weight <= s.max_weight:
         # Once masked, the server could not tell a broken input: do not submit one.
         stubs.secagg(pb.SecAggEnvelope(task_id=task.task_id,
                                        detail=f"non-finite update or weight {weight} outside "
                                               f"(0, {s.max_weight}]"), timeout=timeout)
+        return False
+    if credentials is None:
+        log.error("round %d: no signing credentials for secure aggregation", task.round)
+        withdraw("client has no signing credentials for secure aggregation")
         return False
     scale = weight / s.max_weight
     row = np.concatenate([delta.double().numpy() * scale, [scale * s.clip, s.clip]])
@@ -350,7 +421,8 @@ def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_sample
     if reply.finished:
         log.info("round %d: not in the secure sum: %s", task.round, reply.detail)
         return False
-    client = SecAggPlusClient(reply.participant)
+    client = SecAggPlusClient(reply.participant, signer=credentials.signer,
+                              verifier=credentials.verifier, bounds=credentials.bounds)
     try:
         message = decode_message(bytes(reply.payload))
         if not isinstance(message, SetupMessage) or message.config.dim != row.size \
@@ -369,8 +441,5 @@ def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_sample
             outgoing = client.handle(message, vector)
     except (SecAggProtocolError, ValueError) as exc:
         log.error("round %d: leaving the secure aggregation: %s", task.round, exc)
-        with contextlib.suppress(grpc.RpcError):  # best effort: else the stage times it out
-            stubs.secagg(pb.SecAggEnvelope(task_id=task.task_id,
-                                           detail=f"client error: {type(exc).__name__}"),
-                         timeout=timeout)
+        withdraw(f"client refused: {exc}")
         return False

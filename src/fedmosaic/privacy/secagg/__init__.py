@@ -7,25 +7,43 @@ learns the sum of the clients' vectors and nothing else; clients may drop out at
 * :mod:`~fedmosaic.privacy.secagg.protocol` -- :class:`SecAggPlusClient` and
   :class:`SecAggPlusServer`, message-driven state machines;
 * :mod:`~fedmosaic.privacy.secagg.messages` -- the messages and their byte encoding;
-* :mod:`~fedmosaic.privacy.secagg.graph` -- the neighbour graph and
-  :func:`secagg_plus_parameters` (degree ``k`` and threshold ``t``);
+* :mod:`~fedmosaic.privacy.secagg.graph` -- the neighbour graph,
+  :func:`secagg_plus_parameters` (degree ``k`` and threshold ``t``) and the client-side
+  :class:`SecAggBounds` that refuse weaker setups;
+* :mod:`~fedmosaic.privacy.secagg.identity` -- long-term signing identities and their
+  verification (certificates against the federation CA, or a simulated PKI);
 * :mod:`~fedmosaic.privacy.secagg.quantize` -- floats to Z_(2^bits) and back;
 * :mod:`~fedmosaic.privacy.secagg.crypto` -- X25519, HKDF, AES-GCM, AES-CTR PRG, Shamir;
 * :mod:`~fedmosaic.privacy.secagg.simulate` -- :func:`secure_sum`, an in-process round.
 """
 
-from fedmosaic.privacy.secagg.errors import SecAggAbortError, SecAggError, SecAggProtocolError
+from fedmosaic.privacy.secagg.errors import (
+    SecAggAbortError,
+    SecAggError,
+    SecAggInfeasibleError,
+    SecAggProtocolError,
+)
 from fedmosaic.privacy.secagg.graph import (
     NeighbourGraph,
+    SecAggBounds,
     SecAggParameters,
+    minimum_threshold,
     secagg_plus_parameters,
+)
+from fedmosaic.privacy.secagg.identity import (
+    CertificateVerifier,
+    PeerVerifier,
+    SigningIdentity,
+    StaticPki,
 )
 from fedmosaic.privacy.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeysBroadcast,
     MaskedInput,
     Message,
-    NeighbourKeys,
+    RosterEntry,
     SecAggConfig,
     SetupMessage,
     ShareKeys,
@@ -55,16 +73,22 @@ __all__ = [
     "DROPOUT_STAGES",
     "AdvertiseKeys",
     "AggregateResult",
+    "CertificateVerifier",
     "ClientStage",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "KeysBroadcast",
     "MaskedInput",
     "Message",
     "NeighbourGraph",
-    "NeighbourKeys",
+    "PeerVerifier",
     "Quantizer",
+    "RosterEntry",
     "SecAggAbortError",
+    "SecAggBounds",
     "SecAggConfig",
     "SecAggError",
+    "SecAggInfeasibleError",
     "SecAggParameters",
     "SecAggPlusClient",
     "SecAggPlusServer",
@@ -74,10 +98,13 @@ __all__ = [
     "SetupMessage",
     "ShareKeys",
     "SharesBroadcast",
+    "SigningIdentity",
+    "StaticPki",
     "UnmaskRequest",
     "UnmaskResponse",
     "decode_message",
     "make_config",
+    "minimum_threshold",
     "run_round",
     "secagg_plus_parameters",
     "secure_sum",

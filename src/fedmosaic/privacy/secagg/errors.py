@@ -27,3 +27,13 @@ class SecAggProtocolError(SecAggError, ValueError):
 
 class SecAggAbortError(SecAggError, RuntimeError):
     """The round was aborted: the sum cannot be recovered without revealing more than it."""
+
+
+class SecAggInfeasibleError(SecAggAbortError, ValueError):
+    """No parameters meet the security and dropout requirements for this many clients.
+
+    A ``ValueError`` (the request is unsatisfiable) and a :class:`SecAggAbortError` (the round
+    cannot run securely): callers that skip an aborted round handle it the same way, so a
+    federation that shrinks to three participants fails the round with this reason instead of
+    crashing.
+    """

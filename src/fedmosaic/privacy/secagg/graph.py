@@ -65,6 +65,8 @@ from functools import lru_cache
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from fedmosaic.privacy.secagg.errors import SecAggInfeasibleError, SecAggProtocolError
+
 GRAPH_LABEL = b"fedmosaic/secagg+/v1/graph-permutation/"
 
 
@@ -244,13 +246,13 @@ def secagg_plus_parameters(
     ``2**-eta``. Raises ``ValueError`` when no graph, not even the complete one, meets them.
     """
     if n < 2:
-        raise ValueError(f"secure aggregation needs at least 2 clients, got {n}")
+        raise SecAggInfeasibleError(f"secure aggregation needs at least 2 clients, got {n}")
     if not (0 <= dropout_rate < 1 and 0 <= corrupted_fraction < 1):
         raise ValueError("dropout_rate and corrupted_fraction must be in [0, 1)")
     corrupted = _worst_count(corrupted_fraction, n)
     dropped = _worst_count(dropout_rate, n)
     if corrupted + dropped >= n:
-        raise ValueError(
+        raise SecAggInfeasibleError(
             f"{corrupted} corrupted plus {dropped} dropped clients leave no honest survivor"
         )
     security_budget = -(security_bits + 1)  # two security events share the 2**-sigma budget
@@ -294,7 +296,7 @@ def secagg_plus_parameters(
     k = n - 1
     threshold = (k + corrupted) // 2 + 1
     if threshold > k or k - threshold < dropped:
-        raise ValueError(
+        raise SecAggInfeasibleError(
             f"no SecAgg+ parameters for n={n}, dropout_rate={dropout_rate}, "
             f"corrupted_fraction={corrupted_fraction}: even the complete graph needs "
             f"t={threshold} > (n-1+C)/2 and n-1-t >= D={dropped}"
@@ -308,3 +310,118 @@ def secagg_plus_parameters(
         log2_security_failure=-math.inf,
         log2_correctness_failure=-math.inf,
     )
+
+
+# --------------------------------------------------------------------- client-side bounds
+
+
+def prune_members(neighbour_sets: list[frozenset[int]], members: Iterable[int],
+                  threshold: int) -> set[int]:
+    """Largest subset of ``members`` in which every client keeps >= ``threshold`` neighbours.
+
+    A client whose neighbourhood cannot hold ``t`` shares could never be unmasked, and anyone
+    who masked with it could not be unmasked either, so it is removed before anyone masks.
+    Deterministic: server and clients compute the same set from the same roster.
+    """
+    alive = set(members)
+    changed = True
+    while changed:
+        changed = False
+        for u in sorted(alive):
+            if len(neighbour_sets[u] & alive) < threshold:
+                alive.discard(u)
+                changed = True
+    return alive
+
+
+def minimum_threshold(
+    n: int,
+    degree: int,
+    corrupted_fraction: float,
+    dropout_rate: float,
+    security_bits: float = 40,
+) -> int | None:
+    """The smallest threshold ``t`` that keeps an ``(n, degree)`` round secure, or ``None``.
+
+    The security conditions of :func:`secagg_plus_parameters` (the module docstring's 1 and
+    3) for a *given* degree: ``None`` when no ``t <= degree`` meets them (the degree is too
+    small for the tolerated corruption, or the graph may disconnect). The complete graph
+    (``degree = n - 1``) needs ``2t > (n - 1) + C`` with ``C = ceil(gamma * n)``: the ``n - 1 - C``
+    honest holders of a client's shares reveal one share each, so a server that shows half of
+    them one survivor set and half another cannot collect ``t`` shares of both secrets, and
+    the ``C < t`` corrupted ones alone hold too few. For an odd sparse degree the Harary graph
+    may give a node ``degree + 1`` neighbours; the bound then uses ``degree + 1``.
+    """
+    if not 1 <= degree <= n - 1:
+        return None
+    corrupted = _worst_count(corrupted_fraction, n)
+    if degree == n - 1:
+        threshold = (degree + corrupted) // 2 + 1
+        return threshold if threshold <= degree else None
+    k = degree + degree % 2
+    if k > n - 1:
+        return None
+    dropped = _worst_count(dropout_rate, n)
+    table = _LogFactorials(n)
+    budget = -(security_bits + 1)
+    disconnect = math.log2(n * (n - 1) / 2) + table.log2_all_removed(
+        min(corrupted + dropped, n), n, 2 * (degree // 2))
+    if disconnect > budget:
+        return None
+    tails = table.log2_hypergeometric_tails(n - 1, corrupted, k)
+    for t in range(k // 2 + 1, degree + 1):
+        if math.log2(n) + tails[2 * t - k] <= budget:
+            return t
+    return None
+
+
+@dataclass(frozen=True)
+class SecAggBounds:
+    """What a client accepts, configured on the client, never taken from the server.
+
+    ``min_clients``/``max_clients`` bound the round's population ``n`` (a round of two
+    reveals the other's input to each; a huge ``n`` costs O(n) memory to rebuild the graph).
+    ``corrupted_fraction`` (gamma) is the fraction of the ``n`` clients that may collude with
+    a malicious server, ``dropout_rate`` (delta) the fraction the graph's connectivity must
+    survive (dropouts plus corrupted), ``security_bits`` sigma the failure exponent: the
+    client derives from them the minimum threshold :func:`minimum_threshold` for the
+    announced degree and refuses any setup below it (Bell et al., CCS 2020, Theorem 4.9's
+    conditions as checked in this module; Bonawitz et al., CCS 2017, §4: ``t > (n - 1 + C)/2``
+    on the complete graph with this implementation's convention that a client's shares go
+    to its ``n - 1`` neighbours only). Defaults: gamma = 0.2 (as the server's default) and
+    delta = 0.1.
+    """
+
+    min_clients: int = 3
+    max_clients: int = 1_000_000
+    corrupted_fraction: float = 0.2
+    dropout_rate: float = 0.1
+    security_bits: float = 40
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_clients <= self.max_clients:
+            raise ValueError("SecAggBounds needs 2 <= min_clients <= max_clients")
+        if not (0 <= self.corrupted_fraction < 1 and 0 <= self.dropout_rate < 1):
+            raise ValueError("corrupted_fraction and dropout_rate must be in [0, 1)")
+
+    def check(self, num_clients: int, degree: int, threshold: int) -> None:
+        """Raise :class:`SecAggProtocolError` naming the problem unless the setup is acceptable."""
+        if not self.min_clients <= num_clients <= self.max_clients:
+            raise SecAggProtocolError(
+                f"setup refused: a round of {num_clients} clients is outside this client's "
+                f"accepted population [{self.min_clients}, {self.max_clients}]"
+            )
+        least = minimum_threshold(num_clients, degree, self.corrupted_fraction,
+                                  self.dropout_rate, self.security_bits)
+        if least is None:
+            raise SecAggProtocolError(
+                f"setup refused: degree k={degree} for n={num_clients} cannot be secure with "
+                f"tolerated corrupted fraction {self.corrupted_fraction:g} and dropout rate "
+                f"{self.dropout_rate:g} at {self.security_bits:g} bits (no threshold works)"
+            )
+        if threshold < least:
+            raise SecAggProtocolError(
+                f"setup refused: threshold t={threshold} is below the minimum t={least} this "
+                f"client derives for n={num_clients}, k={degree}, tolerated corrupted fraction "
+                f"{self.corrupted_fraction:g} (threshold-lowering attack?)"
+            )

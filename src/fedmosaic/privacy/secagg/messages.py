@@ -1,26 +1,30 @@
 """The messages of SecAgg+ and their byte encoding.
 
-The four client/server exchanges follow Bonawitz et al., CCS 2017, "Practical Secure
-Aggregation for Privacy-Preserving Machine Learning" (§4, rounds 0-3 without the optional
-consistency check), restricted to the neighbour graph of Bell et al., CCS 2020, "Secure
-Single-Server Aggregation with (Poly)Logarithmic Overhead":
+The client/server exchanges follow the malicious-server ("active") variant of Bonawitz et al.,
+CCS 2017, "Practical Secure Aggregation for Privacy-Preserving Machine Learning" (§4, Fig. 4:
+signed key advertisement and the ConsistencyCheck round), restricted to the neighbour graph of
+Bell et al., CCS 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead":
 
-==========================  =========================  =====================================
-server -> client            client -> server           content
-==========================  =========================  =====================================
-:class:`SetupMessage`       :class:`AdvertiseKeys`     round parameters / two X25519 keys
-:class:`KeysBroadcast`      :class:`ShareKeys`         neighbours' keys / encrypted shares
-:class:`SharesBroadcast`    :class:`MaskedInput`       shares addressed to u / masked vector
-:class:`UnmaskRequest`      :class:`UnmaskResponse`    who survived or dropped / the shares
-==========================  =========================  =====================================
+============================  ============================  ===================================
+server -> client              client -> server              content
+============================  ============================  ===================================
+:class:`SetupMessage`         :class:`AdvertiseKeys`        parameters / two X25519 keys, a
+                                                            graph-seed contribution, signed
+:class:`KeysBroadcast`        :class:`ShareKeys`            every member's signed keys (the
+                                                            roster) / encrypted shares
+:class:`SharesBroadcast`      :class:`MaskedInput`          shares addressed to u / masked y_u
+:class:`ConsistencyRequest`   :class:`ConsistencySignature` survivor set U3 / signature on it
+:class:`UnmaskRequest`        :class:`UnmaskResponse`       U3 and the signatures / the shares
+============================  ============================  ===================================
 
-Messages hold only ints, bytes and (for the masked vector) a numpy array, so a transport can
-carry them as they are or as :meth:`to_bytes`; :func:`decode_message` reverses the encoding
-and rejects anything malformed with :class:`SecAggProtocolError`.
+Messages hold only ints, bytes, strings and (for the masked vector) a numpy array, so a
+transport can carry them as they are or as :meth:`to_bytes`; :func:`decode_message` reverses
+the encoding and rejects anything malformed with :class:`SecAggProtocolError`.
 
 Wire format: a 12-byte header ``"SA" | version u8 | type u8 | round_id u64``, then the body;
 all integers little-endian. Lists are a count, then every id (u32 each), then every
-fixed-size blob, so encoding and decoding are a few numpy/bytes operations per message.
+fixed-size blob; variable-size fields (signatures, certificates, identities) are a length and
+the bytes, with limits from :mod:`fedmosaic.privacy.secagg.identity`.
 """
 
 from __future__ import annotations
@@ -43,15 +47,27 @@ from fedmosaic.privacy.secagg.crypto import (
 )
 from fedmosaic.privacy.secagg.errors import SecAggProtocolError
 from fedmosaic.privacy.secagg.graph import NeighbourGraph
+from fedmosaic.privacy.secagg.identity import (
+    MAX_CREDENTIAL_BYTES,
+    MAX_IDENTITY_BYTES,
+    MAX_SIGNATURE_BYTES,
+)
 
 MAGIC = b"SA"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<2sBBQ")
 #: Bytes of one encrypted share pair: nonce, (share of b_u || share of s_u), GCM tag.
 SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 _SESSION_LABEL = b"fedmosaic/secagg+/v1/session/"
+_ADVERTISE_LABEL = b"fedmosaic/secagg+/v2/advertise-keys/"
+_CONSISTENCY_LABEL = b"fedmosaic/secagg+/v2/consistency-check/"
+_GRAPH_SEED_LABEL = b"fedmosaic/secagg+/v2/graph-seed/"
+_COMMITMENT_LABEL = b"fedmosaic/secagg+/v2/self-mask-commitment/"
+#: Bytes of a client's graph-seed contribution and of a self-mask seed commitment.
+CONTRIBUTION_BYTES = 32
+COMMITMENT_BYTES = 32
 
 
 class MessageType(IntEnum):
@@ -63,6 +79,8 @@ class MessageType(IntEnum):
     MASKED_INPUT = 6
     UNMASK_REQUEST = 7
     UNMASK_RESPONSE = 8
+    CONSISTENCY_REQUEST = 9
+    CONSISTENCY_SIGNATURE = 10
 
 
 class _Reader:
@@ -90,6 +108,18 @@ class _Reader:
         raw = self.take(count * size)
         return tuple(raw[i * size : (i + 1) * size] for i in range(count))
 
+    def blob(self, limit: int) -> bytes:
+        (size,) = self.unpack("<I")
+        if size > limit:
+            raise SecAggProtocolError(f"a field of {size} bytes exceeds its limit of {limit}")
+        return self.take(size)
+
+    def text(self) -> str:
+        try:
+            return self.blob(MAX_IDENTITY_BYTES).decode()
+        except UnicodeDecodeError as err:
+            raise SecAggProtocolError("an identity is not UTF-8") from err
+
     def finish(self) -> None:
         if self.offset != len(self.data):
             raise SecAggProtocolError(f"{len(self.data) - self.offset} trailing bytes in message")
@@ -116,6 +146,16 @@ def _ids(values: tuple[int, ...] | list[int]) -> bytes:
     return np.asarray(values, dtype="<u4").tobytes()
 
 
+def _blob(data: bytes, limit: int, what: str) -> bytes:
+    if len(data) > limit:
+        raise SecAggProtocolError(f"{what} of {len(data)} bytes exceeds its limit of {limit}")
+    return struct.pack("<I", len(data)) + data
+
+
+def _text(value: str) -> bytes:
+    return _blob(value.encode(), MAX_IDENTITY_BYTES, "an identity")
+
+
 def _check_u32(name: str, value: int) -> None:
     if not 0 <= value <= _U32_MAX:
         raise SecAggProtocolError(f"{name} {value} does not fit in 32 bits")
@@ -125,8 +165,10 @@ def _check_u32(name: str, value: int) -> None:
 class SecAggConfig:
     """Everything the server announces in round 0; every participant derives the rest from it.
 
-    ``graph_seed`` is public: it fixes the random relabelling of the Harary graph (see
-    :mod:`fedmosaic.privacy.secagg.graph`). ``session_id`` hashes the whole configuration and is
+    ``graph_seed`` is the server's public share of the graph seed: the random relabelling of
+    the Harary graph (see :mod:`fedmosaic.privacy.secagg.graph`) comes from
+    :func:`roster_graph_seed`, a hash of it and of every member's signed contribution, so no
+    single party chooses the graph. ``session_id`` hashes the whole configuration and is
     mixed into every key derivation, so keys never carry over between rounds and participants
     that disagree on any parameter fail authentication instead of producing a wrong sum.
     """
@@ -176,8 +218,42 @@ class SecAggConfig:
     def value_dtype(self) -> np.dtype:
         return ring_dtype(self.bits)
 
-    def graph(self) -> NeighbourGraph:
-        return NeighbourGraph(self.num_clients, self.degree, self.graph_seed)
+    def graph(self, seed: bytes) -> NeighbourGraph:
+        """The round's graph for the seed of :func:`roster_graph_seed`."""
+        return NeighbourGraph(self.num_clients, self.degree, seed)
+
+
+def roster_graph_seed(config: SecAggConfig, contributions: dict[int, bytes]) -> bytes:
+    """The graph seed: SHA-256 of the session and every advertised member's contribution.
+
+    Fixed only once every key is in, by the server's setup nonce and the clients' random
+    contributions together (each signed by its client), so neither the server nor any one
+    client picks the graph: see ``docs/security.md`` for the grinding a colluding party can
+    still do by choosing whom to leave out.
+    """
+    parts = [_GRAPH_SEED_LABEL, config.session_id, struct.pack("<I", len(contributions))]
+    for u in sorted(contributions):
+        parts.append(struct.pack("<I", u) + contributions[u])
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def advertise_payload(session_id: bytes, sender: int, identity: str, c_public: bytes,
+                      s_public: bytes, contribution: bytes) -> bytes:
+    """What a client signs in :class:`AdvertiseKeys`: round, index, identity, keys, contribution."""
+    return b"".join([_ADVERTISE_LABEL, session_id, struct.pack("<I", sender), _text(identity),
+                     c_public, s_public, contribution])
+
+
+def consistency_payload(session_id: bytes, survivors: tuple[int, ...]) -> bytes:
+    """What a client signs in the consistency check: the round and the survivor set U3."""
+    return b"".join([_CONSISTENCY_LABEL, session_id, struct.pack("<I", len(survivors)),
+                     _ids(survivors)])
+
+
+def self_mask_commitment(session_id: bytes, sender: int, self_seed: bytes) -> bytes:
+    """Hash commitment to ``b_u``: lets the server tell a corrupt share from a good one."""
+    return hashlib.sha256(_COMMITMENT_LABEL + session_id + struct.pack("<I", sender)
+                          + self_seed).digest()
 
 
 @dataclass(frozen=True)
@@ -201,69 +277,101 @@ class SetupMessage(_Wire):
 
 @dataclass(frozen=True)
 class AdvertiseKeys(_Wire):
-    """Round 1, client -> server: public keys ``c_u`` (share encryption) and ``s_u`` (masks)."""
+    """Round 1, client -> server: public keys ``c_u`` (share encryption) and ``s_u`` (masks),
+    a random graph-seed contribution, the client's signature over them
+    (:func:`advertise_payload`) and its credential (certificate DER; empty in simulation)."""
 
     round_id: int
     sender: int
     c_public: bytes
     s_public: bytes
+    contribution: bytes = field(default=bytes(CONTRIBUTION_BYTES))
+    signature: bytes = b""
+    credential: bytes = field(default=b"", repr=False)
 
     def to_bytes(self) -> bytes:
         _check_u32("sender", self.sender)
-        if len(self.c_public) != PUBLIC_KEY_BYTES or len(self.s_public) != PUBLIC_KEY_BYTES:
-            raise SecAggProtocolError("public keys must be 32 bytes")
-        return (
-            _header(MessageType.ADVERTISE_KEYS, self.round_id)
-            + struct.pack("<I", self.sender)
-            + self.c_public
-            + self.s_public
-        )
+        _check_keys(self.c_public, self.s_public, self.contribution)
+        return b"".join([
+            _header(MessageType.ADVERTISE_KEYS, self.round_id),
+            struct.pack("<I", self.sender), self.c_public, self.s_public, self.contribution,
+            _blob(self.signature, MAX_SIGNATURE_BYTES, "a signature"),
+            _blob(self.credential, MAX_CREDENTIAL_BYTES, "a credential"),
+        ])
 
     @classmethod
     def _decode(cls, round_id: int, reader: _Reader) -> AdvertiseKeys:
         (sender,) = reader.unpack("<I")
-        return cls(round_id, sender, reader.take(PUBLIC_KEY_BYTES), reader.take(PUBLIC_KEY_BYTES))
+        keys = (reader.take(PUBLIC_KEY_BYTES), reader.take(PUBLIC_KEY_BYTES),
+                reader.take(CONTRIBUTION_BYTES))
+        return cls(round_id, sender, *keys, reader.blob(MAX_SIGNATURE_BYTES),
+                   reader.blob(MAX_CREDENTIAL_BYTES))
+
+
+def _check_keys(c_public: bytes, s_public: bytes, contribution: bytes) -> None:
+    if len(c_public) != PUBLIC_KEY_BYTES or len(s_public) != PUBLIC_KEY_BYTES:
+        raise SecAggProtocolError("public keys must be 32 bytes")
+    if len(contribution) != CONTRIBUTION_BYTES:
+        raise SecAggProtocolError(f"a graph-seed contribution has {CONTRIBUTION_BYTES} bytes")
 
 
 @dataclass(frozen=True)
-class NeighbourKeys:
-    """The two public keys of one neighbour, as relayed by the server."""
+class RosterEntry:
+    """One member's signed advertisement as relayed by the server, with the identity the
+    server claims for that index (checked against the credential by the receiver)."""
 
     client_id: int
+    identity: str
     c_public: bytes
     s_public: bytes
+    contribution: bytes
+    signature: bytes
+    credential: bytes = field(default=b"", repr=False)
+
+    def to_bytes(self) -> bytes:
+        _check_keys(self.c_public, self.s_public, self.contribution)
+        return b"".join([
+            struct.pack("<I", self.client_id), _text(self.identity), self.c_public,
+            self.s_public, self.contribution,
+            _blob(self.signature, MAX_SIGNATURE_BYTES, "a signature"),
+            _blob(self.credential, MAX_CREDENTIAL_BYTES, "a credential"),
+        ])
+
+    @classmethod
+    def read(cls, reader: _Reader) -> RosterEntry:
+        (client_id,) = reader.unpack("<I")
+        identity = reader.text()
+        keys = (reader.take(PUBLIC_KEY_BYTES), reader.take(PUBLIC_KEY_BYTES),
+                reader.take(CONTRIBUTION_BYTES))
+        return cls(client_id, identity, *keys, reader.blob(MAX_SIGNATURE_BYTES),
+                   reader.blob(MAX_CREDENTIAL_BYTES))
 
 
 @dataclass(frozen=True)
 class KeysBroadcast(_Wire):
-    """Round 1, server -> client ``recipient``: the keys of its neighbours that advertised."""
+    """Round 1, server -> client ``recipient``: the roster, every member that advertised keys.
+
+    All members, not only the recipient's neighbours: the graph seed hashes every member's
+    contribution, so each client needs (and verifies) all of them -- O(n) bytes per client.
+    """
 
     round_id: int
     recipient: int
-    keys: tuple[NeighbourKeys, ...]
+    entries: tuple[RosterEntry, ...]
 
     def to_bytes(self) -> bytes:
-        for entry in self.keys:
-            if len(entry.c_public) != PUBLIC_KEY_BYTES or len(entry.s_public) != PUBLIC_KEY_BYTES:
-                raise SecAggProtocolError("public keys must be 32 bytes")
-        return b"".join(
-            [
-                _header(MessageType.KEYS_BROADCAST, self.round_id),
-                struct.pack("<II", self.recipient, len(self.keys)),
-                _ids([e.client_id for e in self.keys]),
-                *(e.c_public + e.s_public for e in self.keys),
-            ]
-        )
+        return b"".join([
+            _header(MessageType.KEYS_BROADCAST, self.round_id),
+            struct.pack("<II", self.recipient, len(self.entries)),
+            *(e.to_bytes() for e in self.entries),
+        ])
 
     @classmethod
     def _decode(cls, round_id: int, reader: _Reader) -> KeysBroadcast:
         recipient, count = reader.unpack("<II")
-        ids = reader.ids(count)
-        blobs = reader.blobs(count, 2 * PUBLIC_KEY_BYTES)
-        keys = tuple(
-            NeighbourKeys(i, b[:PUBLIC_KEY_BYTES], b[PUBLIC_KEY_BYTES:]) for i, b in zip(ids, blobs)
-        )
-        return cls(round_id, recipient, keys)
+        if count > len(reader.data):  # every entry takes bytes: a huge count is a lie
+            raise SecAggProtocolError("message truncated")
+        return cls(round_id, recipient, tuple(RosterEntry.read(reader) for _ in range(count)))
 
 
 def _encode_addressed(
@@ -297,15 +405,19 @@ class ShareKeys(_Wire):
     round_id: int
     sender: int
     ciphertexts: tuple[tuple[int, bytes], ...]
+    #: :func:`self_mask_commitment` of ``b_u``, so the server can check a reconstruction.
+    seed_commitment: bytes = bytes(COMMITMENT_BYTES)
 
     def to_bytes(self) -> bytes:
+        if len(self.seed_commitment) != COMMITMENT_BYTES:
+            raise SecAggProtocolError(f"a commitment has {COMMITMENT_BYTES} bytes")
         return _encode_addressed(
             MessageType.SHARE_KEYS, self.round_id, self.sender, self.ciphertexts
-        )
+        ) + self.seed_commitment
 
     @classmethod
     def _decode(cls, round_id: int, reader: _Reader) -> ShareKeys:
-        return cls(round_id, *_decode_addressed(reader))
+        return cls(round_id, *_decode_addressed(reader), reader.take(COMMITMENT_BYTES))
 
 
 @dataclass(frozen=True)
@@ -357,33 +469,76 @@ class MaskedInput(_Wire):
 
 
 @dataclass(frozen=True)
-class UnmaskRequest(_Wire):
-    """Round 3, server -> surviving client: its neighbours that survived / dropped after round 2.
+class ConsistencyRequest(_Wire):
+    """Round 3 (ConsistencyCheck), server -> surviving client: the survivor set ``U3``, the
+    clients whose masked input arrived. The client signs it (:func:`consistency_payload`)."""
 
-    ``survived`` are the neighbours whose masked input arrived (reveal the share of their
-    self-mask seed ``b_v``); ``dropped`` sent shares but no masked input (reveal the share of
-    their masking key ``s_v``).
+    round_id: int
+    recipient: int
+    survivors: tuple[int, ...]
+
+    def to_bytes(self) -> bytes:
+        return b"".join([
+            _header(MessageType.CONSISTENCY_REQUEST, self.round_id),
+            struct.pack("<II", self.recipient, len(self.survivors)), _ids(self.survivors),
+        ])
+
+    @classmethod
+    def _decode(cls, round_id: int, reader: _Reader) -> ConsistencyRequest:
+        recipient, count = reader.unpack("<II")
+        return cls(round_id, recipient, reader.ids(count))
+
+
+@dataclass(frozen=True)
+class ConsistencySignature(_Wire):
+    """Round 3, client -> server: the client's signature on ``(round, U3)``."""
+
+    round_id: int
+    sender: int
+    signature: bytes
+
+    def to_bytes(self) -> bytes:
+        return (_header(MessageType.CONSISTENCY_SIGNATURE, self.round_id)
+                + struct.pack("<I", self.sender)
+                + _blob(self.signature, MAX_SIGNATURE_BYTES, "a signature"))
+
+    @classmethod
+    def _decode(cls, round_id: int, reader: _Reader) -> ConsistencySignature:
+        (sender,) = reader.unpack("<I")
+        return cls(round_id, sender, reader.blob(MAX_SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(_Wire):
+    """Round 4, server -> client that signed: ``U3`` again and the signatures collected on it.
+
+    The client answers only if ``U3`` is the set it signed and, for each neighbour ``v``
+    whose share it reveals, at least ``t`` neighbours of ``v`` signed that same ``U3``; it
+    then reveals the share of ``b_v`` if ``v`` is in ``U3`` and of ``s_v`` otherwise -- the
+    request names no owners, so the server cannot ask for anything else.
     """
 
     round_id: int
     recipient: int
-    survived: tuple[int, ...]
-    dropped: tuple[int, ...]
+    survivors: tuple[int, ...]
+    signatures: tuple[tuple[int, bytes], ...]
 
     def to_bytes(self) -> bytes:
-        return b"".join(
-            [
-                _header(MessageType.UNMASK_REQUEST, self.round_id),
-                struct.pack("<III", self.recipient, len(self.survived), len(self.dropped)),
-                _ids(self.survived),
-                _ids(self.dropped),
-            ]
-        )
+        return b"".join([
+            _header(MessageType.UNMASK_REQUEST, self.round_id),
+            struct.pack("<III", self.recipient, len(self.survivors), len(self.signatures)),
+            _ids(self.survivors),
+            _ids([v for v, _ in self.signatures]),
+            *(_blob(sig, MAX_SIGNATURE_BYTES, "a signature") for _, sig in self.signatures),
+        ])
 
     @classmethod
     def _decode(cls, round_id: int, reader: _Reader) -> UnmaskRequest:
-        recipient, n_survived, n_dropped = reader.unpack("<III")
-        return cls(round_id, recipient, reader.ids(n_survived), reader.ids(n_dropped))
+        recipient, n_survivors, n_signatures = reader.unpack("<III")
+        survivors = reader.ids(n_survivors)
+        signers = reader.ids(n_signatures)
+        signatures = tuple((v, reader.blob(MAX_SIGNATURE_BYTES)) for v in signers)
+        return cls(round_id, recipient, survivors, signatures)
 
 
 @dataclass(frozen=True)
@@ -426,6 +581,8 @@ Message = (
     | ShareKeys
     | SharesBroadcast
     | MaskedInput
+    | ConsistencyRequest
+    | ConsistencySignature
     | UnmaskRequest
     | UnmaskResponse
 )
@@ -439,6 +596,8 @@ _DECODERS = {
     MessageType.MASKED_INPUT: MaskedInput,
     MessageType.UNMASK_REQUEST: UnmaskRequest,
     MessageType.UNMASK_RESPONSE: UnmaskResponse,
+    MessageType.CONSISTENCY_REQUEST: ConsistencyRequest,
+    MessageType.CONSISTENCY_SIGNATURE: ConsistencySignature,
 }
 
 

@@ -1,40 +1,46 @@
-"""SecAgg+ client and server as message-driven state machines.
+"""SecAgg+ client and server as message-driven state machines, secure against a malicious server.
 
 One :class:`SecAggPlusClient` per client per round and one :class:`SecAggPlusServer` per round
 exchange the messages of :mod:`fedmosaic.privacy.secagg.messages`; neither touches a network,
 so the same objects run in-process (:mod:`fedmosaic.privacy.secagg.simulate`) or behind any
-transport. The protocol is Bonawitz et al., CCS 2017, "Practical Secure Aggregation for
-Privacy-Preserving Machine Learning", with the neighbour graph of Bell et al., CCS 2020,
-"Secure Single-Server Aggregation with (Poly)Logarithmic Overhead" (SecAgg+):
+transport. The protocol is the malicious-server ("active") variant of Bonawitz et al., CCS
+2017, "Practical Secure Aggregation for Privacy-Preserving Machine Learning" (§4, Fig. 4),
+with the neighbour graph of Bell et al., CCS 2020, "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead" (SecAgg+):
 
-0. *setup* -- the server announces round id, ``n``, ``t``, ``k``, the public graph seed, the
-   vector length and the modulus ``2**bits``;
-1. *advertise keys* -- each client ``u`` sends two fresh X25519 public keys ``c_u``, ``s_u``;
-   the server sends each client the keys of its neighbours;
-2. *share keys* -- ``u`` draws a self-mask seed ``b_u`` and Shamir-shares ``b_u`` and the raw
-   private key ``s_u`` ``t``-out-of-``|N(u)|`` among its neighbours, each pair of shares
-   encrypted to its recipient under an AES-GCM key from the ``c`` key agreement; the server
-   routes the ciphertexts;
+0. *setup* -- the server announces round id, ``n``, ``t``, ``k``, its graph-seed nonce, the
+   vector length and the modulus ``2**bits``; each client checks ``n``, ``k`` and ``t``
+   against its *own* :class:`~fedmosaic.privacy.secagg.graph.SecAggBounds` and refuses a
+   weaker setup (threshold lowering);
+1. *advertise keys* -- each client ``u`` sends two fresh X25519 public keys ``c_u``, ``s_u``
+   and a random contribution ``r_u`` to the graph seed, signed with its long-term key
+   (its mTLS certificate key in a deployment); the server relays every member's signed
+   advertisement (the roster) to every member, which verifies each signature against the
+   member's credential (key substitution is detected), hashes all contributions into the
+   graph seed and rebuilds the graph itself;
+2. *share keys* -- ``u`` draws a self-mask seed ``b_u``, commits to it and Shamir-shares
+   ``b_u`` and the raw private key ``s_u`` ``t``-out-of-``|N(u)|`` among its neighbours, each
+   pair of shares encrypted to its recipient under an AES-GCM key from the ``c`` agreement;
 3. *masked input* -- ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv)
-   - sum_{v < u} PRG(s_uv) mod 2^bits`` over the neighbours ``v`` whose shares it received,
-   ``s_uv`` being HKDF of the X25519 agreement of ``s_u`` and ``s_v``;
-4. *unmasking* -- the server tells each surviving client which of its neighbours survived
-   and which dropped after round 2; the client returns the share of ``b_v`` for each survivor
-   or of ``s_v`` for each dropped neighbour, never both for the same ``v``. The server
-   reconstructs, removes the self masks and the dropped clients' pairwise masks (the
-   survivors' pairwise masks cancel) and outputs the sum of the survivors' inputs.
+   - sum_{v < u} PRG(s_uv) mod 2^bits`` over the neighbours ``v`` whose shares it received;
+4. *consistency check* -- the server sends the survivor set ``U3`` (masked inputs received);
+   each survivor signs ``(round, U3)``;
+5. *unmasking* -- the server forwards ``U3`` and the signatures; a client answers only if
+   ``U3`` is the set it signed, and reveals, for each neighbour ``v`` that has at least ``t``
+   valid signatures on that ``U3`` from ``v``'s own neighbours, the share of ``b_v`` if
+   ``v`` is in ``U3`` and of ``s_v`` otherwise. The server reconstructs (checking every
+   secret against ``b_u``'s commitment or ``s_u``'s public key, and skipping corrupt shares
+   when spare ones allow), removes the masks and outputs the sum of the survivors' inputs.
 
-Threat model. Clients check everything they can see locally: parameters, ids, lengths, that
-shares only come from neighbours, authentication of every share, and -- the defence of
-Bonawitz et al. against the double-unmask attack -- that one unmask request never asks for
-both secrets of a client, never lists a client both as survivor and dropped, and never claims
-fewer than ``t`` surviving neighbours; a client answers at most one unmask request. A
-malicious server can still show *different* clients different survivor sets; against that,
-SecAgg+ relies on the threshold rule ``2t > k + (corrupted neighbours)`` of
-:func:`fedmosaic.privacy.secagg.graph.secagg_plus_parameters` (the honest neighbours of a
-client never hand out ``t`` shares of both of its secrets). Public keys are relayed by the
-server unauthenticated, as in the semi-honest variant of both papers; protecting them
-against a malicious server needs a PKI and the signed consistency round of Bonawitz et al.
+Why a malicious server cannot unmask a client ``v`` (exact conditions in ``docs/security.md``):
+its ``k - c_v`` honest neighbours each reveal one share of ``v`` (of ``b_v`` if they saw
+``v`` in ``U3``, of ``s_v`` otherwise) and only for a ``U3`` signed by ``t`` neighbours of
+``v``; honest clients sign one ``U3`` each, so two different ``U3`` with ``t`` signatures
+each need ``2t <= k + c_v``, which the client's minimum threshold rules out; and the ``c_v <
+t`` corrupted neighbours alone hold too few shares. Dropping honest clients to isolate ``v``
+fails the same way: its holders reveal nothing about ``v`` unless ``t`` of its neighbours
+survived and signed, so its input is only ever revealed inside a sum with at least ``t - c_v``
+honest neighbours.
 
 Dropouts are allowed at every stage: a client whose neighbourhood cannot hold ``t`` shares
 is left out before anyone masks with it, and the round succeeds whenever every needed
@@ -44,6 +50,8 @@ secret keeps ``t`` responding holders; otherwise the server raises
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -71,19 +79,33 @@ from fedmosaic.privacy.secagg.crypto import (
     system_random_bytes,
 )
 from fedmosaic.privacy.secagg.errors import SecAggAbortError, SecAggProtocolError
+from fedmosaic.privacy.secagg.graph import SecAggBounds, prune_members
+from fedmosaic.privacy.secagg.identity import (
+    PeerVerifier,
+    PublicKey,
+    SigningIdentity,
+    verify_signature,
+)
 from fedmosaic.privacy.secagg.messages import (
+    CONTRIBUTION_BYTES,
     SHARE_CIPHERTEXT_BYTES,
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeysBroadcast,
     MaskedInput,
     Message,
-    NeighbourKeys,
+    RosterEntry,
     SecAggConfig,
     SetupMessage,
     ShareKeys,
     SharesBroadcast,
     UnmaskRequest,
     UnmaskResponse,
+    advertise_payload,
+    consistency_payload,
+    roster_graph_seed,
+    self_mask_commitment,
 )
 
 
@@ -92,7 +114,7 @@ def _share_x(client_id: int) -> int:
     return client_id + 1
 
 
-def _check_unique(ids: tuple[int, ...] | list[int], what: str) -> None:
+def _check_unique(ids: Sequence[int], what: str) -> None:
     if len(set(ids)) != len(ids):
         raise SecAggProtocolError(f"{what} lists a client more than once")
 
@@ -116,6 +138,7 @@ class ClientStage(Enum):
     AWAITING_SETUP = "awaiting_setup"
     AWAITING_KEYS = "awaiting_keys"
     AWAITING_SHARES = "awaiting_shares"
+    AWAITING_CONSISTENCY = "awaiting_consistency"
     AWAITING_UNMASK = "awaiting_unmask"
     DONE = "done"
 
@@ -123,36 +146,47 @@ class ClientStage(Enum):
 class SecAggPlusClient:
     """One client's side of one SecAgg+ round.
 
+    ``signer`` is the client's long-term :class:`~fedmosaic.privacy.secagg.identity.
+    SigningIdentity` and ``verifier`` checks the other members' credentials
+    (:class:`~fedmosaic.privacy.secagg.identity.CertificateVerifier` in a deployment,
+    :class:`~fedmosaic.privacy.secagg.identity.StaticPki` in simulation). ``bounds`` is what
+    this client accepts, configured locally (never taken from the server).
+
     Every ``handle_*`` method validates its message completely before changing any state: a
     rejected message raises :class:`SecAggProtocolError` and leaves the client where it was.
     ``random_bytes`` defaults to the OS CSPRNG; pass a
     :class:`~fedmosaic.privacy.secagg.crypto.DeterministicRandom` only for reproducible tests.
-    ``max_clients`` caps the round size a client accepts: it rebuilds the graph from the seed
-    in O(n) memory, so a forged setup message must not be able to make it allocate gigabytes.
     """
 
     def __init__(
         self,
         client_id: int,
         *,
+        signer: SigningIdentity,
+        verifier: PeerVerifier,
+        bounds: SecAggBounds | None = None,
         random_bytes: RandomBytes = system_random_bytes,
-        max_clients: int = 1_000_000,
     ) -> None:
         if client_id < 0:
             raise ValueError(f"client ids are non-negative, got {client_id}")
         self.client_id = client_id
-        self.max_clients = max_clients
+        self.signer, self.verifier = signer, verifier
+        self.bounds = bounds or SecAggBounds()
         self._random = random_bytes
         self.stage = ClientStage.AWAITING_SETUP
         self._config: SecAggConfig | None = None
         self._session = b""
+        self._advert: AdvertiseKeys | None = None
         self._neighbours: frozenset[int] = frozenset()
+        self._neighbour_sets: list[frozenset[int]] = []
+        self._signing_keys: dict[int, PublicKey] = {}
         self._c_key: X25519PrivateKey | None = None
         self._s_key: X25519PrivateKey | None = None
         self._self_seed: bytes = b""
         self._peer_s_public: dict[int, bytes] = {}
         self._aead_keys: dict[int, bytes] = {}
         self._held: dict[int, tuple[bytes, bytes]] = {}
+        self._signed_survivors: tuple[int, ...] | None = None
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -195,72 +229,118 @@ class SecAggPlusClient:
 
     @property
     def neighbours(self) -> frozenset[int]:
-        """This client's neighbours in the round's graph (empty before setup)."""
+        """This client's neighbours that take part (empty before the key broadcast)."""
         return self._neighbours
+
+    # -- the malicious-server checks (each one a method, so a test can show what it stops) --
+
+    def check_setup(self, config: SecAggConfig) -> None:
+        """Refuse parameters weaker than this client's own bounds (threshold lowering)."""
+        self.bounds.check(config.num_clients, config.degree, config.threshold)
+
+    def verify_entry(self, config: SecAggConfig, entry: RosterEntry) -> PublicKey:
+        """The member's verified signing key; refuses a bad credential or signature (key
+        substitution)."""
+        key = self.verifier.public_key(entry.identity, entry.credential)
+        payload = advertise_payload(config.session_id, entry.client_id, entry.identity,
+                                    entry.c_public, entry.s_public, entry.contribution)
+        if not verify_signature(key, entry.signature, payload):
+            raise SecAggProtocolError(
+                f"client {self.client_id}: the keys relayed for client {entry.client_id} "
+                f"({entry.identity!r}) do not carry its valid signature (key substitution?)"
+            )
+        return key
+
+    def valid_signers(self, survivors: tuple[int, ...],
+                      signatures: tuple[tuple[int, bytes], ...]) -> set[int]:
+        """Members of ``U3`` whose consistency signature on ``U3`` verifies."""
+        payload = consistency_payload(self._session, survivors)
+        members = set(survivors)
+        return {
+            v for v, sig in signatures
+            if v in members and v in self._signing_keys
+            and verify_signature(self._signing_keys[v], sig, payload)
+        }
 
     # -- stages -----------------------------------------------------------------------------
 
     def handle_setup(self, message: SetupMessage) -> AdvertiseKeys:
-        """Round 0 -> 1: accept the parameters, build the graph, advertise two public keys."""
+        """Round 0 -> 1: accept the parameters, advertise two signed public keys."""
         self._check_stage(ClientStage.AWAITING_SETUP, message)
         config = message.config
         config.validate()
-        if config.num_clients > self.max_clients:
-            raise SecAggProtocolError(
-                f"round of {config.num_clients} clients exceeds this client's limit of "
-                f"{self.max_clients}"
-            )
         if self.client_id >= config.num_clients:
             raise SecAggProtocolError(
                 f"client id {self.client_id} is outside the round's {config.num_clients} clients"
             )
-        neighbours = frozenset(config.graph().neighbours(self.client_id))
+        self.check_setup(config)
         c_key = generate_private_key(self._random)
         s_key = generate_private_key(self._random)
-        self._config, self._session, self._neighbours = config, config.session_id, neighbours
-        self._c_key, self._s_key = c_key, s_key
+        contribution = self._random(CONTRIBUTION_BYTES)
+        c_public, s_public = public_key_bytes(c_key), public_key_bytes(s_key)
+        payload = advertise_payload(config.session_id, self.client_id, self.signer.identity,
+                                    c_public, s_public, contribution)
+        advert = AdvertiseKeys(config.round_id, self.client_id, c_public, s_public,
+                               contribution, self.signer.sign(payload), self.signer.credential)
+        self._config, self._session = config, config.session_id
+        self._c_key, self._s_key, self._advert = c_key, s_key, advert
         self.stage = ClientStage.AWAITING_KEYS
-        return AdvertiseKeys(
-            config.round_id, self.client_id, public_key_bytes(c_key), public_key_bytes(s_key)
-        )
+        return advert
+
+    def _check_roster(self, config: SecAggConfig, entries: tuple[RosterEntry, ...]) -> None:
+        ids = [e.client_id for e in entries]
+        _check_unique(ids, "the key broadcast")
+        if any(not 0 <= u < config.num_clients for u in ids):
+            raise SecAggProtocolError(f"client {self.client_id} got keys of non-members")
+        identities = [e.identity for e in entries]
+        if len(set(identities)) != len(identities):
+            raise SecAggProtocolError(
+                f"client {self.client_id}: the roster names one identity at several indices "
+                "(a Sybil attack by the server)"
+            )
+        mine = next((e for e in entries if e.client_id == self.client_id), None)
+        advert = self._advert
+        if mine is None or advert is None or (
+            mine.identity, mine.c_public, mine.s_public, mine.contribution
+        ) != (self.signer.identity, advert.c_public, advert.s_public, advert.contribution):
+            raise SecAggProtocolError(
+                f"client {self.client_id}: the roster misrepresents this client's own keys"
+            )
 
     def handle_keys(self, message: KeysBroadcast) -> ShareKeys:
-        """Round 1 -> 2: share ``b_u`` and ``s_u`` among the neighbours whose keys arrived."""
+        """Round 1 -> 2: verify the roster, rebuild the graph, share ``b_u`` and ``s_u``."""
         config = self._expect(ClientStage.AWAITING_KEYS, message)
         self._expect_recipient(message.recipient)
-        peers = [entry.client_id for entry in message.keys]
-        _check_unique(peers, "the key broadcast")
-        strangers = sorted(set(peers) - self._neighbours)
-        if strangers:
+        self._check_roster(config, message.entries)
+        if len(message.entries) < self.bounds.min_clients:
             raise SecAggProtocolError(
-                f"client {self.client_id} got keys of non-neighbours {strangers[:5]}"
+                f"client {self.client_id}: only {len(message.entries)} members advertised keys, "
+                f"fewer than this client's minimum population {self.bounds.min_clients}"
             )
-        if len(peers) < config.threshold:
+        signing_keys = {e.client_id: self.verify_entry(config, e) for e in message.entries}
+        by_id = {e.client_id: e for e in message.entries}
+        seed = roster_graph_seed(config, {u: e.contribution for u, e in by_id.items()})
+        neighbour_sets = config.graph(seed).neighbour_sets()
+        members = prune_members(neighbour_sets, by_id, config.threshold)
+        if self.client_id not in members:
             raise SecAggProtocolError(
-                f"client {self.client_id} got keys of {len(peers)} neighbours, fewer than the "
-                f"threshold t={config.threshold}: its secrets could never be reconstructed"
+                f"client {self.client_id} has fewer than t={config.threshold} neighbours that "
+                "advertised keys: its secrets could never be reconstructed"
             )
-        if any(
-            len(e.c_public) != PUBLIC_KEY_BYTES or len(e.s_public) != PUBLIC_KEY_BYTES
-            for e in message.keys
-        ):
-            raise SecAggProtocolError(f"client {self.client_id} got malformed public keys")
+        peers = sorted(neighbour_sets[self.client_id] & members)
         c_key, s_key = self._private_keys()
         aead_keys = {
-            e.client_id: derive_aead_key(
-                key_agreement(c_key, e.c_public), self._session, self.client_id, e.client_id
+            v: derive_aead_key(
+                key_agreement(c_key, by_id[v].c_public), self._session, self.client_id, v
             )
-            for e in message.keys
+            for v in peers
         }
-        s_public = {e.client_id: e.s_public for e in message.keys}
+        s_public = {v: by_id[v].s_public for v in peers}
         self_seed = self._random(32)
         xs = [_share_x(v) for v in peers]
         seed_shares = split_secret_bytes(self_seed, config.threshold, xs, self._random)
         key_shares = split_secret_bytes(
-            private_key_to_bytes(s_key),
-            config.threshold,
-            xs,
-            self._random,
+            private_key_to_bytes(s_key), config.threshold, xs, self._random
         )
         ciphertexts = tuple(
             (
@@ -275,8 +355,11 @@ class SecAggPlusClient:
             for v, b_share, s_share in zip(peers, seed_shares, key_shares)
         )
         self._aead_keys, self._peer_s_public, self._self_seed = aead_keys, s_public, self_seed
+        self._neighbours, self._neighbour_sets = frozenset(peers), neighbour_sets
+        self._signing_keys = signing_keys
         self.stage = ClientStage.AWAITING_SHARES
-        return ShareKeys(config.round_id, self.client_id, ciphertexts)
+        commitment = self_mask_commitment(self._session, self.client_id, self_seed)
+        return ShareKeys(config.round_id, self.client_id, ciphertexts, commitment)
 
     def handle_shares(self, message: SharesBroadcast, vector: np.ndarray) -> MaskedInput:
         """Round 2 -> 3: keep the shares addressed to us and upload the masked input ``y_u``.
@@ -338,45 +421,73 @@ class SecAggPlusClient:
         self._self_seed = b""
         self._c_key = self._s_key = None
         self._aead_keys = {}
-        self.stage = ClientStage.AWAITING_UNMASK
+        self.stage = ClientStage.AWAITING_CONSISTENCY
         return MaskedInput(config.round_id, self.client_id, masked.value())
 
-    def handle_unmask(self, message: UnmaskRequest) -> UnmaskResponse:
-        """Round 3 -> 4: reveal ``b_v`` shares of survivors or ``s_v`` shares of dropped clients.
+    def handle_consistency(self, message: ConsistencyRequest) -> ConsistencySignature:
+        """Round 3 -> 4 (ConsistencyCheck): sign the survivor set ``U3``, once."""
+        config = self._expect(ClientStage.AWAITING_CONSISTENCY, message)
+        self._expect_recipient(message.recipient)
+        survivors = tuple(message.survivors)
+        _check_unique(survivors, "the survivor set")
+        if list(survivors) != sorted(survivors) or self.client_id not in survivors:
+            raise SecAggProtocolError(
+                f"client {self.client_id}: the survivor set must be sorted and include it"
+            )
+        if any(v not in self._signing_keys for v in survivors):
+            raise SecAggProtocolError(f"client {self.client_id}: the survivor set names "
+                                      "clients that did not advertise keys")
+        if len(survivors) < config.threshold:
+            raise SecAggProtocolError(
+                f"client {self.client_id} refuses to sign a survivor set of {len(survivors)} "
+                f"clients, fewer than t={config.threshold}"
+            )
+        signature = self.signer.sign(consistency_payload(self._session, survivors))
+        self._signed_survivors = survivors
+        self.stage = ClientStage.AWAITING_UNMASK
+        return ConsistencySignature(config.round_id, self.client_id, signature)
 
-        Refuses (``SecAggProtocolError``) any request that would reveal both secrets of a
-        client, lists a client as both survived and dropped, names a client whose shares this
-        client does not hold, or claims fewer than ``t`` surviving neighbours; and answers only
-        once per round.
+    def unmask_owners(self, message: UnmaskRequest) -> tuple[list[int], list[int]]:
+        """The owners whose ``b`` shares (in ``U3``) and ``s`` shares (not in ``U3``) this
+        client reveals: only those with ``t`` valid signatures on the signed ``U3`` from their
+        own neighbours, so no two honest holders of a client's shares act on different views."""
+        config = self._config
+        assert config is not None
+        if message.survivors != self._signed_survivors:
+            raise SecAggProtocolError(
+                f"client {self.client_id} refuses the unmask request: its survivor set is not "
+                "the one this client signed (the server shows clients different views)"
+            )
+        _check_unique([v for v, _ in message.signatures], "the consistency signatures")
+        signers = self.valid_signers(message.survivors, message.signatures)
+        survivors = set(message.survivors)
+        confirmed = [
+            v for v in sorted(self._held)
+            if len(self._neighbour_sets[v] & signers) >= config.threshold
+        ]
+        if not confirmed:
+            raise SecAggProtocolError(
+                f"client {self.client_id} refuses the unmask request: no neighbour has t="
+                f"{config.threshold} valid consistency signatures from its own neighbours "
+                f"({len(signers)} valid signatures in all)"
+            )
+        return ([v for v in confirmed if v in survivors],
+                [v for v in confirmed if v not in survivors])
+
+    def handle_unmask(self, message: UnmaskRequest) -> UnmaskResponse:
+        """Round 4 -> done: reveal ``b_v`` shares of survivors or ``s_v`` shares of dropped ones.
+
+        Never both for the same ``v``: which one follows from the signed ``U3``, the same for
+        every honest holder (see :meth:`unmask_owners`); answers only once per round.
         """
         config = self._expect(ClientStage.AWAITING_UNMASK, message)
         self._expect_recipient(message.recipient)
-        _check_unique(message.survived, "the unmask request's survivors")
-        _check_unique(message.dropped, "the unmask request's dropped clients")
-        both = sorted(set(message.survived) & set(message.dropped))
-        if both:
-            raise SecAggProtocolError(
-                f"client {self.client_id} refuses the unmask request: clients {both[:5]} are "
-                "claimed both survived and dropped, which would reveal both the self-mask seed "
-                "and the masking key of each (double-unmask attack)"
-            )
-        unknown = sorted((set(message.survived) | set(message.dropped)) - set(self._held))
-        if unknown:
-            raise SecAggProtocolError(
-                f"client {self.client_id} holds no shares of clients {unknown[:5]} named in the "
-                "unmask request"
-            )
-        if len(message.survived) < config.threshold:
-            raise SecAggProtocolError(
-                f"client {self.client_id} refuses the unmask request: fewer than t="
-                f"{config.threshold} survivors claimed among its neighbours "
-                f"({len(message.survived)}), so no input could be unmasked correctly"
-            )
+        survived, dropped = self.unmask_owners(message)
         response = UnmaskResponse(
             config.round_id,
             self.client_id,
-            seed_shares=tuple((v, self._held[v][0]) for v in message.survived),
-            key_shares=tuple((v, self._held[v][1]) for v in message.dropped),
+            seed_shares=tuple((v, self._held[v][0]) for v in survived),
+            key_shares=tuple((v, self._held[v][1]) for v in dropped),
         )
         self._held = {}
         self.stage = ClientStage.DONE
@@ -392,6 +503,8 @@ class SecAggPlusClient:
             if vector is None:
                 raise ValueError("the share broadcast needs the client's input vector")
             return self.handle_shares(message, vector)
+        if isinstance(message, ConsistencyRequest):
+            return self.handle_consistency(message)
         if isinstance(message, UnmaskRequest):
             return self.handle_unmask(message)
         raise SecAggProtocolError(f"clients do not accept {type(message).__name__} messages")
@@ -404,6 +517,7 @@ class ServerStage(Enum):
     COLLECT_KEYS = "collect_keys"
     COLLECT_SHARES = "collect_shares"
     COLLECT_MASKED = "collect_masked"
+    COLLECT_CONSISTENCY = "collect_consistency"
     COLLECT_UNMASK = "collect_unmask"
     DONE = "done"
     ABORTED = "aborted"
@@ -411,42 +525,66 @@ class ServerStage(Enum):
 
 @dataclass(frozen=True, eq=False)
 class AggregateResult:
-    """The server's output: the sum mod 2^bits of the inputs of ``survivors``."""
+    """The server's output: the sum mod 2^bits of the inputs of ``survivors``.
+
+    ``corrupt_share_senders`` are clients whose unmask shares failed the checks; their shares
+    were skipped (the spare shares sufficed). Their own inputs are in the sum when they are
+    survivors: their masked input was taken before they misbehaved.
+    """
 
     total: np.ndarray = field(repr=False)
     survivors: tuple[int, ...]
+    corrupt_share_senders: tuple[int, ...] = ()
+
+
+#: Random t-subsets tried to find ``t`` consistent shares once the first subset failed.
+RECONSTRUCTION_ATTEMPTS = 200
 
 
 class SecAggPlusServer:
     """The server's side of one SecAgg+ round.
 
+    ``identities[u]`` is the identity the server claims for index ``u`` (a deployment: the
+    client id of the verified mTLS peer), relayed with each member's keys; each client checks
+    it against the member's credential. ``verifier`` (optional) lets an honest server drop a
+    member with a bad signature at once, instead of every client refusing the roster.
+
     Call order: :meth:`setup_message`; :meth:`receive` each :class:`AdvertiseKeys`;
     :meth:`broadcast_keys`; :meth:`receive` each :class:`ShareKeys`; :meth:`route_shares`;
-    :meth:`receive` each :class:`MaskedInput`; :meth:`request_unmask`; :meth:`receive` each
+    :meth:`receive` each :class:`MaskedInput`; :meth:`request_consistency`; :meth:`receive`
+    each :class:`ConsistencySignature`; :meth:`request_unmask`; :meth:`receive` each
     :class:`UnmaskResponse`; :meth:`finalize`. The stage-closing calls decide who is still
     in (messages not received by then count as dropouts). A rejected client message raises
     :class:`SecAggProtocolError` and changes nothing; the caller can treat its sender as
     dropped. Masked inputs are summed on arrival, so the server holds one vector, not ``n``.
     """
 
-    def __init__(self, config: SecAggConfig) -> None:
+    def __init__(self, config: SecAggConfig, identities: Sequence[str],
+                 verifier: PeerVerifier | None = None) -> None:
         config.validate()
+        if len(identities) != config.num_clients:
+            raise ValueError(f"{len(identities)} identities for {config.num_clients} clients")
         self.config = config
+        self.identities = list(identities)
+        self.verifier = verifier
         self._session = config.session_id
-        self.graph = config.graph()
-        self._neighbours = self.graph.neighbour_sets()
+        self._neighbours: list[frozenset[int]] = []
         self.stage = ServerStage.COLLECT_KEYS
-        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._adverts: dict[int, AdvertiseKeys] = {}
         self._keyed: dict[int, frozenset[int]] = {}  # u -> neighbours whose keys u got
         self._ciphertexts: dict[int, dict[int, bytes]] = {}
+        self._commitments: dict[int, bytes] = {}
         self._holders: dict[int, frozenset[int]] = {}  # u -> neighbours holding u's shares
         self._sum = MaskAccumulator(config.dim, config.bits)
         self._masked: set[int] = set()
-        self._requests: dict[int, UnmaskRequest] = {}
+        self._survivors: tuple[int, ...] = ()
+        self._signatures: dict[int, bytes] = {}
+        self._requested: set[int] = set()
         self._seed_shares: dict[int, dict[int, bytes]] = {}
         self._key_shares: dict[int, dict[int, bytes]] = {}
         self._responded: set[int] = set()
         self._needed_keys: list[int] = []
+        self._corrupt: set[int] = set()  # Shamir x of senders caught with a corrupt share
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -470,27 +608,20 @@ class SecAggPlusServer:
         self._seed_shares, self._key_shares, self._ciphertexts = {}, {}, {}
         return SecAggAbortError(reason)
 
-    def _prune(self, members: set[int]) -> set[int]:
-        """Largest subset in which every client has >= t neighbours (else its shares are useless).
-
-        A client whose neighbourhood cannot hold t shares could never be unmasked, and anyone
-        who masked with it could not be unmasked either, so it is removed before anyone does.
-        """
-        t = self.config.threshold
-        alive = set(members)
-        changed = True
-        while changed:
-            changed = False
-            for u in list(alive):
-                if len(self._neighbours[u] & alive) < t:
-                    alive.discard(u)
-                    changed = True
-        return alive
+    def roster_entry(self, u: int) -> RosterEntry:
+        a = self._adverts[u]
+        return RosterEntry(u, self.identities[u], a.c_public, a.s_public, a.contribution,
+                           a.signature, a.credential)
 
     @property
     def survivors(self) -> tuple[int, ...]:
         """Clients whose masked input has arrived so far."""
         return tuple(sorted(self._masked))
+
+    @property
+    def neighbour_sets(self) -> list[frozenset[int]]:
+        """Every node's neighbours in the round's graph (known once the keys are in)."""
+        return self._neighbours
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -503,27 +634,37 @@ class SecAggPlusServer:
         u = message.sender
         if not 0 <= u < self.config.num_clients:
             raise SecAggProtocolError(f"sender {u} is not a client of this round")
-        if u in self._keys:
+        if u in self._adverts:
             raise SecAggProtocolError(f"client {u} advertised keys twice")
         if len(message.c_public) != PUBLIC_KEY_BYTES or len(message.s_public) != PUBLIC_KEY_BYTES:
             raise SecAggProtocolError(f"client {u} sent malformed public keys")
-        self._keys[u] = (message.c_public, message.s_public)
+        if len(message.contribution) != CONTRIBUTION_BYTES:
+            raise SecAggProtocolError(f"client {u} sent a malformed graph-seed contribution")
+        if self.verifier is not None:
+            key = self.verifier.public_key(self.identities[u], message.credential)
+            payload = advertise_payload(self._session, u, self.identities[u], message.c_public,
+                                        message.s_public, message.contribution)
+            if not verify_signature(key, message.signature, payload):
+                raise SecAggProtocolError(f"client {u} sent keys without a valid signature")
+        self._adverts[u] = message
 
     def broadcast_keys(self) -> dict[int, KeysBroadcast]:
-        """Close round 1: each remaining client gets the keys of its advertising neighbours."""
+        """Close round 1: fix the graph from every contribution; send each member the roster."""
         self._expect(ServerStage.COLLECT_KEYS)
-        members = self._prune(set(self._keys))
+        seed = roster_graph_seed(
+            self.config, {u: a.contribution for u, a in self._adverts.items()})
+        self._neighbours = self.config.graph(seed).neighbour_sets()
+        members = prune_members(self._neighbours, self._adverts, self.config.threshold)
         if not members:
             raise self._abort(
                 f"fewer than t={self.config.threshold} survivors: after key advertisement no "
-                f"client has t neighbours that advertised keys ({len(self._keys)} advertised)"
+                f"client has t neighbours that advertised keys ({len(self._adverts)} advertised)"
             )
+        roster = tuple(self.roster_entry(u) for u in sorted(self._adverts))
         out = {}
         for u in sorted(members):
-            peers = sorted(self._neighbours[u] & members)
-            self._keyed[u] = frozenset(peers)
-            keys = tuple(NeighbourKeys(v, *self._keys[v]) for v in peers)
-            out[u] = KeysBroadcast(self.config.round_id, u, keys)
+            self._keyed[u] = frozenset(self._neighbours[u] & members)
+            out[u] = KeysBroadcast(self.config.round_id, u, roster)
         self.stage = ServerStage.COLLECT_SHARES
         return out
 
@@ -546,11 +687,12 @@ class SecAggPlusServer:
         if any(len(blob) != SHARE_CIPHERTEXT_BYTES for _, blob in message.ciphertexts):
             raise SecAggProtocolError(f"client {u} sent a share ciphertext of wrong length")
         self._ciphertexts[u] = dict(message.ciphertexts)
+        self._commitments[u] = message.seed_commitment
 
     def route_shares(self) -> dict[int, SharesBroadcast]:
         """Close round 2: forward each ciphertext to its recipient, among clients still in."""
         self._expect(ServerStage.COLLECT_SHARES)
-        members = self._prune(set(self._ciphertexts))
+        members = prune_members(self._neighbours, self._ciphertexts, self.config.threshold)
         if not members:
             raise self._abort(
                 f"fewer than t={self.config.threshold} survivors: after share distribution no "
@@ -587,61 +729,82 @@ class SecAggPlusServer:
         self._sum.add(values.astype(dtype, copy=False))
         self._masked.add(u)
 
-    def request_unmask(self) -> dict[int, UnmaskRequest]:
-        """Close round 3: check that unmasking can succeed, then ask each survivor for shares.
-
-        Aborts before any share is requested -- so nothing is revealed -- when fewer than
-        ``t`` masked inputs arrived, or when some survivor's ``b_v`` or some dropped client's
-        ``s_v`` (needed because a survivor masked with it) has fewer than ``t`` surviving
-        holders.
-        """
-        self._expect(ServerStage.COLLECT_MASKED)
+    def _check_recoverable(self, answering: set[int], when: str) -> list[int]:
+        """Abort unless every survivor's ``b_v`` and every needed ``s_d`` keeps ``t`` holders
+        among ``answering``; return the dropped clients whose keys are needed."""
         t = self.config.threshold
         survivors = self._masked
         if len(survivors) < t:
             raise self._abort(
                 f"fewer than t={t} survivors: only {len(survivors)} masked inputs arrived"
             )
-        dropped = set(self._holders) - survivors
         for v in sorted(survivors):
-            alive = len(self._holders[v] & survivors)
+            alive = len(self._holders[v] & answering)
             if alive < t:
                 raise self._abort(
                     f"fewer than t={t} survivors among the neighbours of client {v} "
-                    f"({alive}): its self mask could not be removed"
+                    f"({alive} {when}): its self mask could not be removed"
                 )
         needed = []
-        for d in sorted(dropped):
-            alive = len(self._holders[d] & survivors)
-            if alive == 0:
+        for d in sorted(set(self._holders) - survivors):
+            if not self._holders[d] & survivors:
                 continue  # nobody who survived masked with d: its key is not needed
+            alive = len(self._holders[d] & answering)
             if alive < t:
                 raise self._abort(
                     f"fewer than t={t} survivors among the neighbours of dropped client {d} "
-                    f"({alive}): its pairwise masks could not be removed"
+                    f"({alive} {when}): its pairwise masks could not be removed"
                 )
             needed.append(d)
-        self._needed_keys = needed
-        out = {}
-        for w in sorted(survivors):
-            holders = self._holders[w]
-            out[w] = UnmaskRequest(
-                self.config.round_id,
-                w,
-                survived=tuple(sorted(holders & survivors)),
-                dropped=tuple(sorted(holders - survivors)),
-            )
-        self._requests = out
-        self._seed_shares = {v: {} for v in survivors}
-        self._key_shares = {d: {} for d in needed}
+        return needed
+
+    def request_consistency(self) -> dict[int, ConsistencyRequest]:
+        """Close round 3: check that unmasking can succeed, then send ``U3`` to be signed.
+
+        Aborts before anything is revealed when fewer than ``t`` masked inputs arrived, or
+        when some survivor's ``b_v`` or some dropped client's ``s_v`` (needed because a
+        survivor masked with it) has fewer than ``t`` surviving holders.
+        """
+        self._expect(ServerStage.COLLECT_MASKED)
+        self._check_recoverable(self._masked, "survived")
+        self._survivors = tuple(sorted(self._masked))
+        self._requested = set(self._survivors)
+        self.stage = ServerStage.COLLECT_CONSISTENCY
+        return {w: ConsistencyRequest(self.config.round_id, w, self._survivors)
+                for w in self._survivors}
+
+    def receive_consistency(self, message: ConsistencySignature) -> None:
+        self._expect(ServerStage.COLLECT_CONSISTENCY, message)
+        w = message.sender
+        if w not in self._requested:
+            raise SecAggProtocolError(f"client {w} was not asked to sign the survivor set")
+        if w in self._signatures:
+            raise SecAggProtocolError(f"client {w} signed the survivor set twice")
+        if self.verifier is not None:
+            key = self.verifier.public_key(self.identities[w], self._adverts[w].credential)
+            payload = consistency_payload(self._session, self._survivors)
+            if not verify_signature(key, message.signature, payload):
+                raise SecAggProtocolError(f"client {w} sent an invalid consistency signature")
+        self._signatures[w] = message.signature
+
+    def request_unmask(self) -> dict[int, UnmaskRequest]:
+        """Close round 4: forward ``U3`` and every signature to the clients that signed."""
+        self._expect(ServerStage.COLLECT_CONSISTENCY)
+        signers = set(self._signatures)
+        self._needed_keys = self._check_recoverable(signers, "signed the survivor set")
+        signatures = tuple(sorted(self._signatures.items()))
+        out = {w: UnmaskRequest(self.config.round_id, w, self._survivors, signatures)
+               for w in sorted(signers)}
+        self._requested = signers
+        self._seed_shares = {v: {} for v in self._survivors}
+        self._key_shares = {d: {} for d in self._needed_keys}
         self.stage = ServerStage.COLLECT_UNMASK
         return out
 
     def receive_unmask(self, message: UnmaskResponse) -> None:
         self._expect(ServerStage.COLLECT_UNMASK, message)
         w = message.sender
-        request = self._requests.get(w)
-        if request is None:
+        if w not in self._requested:
             raise SecAggProtocolError(f"client {w} was not asked to unmask")
         if w in self._responded:
             raise SecAggProtocolError(f"client {w} answered the unmask request twice")
@@ -649,9 +812,9 @@ class SecAggPlusServer:
         key_owners = [v for v, _ in message.key_shares]
         _check_unique(seed_owners, f"the seed shares of client {w}")
         _check_unique(key_owners, f"the key shares of client {w}")
-        if not set(seed_owners) <= set(request.survived) or not set(key_owners) <= set(
-            request.dropped
-        ):
+        owners = {v for v, holders in self._holders.items() if w in holders}
+        survivors = set(self._survivors)
+        if not set(seed_owners) <= owners & survivors or not set(key_owners) <= owners - survivors:
             raise SecAggProtocolError(f"client {w} sent shares that were not requested")
         for _, share in message.seed_shares + message.key_shares:
             share_from_bytes(share)
@@ -663,19 +826,63 @@ class SecAggPlusServer:
                 self._key_shares[d][x] = share
         self._responded.add(w)
 
-    def _reconstruct(self, shares: dict[int, bytes], owner: int, what: str) -> bytes:
+    def _reconstruct(self, shares: dict[int, bytes], check: Callable[[bytes], bool],
+                     owner: int, what: str) -> bytes:
+        """The secret from ``t`` shares that pass ``check``; corrupt shares are found and skipped.
+
+        The first ``t`` shares are tried first (the honest case: one interpolation). If the
+        result fails the check (commitment or public key), random ``t``-subsets are tried;
+        once one passes, every other share is tested against the polynomial it fixes (swap
+        it into the subset: the secret stays the same exactly when the share lies on it), and
+        the senders of shares off the polynomial are recorded and ignored from then on.
+        """
         t = self.config.threshold
-        points = sorted(shares)
-        secret = reconstruct_secret_bytes(points[:t], [shares[x] for x in points[:t]])
-        if len(points) > t:
-            # Spare shares let us catch a corrupted one: two different t-subsets must agree.
-            check = reconstruct_secret_bytes(points[-t:], [shares[x] for x in points[-t:]])
-            if check != secret:
-                raise self._abort(f"inconsistent shares of the {what} of client {owner}")
-        return secret
+        points = sorted(x for x in shares if x not in self._corrupt)
+        if len(points) < t:
+            raise self._abort(
+                f"fewer than t={t} trustworthy shares of the {what} of client {owner}"
+            )
+
+        def attempt(subset: list[int]) -> bytes | None:
+            try:
+                secret = reconstruct_secret_bytes(subset, [shares[x] for x in subset])
+            except SecAggProtocolError:
+                return None
+            return secret if check(secret) else None
+
+        first = points[:t]
+        secret = attempt(first)
+        if secret is not None:
+            return secret
+        chooser = random.Random(owner)  # public choice: no secrecy needed, reproducible
+        for _ in range(RECONSTRUCTION_ATTEMPTS):
+            subset = sorted(chooser.sample(points, t))
+            secret = attempt(subset)
+            if secret is None:
+                continue
+            base = subset[1:]
+            outside = [x for x in points if x not in subset]
+            confirmed, off = [], []
+            for x in outside:
+                trial = sorted([*base, x])
+                try:
+                    same = reconstruct_secret_bytes(trial, [shares[y] for y in trial]) == secret
+                except SecAggProtocolError:
+                    same = False
+                (confirmed if same else off).append(x)
+            # Blame senders only when the polynomial is confirmed beyond the subset and by a
+            # majority: colluding liars whose errors cancel in one subset reveal the right
+            # secret there, but must not get honest members blamed.
+            if confirmed and 2 * (len(subset) + len(confirmed)) > len(points):
+                self._corrupt.update(off)
+            return secret
+        raise self._abort(
+            f"inconsistent shares of the {what} of client {owner}: no {t} of the "
+            f"{len(points)} shares reconstruct a value matching its commitment"
+        )
 
     def finalize(self) -> AggregateResult:
-        """Close round 4: reconstruct the needed secrets and output the survivors' sum."""
+        """Close round 5: reconstruct the needed secrets and output the survivors' sum."""
         self._expect(ServerStage.COLLECT_UNMASK)
         t = self.config.threshold
         for owners, kind in ((self._seed_shares, "self-mask seed"), (self._key_shares, "key")):
@@ -687,20 +894,22 @@ class SecAggPlusServer:
                     )
         try:
             for v in sorted(self._seed_shares):
-                self._sum.subtract_stream(
-                    self._reconstruct(self._seed_shares[v], v, "self-mask seed")
-                )
+                commitment = self._commitments[v]
+                seed = self._reconstruct(
+                    self._seed_shares[v],
+                    lambda b, v=v, c=commitment: self_mask_commitment(self._session, v, b) == c,
+                    v, "self-mask seed")
+                self._sum.subtract_stream(seed)
             for d in self._needed_keys:
-                raw = self._reconstruct(self._key_shares[d], d, "masking key")
+                public = self._adverts[d].s_public
+                raw = self._reconstruct(
+                    self._key_shares[d],
+                    lambda r, p=public: public_key_bytes(private_key_from_bytes(r)) == p,
+                    d, "masking key")
                 s_key = private_key_from_bytes(raw)
-                if public_key_bytes(s_key) != self._keys[d][1]:
-                    raise self._abort(
-                        f"the reconstructed masking key of client {d} does not match its "
-                        "advertised public key: a share is corrupt"
-                    )
                 for v in sorted(self._holders[d] & self._masked):
                     seed = derive_mask_seed(
-                        key_agreement(s_key, self._keys[v][1]), self._session, d, v
+                        key_agreement(s_key, self._adverts[v].s_public), self._session, d, v
                     )
                     # v added PRG(s_dv) if d > v and subtracted it if d < v: undo that.
                     if d > v:
@@ -709,7 +918,8 @@ class SecAggPlusServer:
                         self._sum.add_stream(seed)
         except SecAggProtocolError as err:
             raise self._abort(f"unmasking failed: {err}") from err
-        result = AggregateResult(self._sum.value(), self.survivors)
+        result = AggregateResult(self._sum.value(), self.survivors,
+                                 tuple(sorted(x - 1 for x in self._corrupt)))
         self._seed_shares, self._key_shares = {}, {}
         self.stage = ServerStage.DONE
         return result
@@ -722,6 +932,8 @@ class SecAggPlusServer:
             self.receive_share_keys(message)
         elif isinstance(message, MaskedInput):
             self.receive_masked_input(message)
+        elif isinstance(message, ConsistencySignature):
+            self.receive_consistency(message)
         elif isinstance(message, UnmaskResponse):
             self.receive_unmask(message)
         else:

@@ -14,8 +14,14 @@ message (if it is still in) and then disappears without answering:
 * ``"advertise"``    -- never sends its keys;
 * ``"share_keys"``   -- advertised keys, drops before sending its shares;
 * ``"masked_input"`` -- distributed shares, drops before uploading its masked input;
-* ``"unmask"``       -- uploaded its masked input, drops before answering the unmask request
-  (its input is still in the sum: its neighbours reveal its self-mask seed).
+* ``"consistency"``  -- uploaded its masked input, drops before signing the survivor set (its
+  input is still in the sum: its neighbours reveal its self-mask seed);
+* ``"unmask"``       -- signed the survivor set, drops before answering the unmask request
+  (its input is still in the sum too).
+
+Each simulated client gets a fresh ECDSA P-256 signing key and the others find its public key
+in a simulated PKI (:class:`~fedmosaic.privacy.secagg.identity.StaticPki`), so signatures and
+the consistency check cost what they cost in a deployment, certificates aside.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ from fedmosaic.privacy.secagg.crypto import (
     RandomBytes,
     system_random_bytes,
 )
-from fedmosaic.privacy.secagg.graph import secagg_plus_parameters
+from fedmosaic.privacy.secagg.graph import SecAggBounds, minimum_threshold, secagg_plus_parameters
+from fedmosaic.privacy.secagg.identity import SigningIdentity, StaticPki
 from fedmosaic.privacy.secagg.messages import Message, SecAggConfig, decode_message
 from fedmosaic.privacy.secagg.protocol import AggregateResult, SecAggPlusClient, SecAggPlusServer
 from fedmosaic.privacy.secagg.quantize import Quantizer
 
-DROPOUT_STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+DROPOUT_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
+#: The corrupted fraction (gamma) designed for when none is given, as the clients' default.
+DEFAULT_CORRUPTED_FRACTION = SecAggBounds().corrupted_fraction
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +80,7 @@ def make_config(
     degree: int | None = None,
     threshold: int | None = None,
     dropout_rate: float = 0.1,
-    corrupted_fraction: float = 0.0,
+    corrupted_fraction: float = DEFAULT_CORRUPTED_FRACTION,
     security_bits: float = 40,
     correctness_bits: float = 20,
     round_id: int | None = None,
@@ -81,8 +90,10 @@ def make_config(
     """A round configuration, with ``k`` and ``t`` from :func:`secagg_plus_parameters` by default.
 
     An explicit ``degree`` (capped at ``num_clients - 1``, the complete graph of classic
-    SecAgg) without a ``threshold`` gets ``t = degree // 2 + 1``, the smallest threshold with
-    ``2t > k`` (no client's two secrets can both be reconstructed from honest answers).
+    SecAgg) without a ``threshold`` gets :func:`~fedmosaic.privacy.secagg.graph.
+    minimum_threshold`, the smallest threshold that clients with the same corrupted fraction
+    accept (on the complete graph ``t = floor((n - 1 + C) / 2) + 1``, ``C = ceil(gamma n)``).
+    ``corrupted_fraction`` (gamma) defaults to the clients' default tolerance, never to 0.
     """
     if degree is None:
         params = secagg_plus_parameters(
@@ -92,7 +103,9 @@ def make_config(
         threshold = params.threshold if threshold is None else threshold
     degree = min(degree, num_clients - 1)
     if threshold is None:
-        threshold = degree // 2 + 1
+        least = minimum_threshold(num_clients, degree, corrupted_fraction, dropout_rate,
+                                  security_bits)
+        threshold = degree // 2 + 1 if least is None else least
     config = SecAggConfig(
         round_id=int.from_bytes(random_bytes(8), "little") if round_id is None else round_id,
         num_clients=num_clients,
@@ -124,11 +137,16 @@ def run_round(
     *,
     dropout: Mapping[str, set[int]] | None = None,
     random_for: Callable[[int], RandomBytes] | None = None,
-) -> tuple[AggregateResult, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Drive one round; returns (result, bytes up, bytes down, client seconds, server seconds).
+    bounds: SecAggBounds | None = None,
+) -> tuple[AggregateResult, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Drive one round; returns (result, bytes up, bytes down, client wall seconds, client CPU
+    seconds, server seconds).
 
     ``vector_of(u)`` is called when client ``u`` masks its input, so at most one input
-    vector is materialised at a time. Raises :class:`SecAggAbortError` if the round aborts.
+    vector is materialised at a time. ``bounds`` is every client's own
+    :class:`~fedmosaic.privacy.secagg.graph.SecAggBounds` (default: the defaults, which
+    refuse a setup weaker than they accept). Raises :class:`SecAggAbortError` if the round
+    aborts and :class:`SecAggProtocolError` if a client refuses the setup.
     """
     n = config.num_clients
     plan = _dropout_plan(dropout, n)
@@ -139,11 +157,17 @@ def run_round(
     client_cpu = np.zeros(n)
     server_seconds = 0.0
 
+    signers = [SigningIdentity.generate(f"client/{u}") for u in range(n)]
+    pki = StaticPki({s.identity: s.public_key for s in signers})
     start = time.perf_counter()
-    server = SecAggPlusServer(config)
+    server = SecAggPlusServer(config, [s.identity for s in signers])
     setup = server.setup_message().to_bytes()
     server_seconds += time.perf_counter() - start
-    clients = [SecAggPlusClient(u, random_bytes=random_for(u)) for u in range(n)]
+    clients = [
+        SecAggPlusClient(u, signer=signers[u], verifier=pki, bounds=bounds,
+                         random_bytes=random_for(u))
+        for u in range(n)
+    ]
     active = set(range(n))
 
     def exchange(
@@ -182,6 +206,7 @@ def run_round(
         server_step(server.route_shares),
         lambda c, m: c.handle(m, vector_of(c.client_id)),
     )
+    exchange("consistency", server_step(server.request_consistency), lambda c, m: c.handle(m))
     exchange("unmask", server_step(server.request_unmask), lambda c, m: c.handle(m))
     tick = time.perf_counter()
     result = server.finalize()
@@ -213,7 +238,7 @@ def secure_sum_int(
     dropout: Mapping[str, set[int]] | None = None,
     seed: int | None = None,
     dropout_rate: float = 0.1,
-    corrupted_fraction: float = 0.0,
+    corrupted_fraction: float = DEFAULT_CORRUPTED_FRACTION,
 ) -> SecureSumResult:
     """Securely sum the rows of an ``(n, dim)`` integer array mod ``2**bits``.
 
@@ -256,8 +281,11 @@ def _secure_round(
         corrupted_fraction=corrupted_fraction,
         random_bytes=server_random,
     )
+    # The simulated clients tolerate what the round was designed for (and rounds of 2).
+    bounds = SecAggBounds(min_clients=2, corrupted_fraction=corrupted_fraction,
+                          dropout_rate=_design_rate(dropout_rate, dropout, n))
     result, up, down, client_s, client_cpu, server_s = run_round(
-        config, client_input, dropout=dropout, random_for=random_for
+        config, client_input, dropout=dropout, random_for=random_for, bounds=bounds
     )
     return SecureSumResult(
         sum=result.total if decode is None else decode(result.total),
@@ -282,7 +310,7 @@ def secure_sum(
     dropout: Mapping[str, set[int]] | None = None,
     seed: int | None = None,
     dropout_rate: float = 0.1,
-    corrupted_fraction: float = 0.0,
+    corrupted_fraction: float = DEFAULT_CORRUPTED_FRACTION,
 ) -> SecureSumResult:
     """Securely sum the rows of an ``(n, dim)`` float array (clipped to ``[-clip, clip]``).
 
