@@ -370,3 +370,55 @@ def test_a_deployed_client_noise_is_not_the_noise_the_server_can_regenerate(
     assert float(noise.std()) == pytest.approx(z * clip, rel=0.15)  # the client did add noise
     corr = float(torch.dot(noise, n_seeded) / (noise.norm() * n_seeded.norm()))
     assert abs(corr) < 0.25  # independent: |corr| ~ N(0, 1/579), 6 standard deviations
+
+
+def test_the_policys_secagg_bounds_reach_the_secagg_client(
+        blobs_fed: FederatedDataset, credentials: Path, tmp_path: Path) -> None:
+    """[secagg] min_population = 10 in the policy file: a SecAgg+ round of 3 members is
+    refused by every client at the setup (a withdrawal with the SecAggBounds reason)."""
+    from fedmosaic.net.secagg import SecAggRoundDriver
+
+    fed = _subset(blobs_fed, 3)
+    creds = Path(shutil.copytree(credentials, tmp_path / "fed"))
+    paths = FederationPaths(creds)
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[secagg]\nmode = "secagg+"\nmin_bits = 32\nmin_population = 10\n')
+    settings = DeploySettings(credentials=creds, address="127.0.0.1", port=0, min_clients=3,
+                              heartbeat_interval=1.0, round_deadline=30.0,
+                              wait_for_clients=60.0, chunk_bytes=256, max_workers=32)
+    trainer = _trainer()
+    transport = GrpcTransport(settings, numel=trainer.spec.numel,
+                              spec_hash=spec_hash(trainer.spec), experiment="blobs", rounds=1,
+                              secagg=SecAggRoundDriver(clip=1.0, max_weight=100.0,
+                                                       uniform=False, bits=32,
+                                                       dropout_rate=0.0,
+                                                       corrupted_fraction=0.0))
+    running = start_server(settings, transport)
+    trainers = {cid: _trainer(_LockedTrainer) for cid in fed.client_ids}
+    reports: dict[str, Any] = {}
+
+    def client(cid: str) -> None:
+        reports[cid] = run_client(
+            f"127.0.0.1:{running.port}", ca=paths.ca_cert, cert=paths.client_cert(cid),
+            key=paths.client_key(cid), trainer=trainers[cid], data=fed.client(cid).train,
+            retry_budget=60, poll_seconds=1.0, policy=policy)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in CLIENTS]
+    for t in threads:
+        t.start()
+    try:
+        available = transport.available_clients()
+        tasks = [ClientTask(c, FitConfig(round=1, seed=i)) for i, c in enumerate(available)]
+        seen = list(transport.fit(trainer.initial_weights(0), tasks, FedAvgAggregator()))
+        transport.finish()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        running.stop(0)
+    reasons = {f.client_id: f.reason for f in seen if isinstance(f, ClientFailure)}
+    assert set(reasons) == set(CLIENTS)
+    for reason in reasons.values():
+        assert "withdrew from secure aggregation" in reason
+        assert "a round of 3 clients is outside this client's accepted population [10," \
+            in reason
+    assert all(r.rounds == [] and r.refused == [] for r in reports.values())

@@ -407,7 +407,11 @@ def run_client(
                                       ledger=ledger)
             from fedmosaic.net.secagg import SecAggCredentials  # signs SecAgg+ keys (mTLS key)
 
-            client.secagg_credentials = SecAggCredentials.from_files(ca, cert, key)
+            # The policy's [secagg] bounds, if any, are what the SecAgg+ client checks each
+            # round's setup against (SecAggBounds' defaults otherwise).
+            bounds = policy.secagg.bounds() if policy is not None else None
+            client.secagg_credentials = SecAggCredentials.from_files(ca, cert, key,
+                                                                     bounds=bounds)
             return client.run()
         finally:
             channel.close()
