@@ -326,8 +326,11 @@ class SecAggRoundDriver:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"task is {task.state}", "task_state")
         rnd.members.pop(task.extra.get("index", -1), None)
+        # A refusal (a weaker setup, a bad signature) is the clients' alarm: keep it visible.
+        log.warning("round %d: client %s withdrew from secure aggregation: %s", rnd.round,
+                    task.client_id, reason[:500])
         transport.close_task(task, ClientFailure(
-            task.client_id, f"withdrew from secure aggregation: {reason[:200]}"))
+            task.client_id, f"withdrew from secure aggregation: {reason[:500]}"))
 
     def _ready(self, transport: GrpcTransport, task: PendingTask, rnd: _Round) -> str:
         if task.state != "issued" or rnd.stage != "ready":
