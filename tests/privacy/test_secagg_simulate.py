@@ -2,14 +2,30 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedmosaic.privacy.secagg import (
     SecAggAbortError,
+    SecAggBounds,
+    SecAggPlusClient,
+    SecAggPlusServer,
+    SecAggProtocolError,
+    SigningIdentity,
+    StaticPki,
     secagg_plus_parameters,
     secure_sum,
     secure_sum_int,
 )
+from fedmosaic.privacy.secagg.crypto import (
+    DeterministicRandom,
+    private_key_from_bytes,
+    public_key_bytes,
+    reconstruct_secret_bytes,
+)
+from fedmosaic.privacy.secagg.messages import self_mask_commitment
 from fedmosaic.privacy.secagg.quantize import Quantizer
+from fedmosaic.privacy.secagg.simulate import make_config
 
 HEADER = 12  # "SA" | version | type | round id
 
@@ -96,3 +112,76 @@ def test_aborted_rounds_and_bad_arguments_raise():
         secure_sum_int(x, degree=5, dropout={"unmask": {6}})
     with pytest.raises(ValueError, match="shape"):
         secure_sum(np.zeros(10))
+
+
+# Issue #20: the threshold named honestly. A client's shares go to its k neighbours only (not
+# to itself, unlike Bonawitz et al., who count the client's own share among n), so on the
+# complete graph a round survives n - 1 - t dropouts -- one fewer than the paper's n - t for
+# the same t -- and a client's input stays hidden from the server plus t - 1 colluders.
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(n=st.integers(5, 20), data=st.data())
+def test_complete_graph_tolerates_exactly_n_minus_1_minus_t_dropouts(n, data):
+    t = data.draw(st.integers(n // 2 + 1, n - 2))
+    stage = data.draw(st.sampled_from(["masked_input", "consistency", "unmask"]))
+    x = np.arange(n * 4, dtype=np.uint32).reshape(n, 4)
+    edge = set(range(n - 1 - t))
+    result = secure_sum_int(x, degree=n - 1, threshold=t, dropout={stage: edge}, seed=n,
+                            corrupted_fraction=0.0, dropout_rate=0.0)
+    assert len(result.survivors) == n - (len(edge) if stage == "masked_input" else 0)
+    with pytest.raises(SecAggAbortError, match="fewer than t="):
+        secure_sum_int(x, degree=n - 1, threshold=t, dropout={stage: edge | {n - 1}}, seed=n,
+                       corrupted_fraction=0.0, dropout_rate=0.0)
+
+
+def test_twenty_clients_with_t_14_abort_at_six_dropouts_not_seven():
+    x = np.ones((20, 3), dtype=np.uint32)
+    ok = secure_sum_int(x, degree=19, threshold=14, dropout={"masked_input": set(range(5))},
+                        seed=1, corrupted_fraction=0.0)
+    assert ok.sum.tolist() == [15] * 3
+    with pytest.raises(SecAggAbortError):
+        secure_sum_int(x, degree=19, threshold=14, dropout={"masked_input": set(range(6))},
+                       seed=1, corrupted_fraction=0.0)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(n=st.integers(4, 12), data=st.data())
+def test_t_minus_1_colluding_neighbours_learn_nothing_t_reconstruct_both_secrets(n, data):
+    """Honest-but-curious collusion bound: the shares of t - 1 of a client's neighbours
+    interpolate to unrelated values; those of t neighbours give its self-mask seed and key."""
+    t = data.draw(st.integers(n // 2 + 1, n - 1))
+    config = make_config(n, 4, degree=n - 1, threshold=t, corrupted_fraction=0.0,
+                         random_bytes=DeterministicRandom(n))
+    signers = [SigningIdentity.generate(f"client/{u}") for u in range(n)]
+    pki = StaticPki({s.identity: s.public_key for s in signers})
+    bounds = SecAggBounds(min_clients=2, corrupted_fraction=0.0, dropout_rate=0.0)
+    clients = [SecAggPlusClient(u, signer=signers[u], verifier=pki, bounds=bounds)
+               for u in range(n)]
+    server = SecAggPlusServer(config, [s.identity for s in signers])
+    for c in clients:
+        server.receive(c.handle_setup(server.setup_message()))
+    share_msgs = {u: clients[u].handle_keys(m) for u, m in server.broadcast_keys().items()}
+    for m in share_msgs.values():
+        server.receive(m)
+    for u, m in server.route_shares().items():
+        server.receive(clients[u].handle_shares(m, np.zeros(4, dtype=np.uint32)))
+    victim = 0
+    s_public = server.roster_entry(victim).s_public
+    commitment = share_msgs[victim].seed_commitment
+    colluders = list(range(1, n))
+    for size, learns in ((t - 1, False), (t, True)):
+        xs = [w + 1 for w in colluders[:size]]
+        seed = [clients[w]._held[victim][0] for w in colluders[:size]]
+        key = [clients[w]._held[victim][1] for w in colluders[:size]]
+        try:
+            b = reconstruct_secret_bytes(xs, seed)
+            got_b = self_mask_commitment(config.session_id, victim, b) == commitment
+        except SecAggProtocolError:
+            got_b = False
+        try:
+            raw = reconstruct_secret_bytes(xs, key)
+            got_s = public_key_bytes(private_key_from_bytes(raw)) == s_public
+        except SecAggProtocolError:
+            got_s = False
+        assert got_b is learns and got_s is learns

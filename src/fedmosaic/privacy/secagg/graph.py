@@ -52,6 +52,24 @@ valid ``t`` leaves the most room for dropouts. If no sparse ``k`` works, the com
 is used, where the conditions are deterministic: ``t = floor((n - 1 + C) / 2) + 1`` and
 ``n - 1 - t >= D``; if even that fails the dropout and corruption rates are too high for
 these guarantees and a ``ValueError`` is raised.
+
+Threshold convention and its exact bounds
+-----------------------------------------
+A client's secrets are shared among its ``k`` neighbours only -- it holds no share of its own
+-- and ``t`` of those *neighbours* must answer. Bonawitz et al. count the client's own share
+among ``n``; for the same ``t`` this implementation therefore tolerates one dropout fewer.
+Exactly, with ``C`` corrupted clients colluding with the server:
+
+* dropouts: the round succeeds iff every survivor, and every dropped client some survivor
+  masked with, keeps ``t`` neighbours that answer; on the complete graph (``k = n - 1``) iff
+  at least ``t + 1`` clients answer the unmask request, i.e. it survives ``n - 1 - t``
+  dropouts (the paper: ``n - t``; 20 clients, ``t = 14``: 5 here, 6 there);
+* collusion, honest-but-curious server: a client's input is hidden from the server plus any
+  ``t - 1`` of its neighbours (``t`` neighbours hold both of its secrets), as in the paper;
+* malicious server (it also chooses who "dropped"): a client is safe iff ``2t > k + c_v``
+  for its ``c_v`` corrupted neighbours (see ``protocol.py``); on the complete graph
+  ``t >= floor((n - 1 + C) / 2) + 1`` (the paper's condition with its own share would be
+  ``2t > n + C``).
 """
 
 from __future__ import annotations

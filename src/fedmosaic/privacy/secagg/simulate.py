@@ -94,6 +94,9 @@ def make_config(
     minimum_threshold`, the smallest threshold that clients with the same corrupted fraction
     accept (on the complete graph ``t = floor((n - 1 + C) / 2) + 1``, ``C = ceil(gamma n)``).
     ``corrupted_fraction`` (gamma) defaults to the clients' default tolerance, never to 0.
+    ``t`` counts *neighbours* (a client holds no share of its own secrets): on the complete
+    graph the round survives ``n - 1 - t`` dropouts, one fewer than Bonawitz et al.'s
+    ``n - t`` -- the exact bounds are in :mod:`fedmosaic.privacy.secagg.graph`.
     """
     if degree is None:
         params = secagg_plus_parameters(
