@@ -24,7 +24,8 @@ loose_alphas = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarni
 
 
 def _trainer(**kw) -> DPSGDTrainer:
-    args = {"lr": 0.5, "batch_size": 16, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    args = {"lr": 0.5, "batch_size": 16, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+            "noise": "seeded"}
     args.update(kw)
     return DPSGDTrainer(lambda: MLP(5, [8], 3), **args)
 
@@ -139,7 +140,8 @@ def test_one_example_moves_a_step_by_at_most_2c_over_the_lot_size():
     def linear() -> nn.Module:
         return nn.Linear(5, 3)
 
-    tr = DPSGDTrainer(linear, lr=lr, batch_size=n, noise_multiplier=1.0, max_grad_norm=clip)
+    tr = DPSGDTrainer(linear, lr=lr, batch_size=n, noise_multiplier=1.0, max_grad_norm=clip,
+                      noise="seeded")
     data, w0 = make_blobs(n, 0), tr.initial_weights(0)
     x, y = data.x.copy(), data.y.copy()
     x[3] *= 1e3
@@ -329,7 +331,7 @@ def test_resumed_run_remembers_each_clients_privacy_spend(tmp_path):
 
     def trainer():
         return DPSGDTrainer(lambda: MLP(5, [8], 3), lr=0.1, batch_size=8,
-                            noise_multiplier=1.0, max_grad_norm=1.0)
+                            noise_multiplier=1.0, max_grad_norm=1.0, noise="seeded")
 
     full = fm.simulate(trainer(), fed, fm.FedAvg(fraction=1.0), rounds=3, seed=0)
     fm.simulate(trainer(), fed, fm.FedAvg(fraction=1.0), rounds=3, seed=0, out_dir=tmp_path,

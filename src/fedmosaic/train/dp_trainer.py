@@ -128,13 +128,14 @@ class DPSGDTrainer:
     can under-estimate epsilon).
 
     ``noise`` says where lots and noise come from (``fedmosaic.privacy.randomness``):
-    ``"seeded"`` (the default, for simulation) draws them from PyTorch generators seeded from
+    ``"secure"`` (the default) draws them from ``SecureNoise`` (ChaCha20 keyed from
+    ``os.urandom``, one key per trainer), which no other party can reproduce; runs are then not
+    reproducible. ``"seeded"`` draws them from PyTorch generators seeded from
     ``FitConfig.seed``, so the same seed gives the same weights -- but the server computes and
     sends that seed, so it can regenerate the noise and the lots and subtract the noise from
-    the update: seeded noise is *simulation only*. A deployed client must use
-    ``noise="secure"``: lots and noise then come from ``SecureNoise`` (ChaCha20 keyed from
-    ``os.urandom``, one key per trainer), which no other party can reproduce; runs are then not
-    reproducible. A ``NoiseSource`` instance is used as given (tests). The float Gaussian is
+    the update: seeded noise is *simulation only*, an explicit choice for reproducible
+    experiments, never the default (a deployed client that forgot to ask for secure noise would
+    otherwise hand the server its un-noised update). A ``NoiseSource`` instance is used as given (tests). The float Gaussian is
     not protected against floating-point attacks (Mironov 2012; see ``docs/privacy.md``).
 
     FitResult metrics: ``train_loss`` and ``train_accuracy`` (classification) over the
@@ -166,7 +167,7 @@ class DPSGDTrainer:
         device: str | torch.device = "cpu",
         metrics: Mapping[str, MetricFn] | None = None,
         accountant: str = "rdp",
-        noise: str | NoiseSource = "seeded",
+        noise: str | NoiseSource = "secure",
         eval_batch_size: int = 2048,
         trainable_only: bool = False,
     ) -> None:
