@@ -189,3 +189,47 @@ def test_fedmosaic_server_refuses_dp_with_seeded_noise(tmp_path):
     with pytest.raises(ConfigError, match="insecure_seeded_noise"):
         serve(exp, tmp_path / "out", DeploySettings(credentials=tmp_path / "none"))
     assert not (tmp_path / "out").exists()
+
+
+def test_accountant_conversion_and_orders_from_config_reproduce_a_paper():
+    # McMahan et al. 2018, Table 1 (K = 10^5, C = 10^2, z = 1, delta = K^-1.1): after 10^4
+    # rounds the paper's 1.18 needs the classic conversion over integer orders.
+    central = {"mode": "central", "clip": 1.0, "delta": 1e5 ** -1.1, "noise_multiplier": 1.0,
+               "rate": 1e-3, "accountant_conversion": "classic",
+               "accountant_orders": "moments_accountant"}
+    strategy = build_strategy(validate(_base(privacy=central)))
+    acc = strategy.accountant
+    assert acc.conversion == "classic" and acc.orders == tuple(float(o) for o in range(2, 34))
+    acc.record_gaussian_round(1.0, "poisson", 1e-3, count=10_000)
+    assert round(acc.epsilon(strategy.delta), 2) == 1.18
+    report = strategy.guarantees()["differential_privacy"]
+    assert report["accountant_conversion"] == "classic"
+    assert report["epsilon_by_accountant"]["rdp_classic"] == pytest.approx(acc.epsilon(
+        strategy.delta))
+    assert report["epsilon_by_accountant"]["pld"] < report["epsilon"]
+    # Non-default options enter the run identity; defaults leave earlier identities alone.
+    described = strategy.describe()
+    assert described["accountant_conversion"] == "classic"
+    plain = {k: v for k, v in central.items() if not k.startswith("accountant_")}
+    assert "accountant_conversion" not in build_strategy(validate(_base(privacy=plain))).describe()
+    custom = build_strategy(validate(_base(privacy={**central, "accountant_orders": [2, 4.5]})))
+    assert custom.accountant.orders == (2.0, 4.5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "fragment"),
+    [
+        ({"accountant_conversion": "tight"}, "privacy.accountant_conversion", "'classic'"),
+        ({"accountant_orders": "abadi"}, "privacy.accountant_orders", "grid name"),
+        ({"accountant_orders": [1.0, 2.0]}, "privacy.accountant_orders", "> 1"),
+        ({"accountant_orders": []}, "privacy.accountant_orders", "non-empty"),
+        ({"accountant": "pld", "accountant_conversion": "classic"},
+         "privacy.accountant_conversion", "only with privacy.accountant = 'rdp'"),
+    ],
+)
+def test_bad_accountant_options_are_refused(extra, key, fragment):
+    central = {"mode": "central", "clip": 1.0, "delta": 1e-5, "noise_multiplier": 1.0,
+               "rate": 0.1}
+    with pytest.raises(ConfigError) as err:
+        validate(_base(privacy={**central, **extra}))
+    assert err.value.key == key and fragment in str(err.value)

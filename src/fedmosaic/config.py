@@ -34,6 +34,7 @@ PRIVACY_KEYS = {
     "none": set(),
     "central": {"clip", "delta", "noise_multiplier", "target_epsilon", "budget_epsilon",
                 "sampling", "rate", "adaptive_clip_quantile", "accountant", "secure_noise",
+                "accountant_conversion", "accountant_orders",
                 "insecure_seeded_noise", "client_metrics"},
     "local": {"clip", "mechanism", "noise_multiplier", "epsilon", "client_metrics"},
 }
@@ -93,6 +94,15 @@ def _float(desc: str, check: Callable[[Any], bool], default: Any = None) -> Key:
 def _choice(options: tuple[str, ...], default: Any = None, required: bool = False) -> Key:
     return Key((str,), "one of " + ", ".join(repr(o) for o in options),
                lambda v: v in options, default, required)
+
+
+def _orders_ok(value: Any) -> bool:
+    from fedmosaic.privacy.accountant import ORDER_GRIDS
+
+    if isinstance(value, str):
+        return value in ORDER_GRIDS
+    return bool(value) and all(isinstance(o, (int, float)) and not isinstance(o, bool)
+                               and math.isfinite(o) and o > 1 for o in value)
 
 
 POSITIVE = ("a number > 0", lambda v: v > 0)
@@ -198,6 +208,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_clients": _int(1),
         "epsilon": _float(*POSITIVE),
         "accountant": _choice(("rdp", "pld")),
+        # RDP only: the classic conversion and a paper's orders reproduce published epsilons.
+        "accountant_conversion": _choice(("improved", "classic")),
+        "accountant_orders": Key((str, list), "a grid name ('dp_accounting', 'tf_privacy', "
+                                 "'moments_accountant') or a non-empty list of numbers > 1",
+                                 lambda v: _orders_ok(v)),
         "min_contributors": _int(1),
         # Noise and cohorts from a CSPRNG keyed from os.urandom (fedmosaic.privacy.randomness);
         # no default: simulation uses seeded noise, ``fedmosaic server`` secure noise.
@@ -535,13 +550,19 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError("privacy.insecure_seeded_noise", True,
                           "only with privacy.secure_noise = false (it allows seeded noise in a "
                           "deployment, for tests)")
+    if p.get("accountant") == "pld":
+        rdp_only = sorted({"accountant_conversion", "accountant_orders"} & set(p))
+        if rdp_only:
+            raise ConfigError(f"privacy.{rdp_only[0]}", p[rdp_only[0]],
+                              "only with privacy.accountant = 'rdp' (PLD has no orders and "
+                              "no RDP conversion)")
     if mode == "distributed":
         mech = p.get("mechanism", "gaussian")
         if mech not in ("gaussian", "skellam"):
             raise ConfigError("privacy.mechanism", mech, "'gaussian' or 'skellam' for "
                               "distributed DP")
         misplaced = sorted(SKELLAM_KEYS & set(p)) if mech != "skellam" else \
-            sorted({"accountant"} & set(p))
+            sorted({"accountant", "accountant_conversion", "accountant_orders"} & set(p))
         if misplaced:
             raise ConfigError(f"privacy.{misplaced[0]}", p[misplaced[0]],
                               "only with privacy.mechanism = 'skellam'" if mech != "skellam"

@@ -139,6 +139,8 @@ class DPFedAvg(FedAvg):
         clients_per_round: int | None = None,
         population: int | None = None,
         accountant: str = "rdp",
+        accountant_conversion: str = "improved",
+        accountant_orders: str | Sequence[float] | None = None,
         adaptive_clip_quantile: float | None = None,
         adaptive_clip_lr: float = 0.2,
         adaptive_clip_noise: float | None = None,
@@ -184,7 +186,15 @@ class DPFedAvg(FedAvg):
         self.accountant_kind = accountant
         # Fixed-size sampling is analysed under replace-one; Poisson under add/remove.
         self.neighboring = "add_remove" if sampling == "poisson" else "replace_one"
-        self.accountant = PrivacyAccountant(accountant, neighboring=self.neighboring)
+        self.accountant_conversion = accountant_conversion
+        self.accountant_orders = (None if accountant_orders is None else
+                                  accountant_orders if isinstance(accountant_orders, str)
+                                  else [float(o) for o in accountant_orders])
+        # conversion/orders: the classic RDP conversion and a paper's grid of orders reproduce
+        # published figures (see fedmosaic.privacy.accountant); budgets and stops use them too.
+        self.accountant = PrivacyAccountant(accountant, neighboring=self.neighboring,
+                                            conversion=accountant_conversion,
+                                            orders=accountant_orders)
         self.target_epsilon, self.planned_rounds = target_epsilon, rounds
         self.budget = (PrivacyBudget(budget_epsilon, delta) if budget_epsilon is not None
                        else None)
@@ -292,6 +302,7 @@ class DPFedAvg(FedAvg):
             accounted = calibrate_noise_multiplier(
                 self.target_epsilon, self.delta, self.planned_rounds,
                 accountant=self.accountant_kind, neighboring=self.neighboring,
+                conversion=self.accountant.conversion, orders=self.accountant.orders,
                 **self._sampling_args(population))
             self.noise_multiplier = accounted * self._sensitivity_factor()
             self._calibrated = True
@@ -439,6 +450,11 @@ class DPFedAvg(FedAvg):
                 "dp_clients_per_round": self.dp_clients_per_round,
                 "accountant": self.accountant_kind,
                 "adaptive_clip_quantile": self.adaptive_quantile,
+                # Only when set, so that earlier runs keep their resume identity.
+                **({"accountant_conversion": self.accountant_conversion}
+                   if self.accountant_conversion != "improved" else {}),
+                **({"accountant_orders": self.accountant_orders}
+                   if self.accountant_orders is not None else {}),
                 # Only when on, so that seeded runs keep their resume identity; a checkpoint
                 # of a seeded run does not resume under secure noise, nor the reverse.
                 **({"secure_noise": True} if self.secure_noise else {}),
@@ -452,6 +468,10 @@ class DPFedAvg(FedAvg):
                 "epsilon": self.accountant.epsilon(self.delta) if rounds else 0.0,
                 "delta": self.delta,
                 "accountant": self.accountant_kind,
+                "accountant_conversion": self.accountant.conversion,
+                # The same history by every accountant that supports it (RDP with the improved
+                # and the classic conversion, PLD), to compare with a paper's figures.
+                "epsilon_by_accountant": self.accountant.report(self.delta),
                 "neighboring": self.neighboring,
                 "sampling": (f"Poisson, q={self.rate}" if self.sampling == "poisson" else
                              f"fixed size {self.dp_clients_per_round} of {self.population}, "
