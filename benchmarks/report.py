@@ -454,6 +454,10 @@ def main() -> None:
         parts.append(privacy_audit_section(d))
     if (d := load("secagg_compare")) is not None and d.get("summary"):
         parts.append(secagg_section(d))
+    if (d := load("secagg_malicious")) is not None:
+        from secagg_malicious import markdown as secagg_malicious_markdown
+
+        parts.append(secagg_malicious_markdown(d))
     if (d := load("grpc_deploy")) is not None:
         parts.append(grpc_deploy_section(d))
     if (d := load("fmnist_fedavg")) is not None:
