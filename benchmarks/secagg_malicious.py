@@ -7,8 +7,8 @@ simulated PKI (as ``secure_sum`` does; certificates are not parsed here -- a dep
 one certificate check per roster entry, cached). Measured per client and round:
 
 * signatures: time in ``SigningIdentity.sign`` (2 per client: advertised keys, survivor
-  set) and in ``verify_signature`` (every roster entry, then the consistency signatures of
-  the neighbours of the neighbours), with their counts;
+  set) and in ``verify_signature`` (every other roster entry, then consistency signatures
+  until each neighbour has t verified ones from its own neighbours), with their counts;
 * the consistency round: bytes of ``ConsistencyRequest`` + ``ConsistencySignature`` and of
   the survivor set and signatures the ``UnmaskRequest`` carries, and client and server time
   of that round;
@@ -216,9 +216,9 @@ def markdown(d: dict[str, Any]) -> str:
         f"the consistency round adds {100 * cons_share:.1f}% of its bytes. The server spends "
         f"{1e3 * d['server']['seconds_by_stage']['consistency']:.0f} ms closing the masked "
         "stage and collecting the signatures. Verification dominates: every client checks "
-        "all n roster signatures (the graph seed hashes every member's contribution) and the "
-        "consistency signatures of its neighbours' neighbours; a deployment also parses and "
-        "checks one certificate per member (cached per run).",
+        "all n - 1 other roster signatures (the graph seed hashes every member's contribution) "
+        "and, lazily, consistency signatures until t of each neighbour's neighbours verify; a "
+        "deployment also parses and checks one certificate per member (cached per run).",
         "",
     ]
     return "\n".join(lines)

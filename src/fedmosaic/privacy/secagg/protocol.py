@@ -251,16 +251,36 @@ class SecAggPlusClient:
             )
         return key
 
-    def valid_signers(self, survivors: tuple[int, ...],
-                      signatures: tuple[tuple[int, bytes], ...]) -> set[int]:
-        """Members of ``U3`` whose consistency signature on ``U3`` verifies."""
+    def confirmed_owners(self, survivors: tuple[int, ...],
+                         signatures: tuple[tuple[int, bytes], ...]) -> list[int]:
+        """Owners of held shares with ``t`` valid signatures on ``U3`` from their neighbours.
+
+        Signatures are verified lazily and each at most once: an owner is confirmed as soon
+        as ``t`` of its neighbours' signatures verify, so a client checks about ``t`` plus a
+        few signatures, not all of them.
+        """
+        config = self._config
+        assert config is not None
         payload = consistency_payload(self._session, survivors)
         members = set(survivors)
-        return {
-            v for v, sig in signatures
-            if v in members and v in self._signing_keys
-            and verify_signature(self._signing_keys[v], sig, payload)
-        }
+        offered = {v: sig for v, sig in signatures if v in members and v in self._signing_keys}
+        verdict: dict[int, bool] = {}
+
+        def valid(v: int) -> bool:
+            if v not in verdict:
+                verdict[v] = verify_signature(self._signing_keys[v], offered[v], payload)
+            return verdict[v]
+
+        confirmed = []
+        for owner in sorted(self._held):
+            count = 0
+            for v in sorted(self._neighbour_sets[owner] & offered.keys()):
+                if valid(v):
+                    count += 1
+                    if count >= config.threshold:
+                        confirmed.append(owner)
+                        break
+        return confirmed
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -317,7 +337,10 @@ class SecAggPlusClient:
                 f"client {self.client_id}: only {len(message.entries)} members advertised keys, "
                 f"fewer than this client's minimum population {self.bounds.min_clients}"
             )
-        signing_keys = {e.client_id: self.verify_entry(config, e) for e in message.entries}
+        # Our own entry was checked against what we sent (_check_roster); verify the others.
+        signing_keys = {e.client_id: self.verify_entry(config, e) for e in message.entries
+                        if e.client_id != self.client_id}
+        signing_keys[self.client_id] = self.signer.public_key
         by_id = {e.client_id: e for e in message.entries}
         seed = roster_graph_seed(config, {u: e.contribution for u, e in by_id.items()})
         neighbour_sets = config.graph(seed).neighbour_sets()
@@ -459,17 +482,12 @@ class SecAggPlusClient:
                 "the one this client signed (the server shows clients different views)"
             )
         _check_unique([v for v, _ in message.signatures], "the consistency signatures")
-        signers = self.valid_signers(message.survivors, message.signatures)
+        confirmed = self.confirmed_owners(message.survivors, message.signatures)
         survivors = set(message.survivors)
-        confirmed = [
-            v for v in sorted(self._held)
-            if len(self._neighbour_sets[v] & signers) >= config.threshold
-        ]
         if not confirmed:
             raise SecAggProtocolError(
                 f"client {self.client_id} refuses the unmask request: no neighbour has t="
-                f"{config.threshold} valid consistency signatures from its own neighbours "
-                f"({len(signers)} valid signatures in all)"
+                f"{config.threshold} valid consistency signatures from its own neighbours"
             )
         return ([v for v in confirmed if v in survivors],
                 [v for v in confirmed if v not in survivors])
