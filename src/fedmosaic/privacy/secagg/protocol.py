@@ -39,8 +39,11 @@ its ``k - c_v`` honest neighbours each reveal one share of ``v`` (of ``b_v`` if 
 each need ``2t <= k + c_v``, which the client's minimum threshold rules out; and the ``c_v <
 t`` corrupted neighbours alone hold too few shares. Dropping honest clients to isolate ``v``
 fails the same way: its holders reveal nothing about ``v`` unless ``t`` of its neighbours
-survived and signed, so its input is only ever revealed inside a sum with at least ``t - c_v``
-honest neighbours.
+survived and signed, so its input only enters a sum with at least ``t - c_v`` honest
+surviving neighbours. On the complete graph that is a proof by counting; on a sparse graph
+removing those neighbours' masks too would need each of them "dropped" in a view signed by
+``t`` of *its* neighbours, which the overlap of adjacent Harary neighbourhoods prevents in
+practice but this module does not prove for every sparse graph (``docs/security.md``).
 
 Dropouts are allowed at every stage: a client whose neighbourhood cannot hold ``t`` shares
 is left out before anyone masks with it, and the round succeeds whenever every needed
