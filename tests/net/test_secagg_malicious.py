@@ -25,7 +25,9 @@ from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.transport import GrpcTransport
 from fedmosaic.net.wire import spec_hash
 from fedmosaic.privacy.secagg import (
+    AdvertiseKeys,
     CertificateVerifier,
+    SecAggPlusClient,
     SecAggProtocolError,
     SigningIdentity,
 )
@@ -132,6 +134,29 @@ def test_substituted_keys_are_detected_by_the_certificate_signature_check(
                 "substitution?)") in caplog.text
     assert ("client c0 withdrew from secure aggregation: client refused: client 0: the roster "
             "misrepresents this client's own keys") in caplog.text
+
+
+def test_a_member_with_a_bad_signature_is_dropped_by_the_server_not_the_round(
+        blobs_fed: FederatedDataset, federation: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One malicious client must not make every honest member refuse the roster: the server
+    checks each advertisement against the CA and drops the bad one; the others go on."""
+    caplog.set_level(logging.WARNING)
+    honest = SecAggPlusClient.handle_setup
+
+    def forged(self: SecAggPlusClient, message: Any) -> AdvertiseKeys:
+        advert = honest(self, message)
+        if self.client_id != 2:
+            return advert
+        return AdvertiseKeys(advert.round_id, 2, advert.c_public, advert.s_public,
+                             advert.contribution, bytes(64), advert.credential)
+
+    monkeypatch.setattr(SecAggPlusClient, "handle_setup", forged)
+    driver = SecAggRoundDriver(clip=1.0, max_weight=64.0, uniform=False)
+    outcome = one_round(blobs_fed, federation, driver)
+    assert not isinstance(outcome, RoundFailedError), outcome
+    assert [(r["updates"], r["rejected"]) for r in outcome.history] == [(5, 1)]
+    assert "client 2 sent keys without a valid signature" in caplog.text
 
 
 def test_certificates_are_checked_against_the_federation_ca(

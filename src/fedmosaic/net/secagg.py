@@ -41,6 +41,7 @@ import torch
 
 from fedmosaic.core.errors import ConfigError
 from fedmosaic.net.auth import Peer
+from fedmosaic.net.certs import FederationPaths
 from fedmosaic.net.errors import Refused
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.transport import GrpcTransport, PendingTask
@@ -105,6 +106,7 @@ class SecAggRoundDriver:
         self.clip, self.max_weight, self.uniform = float(clip), float(max_weight), uniform
         self.dropout_rate, self.bits = dropout_rate, bits
         self.corrupted_fraction = corrupted_fraction
+        self.verifier: PeerVerifier | None = None  # the federation CA, loaded on first use
         self.current: _Round | None = None
         self.last_round: dict[str, Any] = {}
 
@@ -168,7 +170,11 @@ class SecAggRoundDriver:
                                 t.client_id, f"secure aggregation impossible: {exc}"))
                         ready = []
                 if ready:
-                    rnd.server = SecAggPlusServer(config, [t.client_id for t in ready])
+                    # An honest server checks every advertisement itself, so one member
+                    # with a bad certificate or signature is dropped at once instead of
+                    # making every other member refuse the roster.
+                    rnd.server = SecAggPlusServer(config, [t.client_id for t in ready],
+                                                  verifier=self._verifier(transport))
                     setup = rnd.server.setup_message().to_bytes()
                     for u, t in enumerate(ready):
                         t.extra["index"] = u
@@ -229,6 +235,12 @@ class SecAggRoundDriver:
             with transport.cond:
                 self.current = None
                 transport.cond.notify_all()
+
+    def _verifier(self, transport: GrpcTransport) -> PeerVerifier:
+        if self.verifier is None:
+            self.verifier = CertificateVerifier.from_file(
+                FederationPaths(transport.settings.credentials).ca_cert)
+        return self.verifier
 
     def _publish(self, transport: GrpcTransport, rnd: _Round, stage: str,
                  out: dict[int, Any]) -> None:

@@ -163,7 +163,7 @@ def run_round(
     signers = [SigningIdentity.generate(f"client/{u}") for u in range(n)]
     pki = StaticPki({s.identity: s.public_key for s in signers})
     start = time.perf_counter()
-    server = SecAggPlusServer(config, [s.identity for s in signers])
+    server = SecAggPlusServer(config, [s.identity for s in signers], verifier=pki)
     setup = server.setup_message().to_bytes()
     server_seconds += time.perf_counter() - start
     clients = [
