@@ -9,6 +9,9 @@ against the real :class:`SecAggPlusClient`, which refuses or detects it.
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,6 +21,7 @@ from fedmosaic.privacy.secagg import (
     ClientStage,
     ConsistencyRequest,
     KeysBroadcast,
+    NeighbourGraph,
     SecAggBounds,
     SecAggPlusClient,
     SecAggPlusServer,
@@ -404,3 +408,38 @@ def test_isolation_is_refused_the_real_client_will_not_sign_a_tiny_survivor_set(
     (sigs,) = views(server, clients, [[0, 1]], [padded])
     with pytest.raises(SecAggProtocolError, match="valid consistency signatures"):
         clients[1].handle_unmask(wire(UnmaskRequest(config.round_id, 1, padded, sigs)))
+
+
+# ----------------------------------------------------------------- grinding the graph seed
+
+
+def test_grinding_the_graph_seed_beats_a_probabilistic_bound_and_every_graph_clients_refuse():
+    """The graph seed hashes every member's contribution, but a server (with a colluding
+    client) can still try many graphs. Where the parameters are secure only with probability
+    1 - 2^-sigma over the graph, trying ~2^sigma graphs finds one in which an honest client
+    has 2t - k corrupted neighbours; clients with ``every_graph`` refuse such parameters."""
+    n, gamma = 200, 0.2
+    weak = secagg_plus_parameters(n, 0.1, gamma, security_bits=6)  # 2^-10 per graph
+    corrupted = set(range(math.ceil(gamma * n)))
+    found = None
+    for i in range(4000):
+        graph = NeighbourGraph(n, weak.degree, hashlib.sha256(b"grind/%d" % i).digest())
+        if any(len(nbrs & corrupted) >= 2 * weak.threshold - weak.degree
+               for u, nbrs in enumerate(graph.neighbour_sets()) if u not in corrupted):
+            found = i
+            break
+    assert found is not None
+    signer = SigningIdentity.generate("client/0")
+    pki = StaticPki({signer.identity: signer.public_key})
+    config = SecAggConfig(1, n, weak.threshold, weak.degree, 4, 32, bytes(32))
+    strict = SecAggBounds(corrupted_fraction=gamma, security_bits=6, every_graph=True)
+    with pytest.raises(SecAggProtocolError, match=r"cannot be secure .* for every graph"):
+        SecAggPlusClient(0, signer=signer, verifier=pki, bounds=strict).handle_setup(
+            SetupMessage(config))
+    # The default parameters up to n = 150 (gamma = 0.2) hold for every graph: accepted.
+    for size in (20, 100, 150):
+        ok = secagg_plus_parameters(size, 0.1, gamma)
+        assert ok.log2_security_failure == -math.inf
+        SecAggPlusClient(0, signer=signer, verifier=pki,
+                         bounds=SecAggBounds(every_graph=True)).handle_setup(SetupMessage(
+                             SecAggConfig(1, size, ok.threshold, ok.degree, 4, 32, bytes(32))))

@@ -358,6 +358,8 @@ def minimum_threshold(
     corrupted_fraction: float,
     dropout_rate: float,
     security_bits: float = 40,
+    *,
+    every_graph: bool = False,
 ) -> int | None:
     """The smallest threshold ``t`` that keeps an ``(n, degree)`` round secure, or ``None``.
 
@@ -369,6 +371,12 @@ def minimum_threshold(
     them one survivor set and half another cannot collect ``t`` shares of both secrets, and
     the ``C < t`` corrupted ones alone hold too few. For an odd sparse degree the Harary graph
     may give a node ``degree + 1`` neighbours; the bound then uses ``degree + 1``.
+
+    ``every_graph`` asks for the conditions to hold for *every* relabelling, not with
+    probability ``1 - 2^-sigma`` over a random one: ``2t > k + C`` (no neighbourhood can hold
+    ``2t - k`` corrupted members) and ``C + D < 2 * (k // 2)`` (removing fewer than two
+    windows of ``k // 2`` ring positions never disconnects the circulant graph). Then no
+    party gains anything by grinding the graph seed.
     """
     if not 1 <= degree <= n - 1:
         return None
@@ -380,6 +388,10 @@ def minimum_threshold(
     if k > n - 1:
         return None
     dropped = _worst_count(dropout_rate, n)
+    if every_graph:
+        threshold = (k + corrupted) // 2 + 1
+        connected = corrupted + dropped < 2 * (degree // 2)
+        return threshold if connected and threshold <= degree else None
     table = _LogFactorials(n)
     budget = -(security_bits + 1)
     disconnect = math.log2(n * (n - 1) / 2) + table.log2_all_removed(
@@ -407,7 +419,9 @@ class SecAggBounds:
     conditions as checked in this module; Bonawitz et al., CCS 2017, §4: ``t > (n - 1 + C)/2``
     on the complete graph with this implementation's convention that a client's shares go
     to its ``n - 1`` neighbours only). Defaults: gamma = 0.2 (as the server's default) and
-    delta = 0.1.
+    delta = 0.1. ``every_graph`` (off by default) accepts only setups secure for every
+    neighbour graph, so that grinding the graph seed gains a malicious server nothing; the
+    default parameters meet it up to n = 150 at gamma = 0.2.
     """
 
     min_clients: int = 3
@@ -415,6 +429,7 @@ class SecAggBounds:
     corrupted_fraction: float = 0.2
     dropout_rate: float = 0.1
     security_bits: float = 40
+    every_graph: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_clients <= self.max_clients:
@@ -430,12 +445,14 @@ class SecAggBounds:
                 f"accepted population [{self.min_clients}, {self.max_clients}]"
             )
         least = minimum_threshold(num_clients, degree, self.corrupted_fraction,
-                                  self.dropout_rate, self.security_bits)
+                                  self.dropout_rate, self.security_bits,
+                                  every_graph=self.every_graph)
         if least is None:
             raise SecAggProtocolError(
                 f"setup refused: degree k={degree} for n={num_clients} cannot be secure with "
                 f"tolerated corrupted fraction {self.corrupted_fraction:g} and dropout rate "
-                f"{self.dropout_rate:g} at {self.security_bits:g} bits (no threshold works)"
+                f"{self.dropout_rate:g} at {self.security_bits:g} bits"
+                f"{' for every graph' if self.every_graph else ''} (no threshold works)"
             )
         if threshold < least:
             raise SecAggProtocolError(
