@@ -156,6 +156,8 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
             transport, clip=secagg.get("clip", 1.0), max_weight=secagg.get("max_weight",
                                                                           default_w),
             dropout_rate=secagg.get("dropout_rate", 0.1),
+            **({"corrupted_fraction": secagg["corrupted_fraction"]}
+               if "corrupted_fraction" in secagg else {}),
             secure_noise=bool(exp["privacy"].get("secure_noise", False)))
     return transport
 

@@ -173,6 +173,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "secagg_clip": _float(*POSITIVE),
         "secagg_max_weight": _float(*POSITIVE),
         "secagg_dropout_rate": _float("a number in [0, 1)", lambda v: 0 <= v < 1),
+        # The fraction of members that may collude with a malicious server (t and k are sized
+        # for it; clients check it against their own policy's bound).
+        "secagg_corrupted_fraction": _float("a number in [0, 1)", lambda v: 0 <= v < 1),
     },
     # Deployment (`fedmosaic server`, issue #5); like [runtime] it may change on resume.
     "server": {
@@ -397,7 +400,7 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         raise ConfigError("strategy.mu", strat["mu"], "only with strategy.name = 'fedprox'")
     rt = s["runtime"]
     secagg_keys = {"secure_aggregation", "secagg_clip", "secagg_max_weight",
-                   "secagg_dropout_rate"}
+                   "secagg_dropout_rate", "secagg_corrupted_fraction"}
     if not rt["secure_aggregation"]:
         for key in sorted(set(rt) & (secagg_keys - {"secure_aggregation"})):
             raise ConfigError(f"runtime.{key}", rt[key], "only with secure_aggregation = true")

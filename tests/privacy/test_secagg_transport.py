@@ -128,3 +128,37 @@ def test_three_participants_give_a_failed_round_with_the_reason_not_a_crash():
     assert all("no SecAgg+ parameters for n=3" in r.reason for r in out)
     with pytest.raises(fm.core.RoundFailedError, match="3 clients failed"):
         fm.simulate(tr, small, fm.FedAvg(fraction=1.0), rounds=1, transport=transport)
+
+
+def test_tolerated_corrupted_fraction_sizes_the_threshold(fed):
+    """More members colluding with the server need a higher threshold (and the run says which
+    fraction it was designed for); the experiment file sets it as
+    runtime.secagg_corrupted_fraction."""
+    thresholds = {}
+    for gamma in (0.0, 0.3):
+        tr = _trainer()
+        transport = SecAggPlusTransport(fm.SequentialTransport(tr, fed), clip=1.0,
+                                        max_weight=40, seed=7, corrupted_fraction=gamma)
+        run = fm.simulate(tr, fed, fm.FedAvg(fraction=1.0), rounds=1, seed=0,
+                          transport=transport)
+        sa = run.guarantees["secure_aggregation"]
+        assert sa["tolerated_corrupted_fraction"] == gamma
+        thresholds[gamma] = sa["threshold"]
+    assert thresholds[0.3] > thresholds[0.0]
+    with pytest.raises(ValueError, match="corrupted_fraction"):
+        SecAggPlusTransport(fm.SequentialTransport(_trainer(), fed), corrupted_fraction=1.0)
+
+
+def test_corrupted_fraction_from_the_experiment_file():
+    from fedmosaic.build import build_transport
+    from fedmosaic.config import validate
+
+    raw = {"rounds": 1, "data": {"dataset": "digits"}, "partition": {"clients": 6},
+           "runtime": {"secure_aggregation": True, "secagg_corrupted_fraction": 0.3}}
+    exp = validate(raw)
+    train, test = load_digits()
+    fed = partition(train, IID(), 6, 0, test=test)
+    transport = build_transport(exp, fed, _trainer())
+    assert transport.corrupted_fraction == 0.3
+    with pytest.raises(ConfigError, match="secagg_corrupted_fraction"):
+        validate({**raw, "runtime": {"secagg_corrupted_fraction": 0.3}})

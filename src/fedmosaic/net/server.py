@@ -174,4 +174,6 @@ def _secagg_driver(exp: Experiment, fed: Any, settings: DeploySettings) -> Any:
     return SecAggRoundDriver(clip=rt.get("secagg_clip", 1.0),
                              max_weight=rt.get("secagg_max_weight", default_w),
                              uniform=uniform,
-                             dropout_rate=rt.get("secagg_dropout_rate", 0.1))
+                             dropout_rate=rt.get("secagg_dropout_rate", 0.1),
+                             **({"corrupted_fraction": rt["secagg_corrupted_fraction"]}
+                                if "secagg_corrupted_fraction" in rt else {}))

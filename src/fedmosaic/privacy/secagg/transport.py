@@ -49,7 +49,12 @@ from fedmosaic.core.update import ClientUpdate
 from fedmosaic.privacy.randomness import SecureNoise, SeededNoise
 from fedmosaic.privacy.secagg.errors import SecAggAbortError
 from fedmosaic.privacy.secagg.quantize import IntegerEncoder
-from fedmosaic.privacy.secagg.simulate import DROPOUT_STAGES, secure_sum, secure_sum_int
+from fedmosaic.privacy.secagg.simulate import (
+    DEFAULT_CORRUPTED_FRACTION,
+    DROPOUT_STAGES,
+    secure_sum,
+    secure_sum_int,
+)
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import Transport, TransportResult
 from fedmosaic.train.base import FitConfig
@@ -86,6 +91,7 @@ class SecAggPlusTransport:
         max_weight: float = 1.0,
         bits: int = 32,
         dropout_rate: float = 0.1,
+        corrupted_fraction: float = DEFAULT_CORRUPTED_FRACTION,
         simulate_dropout: float = 0.0,
         seed: int | None = None,
         encoder: IntegerEncoder | None = None,
@@ -95,12 +101,16 @@ class SecAggPlusTransport:
             raise ValueError(f"clip must be > 0, got {clip}")
         if not max_weight > 0:
             raise ValueError(f"max_weight must be > 0, got {max_weight}")
+        if not 0 <= corrupted_fraction < 1:
+            raise ValueError(f"corrupted_fraction must be in [0, 1), got {corrupted_fraction}")
         if not 0 <= simulate_dropout < 1:
             raise ValueError(f"simulate_dropout must be in [0, 1), got {simulate_dropout}")
         self.inner = inner
         self.clip, self.max_weight, self.bits = float(clip), float(max_weight), bits
         self.dropout_rate = max(dropout_rate, simulate_dropout)
         self.simulate_dropout = simulate_dropout
+        # The fraction of members that may collude with the server; t and k are sized for it.
+        self.corrupted_fraction = float(corrupted_fraction)
         self.seed = seed
         if encoder is not None and not isinstance(encoder, IntegerEncoder):
             raise TypeError(f"encoder must implement IntegerEncoder, got {type(encoder).__name__}")
@@ -170,6 +180,7 @@ class SecAggPlusTransport:
                 "ring_bits": last.get("bits", self.bits),
                 "clip": self.clip, "max_weight": self.max_weight,
                 "designed_dropout_rate": self.dropout_rate,
+                "tolerated_corrupted_fraction": self.corrupted_fraction,
                 "neighbourhood_degree": last.get("degree"), "threshold": last.get("threshold"),
                 "masks": "reproducible from a seed (simulation only)" if self.seed is not None
                          else "OS CSPRNG",
@@ -232,7 +243,8 @@ class SecAggPlusTransport:
         try:
             res = secure_sum(np.stack(rows), clip=self.clip, bits=self.bits, dropout=plan,
                              seed=None if self.seed is None else self.seed * 1_000_003 + round_num,
-                             dropout_rate=self.dropout_rate)
+                             dropout_rate=self.dropout_rate,
+                             corrupted_fraction=self.corrupted_fraction)
         except SecAggAbortError as exc:
             log.warning("round %d: secure aggregation aborted: %s", round_num, exc)
             for cid in ids:
@@ -322,7 +334,7 @@ class SecAggPlusTransport:
             res = secure_sum_int(
                 np.stack(rows), bits=encoder.bits, dropout=plan,
                 seed=None if self.seed is None else self.seed * 1_000_003 + round_num,
-                dropout_rate=self.dropout_rate)
+                dropout_rate=self.dropout_rate, corrupted_fraction=self.corrupted_fraction)
         except SecAggAbortError as exc:
             log.warning("round %d: secure aggregation aborted: %s", round_num, exc)
             for cid in ids:
