@@ -87,7 +87,7 @@ MAX_LEDGER_RELEASES = 1000  # the release log kept for people; the accountant ke
 
 _SCHEMA: dict[str, tuple[str, ...]] = {
     "secagg": ("mode", "min_bits", "min_population", "max_population", "corrupted_fraction",
-               "dropout_fraction", "security_bits"),
+               "dropout_fraction", "security_bits", "every_graph"),
     "dp": ("min_noise_multiplier", "max_clip", "max_epsilon_per_round", "epsilon_budget",
            "delta", "assumed_contributors"),
 }
@@ -95,7 +95,7 @@ _TOP_LEVEL = ("ledger",)
 # Policy key -> SecAggBounds field (the policy file speaks of the population, as the issue).
 _BOUNDS = {"min_population": "min_clients", "max_population": "max_clients",
            "corrupted_fraction": "corrupted_fraction", "dropout_fraction": "dropout_rate",
-           "security_bits": "security_bits"}
+           "security_bits": "security_bits", "every_graph": "every_graph"}
 
 
 class PolicyError(FedmosaicError, ValueError):
@@ -121,6 +121,8 @@ class SecAggPolicy:
     corrupted_fraction: float | None = None
     dropout_fraction: float | None = None
     security_bits: float | None = None
+    # Accept only setups secure for every possible neighbour graph (closes graph grinding).
+    every_graph: bool | None = None
 
     @property
     def required(self) -> bool:
@@ -128,15 +130,13 @@ class SecAggPolicy:
 
     def bounds(self) -> Any:
         """The ``fedmosaic.privacy.secagg.SecAggBounds`` the SecAgg+ client checks each setup
-        against (its defaults for the keys not set), or None when no key is set or that class
-        does not exist in this version. ``ValueError`` if it refuses the values."""
+        against (its defaults for the keys not set), or None when no key is set.
+        ``ValueError`` if it refuses the values."""
         values = {name: getattr(self, key) for key, name in _BOUNDS.items()}
         if all(v is None for v in values.values()):
             return None
-        try:
-            from fedmosaic.privacy.secagg import SecAggBounds  # type: ignore[attr-defined]
-        except ImportError:
-            return None
+        from fedmosaic.privacy.secagg import SecAggBounds
+
         return SecAggBounds(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -224,7 +224,8 @@ class PrivacyPolicy:
             max_population=_int(s, "secagg", "max_population", 2, None),
             corrupted_fraction=_fraction(s, "secagg", "corrupted_fraction"),
             dropout_fraction=_fraction(s, "secagg", "dropout_fraction"),
-            security_bits=_positive(s, "secagg", "security_bits"))
+            security_bits=_positive(s, "secagg", "security_bits"),
+            every_graph=_flag(s, "secagg", "every_graph"))
         if secagg.min_population is not None and secagg.max_population is not None \
                 and secagg.max_population < secagg.min_population:
             raise ConfigError("secagg.max_population", secagg.max_population,
@@ -380,6 +381,13 @@ def _positive(table: dict[str, Any], section: str, key: str) -> float | None:
     value = _number(table, section, key)
     if value is not None and value <= 0:
         raise ConfigError(f"{section}.{key}", table[key], "a finite number > 0")
+    return value
+
+
+def _flag(table: dict[str, Any], section: str, key: str) -> bool | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{section}.{key}", value, "true or false")
     return value
 
 
