@@ -45,6 +45,7 @@ from google.protobuf.message import DecodeError
 
 from fedmosaic.net.certs import FederationPaths
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
+from fedmosaic.net.wire import REFUSAL_CODES
 from tests.net.conftest import (
     CLIENTS,
     REVOKED,
@@ -66,7 +67,7 @@ HONEST = CLIENTS[:3]
 HOSTILE = CLIENTS[3]  # a federation member turned hostile
 STRANGER = CLIENTS[4]  # a valid member that never joins, trying the hostile's task ids
 METHOD = "/fedmosaic.v1.Federation/"
-UNARY = ("Join", "Heartbeat", "GetTask", "SecAgg", "Status")
+UNARY = ("Join", "Heartbeat", "GetTask", "SecAgg", "Status", "RefuseTask")
 ALL_METHODS = (*UNARY, "DownloadModel", "UploadUpdate")
 TIMEOUT = 20.0
 C = grpc.StatusCode
@@ -258,6 +259,17 @@ class Attacks:
                                      ).SerializeToString(), C.FAILED_PRECONDITION
         if method == "Status":
             return b"", C.PERMISSION_DENIED  # a client credential may not ask
+        if method == "RefuseTask":
+            if r.random() < 0.5:  # well-formed, for a task id that does not exist
+                return pb.TaskRefusal(task_id=r.randbytes(16), round=r.randint(-5, 10**6),
+                                      code=r.choice(REFUSAL_CODES), reason="policy says no"
+                                      ).SerializeToString(), C.FAILED_PRECONDITION
+            code, reason = r.choice([("not_a_code", "x"), ("secagg_required", ""),
+                                     ("secagg_required", "y" * 513),
+                                     ("secagg_required", "bell\x07 and \x1b[31m escape"),
+                                     ("\x00" * 4, "reason")])
+            return pb.TaskRefusal(task_id=r.randbytes(16), code=code, reason=reason
+                                  ).SerializeToString(), C.INVALID_ARGUMENT
         if method == "DownloadModel":
             return pb.ModelRequest(task_id=r.randbytes(r.choice([0, 1, 16, 64]))
                                    ).SerializeToString(), C.FAILED_PRECONDITION
@@ -338,6 +350,11 @@ class Attacks:
                               C.PERMISSION_DENIED)
             return Attack("foreign_task_download", "stranger", "DownloadModel",
                           pb.ModelRequest(task_id=tid).SerializeToString(), C.PERMISSION_DENIED)
+        if roll < 0.70:  # another member refusing the hostile's task to drop it
+            refusal = pb.TaskRefusal(task_id=tid, round=rnd, code="secagg_required",
+                                     reason="not mine to refuse")
+            return Attack("foreign_task_refusal", "stranger", "RefuseTask",
+                          refusal.SerializeToString(), C.PERMISSION_DENIED)
         if roll < 0.75:
             return Attack("revoked_with_live_task", "revoked", "UploadUpdate",
                           [_header(tid, rnd, self.numel), *_chunks(good)], C.PERMISSION_DENIED)
@@ -537,7 +554,7 @@ def test_attack_generator_covers_every_kind_and_is_seeded() -> None:
     kinds = {a.kind for a in drawn}
     assert {"garbage", "truncated", "oversized", "replayed_old_task", "operator_join",
             "not_joined", "revoked", "unauthenticated_no_cert", "unauthenticated_foreign_ca",
-            "wrong_round", "foreign_task_upload", "foreign_task_download",
+            "wrong_round", "foreign_task_upload", "foreign_task_download", "foreign_task_refusal",
             "revoked_with_live_task", "truncated_live_header", "chunk_before_header"} <= kinds
     assert {a.method for a in drawn if a.kind == "garbage"} == set(ALL_METHODS)
     assert all(f"forged_{m}" in kinds for m in ALL_METHODS)
