@@ -25,7 +25,6 @@ variance it actually carries.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,8 +33,9 @@ import numpy as np
 import torch
 
 from fedmosaic.algorithms.aggregate import FedAvgAggregator
-from fedmosaic.algorithms.strategy import ClientTask, FedAvg, client_seed
+from fedmosaic.algorithms.strategy import ClientTask, FedAvg
 from fedmosaic.core.errors import ConfigError, PrivacyBudgetExhausted
+from fedmosaic.privacy.cohort import dp_cohort
 from fedmosaic.privacy.randomness import SecureNoise
 from fedmosaic.privacy.skellam import SkellamMechanism, max_gamma, padded_dim, rounded_l2_bound
 from fedmosaic.privacy.skellam_accountant import (
@@ -269,27 +269,15 @@ class DistributedSkellam(FedAvg):
         self.run_seed = run_seed
         if self.population is None:
             self.population = len(available)
-        if self.secure_noise:
-            if self._secure is None:
-                self._secure = SecureNoise()
-            rng = self._secure.numpy()  # a cohort nobody can predict from the run seed
-        if self.sampling == "fixed":
-            tasks = super().configure_fit(round_num, available, rng, run_seed=run_seed,
-                                          full_steps=full_steps)
-        else:
-            ids = sorted(available)
-            assert self.rate is not None
-            chosen = [c for c, keep in zip(ids, rng.random(len(ids)) < self.rate) if keep]
-            tasks = [ClientTask(c, self.fit_config(round_num,
-                                                   seed=client_seed(run_seed, round_num, c)),
-                                self.client_stages)
-                     for c in chosen]
-        if not self.secure_noise:
-            return tasks
-        # Seeds that say nothing about the run seed: drawn from the CSPRNG, not derived.
-        seeds = rng.integers(0, 2 ** 63, size=len(tasks))
-        return [dataclasses.replace(t, config=dataclasses.replace(t.config, seed=int(sd)))
-                for t, sd in zip(tasks, seeds, strict=True)]
+        if self.secure_noise and self._secure is None:
+            self._secure = SecureNoise()
+        return dp_cohort(
+            round_num, available, rng, run_seed=run_seed, sampling=self.sampling,
+            rate=self.rate, stages=self.client_stages,
+            fixed=lambda r: super(DistributedSkellam, self).configure_fit(
+                round_num, available, r, run_seed=run_seed, full_steps=full_steps),
+            fit_config=lambda rnd, seed: self.fit_config(rnd, seed=seed),
+            secure=self._secure if self.secure_noise else None)
 
     def before_round(self, round_num: int, available: Sequence[str]) -> None:
         if self.population is None:

@@ -32,7 +32,6 @@ multiplier up front or stops training before it would be exceeded.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,6 +47,7 @@ from fedmosaic.privacy.accountant import (
     PrivacyBudget,
     calibrate_noise_multiplier,
 )
+from fedmosaic.privacy.cohort import dp_cohort
 from fedmosaic.privacy.randomness import NoiseSource, SecureNoise, SeededNoise
 
 SAMPLINGS = ("poisson", "fixed")
@@ -326,29 +326,13 @@ class DPFedAvg(FedAvg):
         if self.population is None:
             self.population = len(available)
         self.client_stages = self._distributed_stage() + self.user_stages
-        if self.secure_noise:
-            # The cohort is part of the mechanism (amplification by sampling): it must not be
-            # predictable from the run seed, which a client can search from its own seed.
-            rng = self._secure_source().numpy()
-        if self.sampling == "fixed":
-            tasks = super().configure_fit(round_num, available, rng, run_seed=run_seed,
-                                          full_steps=full_steps)
-        else:
-            # Poisson sampling: every client independently with probability q, so a round may
-            # have any number of clients (even none) -- the analysed mechanism.
-            ids = sorted(available)
-            assert self.rate is not None
-            chosen = [c for c, keep in zip(ids, rng.random(len(ids)) < self.rate) if keep]
-            tasks = [ClientTask(c, self.fit_config(round_num,
-                                                   seed=client_seed(run_seed, round_num, c)),
-                                self.client_stages)
-                     for c in chosen]
-        if not self.secure_noise:
-            return tasks
-        # Seeds that say nothing about the run seed: drawn from the CSPRNG, not derived.
-        seeds = self._secure_source().numpy().integers(0, 2**63, size=len(tasks))
-        return [dataclasses.replace(t, config=dataclasses.replace(t.config, seed=int(sd)))
-                for t, sd in zip(tasks, seeds)]
+        return dp_cohort(
+            round_num, available, rng, run_seed=run_seed, sampling=self.sampling,
+            rate=self.rate, stages=self.client_stages,
+            fixed=lambda r: super(DPFedAvg, self).configure_fit(
+                round_num, available, r, run_seed=run_seed, full_steps=full_steps),
+            fit_config=lambda rnd, seed: self.fit_config(rnd, seed=seed),
+            secure=self._secure_source() if self.secure_noise else None)
 
     # -- the round ---------------------------------------------------------------------------
     def before_round(self, round_num: int, available: Sequence[str]) -> None:
