@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,14 +213,7 @@ class SecAggPlusTransport:
         if encoder is not None:
             yield from self._fit_integer(encoder, weights, tasks, weighting, round_num)
             return
-        updates: list[ClientUpdate] = []
-        for result in self.inner.fit(weights, tasks, None):
-            if isinstance(result, ClientUpdate):
-                updates.append(result)
-            elif isinstance(result, ClientFailure):
-                yield result
-            else:  # pragma: no cover - the inner transport was asked for single updates
-                raise TypeError(f"inner transport returned {type(result).__name__}")
+        updates = yield from self._individual_updates(weights, tasks)
         rejected, rows, ids = [], [], []
         for u in updates:
             # The client's own software refuses to submit a broken update: once masked, the
@@ -285,13 +278,11 @@ class SecAggPlusTransport:
             return SecureNoise().numpy()
         return SeededNoise(task.config.seed ^ _ENCODER_SEED).numpy()
 
-    def _fit_integer(
-        self, encoder: IntegerEncoder, weights: torch.Tensor, tasks: Sequence[ClientTask],
-        weighting: Weighting, round_num: int,
-    ) -> Iterator[TransportResult]:
-        """The round with an integer encoder: each client encodes (clip, round, noise) its
-        own update into the ring; the server decodes the unmasked sum."""
-        by_id = {t.client_id: t for t in tasks}
+    def _individual_updates(
+        self, weights: torch.Tensor, tasks: Sequence[ClientTask],
+    ) -> Generator[TransportResult, None, list[ClientUpdate]]:
+        """Train the cohort through the inner transport: failures pass through (yielded),
+        updates are returned for the secure sum."""
         updates: list[ClientUpdate] = []
         for result in self.inner.fit(weights, tasks, None):
             if isinstance(result, ClientUpdate):
@@ -300,6 +291,16 @@ class SecAggPlusTransport:
                 yield result
             else:  # pragma: no cover - the inner transport was asked for single updates
                 raise TypeError(f"inner transport returned {type(result).__name__}")
+        return updates
+
+    def _fit_integer(
+        self, encoder: IntegerEncoder, weights: torch.Tensor, tasks: Sequence[ClientTask],
+        weighting: Weighting, round_num: int,
+    ) -> Iterator[TransportResult]:
+        """The round with an integer encoder: each client encodes (clip, round, noise) its
+        own update into the ring; the server decodes the unmasked sum."""
+        by_id = {t.client_id: t for t in tasks}
+        updates = yield from self._individual_updates(weights, tasks)
         rejected: list[str] = []
         kept: list[ClientUpdate] = []
         for u in updates:
