@@ -446,9 +446,8 @@ def evaluate_canaries(scores: Mapping[str, np.ndarray], included: np.ndarray, de
         settings=dict(settings or {}))
 
 
-def _dp_guarantee(strategy: Any) -> dict[str, Any]:
-    dp = strategy.guarantees().get("differential_privacy") if hasattr(
-        strategy, "guarantees") else None
+def _dp_guarantee(guarantees: dict[str, Any]) -> dict[str, Any]:
+    dp = guarantees.get("differential_privacy")
     if not dp or "epsilon" not in dp or "delta" not in dp:
         raise AuditError("the strategy reports no (epsilon, delta) guarantee: the privacy "
                          "audit needs a client-level DP strategy (privacy.mode = 'central' or "
@@ -472,7 +471,10 @@ def audit_privacy(trainer: Any, federated_data: Any, strategy: Any, rounds: int,
     from fedmosaic.runtime import SequentialTransport
     from fedmosaic.runtime.simulate import simulate
 
-    _dp_guarantee(strategy)  # refuse non-DP strategies before spending the run
+    if not hasattr(strategy, "guarantees"):
+        raise AuditError("the strategy reports no guarantees: the privacy audit needs a "
+                         "client-level DP strategy")
+    _dp_guarantee(strategy.guarantees())  # refuse non-DP strategies before spending the run
     if rounds < 1:
         raise AuditError(f"rounds must be >= 1, got {rounds}")
     if canary_norm is None:
@@ -489,7 +491,7 @@ def audit_privacy(trainer: Any, federated_data: Any, strategy: Any, rounds: int,
     start = trainer.initial_weights(seed).to(torch.float32)
     result = simulate(trainer, federated_data, strategy, rounds, seed=seed, transport=wrapped,
                       initial_weights=start.clone(), eval_every=rounds)
-    dp = _dp_guarantee(strategy)
+    dp = _dp_guarantee(result.guarantees)  # computed once by simulate (PLD can be slow)
     final = result.weights.to(torch.float32).cpu()
     wrapped.observe(final)  # the last round's change
     scores = {"final_model": canary_scores(draw.directions, final - start.cpu()),
