@@ -106,7 +106,7 @@ def test_peer_task_with_secagg_and_100_clients_per_round_matches_plain_accuracy(
         transport = fm.BatchedTransport(tr, fed)
         if secure:
             transport = SecAggPlusTransport(transport, clip=1.0, max_weight=20, seed=0)
-        return fm.simulate(tr, fed, fm.FedAvg(clients_per_round=100), 30, seed=0,
+        return fm.simulate(tr, fed, fm.FedAvg(clients_per_round=100), 12, seed=0,
                            transport=transport)
 
     plain, secure = run(False), run(True)
