@@ -4,6 +4,7 @@ conversions next to PLD)."""
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -296,3 +297,19 @@ def test_report_names_what_an_accountant_cannot_account_for():
     assert (empty["epsilon"], empty["rdp"], empty["rdp_classic"], empty["pld"]) == (0, 0, 0, 0)
     with pytest.raises(ValueError, match="delta"):
         PrivacyAccountant().report(0.0)
+
+
+def test_report_skips_pld_with_a_reason_at_tiny_noise():
+    """A run's guarantees call ``report``: at a noise multiplier so small that the PLD would
+    take minutes to build, its side-by-side PLD figure is skipped with the reason."""
+    tiny = PrivacyAccountant("rdp")
+    tiny.record_gaussian_round(0.01, "poisson", 0.1)
+    start = time.perf_counter()
+    report = tiny.report(1e-5)
+    assert time.perf_counter() - start < 5.0  # the PLD takes minutes here
+    assert report["pld"] is None and "skipped" in report["unsupported"]["pld"]
+    assert report["rdp"] is not None and report["rdp"] > 100
+    # The PLD accountant itself still gives its own figure.
+    exact = PrivacyAccountant("pld")
+    exact.record_gaussian_round(1.0, "poisson", 0.1, count=20)
+    assert exact.report(1e-5)["pld"] == exact.epsilon(1e-5)

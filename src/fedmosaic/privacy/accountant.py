@@ -128,6 +128,12 @@ _MIN_NOISE = 1e-3
 _MAX_NOISE = 1e4
 _MAX_CALIBRATION_EVALS = 200
 
+# dp-accounting's default PLD discretization (the PLD accountant's own figure).
+PLD_INTERVAL = 1e-4
+# The side-by-side PLD figure of ``report`` is skipped (with the reason) below this noise
+# multiplier, where building the PLD takes from seconds to minutes and epsilon is in the tens
+# to hundreds anyway.
+REPORT_PLD_MIN_NOISE = 0.3
 _STATE_VERSION = 2  # 2 adds conversion and orders; version 1 states use the defaults
 
 
@@ -358,7 +364,8 @@ class PrivacyAccountant:
         self._records: list[_Record] = []
         # RDP of one application of a mechanism, per grid of orders.
         self._rdp_curves: dict[tuple[_Record, tuple[float, ...]], np.ndarray] = {}
-        self._pld_cache: tuple[tuple[tuple[_Record, int], ...], PLDAccountant] | None = None
+        # One PLD per discretization interval, rebuilt when the history changes.
+        self._pld_cache: dict[float, tuple[tuple[tuple[_Record, int], ...], PLDAccountant]] = {}
 
     def _new_backend(self, kind: str) -> RdpAccountant | PLDAccountant:
         if kind == "rdp":
@@ -483,14 +490,16 @@ class PrivacyAccountant:
         eps, order = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
         return float(eps), (math.nan if order is None else float(order))
 
-    def _pld(self) -> PLDAccountant:
+    def _pld(self, interval: float = PLD_INTERVAL) -> PLDAccountant:
         totals = self._totals()
-        if self._pld_cache is not None and self._pld_cache[0] == totals:
-            return self._pld_cache[1]
-        backend = PLDAccountant(neighboring_relation=self._relation)
+        cached = self._pld_cache.get(interval)
+        if cached is not None and cached[0] == totals:
+            return cached[1]
+        backend = PLDAccountant(neighboring_relation=self._relation,
+                                value_discretization_interval=interval)
         for key, count in totals:
             backend.compose(dp_event.SelfComposedDpEvent(key.single_event(), count))
-        self._pld_cache = (totals, backend)
+        self._pld_cache[interval] = (totals, backend)
         return backend
 
     # -- queries -------------------------------------------------------------------------
@@ -530,8 +539,10 @@ class PrivacyAccountant:
         ``epsilon`` is this accountant's figure (the one budgets and stops use). ``rdp`` and
         ``rdp_classic`` are the RDP epsilons with the improved and the classic conversion
         over this accountant's orders (``orders``; the optimal order of each in
-        ``rdp_order``, ``rdp_classic_order``); ``pld`` is the PLD epsilon (building the PLD
-        costs about 0.4 s per distinct subsampled Gaussian; ``pld=False`` skips it). A
+        ``rdp_order``, ``rdp_classic_order``); ``pld`` is the PLD epsilon (about 0.6 s per
+        distinct subsampled Gaussian at z = 1, 1.4 s at z = 0.5; skipped, with the reason,
+        below z = ``REPORT_PLD_MIN_NOISE`` unless this is the PLD accountant; ``pld=False``
+        skips it). A
         figure is None where that accountant cannot account for a recorded mechanism (the
         reason is in ``unsupported``) or was skipped.
         """
@@ -550,12 +561,27 @@ class PrivacyAccountant:
             if kind == "pld" and not pld:
                 continue
             if kind == "pld":
-                out["pld"] = 0.0 if empty else float(self._pld().get_epsilon(delta))
+                if empty:
+                    out["pld"] = 0.0
+                elif self._kind == "pld":
+                    out["pld"] = out["epsilon"]
+                elif min(self._gaussian_noises(), default=math.inf) < REPORT_PLD_MIN_NOISE:
+                    # Its support grows like 1/z^2: 0.6 s at z = 1, 1.4 s at z = 0.5,
+                    # 14 s at z = 0.1, minutes below.
+                    out["unsupported"]["pld"] = (
+                        f"skipped: a noise multiplier below {REPORT_PLD_MIN_NOISE} makes the "
+                        "PLD too costly to build for a side-by-side figure; accountant = "
+                        "'pld' computes it")
+                else:
+                    out["pld"] = float(self._pld().get_epsilon(delta))
                 continue
             for conversion, name in (("improved", "rdp"), ("classic", "rdp_classic")):
                 eps, order = (0.0, None) if empty else self._rdp_epsilon(delta, conversion)
                 out[name], out[f"{name}_order"] = eps, order
         return out
+
+    def _gaussian_noises(self) -> list[float]:
+        return [r.noise for r in self._records if r.mechanism == "gaussian"]
 
     @property
     def steps(self) -> int:
@@ -632,7 +658,7 @@ class PrivacyAccountant:
         for event in events:
             replay._add(_Record.from_dict(event))
         self._records = replay._records
-        self._pld_cache = None
+        self._pld_cache = {}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> PrivacyAccountant:
