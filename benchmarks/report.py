@@ -231,19 +231,21 @@ def secagg_section(d: dict[str, Any]) -> str:
         "One secure-aggregation round over n clients, each holding a fixed vector of "
         f"{settings.get('dim', 100_000):,} float32 values (no training, so only the protocol is "
         "measured), every client participating. fedmosaic: `secure_sum` through the real message "
-        "encoding, keys and masks from the OS CSPRNG. Flower 1.42: FedAvg through "
-        "`SecAggPlusWorkflow` with `secaggplus_mod` in its simulation engine; `flower-plain` is "
-        "the same round without secure aggregation. *Client CPU* / *client wall*: protocol work "
+        "encoding, with the protocol's defaults, keys and masks from the OS CSPRNG. Flower 1.42: "
+        "FedAvg through `SecAggPlusWorkflow` with `secaggplus_mod` in its simulation engine; "
+        "`flower-plain` is the same round without secure aggregation. *Client CPU* / *client "
+        "wall*: protocol work "
         "per client and round, as CPU time (Flower: inside `secaggplus_mod`, whole actor "
         "process; fedmosaic: process CPU time around each client's message handling) and as "
         "wall time; *server*: the server's protocol work (wall); bytes are per client per "
         "round. Each figure is the median over the repeated runs of a configuration, which "
         "alternate the order of the frameworks.",
         "",
+        *secagg_protocols_paragraph(d),
         "Command: `bash benchmarks/setup_flower_venv.sh && .venv/bin/python "
         f"benchmarks/secagg_compare.py{' ' + settings['argv'] if settings.get('argv') else ''}`",
         "",
-        machine_line(d["machine"]),
+        machine_line(d["machine"]) + secagg_load_sentence(d),
         "",
         "| n | framework | runs | round (s) | client CPU (s) | client wall (s) | server (s) | "
         "bytes up | bytes down | peak RSS (MB) | max abs error |",
@@ -270,13 +272,20 @@ def secagg_section(d: dict[str, Any]) -> str:
         if fm_row and fl_row:
             reps = min(fm_row.get("repeats", 1), fl_row.get("repeats", 1))
             label = f"n = {n} (medians of {reps} runs each)" if reps > 1 else f"n = {n}"
+            def than(key: str, less: str, more: str,
+                     fm_row: dict[str, Any] = fm_row, fl_row: dict[str, Any] = fl_row) -> str:
+                # Flower's time over fedmosaic's, worded the right way round either side of 1.
+                ratio = fl_row[key] / fm_row[key]
+                return f"{ratio:.1f}x {less}" if ratio >= 1 else f"{1 / ratio:.1f}x {more}"
+
             ratios.append(
-                f"{label}: round {fl_row['round_s'] / fm_row['round_s']:.1f}x faster, client "
-                f"work {fl_row['client_s'] / fm_row['client_s']:.1f}x (CPU) and "
-                f"{fl_row['client_wall_s'] / fm_row['client_wall_s']:.1f}x (wall), server "
-                f"work {fl_row['server_s'] / fm_row['server_s']:.1f}x")
+                f"{label}: round {than('round_s', 'faster', 'slower')}, client work "
+                f"{than('client_s', 'less', 'more')} (CPU) and "
+                f"{than('client_wall_s', 'less', 'more')} (wall), server work "
+                f"{than('server_s', 'less', 'more')}")
     if ratios:
-        lines += ["", "fedmosaic vs Flower SecAgg+: " + "; ".join(ratios) + "."]
+        lines += ["", "fedmosaic vs Flower SecAgg+ (fedmosaic's time against Flower's): "
+                  + "; ".join(ratios) + "."]
     spread = [
         f"{r['framework']} at n = {r['clients']}: {min(r['client_s_per_repeat']):.4f}-"
         f"{max(r['client_s_per_repeat']):.4f} s"
@@ -291,8 +300,58 @@ def secagg_section(d: dict[str, Any]) -> str:
               "fedmosaic's counts only the protocol's own messages (the model download is the "
               "same for both and is counted in fedmosaic's round records as `bytes_down`). Up, "
               "Flower's SecAgg+ sends about twice the plain payload; fedmosaic's masked vector "
-              "is 32-bit, 1.01x the float32 update."]
+              "is 32-bit, and its whole upload (masked vector, signed keys, encrypted shares, "
+              "signatures) is " + upload_ratio(d) + " the float32 update."]
     return "\n".join([*lines, ""])
+
+
+def secagg_protocols_paragraph(d: dict[str, Any]) -> list[str]:
+    """Which SecAgg+ each framework ran, with the parameters the runs recorded."""
+    params = []
+    for r in d["summary"]:
+        if r["framework"] == "fedmosaic" and r.get("degree") is not None:
+            params.append(f"fedmosaic k = {r['degree']}, t = {r['threshold']} at n = "
+                          f"{r['clients']}")
+        elif r["framework"] == "flower-secagg+" and r.get("num_shares") is not None:
+            params.append(f"Flower num_shares = {r['num_shares']}, threshold = "
+                          f"{r['reconstruction_threshold']} at n = {r['clients']}")
+    return [
+        "The two protocols differ, and fedmosaic's is the stronger. fedmosaic's figures include "
+        "its defences against a malicious server, on by default: every client signs its key "
+        "advertisement (ECDSA P-256) and verifies the signature of every member of the roster, "
+        "a signed consistency round runs before unmasking, and the degree k and threshold t "
+        "are chosen so that gamma = 0.2 of the clients may collude with the server (delta = 0.1 "
+        "dropouts). Flower 1.42's SecAgg+ is the semi-honest protocol (four stages, no "
+        "signatures, no consistency round), with num_shares = 2 ceil(log2 n) + 1 and "
+        "threshold 2/3 of it (`benchmarks/flower_secagg.py`). So this compares fedmosaic's "
+        "stronger protocol against Flower's weaker one; the next section measures what the "
+        "malicious-server defences cost. Parameters in these runs: "
+        + ("; ".join(params) if params else "not recorded") + ". fedmosaic's k counts the "
+        "neighbours a client shares with; Flower's num_shares includes the share a client "
+        "keeps.",
+        "",
+    ]
+
+
+def secagg_load_sentence(d: dict[str, Any]) -> str:
+    """How busy the shared machine was around the runs (secagg_compare.py records it)."""
+    rows = [r for r in d["summary"] if "foreign_cpu_pct_max" in r]
+    if not rows:
+        return ""
+    return (
+        " Load from other work on the machine: the 1-minute load average before a run was at "
+        f"most {max(r['loadavg_before_max'] for r in rows):.1f}, and other processes used at "
+        f"most {max(r['foreign_cpu_pct_max'] for r in rows):.0f}% of the CPUs during a run "
+        "(per run in `benchmarks/results/secagg_compare.json`).")
+
+
+def upload_ratio(d: dict[str, Any]) -> str:
+    dim = d.get("settings", {}).get("dim", 100_000)
+    ups = sorted(r["bytes_up"] / (4 * dim) for r in d["summary"]
+                 if r["framework"] == "fedmosaic" and "bytes_up" in r)
+    if not ups:
+        return "about 1.01x"
+    return f"{ups[0]:.2f}x" if ups[0] == ups[-1] else f"{ups[0]:.2f}-{ups[-1]:.2f}x"
 
 
 def fmnist_fedavg_section(d: dict[str, Any]) -> str:

@@ -36,6 +36,14 @@ bytes_up_per_client, bytes_down_per_client and max_abs_error. The table shows:
   * fedmosaic speed-up  Flower SecAgg+'s round s / fedmosaic's round s, same n;
   * SecAgg+/plain    Flower SecAgg+'s round s / Flower plain's round s, same n.
 
+The two SecAgg+ implementations do not run the same protocol. fedmosaic runs its default,
+secure against a malicious server: signed key advertisements that every member verifies, a
+signed consistency round before unmasking, and k/t chosen for gamma = 0.2 corrupted clients
+and delta = 0.1 dropouts (k = 42, t = 32 at n = 100). Flower's SecAgg+ is the semi-honest
+protocol (no signatures, no consistency round) with num_shares 15 and threshold 10 at
+n = 100 (see flower_secagg.py). So the comparison is of fedmosaic's stronger protocol
+against Flower's weaker one; benchmarks/secagg_malicious.py measures what the defences cost.
+
 Raw numbers and a description of the machine go to benchmarks/results/secagg_compare.json.
 """
 
@@ -265,7 +273,13 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             peak_rss_mb=max(r["peak_rss_mb"] for r in ok),
             max_abs_error=max(float(x["max_abs_error"]) for x in res),
             correct=not any(r.get("incorrect", False) for r in ok),
+            # How loaded the shared machine was: before each run (busy %, 1-min load average)
+            # and during it (CPU used by processes outside the run's tree, % of all cores).
+            cpu_busy_before_pct_max=max(r["cpu_busy_before_pct"] for r in ok),
+            loadavg_before_max=max(r["loadavg_before"][0] for r in ok),
+            foreign_cpu_pct_max=max(r.get("foreign_cpu_pct", 0.0) for r in ok),
         )
+        row.update(protocol_parameters(res[0]))
         if len(ok) < len(group):
             row["failed_repeats"] = len(group) - len(ok)
         rows.append(row)
@@ -280,6 +294,27 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["framework"] == "flower-secagg+" and plain:
             row["secagg_over_plain"] = row["round_s"] / plain["round_s"]
     return rows
+
+
+def protocol_parameters(result: dict[str, Any]) -> dict[str, Any]:
+    """The secret-sharing parameters a run used, each under its framework's own definition.
+
+    fedmosaic: degree k (neighbours a client shares with; it keeps no share of its own) and
+    threshold t, plus the protocol variant. Flower: num_shares (including the share a client
+    keeps) and reconstruction_threshold.
+    """
+    if result.get("framework") == "fedmosaic":
+        out: dict[str, Any] = {"degree": result.get("degree"), "threshold": result.get("threshold")}
+        if "protocol" in result:
+            out["protocol"] = result["protocol"]
+        return out
+    secagg = result.get("secagg")
+    if isinstance(secagg, dict) and "num_shares" in secagg:
+        return {
+            "num_shares": secagg["num_shares"],
+            "reconstruction_threshold": secagg.get("reconstruction_threshold"),
+        }
+    return {}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
