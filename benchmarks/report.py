@@ -301,7 +301,14 @@ def secagg_section(d: dict[str, Any]) -> str:
               "same for both and is counted in fedmosaic's round records as `bytes_down`). Up, "
               "Flower's SecAgg+ sends about twice the plain payload; fedmosaic's masked vector "
               "is 32-bit, and its whole upload (masked vector, signed keys, encrypted shares, "
-              "signatures) is " + upload_ratio(d) + " the float32 update."]
+              "signatures) is " + upload_ratio(d) + " the float32 update. fedmosaic's *down* "
+              "grows with n because every client receives the whole signed roster and the "
+              "survivors' consistency signatures.",
+              "",
+              "Peak RSS: Flower's is its whole Ray process tree; fedmosaic's is the single "
+              "process that simulates all n clients, in which every simulated client keeps the "
+              "neighbour graph it rebuilt (n sets of k peers), so this simulation's memory "
+              "grows like n^2 k. A deployed client holds only its own copy of the graph."]
     return "\n".join([*lines, ""])
 
 
