@@ -27,6 +27,7 @@ from fedmosaic.privacy.secagg import (
     SecAggPlusServer,
     SecAggProtocolError,
     SetupMessage,
+    SharesBroadcast,
     SigningIdentity,
     StaticPki,
     UnmaskRequest,
@@ -47,6 +48,7 @@ from fedmosaic.privacy.secagg.crypto import (
     ring_dtype,
     share_associated_data,
 )
+from fedmosaic.privacy.secagg.identity import verify_signature
 from fedmosaic.privacy.secagg.messages import (
     RosterEntry,
     SecAggConfig,
@@ -144,7 +146,7 @@ def views(server, clients, groups, survivors, colluders=()):
             sigs.append((w, signed.signature))
         for w in colluders:
             sigs.append((w, clients[w].signer.sign(
-                consistency_payload(server.config.session_id, view))))
+                consistency_payload(server._roster, view))))
         collected.append(tuple(sorted(sigs)))
     return collected
 
@@ -260,7 +262,7 @@ def substitute_keys(weak):
         if w in fake:
             key = derive_aead_key(key_agreement(fake[w][0], v_advert.c_public),
                                   config.session_id, v, w)
-            plain = aead_decrypt(key, blob, share_associated_data(config.session_id, v, w))
+            plain = aead_decrypt(key, blob, share_associated_data(clients[v]._roster, v, w))
             b_parts[w + 1], s_parts[w + 1] = plain[:66], plain[66:]
     b_v = reconstruct_secret_bytes(sorted(b_parts), [b_parts[k] for k in sorted(b_parts)])
     s_raw = reconstruct_secret_bytes(sorted(s_parts), [s_parts[k] for k in sorted(s_parts)])
@@ -443,3 +445,38 @@ def test_grinding_the_graph_seed_beats_a_probabilistic_bound_and_every_graph_cli
         SecAggPlusClient(0, signer=signer, verifier=pki,
                          bounds=SecAggBounds(every_graph=True)).handle_setup(SetupMessage(
                              SecAggConfig(1, size, ok.threshold, ok.degree, 4, 32, bytes(32))))
+
+
+def test_different_rosters_for_different_members_share_nothing_across_them():
+    """A server that shows members different rosters (valid signed adverts, but a different
+    subset each: so a different graph seed and neighbour graph) could otherwise collect
+    consistency signatures from two disjoint 'neighbourhoods' of a victim. Every share is
+    encrypted under the roster its sender saw and every consistency signature covers it, so
+    nothing crosses between views: the holder refuses the share, the signature does not
+    verify."""
+    n = 8
+    config, server, clients, x = build(n, degree=n - 1, threshold=5)
+    setup = wire(server.setup_message())
+    for c in clients:
+        server.receive(wire(c.handle_setup(setup)))
+    full = next(iter(server.broadcast_keys().values())).entries
+    # Member 7's advert is left out of the holder's roster: same members otherwise.
+    partial = tuple(e for e in full if e.client_id != 7)
+    victim, holder = 0, 1
+    shares = clients[victim].handle_keys(wire(KeysBroadcast(config.round_id, victim, full)))
+    clients[holder].handle_keys(wire(KeysBroadcast(config.round_id, holder, partial)))
+    assert clients[victim]._roster != clients[holder]._roster
+    blob = dict(shares.ciphertexts)[holder]
+    # The others (who saw the holder's roster) share with it too: only the victim's differs.
+    others = [(u, dict(clients[u].handle_keys(wire(KeysBroadcast(config.round_id, u, partial)))
+                       .ciphertexts)[holder]) for u in range(2, 7)]
+    routed = SharesBroadcast(config.round_id, holder, ((victim, blob), *others))
+    with pytest.raises(SecAggProtocolError, match="failed authentication"):
+        clients[holder].handle_shares(wire(routed), x[holder])
+    # A signature made under one roster does not count under another.
+    survivors = tuple(range(n))
+    payload = consistency_payload(clients[victim]._roster, survivors)
+    signature = clients[victim].signer.sign(payload)
+    assert verify_signature(clients[victim].signer.public_key, signature, payload)
+    assert not verify_signature(clients[victim].signer.public_key, signature,
+                                consistency_payload(clients[holder]._roster, survivors))

@@ -501,6 +501,11 @@ def test_clients_validate_the_key_broadcast():
     entries = honest.entries
     round_id = honest.round_id
     first = entries[1]
+    near = entries[next(iter(client_neighbours(config, entries, 0)))]
+
+    def replaced(entry):
+        return tuple(entry if e.client_id == entry.client_id else e for e in entries)
+
     bad = {
         "non-members": KeysBroadcast(round_id, 0, (*entries, RosterEntry(
             10, "client/10", b"\x09" * 32, b"\x09" * 32, bytes(32), bytes(64)))),
@@ -509,12 +514,13 @@ def test_clients_validate_the_key_broadcast():
         "Sybil": KeysBroadcast(round_id, 0, (entries[0], RosterEntry(
             first.client_id, entries[2].identity, first.c_public, first.s_public,
             first.contribution, first.signature), *entries[2:])),
-        "valid signature": KeysBroadcast(round_id, 0, (entries[0], RosterEntry(
-            first.client_id, first.identity, b"\x09" * 32, first.s_public,
-            first.contribution, first.signature), *entries[2:])),
-        "not in the PKI": KeysBroadcast(round_id, 0, (entries[0], RosterEntry(
-            first.client_id, "mallory", first.c_public, first.s_public,
-            first.contribution, first.signature), *entries[2:])),
+        # A neighbour's entry is verified at once (its keys are used now).
+        "valid signature": KeysBroadcast(round_id, 0, replaced(RosterEntry(
+            near.client_id, near.identity, b"\x09" * 32, near.s_public,
+            near.contribution, near.signature))),
+        "not in the PKI": KeysBroadcast(round_id, 0, replaced(RosterEntry(
+            near.client_id, "mallory", near.c_public, near.s_public,
+            near.contribution, near.signature))),
         "round": KeysBroadcast(round_id + 1, 0, entries),
         "addressed to client 1": KeysBroadcast(round_id, 1, entries),
     }
@@ -522,6 +528,21 @@ def test_clients_validate_the_key_broadcast():
         with pytest.raises(SecAggProtocolError, match=problem):
             client.handle_keys(message)
         assert client.stage is ClientStage.AWAITING_KEYS
+    # A non-neighbour's tampered entry is verified only when its consistency signature would
+    # count: the keys are accepted, and that member's signatures never count.
+    far = next(e for e in entries if e.client_id not in client_neighbours(config, entries, 0)
+               and e.client_id != 0)
+    fake = RosterEntry(far.client_id, far.identity, b"\x09" * 32, far.s_public,
+                       far.contribution, far.signature)
+    client.handle_keys(KeysBroadcast(round_id, 0, replaced(fake)))
+    assert client._signing_key(far.client_id) is None
+    assert client._signing_key(near.client_id) == clients[near.client_id].signer.public_key
+    config, server, clients = make_round(10, 10, degree=4, threshold=3)
+    setup = wire(server.setup_message())
+    for c in clients:
+        server.receive(wire(c.handle_setup(setup)))
+    honest = server.broadcast_keys()[0]  # a fresh round: the first client has taken its keys
+    entries, round_id, client = honest.entries, config.round_id, clients[0]
     # A low-order key, validly signed by its (corrupted) owner, is still refused.
     owner = next(v for v in client_neighbours(config, entries, 0))
     low = resigned(entries[owner], clients[owner].signer, config.session_id, c_public=bytes(32))

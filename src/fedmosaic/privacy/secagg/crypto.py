@@ -159,7 +159,10 @@ def derive_aead_key(shared_secret: bytes, session_id: bytes, u: int, v: int) -> 
 
 
 def share_associated_data(session_id: bytes, sender: int, recipient: int) -> bytes:
-    """Associated data of a share ciphertext: the direction matters, so it is not symmetric."""
+    """Associated data of a share ciphertext: the direction matters, so it is not symmetric.
+    The protocol passes the roster's graph seed as ``session_id`` (it hashes the session and
+    every member's contribution), so a share only decrypts for a holder that saw the same
+    roster, hence the same neighbour graph, as its sender."""
     return SHARE_AD_LABEL + b"/" + session_id + struct.pack("<II", sender, recipient)
 
 

@@ -244,9 +244,11 @@ def advertise_payload(session_id: bytes, sender: int, identity: str, c_public: b
                      c_public, s_public, contribution])
 
 
-def consistency_payload(session_id: bytes, survivors: tuple[int, ...]) -> bytes:
-    """What a client signs in the consistency check: the round and the survivor set U3."""
-    return b"".join([_CONSISTENCY_LABEL, session_id, struct.pack("<I", len(survivors)),
+def consistency_payload(roster: bytes, survivors: tuple[int, ...]) -> bytes:
+    """What a client signs in the consistency check: the roster it accepted (its graph seed,
+    :func:`roster_graph_seed`, which also binds the session) and the survivor set U3. Binding
+    the roster means signatures only count among members that saw the same graph."""
+    return b"".join([_CONSISTENCY_LABEL, roster, struct.pack("<I", len(survivors)),
                      _ids(survivors)])
 
 

@@ -53,6 +53,7 @@ secret keeps ``t`` responding holders; otherwise the server raises
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ from fedmosaic.privacy.secagg.messages import (
     roster_graph_seed,
     self_mask_commitment,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _share_x(client_id: int) -> int:
@@ -182,7 +185,9 @@ class SecAggPlusClient:
         self._advert: AdvertiseKeys | None = None
         self._neighbours: frozenset[int] = frozenset()
         self._neighbour_sets: list[frozenset[int]] = []
-        self._signing_keys: dict[int, PublicKey] = {}
+        # Verified signing keys, filled lazily (None: the relayed entry failed verification).
+        self._signing_keys: dict[int, PublicKey | None] = {}
+        self._entries: dict[int, RosterEntry] = {}
         self._c_key: X25519PrivateKey | None = None
         self._s_key: X25519PrivateKey | None = None
         self._self_seed: bytes = b""
@@ -190,6 +195,7 @@ class SecAggPlusClient:
         self._aead_keys: dict[int, bytes] = {}
         self._held: dict[int, tuple[bytes, bytes]] = {}
         self._signed_survivors: tuple[int, ...] | None = None
+        self._roster = b""  # the graph seed of the roster this client accepted
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -254,6 +260,19 @@ class SecAggPlusClient:
             )
         return key
 
+    def _signing_key(self, v: int) -> PublicKey | None:
+        """Member ``v``'s verified signing key, verifying its roster entry on first use; None
+        if the relayed entry does not verify (its signatures then never count)."""
+        if v not in self._signing_keys:
+            config = self._config
+            assert config is not None
+            try:
+                self._signing_keys[v] = self.verify_entry(config, self._entries[v])
+            except SecAggProtocolError as err:
+                log.warning("%s", err)
+                self._signing_keys[v] = None
+        return self._signing_keys[v]
+
     def confirmed_owners(self, survivors: tuple[int, ...],
                          signatures: tuple[tuple[int, bytes], ...]) -> list[int]:
         """Owners of held shares with ``t`` valid signatures on ``U3`` from their neighbours.
@@ -264,14 +283,15 @@ class SecAggPlusClient:
         """
         config = self._config
         assert config is not None
-        payload = consistency_payload(self._session, survivors)
+        payload = consistency_payload(self._roster, survivors)
         members = set(survivors)
-        offered = {v: sig for v, sig in signatures if v in members and v in self._signing_keys}
+        offered = {v: sig for v, sig in signatures if v in members and v in self._entries}
         verdict: dict[int, bool] = {}
 
         def valid(v: int) -> bool:
             if v not in verdict:
-                verdict[v] = verify_signature(self._signing_keys[v], offered[v], payload)
+                key = self._signing_key(v)
+                verdict[v] = key is not None and verify_signature(key, offered[v], payload)
             return verdict[v]
 
         confirmed = []
@@ -340,12 +360,12 @@ class SecAggPlusClient:
                 f"client {self.client_id}: only {len(message.entries)} members advertised keys, "
                 f"fewer than this client's minimum population {self.bounds.min_clients}"
             )
-        # Our own entry was checked against what we sent (_check_roster); verify the others.
-        signing_keys = {e.client_id: self.verify_entry(config, e) for e in message.entries
-                        if e.client_id != self.client_id}
-        signing_keys[self.client_id] = self.signer.public_key
         by_id = {e.client_id: e for e in message.entries}
         seed = roster_graph_seed(config, {u: e.contribution for u, e in by_id.items()})
+        # The roster this client saw, bound into every share it encrypts or accepts and into
+        # its consistency signature: a server that shows members different rosters (hence
+        # different graphs) gets no share accepted and no signature counted across them.
+        self._roster = seed
         neighbour_sets = config.graph(seed).neighbour_sets()
         members = prune_members(neighbour_sets, by_id, config.threshold)
         if self.client_id not in members:
@@ -354,6 +374,15 @@ class SecAggPlusClient:
                 "advertised keys: its secrets could never be reconstructed"
             )
         peers = sorted(neighbour_sets[self.client_id] & members)
+        # Our own entry was checked against what we sent (_check_roster). The neighbours'
+        # entries are verified now (their keys are used at once: a substituted key is refused
+        # here); any other member's only when its consistency signature is counted, so a
+        # client verifies O(k) signatures, not all n (the roster's binding into every share
+        # and signature keeps the members' views consistent; see docs/security.md).
+        self._entries = by_id
+        self._signing_keys = {self.client_id: self.signer.public_key}
+        for v in peers:
+            self._signing_keys[v] = self.verify_entry(config, by_id[v])
         c_key, s_key = self._private_keys()
         aead_keys = {
             v: derive_aead_key(
@@ -374,7 +403,7 @@ class SecAggPlusClient:
                 aead_encrypt(
                     aead_keys[v],
                     b_share + s_share,
-                    share_associated_data(self._session, self.client_id, v),
+                    share_associated_data(self._roster, self.client_id, v),
                     self._random,
                 ),
             )
@@ -382,7 +411,6 @@ class SecAggPlusClient:
         )
         self._aead_keys, self._peer_s_public, self._self_seed = aead_keys, s_public, self_seed
         self._neighbours, self._neighbour_sets = frozenset(peers), neighbour_sets
-        self._signing_keys = signing_keys
         self.stage = ClientStage.AWAITING_SHARES
         commitment = self_mask_commitment(self._session, self.client_id, self_seed)
         return ShareKeys(config.round_id, self.client_id, ciphertexts, commitment)
@@ -414,7 +442,7 @@ class SecAggPlusClient:
             if len(blob) != SHARE_CIPHERTEXT_BYTES:
                 raise SecAggProtocolError(f"share ciphertext from client {v} has a wrong length")
             try:
-                associated = share_associated_data(self._session, v, self.client_id)
+                associated = share_associated_data(self._roster, v, self.client_id)
                 plain = aead_decrypt(self._aead_keys[v], blob, associated)
             except SecAggProtocolError as err:
                 raise SecAggProtocolError(
@@ -460,7 +488,7 @@ class SecAggPlusClient:
             raise SecAggProtocolError(
                 f"client {self.client_id}: the survivor set must be sorted and include it"
             )
-        if any(v not in self._signing_keys for v in survivors):
+        if any(v not in self._entries for v in survivors):
             raise SecAggProtocolError(f"client {self.client_id}: the survivor set names "
                                       "clients that did not advertise keys")
         if len(survivors) < config.threshold:
@@ -468,7 +496,7 @@ class SecAggPlusClient:
                 f"client {self.client_id} refuses to sign a survivor set of {len(survivors)} "
                 f"clients, fewer than t={config.threshold}"
             )
-        signature = self.signer.sign(consistency_payload(self._session, survivors))
+        signature = self.signer.sign(consistency_payload(self._roster, survivors))
         self._signed_survivors = survivors
         self.stage = ClientStage.AWAITING_UNMASK
         return ConsistencySignature(config.round_id, self.client_id, signature)
@@ -589,6 +617,7 @@ class SecAggPlusServer:
         self.identities = list(identities)
         self.verifier = verifier
         self._session = config.session_id
+        self._roster = b""  # the graph seed of the roster sent out (bound into signatures)
         self._neighbours: list[frozenset[int]] = []
         self.stage = ServerStage.COLLECT_KEYS
         self._adverts: dict[int, AdvertiseKeys] = {}
@@ -674,6 +703,7 @@ class SecAggPlusServer:
         self._expect(ServerStage.COLLECT_KEYS)
         seed = roster_graph_seed(
             self.config, {u: a.contribution for u, a in self._adverts.items()})
+        self._roster = seed
         self._neighbours = self.config.graph(seed).neighbour_sets()
         members = prune_members(self._neighbours, self._adverts, self.config.threshold)
         if not members:
@@ -803,7 +833,7 @@ class SecAggPlusServer:
             raise SecAggProtocolError(f"client {w} signed the survivor set twice")
         if self.verifier is not None:
             key = self.verifier.public_key(self.identities[w], self._adverts[w].credential)
-            payload = consistency_payload(self._session, self._survivors)
+            payload = consistency_payload(self._roster, self._survivors)
             if not verify_signature(key, message.signature, payload):
                 raise SecAggProtocolError(f"client {w} sent an invalid consistency signature")
         self._signatures[w] = message.signature
