@@ -227,9 +227,12 @@ def markdown(d: dict[str, Any]) -> str:
         f"{1e3 * d['server']['verify_seconds']:.0f} ms per round verifying every "
         "advertisement and consistency signature itself (so that one member with a bad "
         "signature is dropped, not the round). Verification dominates: every client checks "
-        "all n - 1 other roster signatures (the graph seed hashes every member's contribution) "
-        "and, lazily, consistency signatures until t of each neighbour's neighbours verify; a "
-        "deployment also parses and checks one certificate per member (cached per run).",
+        "its neighbours' roster signatures at once and, lazily, the roster entries and "
+        "consistency signatures of its neighbours' neighbours until t of each verify (the "
+        "roster's graph seed is bound into every share and consistency signature, so members "
+        "with different views share nothing); at this size that is most of the members, at "
+        "larger n a shrinking fraction. A deployment also parses and checks one certificate "
+        "per verified member (cached per run).",
         "",
     ]
     return "\n".join(lines)
