@@ -15,16 +15,19 @@ with the neighbour graph of Bell et al., CCS 2020, "Secure Single-Server Aggrega
 1. *advertise keys* -- each client ``u`` sends two fresh X25519 public keys ``c_u``, ``s_u``
    and a random contribution ``r_u`` to the graph seed, signed with its long-term key
    (its mTLS certificate key in a deployment); the server relays every member's signed
-   advertisement (the roster) to every member, which verifies each signature against the
-   member's credential (key substitution is detected), hashes all contributions into the
-   graph seed and rebuilds the graph itself;
+   advertisement (the roster) to every member, which hashes all contributions into the
+   graph seed, rebuilds the graph itself and verifies its neighbours' signatures against
+   their credentials (key substitution is detected); other members' entries are verified
+   when their consistency signatures are counted. The graph seed ("the roster") is bound
+   into every share ciphertext and consistency signature, so members shown different rosters
+   accept no share and count no signature across views;
 2. *share keys* -- ``u`` draws a self-mask seed ``b_u``, commits to it and Shamir-shares
    ``b_u`` and the raw private key ``s_u`` ``t``-out-of-``|N(u)|`` among its neighbours, each
    pair of shares encrypted to its recipient under an AES-GCM key from the ``c`` agreement;
 3. *masked input* -- ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv)
    - sum_{v < u} PRG(s_uv) mod 2^bits`` over the neighbours ``v`` whose shares it received;
 4. *consistency check* -- the server sends the survivor set ``U3`` (masked inputs received);
-   each survivor signs ``(round, U3)``;
+   each survivor signs ``(roster, U3)``;
 5. *unmasking* -- the server forwards ``U3`` and the signatures; a client answers only if
    ``U3`` is the set it signed, and reveals, for each neighbour ``v`` that has at least ``t``
    valid signatures on that ``U3`` from ``v``'s own neighbours, the share of ``b_v`` if
