@@ -54,6 +54,7 @@ from fedmosaic.net.wire import (
     grpc_options,
     iter_chunks,
     printable_reason,
+    skellam_from_wire,
     spec_hash,
     stage_from_wire,
 )
@@ -286,13 +287,14 @@ class FederationClient:
             log.warning("round %d: the refusal did not reach the server (%s: %s)", task.round,
                         exc.code().name, exc.details())
 
-    def _accept(self, task: pb.Task, stages: tuple[Any, ...]) -> Acceptance | None:
+    def _accept(self, task: pb.Task, stages: tuple[Any, ...],
+                skellam: Any = None) -> Acceptance | None:
         """The policy's verdict on a task; None (after refusing it) if it violates it."""
         if self.policy is None:
             return Acceptance()
         bits = int(task.secagg.bits) if task.HasField("secagg") else None
         try:
-            return self.policy.check(stages, bits, self.ledger)
+            return self.policy.check(stages, bits, self.ledger, skellam=skellam)
         except PolicyViolation as exc:
             self._refuse(task, exc.code, exc.reason)
             return None
@@ -303,10 +305,14 @@ class FederationClient:
             stages = tuple(stage_from_wire(s) for s in task.stages)
             if config.round != task.round or task.numel != self.trainer.spec.numel:
                 raise WireError("task round or model size does not match its settings")
+            # The distributed Skellam mechanism's public parameters, checked as untrusted.
+            skellam = skellam_from_wire(task.secagg, task.numel) \
+                if task.HasField("secagg") else None
         except WireError as exc:
             self._refuse(task, "malformed_task", f"malformed task: {exc}")
             return
-        accepted = self._accept(task, stages)  # before the download: nothing is wasted
+        # Before the download: nothing is wasted.
+        accepted = self._accept(task, stages, skellam)
         if accepted is None:
             return
         weights = self._download(task)
@@ -337,7 +343,8 @@ class FederationClient:
 
             ok = run_client_secagg(self.stubs, task, delta, result.num_samples,
                                    timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout,
-                                   credentials=getattr(self, "secagg_credentials", None))
+                                   credentials=getattr(self, "secagg_credentials", None),
+                                   skellam=skellam)
         else:
             # Never silent: a client that accepts plaintext uploads says so every round.
             log.info("round %d: uploading in plaintext (the task has no secure aggregation%s)",

@@ -27,6 +27,10 @@ stage divided by its clip, i.e. the noise multiplier on what the server sees:
   (pure epsilon-DP, L1 clip) is accepted under ``min_noise_multiplier`` only if its
   per-round epsilon is at most that of the weakest Gaussian stage the policy accepts
   (``z = min_noise_multiplier``, at ``[dp] delta``).
+* Distributed Skellam (SecAgg+ settings carrying the mechanism): each client adds
+  ``Sk(mu / m)``; ``z = sqrt(assumed_contributors * mu / m) / (gamma * clip)`` (the noise
+  multiplier as ``DistributedSkellam`` defines it, over the shares the data holder counts
+  on) must be ``>= min_noise_multiplier`` and ``clip <= max_clip``; it counts as DP noise.
 * With ``min_noise_multiplier`` set, a task with no DP stage at all is refused. Central DP
   (noise the server adds) is not counted: the policy protects against the server.
 * ``max_epsilon_per_round``: one round's local-DP epsilon at ``delta``.
@@ -269,11 +273,16 @@ class PrivacyPolicy:
 
     # -- checking a task ------------------------------------------------------------------
     def check(self, stages: Sequence[ClientStage], secagg_bits: int | None,
-              ledger: PrivacyLedger | None = None) -> Acceptance:
+              ledger: PrivacyLedger | None = None, *, skellam: Any = None) -> Acceptance:
         """Whether a task with client ``stages`` and (if ``secagg_bits`` is not None) SecAgg+
         with that many ring bits is acceptable; raises ``PolicyViolation`` if not. ``ledger``
-        is needed for an epsilon budget."""
+        is needed for an epsilon budget. ``skellam`` is the task's distributed Skellam
+        mechanism (a ``fedmosaic.privacy.skellam.SkellamMechanism``, only under SecAgg+), if
+        any: it counts as this client's noise (see ``_check_skellam``)."""
         secure = secagg_bits is not None
+        if skellam is not None and not secure:
+            raise PolicyViolation("malformed_task",
+                                  "Skellam encoding without secure aggregation")
         if self.secagg.required and not secure:
             raise PolicyViolation(
                 "secagg_required", "this client's privacy policy requires secure aggregation "
@@ -288,6 +297,9 @@ class PrivacyPolicy:
         for stage in stages:
             releases.extend(self._check_stage(stage, secure))
             noised = noised or isinstance(stage, LocalDP | DistributedNoiseShare)
+        if skellam is not None:
+            self._check_skellam(skellam)
+            noised = True
         if dp.min_noise_multiplier is not None and not noised:
             raise PolicyViolation(
                 "no_dp", "the task carries no DP stage; this client's privacy policy requires "
@@ -347,6 +359,20 @@ class PrivacyPolicy:
             return [] if secure else [Release("gaussian", stage.noise_std / stage.clip / 2)]
         # wire.stage_from_wire builds only the two stages above.
         raise PolicyViolation("malformed_task", f"unknown client stage {type(stage).__name__}")
+
+    def _check_skellam(self, mechanism: Any) -> None:
+        """The distributed Skellam mechanism's noise, as its noise multiplier is defined
+        (``DistributedSkellam``: ``mu = (gamma z c)^2``): this client adds ``Sk(mu / m)``
+        integer noise, ``m`` the server's ``min_contributors``; the client counts on
+        ``[dp] assumed_contributors`` honest shares in any sum the server can unmask, so the
+        noise it relies on has variance ``assumed * mu / m`` in integer units, i.e. standard
+        deviation ``sqrt(assumed * mu / m) / gamma`` in float units, and
+        ``z = sqrt(assumed * mu / m) / (gamma * clip)``. A server that raises ``m`` to shrink
+        each share lowers this ``z``."""
+        self._check_clip("distributed Skellam", mechanism.clip)
+        assumed = self.dp.assumed_contributors
+        z = math.sqrt(assumed * mechanism.share_mu) / (mechanism.gamma * mechanism.clip)
+        self._check_noise(f"distributed Skellam (over {assumed} assumed contributors)", z)
 
     def _check_clip(self, what: str, clip: float) -> None:
         if self.dp.max_clip is not None and clip > self.dp.max_clip:

@@ -16,6 +16,17 @@ quantized for a sum of ``n`` clients; the server decodes the sum into one
 A participant's SecAgg+ index is assigned by the server and bound to its verified identity: a
 message claiming another sender is refused.
 
+Distributed DP on integers: with a strategy that supplies an integer encoder
+(``DistributedSkellam.secagg_encoder``, the same provider ``SecAggPlusTransport`` uses in
+simulation) the driver asks it for the round's ``SkellamMechanism`` before the tasks go out and
+sends its *public* parameters in ``SecAggSettings.skellam`` (clip, gamma, mu, m, the most
+clients a sum may hold, beta, the rotation and its public seed). Each client rebuilds the
+mechanism from them, checks them (``wire.skellam_from_wire``, its privacy policy) and encodes
+its own delta -- clip, scale, randomized Hadamard rotation, conditional rounding and its
+``Sk(mu / m)`` share -- with noise from its own ``SecureNoise``, never from anything the
+server sent (Agarwal, Kairouz and Liu 2021). The server decodes the unmasked ring sum with the
+same mechanism; the strategy accounts the round as in simulation.
+
 Against a malicious server (``docs/security.md``): each client signs its advertised keys and
 the survivor set with its mTLS certificate key (:class:`SecAggCredentials`), verifies every
 other member's certificate against the federation CA and checks that its common name is the
@@ -45,7 +56,9 @@ from fedmosaic.net.certs import FederationPaths
 from fedmosaic.net.errors import Refused
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.transport import GrpcTransport, PendingTask
-from fedmosaic.net.wire import MESSAGE_OVERHEAD
+from fedmosaic.net.wire import MESSAGE_OVERHEAD, WireError, skellam_from_wire, skellam_to_wire
+from fedmosaic.privacy.randomness import SecureNoise
+from fedmosaic.privacy.secagg.crypto import ring_dtype
 from fedmosaic.privacy.secagg.errors import SecAggAbortError, SecAggProtocolError
 from fedmosaic.privacy.secagg.graph import SecAggBounds
 from fedmosaic.privacy.secagg.identity import CertificateVerifier, PeerVerifier, SigningIdentity
@@ -63,6 +76,7 @@ from fedmosaic.privacy.secagg.protocol import SecAggPlusClient, SecAggPlusServer
 from fedmosaic.privacy.secagg.quantize import Quantizer
 from fedmosaic.privacy.secagg.simulate import DEFAULT_CORRUPTED_FRACTION, make_config
 from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
+from fedmosaic.privacy.skellam import SkellamMechanism, padded_dim
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import TransportResult
 
@@ -109,23 +123,62 @@ class SecAggRoundDriver:
         self.verifier: PeerVerifier | None = None  # the federation CA, loaded on first use
         self.current: _Round | None = None
         self.last_round: dict[str, Any] = {}
+        # The strategy's integer-encoder provider (DistributedSkellam.secagg_encoder), if any,
+        # and the mechanism of the round being configured.
+        self._encoder_provider: Any = None
+        self._encoder_bits = 64
+        self.mechanism: SkellamMechanism | None = None
 
     # -- what the server loop and the transport ask ---------------------------------------
-    check_strategy = staticmethod(SecAggPlusTransport.check_strategy)
+    def check_strategy(self, strategy: Any) -> None:
+        """Refuse an aggregator that needs individual updates; adopt the strategy's integer
+        encoder (``secagg_encoder``) if it has one: its clients then encode their updates
+        with it on their own devices, so nothing is ever uploaded in plaintext."""
+        provider = getattr(strategy, "secagg_encoder", None)
+        if provider is not None:
+            if not self.uniform:
+                raise ConfigError(
+                    "strategy.weighting", "weighted",
+                    f"uniform weighting: {type(strategy).__name__}'s integer encoder sums "
+                    "unweighted clipped updates")
+            self._encoder_provider = provider
+            self._encoder_bits = int(getattr(strategy, "bits", 64))
+            attach = getattr(strategy, "attach_secure_aggregation", None)
+            if attach is not None:
+                attach(self)
+        SecAggPlusTransport._check_aggregator(strategy)
+
+    def prepare_round(self, round_num: int, numel: int) -> None:
+        """Before the round's tasks go out: the strategy's mechanism for this round (it may
+        refuse the round, e.g. ``PrivacyBudgetExhausted``). The clients draw the noise
+        themselves (``SecureNoise``), so the strategy is told the noise is secure."""
+        self.mechanism = None
+        if self._encoder_provider is not None:
+            self.mechanism = self._encoder_provider(round_num, dim=numel, noise_secure=True)
 
     def wire_settings(self) -> pb.SecAggSettings:
+        mech = self.mechanism
+        if mech is not None:
+            return pb.SecAggSettings(clip=mech.clip, max_weight=self.max_weight,
+                                     uniform_weighting=True, bits=mech.bits,
+                                     skellam=skellam_to_wire(mech))
         return pb.SecAggSettings(clip=self.clip, max_weight=self.max_weight,
                                  uniform_weighting=self.uniform, bits=self.bits)
 
     def max_message_bytes(self, numel: int) -> int:
-        """The masked input is one message: ``numel + 2`` ring elements."""
+        """The masked input is one message: ``numel + 2`` ring elements, or with an integer
+        encoder its ``d'`` (``numel`` padded to a power of two) elements of its ring."""
+        if self._encoder_provider is not None:
+            item = ring_dtype(self._encoder_bits).itemsize
+            return padded_dim(numel) * item + MESSAGE_OVERHEAD
         return (numel + 2) * (self.bits // 8) + MESSAGE_OVERHEAD
 
     def guarantees(self) -> dict[str, Any]:
         return {
             "secure_aggregation": {
                 "protocol": "SecAgg+ (Bell et al. 2020) over gRPC with mutual TLS",
-                "ring_bits": self.bits, "clip": self.clip, "max_weight": self.max_weight,
+                "ring_bits": self.last_round.get("bits", self.bits), "clip": self.clip,
+                "max_weight": self.max_weight,
                 "designed_dropout_rate": self.dropout_rate,
                 "tolerated_corrupted_fraction": self.corrupted_fraction,
                 "neighbourhood_degree": self.last_round.get("degree"),
@@ -133,6 +186,13 @@ class SecAggRoundDriver:
                 "malicious_server": "keys and survivor set signed with the clients' mTLS "
                                     "certificate keys, consistency check; each client "
                                     "enforces its own minimum threshold (docs/security.md)",
+                **({"encoding": self.last_round.get("encoder")
+                    or "distributed Skellam (Agarwal, Kairouz and Liu 2021), encoded by "
+                       "each client",
+                    "client_noise": "Skellam shares drawn by each client from its own "
+                                    "SecureNoise (ChaCha20 keyed from os.urandom); only the "
+                                    "rotation seed is public (sent by the server)"}
+                   if self._encoder_provider is not None else {}),
             },
             "server_sees": "only the sum of the surviving clients' updates (plus their count "
                            "and total weight)",
@@ -145,6 +205,10 @@ class SecAggRoundDriver:
             raise ConfigError("aggregator", None, "a weighted-sum aggregator under SecAgg+")
         tasks = list(outstanding.values())
         held: list[tuple[str, TransportResult]] = []
+        mech = self.mechanism  # this round's integer encoder, if the strategy supplies one
+        if self._encoder_provider is not None and mech is None and tasks:
+            raise ConfigError("transport", "a round without its Skellam mechanism",
+                              "SecAggRoundDriver.prepare_round before the tasks go out")
         with transport.cond:
             self.current = rnd = _Round(round=transport.round)
         try:
@@ -157,9 +221,19 @@ class SecAggRoundDriver:
                         transport.close_task(t, ClientFailure(
                             t.client_id, "SecAgg+ needs at least 2 clients; round skipped"))
                     ready = []
+                elif mech is not None and len(ready) > mech.max_clients:
+                    reason = (f"{len(ready)} clients ready but the Skellam mechanism's "
+                              f"modular-clipping bound holds for at most {mech.max_clients}; "
+                              "round refused before masking")
+                    log.warning("round %d: %s", rnd.round, reason)
+                    for t in ready:
+                        transport.close_task(t, ClientFailure(t.client_id, reason))
+                    ready = []
                 else:
+                    dim = mech.encoded_dim if mech is not None else transport.numel + 2
+                    bits = mech.bits if mech is not None else self.bits
                     try:
-                        config = make_config(len(ready), transport.numel + 2, bits=self.bits,
+                        config = make_config(len(ready), dim, bits=bits,
                                              dropout_rate=self.dropout_rate,
                                              corrupted_fraction=self.corrupted_fraction)
                     except SecAggAbortError as exc:  # infeasible: a failed round, not a crash
@@ -230,7 +304,7 @@ class SecAggRoundDriver:
             yield from (r for cid, r in held if cid not in survivors)
             held.clear()
             # Clients quantized for a sum of all participants, dropped ones included.
-            yield self._partial(result, server.config.num_clients, rnd, survivors)
+            yield self._partial(result, server.config.num_clients, rnd, survivors, mech)
         finally:
             with transport.cond:
                 self.current = None
@@ -256,8 +330,10 @@ class SecAggRoundDriver:
                 transport.close_task(t, ClientFailure(
                     t.client_id, f"dropped out of secure aggregation at stage {stage}"))
 
-    def _partial(self, result: Any, n: int, rnd: _Round,
-                 survivors: set[str]) -> PartialAggregate:
+    def _partial(self, result: Any, n: int, rnd: _Round, survivors: set[str],
+                 mech: SkellamMechanism | None = None) -> PartialAggregate:
+        if mech is not None:
+            return self._partial_integer(result, n, rnd, survivors, mech)
         quantizer = Quantizer(clip=self.clip, bits=self.bits, num_clients=n)
         total = quantizer.decode(result.total)
         count = round(float(total[-1]) / self.clip)
@@ -271,6 +347,25 @@ class SecAggRoundDriver:
         return PartialAggregate(
             weighted_sum=torch.from_numpy(total[:-2] * self.max_weight).to(torch.float32),
             total_weight=float(total[-2] / self.clip * self.max_weight), count=count,
+            client_ids=sorted(survivors))
+
+    def _partial_integer(self, result: Any, n: int, rnd: _Round, survivors: set[str],
+                         mech: SkellamMechanism) -> PartialAggregate:
+        """The unmasked ring sum decoded by the round's mechanism (signed, unscaled, rotated
+        back), as ``SecAggPlusTransport`` does in simulation: one unweighted sum."""
+        assert rnd.server is not None
+        self.last_round = {"round": rnd.round, "clients": n, "survivors": len(survivors),
+                           "degree": rnd.server.config.degree,
+                           "threshold": rnd.server.config.threshold,
+                           "encoder": mech.describe(), "bits": mech.bits}
+        log.info("round %d: Skellam-encoded secure sum of %d of %d clients", rnd.round,
+                 len(survivors), n)
+        if not survivors:
+            return PartialAggregate(weighted_sum=None)
+        total = mech.decode(np.asarray(result.total), rnd.round)
+        return PartialAggregate(
+            weighted_sum=torch.from_numpy(total).to(torch.float32),
+            total_weight=float(len(survivors)), count=len(survivors),
             client_ids=sorted(survivors))
 
     def _wait(self, transport: GrpcTransport, tasks: list[PendingTask],
@@ -401,11 +496,14 @@ class SecAggCredentials:
 
 
 def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_samples: int,
-                      *, timeout: float, credentials: SecAggCredentials | None = None) -> bool:
+                      *, timeout: float, credentials: SecAggCredentials | None = None,
+                      skellam: SkellamMechanism | None = None) -> bool:
     """Take part in the round's secure sum with ``delta``; True if it was aggregated.
 
     Without ``credentials`` the client cannot sign its keys, so it withdraws (with that
-    reason) rather than take part unauthenticated.
+    reason) rather than take part unauthenticated. When the task's settings carry a Skellam
+    mechanism (``skellam``: already decoded and checked by the caller; decoded here
+    otherwise), ``delta`` is encoded with it and this client's own ``SecureNoise``.
     """
     s = task.secagg
 
@@ -425,8 +523,24 @@ def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_sample
         log.error("round %d: no signing credentials for secure aggregation", task.round)
         withdraw("client has no signing credentials for secure aggregation")
         return False
-    scale = weight / s.max_weight
-    row = np.concatenate([delta.double().numpy() * scale, [scale * s.clip, s.clip]])
+    if skellam is None and s.HasField("skellam"):
+        try:
+            skellam = skellam_from_wire(s, delta.numel())
+        except WireError as exc:
+            log.error("round %d: refusing the Skellam settings: %s", task.round, exc)
+            withdraw(f"client refused: {exc}")
+            return False
+    encoded: np.ndarray | None = None
+    if skellam is not None:
+        # Clip, scale, rotate (public seed), round and add this client's Sk(mu / m) share,
+        # all with randomness from the operating system's CSPRNG: nothing the server sent or
+        # knows seeds it, so it cannot regenerate and subtract the noise.
+        encoded = skellam.encode(delta.double().numpy(), SecureNoise().numpy(), task.round)
+        dim, bits = skellam.encoded_dim, skellam.bits
+    else:
+        scale = weight / s.max_weight
+        row = np.concatenate([delta.double().numpy() * scale, [scale * s.clip, s.clip]])
+        dim, bits = row.size, s.bits
 
     def call(payload: bytes = b"") -> pb.SecAggEnvelope:
         return stubs.secagg(pb.SecAggEnvelope(task_id=task.task_id, payload=payload),
@@ -440,10 +554,16 @@ def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_sample
                               verifier=credentials.verifier, bounds=credentials.bounds)
     try:
         message = decode_message(bytes(reply.payload))
-        if not isinstance(message, SetupMessage) or message.config.dim != row.size \
-                or message.config.bits != s.bits:
+        if not isinstance(message, SetupMessage) or message.config.dim != dim \
+                or message.config.bits != bits:
             raise SecAggProtocolError("unexpected secure aggregation setup")
-        quantizer = Quantizer(clip=s.clip, bits=s.bits, num_clients=message.config.num_clients)
+        if skellam is not None and message.config.num_clients > skellam.max_clients:
+            # More summands than the no-wrap bound covers: the sum could wrap around.
+            raise SecAggProtocolError(
+                f"setup for {message.config.num_clients} clients, but the Skellam settings' "
+                f"modular-clipping bound covers at most {skellam.max_clients}")
+        quantizer = None if skellam is not None else \
+            Quantizer(clip=s.clip, bits=s.bits, num_clients=message.config.num_clients)
         outgoing = client.handle(message)
         while True:
             reply = call(outgoing.to_bytes())
@@ -451,8 +571,10 @@ def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_sample
                 log.info("round %d: secure aggregation: %s", task.round, reply.detail)
                 return reply.detail == AGGREGATED
             message = decode_message(bytes(reply.payload))
-            vector = quantizer.encode(row, np.random.default_rng()) \
-                if isinstance(message, SharesBroadcast) else None
+            vector = None
+            if isinstance(message, SharesBroadcast):
+                vector = encoded if quantizer is None else \
+                    quantizer.encode(row, np.random.default_rng())
             outgoing = client.handle(message, vector)
     except (SecAggProtocolError, ValueError) as exc:
         log.error("round %d: leaving the secure aggregation: %s", task.round, exc)

@@ -111,6 +111,10 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
     transport = GrpcTransport(settings, numel=trainer.spec.numel, spec_hash=spec_hash(trainer.spec),
                               experiment=exp.name, rounds=rounds, secagg=secagg,
                               metrics=metrics)
+    if secagg is not None:
+        # Adopt the strategy's integer encoder (distributed Skellam) before the message
+        # limit is set: its masked inputs have the padded dimension of its ring.
+        secagg.check_strategy(strategy)
     running = start_server(settings, transport, traffic=metrics)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / ENDPOINT_FILE, json.dumps({

@@ -446,6 +446,9 @@ class GrpcTransport:
         weighting: Weighting | None = None,
     ) -> Iterator[TransportResult]:
         round_num = tasks[0].config.round if tasks else self.round + 1
+        prepare = getattr(self.secagg, "prepare_round", None)
+        if prepare is not None and tasks:
+            prepare(round_num, self.numel)  # e.g. the round's Skellam mechanism for the tasks
         now = time.monotonic()
         failures: list[ClientFailure] = []
         outstanding: dict[bytes, PendingTask] = {}

@@ -24,6 +24,7 @@ from fedmosaic.core.errors import ConfigError
 from fedmosaic.core.params import ParamSpec
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.privacy.local_dp import DistributedNoiseShare, LocalDP
+from fedmosaic.privacy.skellam import SkellamMechanism
 from fedmosaic.train.base import FitConfig
 
 FLOAT_BYTES = 4
@@ -45,6 +46,10 @@ REFUSAL_CODES: tuple[str, ...] = (
     "malformed_task",     # the task could not be decoded (unknown stage, bad settings)
 )
 MAX_REFUSAL_REASON = 512
+# What a client accepts of a server's Skellam settings beyond the mechanism's own checks: a sum
+# of at most this many clients, and a modular wrap-around bound no looser than this.
+MAX_SKELLAM_CLIENTS = 1_000_000
+MAX_SKELLAM_WRAP_PROBABILITY = 1e-3
 
 
 class WireError(ValueError):
@@ -272,3 +277,52 @@ def stage_from_wire(msg: pb.StageSpec) -> ClientStage:
     except (KeyError, ValueError) as exc:
         raise WireError(f"invalid client stage {msg.kind!r}: {exc}") from exc
     raise WireError(f"unknown client stage {msg.kind!r} with parameters {sorted(params)}")
+
+
+# -- distributed Skellam --------------------------------------------------------------------
+
+def skellam_to_wire(mechanism: SkellamMechanism) -> pb.SkellamSettings:
+    """The public parameters of a round's Skellam mechanism (no noise, no secret)."""
+    return pb.SkellamSettings(
+        clip=mechanism.clip, gamma=mechanism.gamma, mu=mechanism.mu,
+        min_contributors=mechanism.min_contributors, max_clients=mechanism.max_clients,
+        beta=mechanism.beta, rotation=mechanism.rotation, rotation_seed=mechanism.rotation_seed,
+        max_wrap_probability=mechanism.max_wrap_probability,
+        encoded_dim=mechanism.encoded_dim)
+
+
+def skellam_from_wire(settings: pb.SecAggSettings, numel: int) -> SkellamMechanism | None:
+    """The Skellam mechanism a task's SecAgg+ settings ask for (None: the fixed-point
+    quantizer), rebuilt on the client from the server's numbers and checked as untrusted
+    input: every number finite and in range, the mechanism's own checks (including its
+    modular-clipping bound, so the sum cannot wrap), a wrap bound no looser than
+    ``MAX_SKELLAM_WRAP_PROBABILITY``, and the padded dimension consistent with the model's
+    ``numel``. ``WireError`` names the problem. Whether the noise is *enough* is the privacy
+    policy's decision (``PrivacyPolicy.check``)."""
+    if not settings.HasField("skellam"):
+        return None
+    sk = settings.skellam
+    for name in ("clip", "gamma", "mu", "beta", "max_wrap_probability"):
+        value = getattr(sk, name)
+        if not math.isfinite(value):
+            raise WireError(f"Skellam setting {name} is {value}, not finite")
+    if not 1 <= sk.min_contributors <= sk.max_clients <= MAX_SKELLAM_CLIENTS:
+        raise WireError(f"Skellam settings need 1 <= min_contributors ({sk.min_contributors}) "
+                        f"<= max_clients ({sk.max_clients}) <= {MAX_SKELLAM_CLIENTS}")
+    if not 0 < sk.max_wrap_probability <= MAX_SKELLAM_WRAP_PROBABILITY:
+        raise WireError(f"Skellam max_wrap_probability {sk.max_wrap_probability:g} is outside "
+                        f"(0, {MAX_SKELLAM_WRAP_PROBABILITY:g}]")
+    if not settings.uniform_weighting:
+        raise WireError("Skellam encoding sums unweighted updates: uniform_weighting must be set")
+    try:
+        mechanism = SkellamMechanism(
+            dim=numel, clip=sk.clip, gamma=sk.gamma, mu=sk.mu,
+            min_contributors=sk.min_contributors, max_clients=sk.max_clients,
+            bits=settings.bits, beta=sk.beta, rotation=sk.rotation,
+            rotation_seed=sk.rotation_seed, max_wrap_probability=sk.max_wrap_probability)
+    except ValueError as exc:
+        raise WireError(f"invalid Skellam settings: {exc}") from exc
+    if mechanism.encoded_dim != sk.encoded_dim:
+        raise WireError(f"Skellam settings give {mechanism.encoded_dim} encoded coordinates for "
+                        f"{numel} parameters, the server says {sk.encoded_dim}")
+    return mechanism

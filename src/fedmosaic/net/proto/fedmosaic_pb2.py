@@ -52,6 +52,7 @@ HeartbeatReply = _message("HeartbeatReply")
 TaskRequest = _message("TaskRequest")
 FitSettings = _message("FitSettings")
 StageSpec = _message("StageSpec")
+SkellamSettings = _message("SkellamSettings")
 SecAggSettings = _message("SecAggSettings")
 Task = _message("Task")
 ModelRequest = _message("ModelRequest")
@@ -67,5 +68,6 @@ RefusalReply = _message("RefusalReply")
 
 __all__ = ["DESCRIPTOR", "FitSettings", "HeartbeatReply", "HeartbeatRequest", "JoinReply",
            "JoinRequest", "ModelRequest", "RefusalReply", "SecAggEnvelope", "SecAggSettings",
-           "StageSpec", "StatusReply", "StatusRequest", "Task", "TaskRefusal", "TaskRequest",
-           "TensorChunk", "UploadHeader", "UploadMessage", "UploadReply"]
+           "SkellamSettings", "StageSpec", "StatusReply", "StatusRequest", "Task",
+           "TaskRefusal", "TaskRequest", "TensorChunk", "UploadHeader", "UploadMessage",
+           "UploadReply"]

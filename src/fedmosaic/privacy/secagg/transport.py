@@ -125,9 +125,11 @@ class SecAggPlusTransport:
     def check_strategy(strategy: Any) -> None:
         """Refuse, with the reason, a strategy that needs to see individual updates.
 
-        This class-level check is what transports that reuse it (SecAgg+ over gRPC) run: they
-        do not run integer encoders, so a strategy that supplies one is refused. An instance
-        of this transport replaces it by :meth:`_adopt_strategy`, which adopts the encoder.
+        This class-level check is for a transport that reuses it without running integer
+        encoders: a strategy that supplies one is refused (its clients would otherwise upload
+        unencoded). An instance of this transport replaces it by :meth:`_adopt_strategy`,
+        which adopts the encoder; over gRPC ``fedmosaic.net.secagg.SecAggRoundDriver`` adopts
+        it the same way and sends the mechanism's public parameters to the clients.
         """
         if getattr(strategy, "secagg_encoder", None) is not None:
             raise ConfigError(
