@@ -7,6 +7,7 @@ clients as threads calling ``run_client`` (the pattern of ``test_inprocess.py``)
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -33,6 +34,7 @@ from fedmosaic.privacy.skellam import SkellamMechanism
 from fedmosaic.runtime.simulate import simulate
 from fedmosaic.runtime.transport import SequentialTransport
 from fedmosaic.train import TorchTrainer
+from tests.net.conftest import CLIENTS, Processes, experiment_toml, wait_for_endpoint
 from tests.net.test_policy import _client, _task
 
 ROUNDS = 2
@@ -61,7 +63,7 @@ def _strategy(**kw: Any) -> DistributedSkellam:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def blobs_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("skellam-fed")
     create_federation(root, clients=[f"c{i}" for i in range(6)], ca_passphrase=None)
     return root
@@ -109,8 +111,8 @@ def _simulated(fed: FederatedDataset) -> Any:
 
 
 def test_skellam_over_grpc_trains_like_the_simulation_within_the_noise(
-        blobs_fed: FederatedDataset, federation: Path) -> None:
-    result, reports = _deploy(blobs_fed, federation, _strategy())
+        blobs_fed: FederatedDataset, blobs_federation: Path) -> None:
+    result, reports = _deploy(blobs_fed, blobs_federation, _strategy())
     assert all(r.rounds == [1, 2] for r in reports.values()) and len(reports) == 6
     assert [r["updates"] for r in result.history] == [6, 6]
     eps = [r["dp_epsilon"] for r in result.history]
@@ -134,17 +136,50 @@ def test_skellam_over_grpc_trains_like_the_simulation_within_the_noise(
 
 
 def test_a_client_whose_policy_wants_more_noise_refuses_and_the_round_goes_on(
-        blobs_fed: FederatedDataset, federation: Path, tmp_path: Path) -> None:
+        blobs_fed: FederatedDataset, blobs_federation: Path, tmp_path: Path) -> None:
     strict = PrivacyPolicy.from_dict({"secagg": {"mode": "secagg+"},
                                       "dp": {"min_noise_multiplier": 0.5},
                                       "ledger": str(tmp_path / "c0.ledger.json")})
-    result, reports = _deploy(blobs_fed, federation, _strategy(), {"c0": strict})
+    result, reports = _deploy(blobs_fed, blobs_federation, _strategy(), {"c0": strict})
     assert reports["c0"].refused == [1, 2] and reports["c0"].rounds == []
     assert all(reports[c].rounds == [1, 2] for c in blobs_fed.client_ids if c != "c0")
     # Five shares >= min_contributors = 4: the sums are applied and accounted.
     assert [(r["updates"], r["failures"]) for r in result.history] == [(5, 1), (5, 1)]
     assert "dp_round_discarded" not in result.history[-1]
     assert result.guarantees["differential_privacy"]["rounds"] == 2
+
+
+@pytest.mark.slow
+def test_fedmosaic_server_and_client_processes_run_skellam(
+        tmp_path: Path, federation: Path, processes: Processes) -> None:
+    """``fedmosaic server`` with ``[privacy] mode = "distributed", mechanism = "skellam"`` and
+    ten ``fedmosaic client`` processes, one of whose policy asks for more noise."""
+    experiment = experiment_toml(
+        tmp_path / "exp.toml", federation, rounds=1, server={"wait_for_clients": 60.0},
+        extra="[runtime]\nsecure_aggregation = true\n\n[privacy]\nmode = \"distributed\"\n"
+              "mechanism = \"skellam\"\nclip = 1.0\ndelta = 1e-5\nnoise_multiplier = 0.5\n"
+              "rate = 1.0\nmin_contributors = 5\nbits = 32\nmax_clients = 10\n")
+    strict = tmp_path / "strict.toml"
+    strict.write_text(f'ledger = "{tmp_path / "strict.ledger.json"}"\n\n[secagg]\n'
+                      'mode = "secagg+"\n\n[dp]\nmin_noise_multiplier = 2.0\n')
+    out = tmp_path / "out"
+    processes.server(experiment, out)
+    port = wait_for_endpoint(out, processes)["port"]
+    for cid in CLIENTS:
+        policy = ("--policy", str(strict)) if cid == "client_09" else ()
+        processes.client(cid, port, federation, experiment, *policy)
+    assert processes.wait("server", 120) == 0, processes.log("server")
+    for cid in CLIENTS:
+        assert processes.wait(cid, 120) == 0, processes.log(cid)
+    assert "refusing the task (noise_multiplier)" in processes.log("client_09")
+    [record] = json.loads((out / "metrics.json").read_text())
+    assert (record["updates"], record["failures"]) == (9, 1)
+    assert record["dp_epsilon"] > 0 and "dp_round_discarded" not in record
+    guarantees = json.loads((out / "guarantees.json").read_text())["guarantees"]
+    assert guarantees["differential_privacy"]["mechanism"].startswith("distributed Skellam")
+    assert "SecureNoise" in guarantees["differential_privacy"]["noise_seed"]
+    assert guarantees["secure_aggregation"]["encoding"]["mechanism"] == "skellam"
+    assert "SecureNoise" in guarantees["secure_aggregation"]["client_noise"]
 
 
 def _mechanism(**kw: Any) -> SkellamMechanism:
