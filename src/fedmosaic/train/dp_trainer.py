@@ -135,8 +135,9 @@ class DPSGDTrainer:
     sends that seed, so it can regenerate the noise and the lots and subtract the noise from
     the update: seeded noise is *simulation only*, an explicit choice for reproducible
     experiments, never the default (a deployed client that forgot to ask for secure noise would
-    otherwise hand the server its un-noised update). A ``NoiseSource`` instance is used as given (tests). The float Gaussian is
-    not protected against floating-point attacks (Mironov 2012; see ``docs/privacy.md``).
+    otherwise hand the server its un-noised update). A ``NoiseSource`` instance is used as
+    given (tests). The float Gaussian is not protected against floating-point attacks
+    (Mironov 2012; see ``docs/privacy.md``).
 
     FitResult metrics: ``train_loss`` and ``train_accuracy`` (classification) over the
     examples of the sampled lots, and ``epsilon``, the client's cumulative epsilon at
