@@ -6,7 +6,8 @@ DP-FedAvg's distributed mode composes its Gaussian shares, but on the integers S
 
 * every sampled client clips its update to L2 norm ``clip``, scales, rotates, rounds and adds
   its ``Sk(mu / min_contributors)`` share on its own device (``SkellamMechanism.encode``, run
-  by ``SecAggPlusTransport``, which takes the mechanism from :meth:`secagg_encoder`);
+  by ``SecAggPlusTransport``, which takes the mechanism from :meth:`secagg_encoder`; over gRPC
+  ``fedmosaic.net.secagg.SecAggRoundDriver`` sends its public parameters to the clients);
 * the server learns only the SecAgg+ sum mod ``2^bits``; it decodes it (unscale, inverse
   rotation), divides by the *expected* number of clients (a fixed denominator, as in DP-FedAvg,
   McMahan et al. 2018) and applies the server optimizer;
