@@ -325,7 +325,8 @@ def secagg_protocols_paragraph(d: dict[str, Any]) -> list[str]:
     return [
         "The two protocols differ, and fedmosaic's is the stronger. fedmosaic's figures include "
         "its defences against a malicious server, on by default: every client signs its key "
-        "advertisement (ECDSA P-256) and verifies the signature of every member of the roster, "
+        "advertisement (ECDSA P-256) and verifies the signatures of the members it relies on "
+        "(its neighbours, and its neighbours' neighbours for the consistency check), "
         "a signed consistency round runs before unmasking, and the degree k and threshold t "
         "are chosen so that gamma = 0.2 of the clients may collude with the server (delta = 0.1 "
         "dropouts). Flower 1.42's SecAgg+ is the semi-honest protocol (four stages, no "
