@@ -506,6 +506,38 @@ def grpc_deploy_section(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def skellam_section(d: dict[str, Any]) -> str:
+    """Distributed Skellam vs distributed Gaussian shares under SecAgg+ at equal epsilon."""
+    lines = [
+        "## Distributed DP on integers: Skellam vs Gaussian shares at equal epsilon (issue #24)",
+        "",
+        f"Digits, logistic regression, {d['rounds']} rounds, clip {d['clip']}, target epsilon "
+        f"{d['target_epsilon']:g} at delta 1e-5, every run through SecAgg+ (simulated). "
+        "*Gaussian*: DP-FedAvg's distributed Gaussian shares (float noise, then the 32-bit "
+        "quantizer); *Skellam*: `DistributedSkellam` (Agarwal, Kairouz and Liu 2021), integer "
+        "noise in the ring, its own RDP accountant with Zhu and Wang's subsampling bound. "
+        "*epsilon vs server*: without sampling amplification (the server knows the cohort). "
+        "See docs/privacy.md, \"Distributed DP on integers (Skellam)\".",
+        "",
+        f"Command: `.venv/bin/{d['command']}`",
+        "",
+        machine_line(d["machine"]),
+        "",
+        "| clients, q | run | noise std on the mean | final accuracy | epsilon | epsilon vs "
+        "server | seconds |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for g in d["regimes"]:
+        for r in g["rows"]:
+            vs_server = r.get("epsilon_against_server")
+            lines.append(
+                f"| {g['clients']}, {g['rate']} | {r['run']} | {r['noise_std_on_mean']:.4f} | "
+                f"{r['final_accuracy']:.3f} | {r['epsilon']:.2f} | "
+                f"{'-' if vs_server is None else format(vs_server, '.1f')} | "
+                f"{r['seconds']:.1f} |")
+    return "\n".join([*lines, ""])
+
+
 def main() -> None:
     parts = [header()]
     if (d := load("peer_compare")) is not None:
@@ -519,6 +551,8 @@ def main() -> None:
         parts.append(privacy_section(d))
     if (d := load("privacy_audit")) is not None:
         parts.append(privacy_audit_section(d))
+    if (d := load("skellam")) is not None:
+        parts.append(skellam_section(d))
     if (d := load("secagg_compare")) is not None and d.get("summary"):
         parts.append(secagg_section(d))
     if (d := load("secagg_malicious")) is not None:
