@@ -117,30 +117,12 @@ class SecAggPlusTransport:
         self.encoder = encoder
         self.secure_noise = bool(secure_noise)
         self._encoder_provider: Any = None
-        # Instances adopt a strategy's encoder; the class-level check stays for reuse (gRPC).
-        self.check_strategy = self._adopt_strategy  # type: ignore[method-assign]
         self.last_round: dict[str, Any] = {}
 
-    @staticmethod
-    def check_strategy(strategy: Any) -> None:
-        """Refuse, with the reason, a strategy that needs to see individual updates.
-
-        This class-level check is for a transport that reuses it without running integer
-        encoders: a strategy that supplies one is refused (its clients would otherwise upload
-        unencoded). An instance of this transport replaces it by :meth:`_adopt_strategy`,
-        which adopts the encoder; over gRPC ``fedmosaic.net.secagg.SecAggRoundDriver`` adopts
-        it the same way and sends the mechanism's public parameters to the clients.
-        """
-        if getattr(strategy, "secagg_encoder", None) is not None:
-            raise ConfigError(
-                "transport", "secure aggregation without integer encoders",
-                f"SecAggPlusTransport (in-process simulation) for {type(strategy).__name__}: "
-                "its clients must encode their updates with the strategy's integer encoder")
-        SecAggPlusTransport._check_aggregator(strategy)
-
-    def _adopt_strategy(self, strategy: Any) -> None:
-        """``check_strategy`` of an instance: the aggregator check, and adopt the strategy's
-        integer encoder (``secagg_encoder``) if it has one."""
+    def check_strategy(self, strategy: Any) -> None:
+        """Refuse, with the reason, a strategy that needs to see individual updates, and
+        adopt the strategy's integer encoder (``secagg_encoder``) if it has one (over gRPC
+        ``fedmosaic.net.secagg.SecAggRoundDriver.check_strategy`` does the same)."""
         provider = getattr(strategy, "secagg_encoder", None)
         if provider is not None:
             if self.encoder is not None:
