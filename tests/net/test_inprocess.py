@@ -16,18 +16,14 @@ import torch
 from fedmosaic.algorithms.strategy import FedAvg
 from fedmosaic.data import FederatedDataset
 from fedmosaic.models import build_model
-from fedmosaic.net.certs import FederationPaths, create_federation
-from fedmosaic.net.client import run_client
+from fedmosaic.net.certs import create_federation
 from fedmosaic.net.secagg import SecAggRoundDriver
-from fedmosaic.net.server import start_server
-from fedmosaic.net.settings import DeploySettings
-from fedmosaic.net.transport import GrpcTransport
-from fedmosaic.net.wire import spec_hash
 from fedmosaic.privacy.local_dp import LocalDP
 from fedmosaic.privacy.secagg.errors import SecAggProtocolError
 from fedmosaic.privacy.secagg.protocol import SecAggPlusClient
 from fedmosaic.runtime.simulate import simulate
 from fedmosaic.train import TorchTrainer
+from tests.net.harness import deploy_in_process
 
 ROUNDS = 2
 
@@ -62,37 +58,10 @@ def blobs_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _deploy(fed: FederatedDataset, credentials: Path, strategy: FedAvg,
             secagg: SecAggRoundDriver | None = None) -> tuple[Any, list[Any]]:
-    settings = DeploySettings(credentials=credentials, address="127.0.0.1", port=0,
-                              min_clients=len(fed.clients), heartbeat_interval=1.0,
-                              round_deadline=60.0, wait_for_clients=60.0, chunk_bytes=256,
-                              max_workers=32)
-    trainer = _trainer()
-    transport = GrpcTransport(settings, numel=trainer.spec.numel, spec_hash=spec_hash(trainer.spec),
-                              experiment="blobs", rounds=ROUNDS, secagg=secagg)
-    running = start_server(settings, transport)
-    paths = FederationPaths(credentials)
-    reports: list[Any] = []
-
-    # Built here, not in the threads: building a model draws from torch's global RNG too.
-    trainers = {cid: _client_trainer() for cid in fed.client_ids}
-
-    def client(cid: str) -> None:
-        reports.append(run_client(
-            f"127.0.0.1:{running.port}", ca=paths.ca_cert, cert=paths.client_cert(cid),
-            key=paths.client_key(cid), trainer=trainers[cid], data=fed.client(cid).train,
-            retry_budget=60, poll_seconds=1.0))
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in fed.client_ids]
-    for t in threads:
-        t.start()
-    try:
-        result = simulate(trainer, fed, strategy, ROUNDS, seed=5, transport=transport)
-        transport.finish()
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        running.stop(0)
-    return result, reports
+    result, reports = deploy_in_process(fed, credentials, strategy, trainer=_trainer(),
+                                        client_trainer=_client_trainer, rounds=ROUNDS,
+                                        secagg=secagg)
+    return result, list(reports.values())
 
 
 @pytest.fixture

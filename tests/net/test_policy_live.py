@@ -35,6 +35,7 @@ from fedmosaic.runtime.simulate import simulate
 from fedmosaic.runtime.tally import ClientFailure, RoundTally
 from fedmosaic.train import TorchTrainer
 from fedmosaic.train.base import FitConfig
+from tests.net.harness import live_server
 
 NUMEL = 1000
 CHUNK = 1024
@@ -93,21 +94,13 @@ class Live:
 @pytest.fixture
 def live(credentials: Path, tmp_path: Path) -> Iterator[Live]:
     fed = Path(shutil.copytree(credentials, tmp_path / "fed"))
-    settings = DeploySettings(credentials=fed, address="127.0.0.1", port=0,
-                              heartbeat_interval=0.5, round_deadline=20.0, min_clients=1,
-                              wait_for_clients=5.0, chunk_bytes=CHUNK, max_workers=16)
-    metrics = ServerMetrics()
-    transport = GrpcTransport(settings, numel=NUMEL, spec_hash="spec", experiment="test",
-                              rounds=1, metrics=metrics)
-    running = start_server(settings, transport, traffic=metrics)
-    srv = Live(fed, transport, running.port, metrics)
-    try:
-        yield srv
-    finally:
-        transport.finish()
-        for ch in srv.channels:
-            ch.close()
-        running.stop(0)
+    with live_server(fed, numel=NUMEL, chunk_bytes=CHUNK) as (transport, port, metrics):
+        srv = Live(fed, transport, port, metrics)
+        try:
+            yield srv
+        finally:
+            for ch in srv.channels:
+                ch.close()
 
 
 def _upload(stubs: _Stubs, task: pb.Task) -> pb.UploadReply:

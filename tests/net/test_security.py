@@ -27,12 +27,11 @@ from fedmosaic.net.certs import FederationPaths, revoke
 from fedmosaic.net.client import _Stubs, open_channel
 from fedmosaic.net.monitoring import ServerMetrics
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
-from fedmosaic.net.server import start_server
-from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.transport import GrpcTransport
 from fedmosaic.net.wire import iter_chunks
 from fedmosaic.runtime.tally import ClientFailure, RoundTally
 from fedmosaic.train.base import FitConfig
+from tests.net.harness import live_server
 
 NUMEL = 1000
 CHUNK = 1024  # bytes: 256 values, so the model travels in 4 chunks
@@ -82,21 +81,13 @@ class Live:
 def live(federation: Path, tmp_path: Path) -> Iterator[Live]:
     # A private copy: some tests revoke credentials.
     fed = Path(shutil.copytree(federation, tmp_path / "fed"))
-    settings = DeploySettings(credentials=fed, address="127.0.0.1", port=0,
-                              heartbeat_interval=0.5, round_deadline=20.0, min_clients=1,
-                              wait_for_clients=5.0, chunk_bytes=CHUNK, max_workers=16)
-    metrics = ServerMetrics()
-    transport = GrpcTransport(settings, numel=NUMEL, spec_hash="spec", experiment="test",
-                              rounds=1, metrics=metrics)
-    running = start_server(settings, transport, traffic=metrics)
-    srv = Live(fed, transport, running.port, metrics)
-    try:
-        yield srv
-    finally:
-        transport.finish()
-        for ch in srv.channels:
-            ch.close()
-        running.stop(0)
+    with live_server(fed, numel=NUMEL, chunk_bytes=CHUNK) as (transport, port, metrics):
+        srv = Live(fed, transport, port, metrics)
+        try:
+            yield srv
+        finally:
+            for ch in srv.channels:
+                ch.close()
 
 
 def _task(stubs: _Stubs, instance: str) -> pb.Task:

@@ -19,15 +19,11 @@ import pytest
 
 from fedmosaic.data import FederatedDataset
 from fedmosaic.models import build_model
-from fedmosaic.net.certs import FederationPaths, create_federation
-from fedmosaic.net.client import run_client
+from fedmosaic.net.certs import create_federation
 from fedmosaic.net.policy import PolicyViolation, PrivacyPolicy
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.secagg import SecAggRoundDriver
-from fedmosaic.net.server import start_server
-from fedmosaic.net.settings import DeploySettings
-from fedmosaic.net.transport import GrpcTransport
-from fedmosaic.net.wire import WireError, skellam_from_wire, skellam_to_wire, spec_hash
+from fedmosaic.net.wire import WireError, skellam_from_wire, skellam_to_wire
 from fedmosaic.privacy.distributed_skellam import DistributedSkellam
 from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
 from fedmosaic.privacy.skellam import SkellamMechanism
@@ -35,6 +31,7 @@ from fedmosaic.runtime.simulate import simulate
 from fedmosaic.runtime.transport import SequentialTransport
 from fedmosaic.train import TorchTrainer
 from tests.net.conftest import CLIENTS, Processes, experiment_toml, wait_for_endpoint
+from tests.net.harness import deploy_in_process
 from tests.net.test_policy import _client, _task
 
 ROUNDS = 2
@@ -71,37 +68,10 @@ def blobs_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _deploy(fed: FederatedDataset, credentials: Path, strategy: DistributedSkellam,
             policies: dict[str, PrivacyPolicy] | None = None) -> tuple[Any, dict[str, Any]]:
-    settings = DeploySettings(credentials=credentials, address="127.0.0.1", port=0,
-                              min_clients=len(fed.clients), heartbeat_interval=1.0,
-                              round_deadline=60.0, wait_for_clients=60.0, chunk_bytes=256,
-                              max_workers=32)
-    trainer = _trainer()
-    driver = SecAggRoundDriver(clip=1.0, max_weight=1.0, uniform=True)
-    transport = GrpcTransport(settings, numel=trainer.spec.numel, spec_hash=spec_hash(trainer.spec),
-                              experiment="blobs", rounds=ROUNDS, secagg=driver)
-    driver.check_strategy(strategy)  # as `fedmosaic server` does before it starts listening
-    running = start_server(settings, transport)
-    paths = FederationPaths(credentials)
-    reports: dict[str, Any] = {}
-    trainers = {cid: _trainer(_ClientThreadTrainer) for cid in fed.client_ids}
-
-    def client(cid: str) -> None:
-        reports[cid] = run_client(
-            f"127.0.0.1:{running.port}", ca=paths.ca_cert, cert=paths.client_cert(cid),
-            key=paths.client_key(cid), trainer=trainers[cid], data=fed.client(cid).train,
-            retry_budget=60, poll_seconds=1.0, policy=(policies or {}).get(cid))
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in fed.client_ids]
-    for t in threads:
-        t.start()
-    try:
-        result = simulate(trainer, fed, strategy, ROUNDS, seed=5, transport=transport)
-        transport.finish()
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        running.stop(0)
-    return result, reports
+    return deploy_in_process(
+        fed, credentials, strategy, trainer=_trainer(),
+        client_trainer=partial(_trainer, _ClientThreadTrainer), rounds=ROUNDS,
+        secagg=SecAggRoundDriver(clip=1.0, max_weight=1.0, uniform=True), policies=policies)
 
 
 def _simulated(fed: FederatedDataset) -> Any:
