@@ -19,6 +19,36 @@ from fedmosaic.algorithms.strategy import ClientTask, client_seed
 from fedmosaic.privacy.randomness import SecureNoise
 from fedmosaic.train.base import FitConfig
 
+SAMPLINGS = ("poisson", "fixed")
+
+
+def cohort_settings(sampling: str, rate: float | None,
+                    clients_per_round: int | None) -> dict[str, float | int]:
+    """Check a DP strategy's sampling settings; the ``FedAvg`` cohort arguments they mean
+    (Poisson: every client is offered, ``dp_cohort`` draws; fixed: ``clients_per_round``)."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if sampling == "poisson":
+        if rate is None or not 0 < rate <= 1:
+            raise ValueError(f"poisson sampling needs rate in (0, 1], got {rate}")
+        if clients_per_round is not None:
+            raise ValueError("poisson sampling takes rate, not clients_per_round")
+        return {"fraction": 1.0}
+    if clients_per_round is None or clients_per_round < 1:
+        raise ValueError("fixed sampling needs clients_per_round >= 1")
+    return {"clients_per_round": clients_per_round}
+
+
+def check_noise_settings(noise_multiplier: float | None, target_epsilon: float | None,
+                         rounds: int | None) -> None:
+    """Exactly one of a noise multiplier and a target epsilon (which needs the rounds)."""
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+    if noise_multiplier is not None and not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    if target_epsilon is not None and (rounds is None or rounds < 1):
+        raise ValueError("target_epsilon needs the planned number of rounds")
+
 
 def dp_cohort(
     round_num: int, available: Sequence[str], rng: np.random.Generator, *,

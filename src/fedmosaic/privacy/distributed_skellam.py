@@ -36,7 +36,7 @@ import torch
 from fedmosaic.algorithms.aggregate import FedAvgAggregator
 from fedmosaic.algorithms.strategy import ClientTask, FedAvg
 from fedmosaic.core.errors import ConfigError, PrivacyBudgetExhausted
-from fedmosaic.privacy.cohort import dp_cohort
+from fedmosaic.privacy.cohort import check_noise_settings, cohort_settings, dp_cohort
 from fedmosaic.privacy.randomness import SecureNoise
 from fedmosaic.privacy.skellam import SkellamMechanism, max_gamma, padded_dim, rounded_l2_bound
 from fedmosaic.privacy.skellam_accountant import (
@@ -44,8 +44,6 @@ from fedmosaic.privacy.skellam_accountant import (
     SkellamRound,
     calibrate_skellam_mu,
 )
-
-SAMPLINGS = ("poisson", "fixed")
 
 
 class DistributedSkellam(FedAvg):
@@ -99,14 +97,7 @@ class DistributedSkellam(FedAvg):
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if min_contributors < 1:
             raise ValueError(f"min_contributors must be >= 1, got {min_contributors}")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-        if noise_multiplier is not None and not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
-        if target_epsilon is not None and (rounds is None or rounds < 1):
-            raise ValueError("target_epsilon needs the planned number of rounds")
+        check_noise_settings(noise_multiplier, target_epsilon, rounds)
         if kwargs.get("weighting", "uniform") != "uniform":
             raise ValueError("DistributedSkellam sums unweighted clipped updates: weighting "
                              "must be 'uniform'")
@@ -114,17 +105,8 @@ class DistributedSkellam(FedAvg):
         if kwargs.get("robust") is not None or kwargs.get("anomaly") is not None:
             raise ValueError("robust aggregation and anomaly detection need individual updates; "
                              "under SecAgg+ the server only sees the noised sum")
-        if sampling == "poisson":
-            if rate is None or not 0 < rate <= 1:
-                raise ValueError(f"poisson sampling needs rate in (0, 1], got {rate}")
-            if clients_per_round is not None:
-                raise ValueError("poisson sampling takes rate, not clients_per_round")
-            super().__init__(fraction=1.0, weighting="uniform", min_updates=1, **kwargs)
-        else:
-            if clients_per_round is None or clients_per_round < 1:
-                raise ValueError("fixed sampling needs clients_per_round >= 1")
-            super().__init__(clients_per_round=clients_per_round, weighting="uniform",
-                             min_updates=1, **kwargs)
+        super().__init__(weighting="uniform", min_updates=1,
+                         **cohort_settings(sampling, rate, clients_per_round), **kwargs)
         if min_updates < 0:
             raise ValueError(f"min_updates must be >= 0, got {min_updates}")
         # A Poisson round may sample nobody; it then releases nothing.

@@ -47,10 +47,8 @@ from fedmosaic.privacy.accountant import (
     PrivacyBudget,
     calibrate_noise_multiplier,
 )
-from fedmosaic.privacy.cohort import dp_cohort
+from fedmosaic.privacy.cohort import check_noise_settings, cohort_settings, dp_cohort
 from fedmosaic.privacy.randomness import NoiseSource, SecureNoise, SeededNoise
-
-SAMPLINGS = ("poisson", "fixed")
 
 #: What a run with seeded noise says about its noise in its guarantees.
 SEEDED_NOISE_NOTICE = "deterministic noise: simulation only"
@@ -154,23 +152,9 @@ class DPFedAvg(FedAvg):
             raise ValueError(f"clip must be > 0, got {clip}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        if sampling == "poisson":
-            if rate is None or not 0 < rate <= 1:
-                raise ValueError(f"poisson sampling needs rate in (0, 1], got {rate}")
-            if clients_per_round is not None:
-                raise ValueError("poisson sampling takes rate, not clients_per_round")
-            super().__init__(fraction=1.0, weighting="uniform", **kwargs)
-        else:
-            if clients_per_round is None or clients_per_round < 1:
-                raise ValueError("fixed sampling needs clients_per_round >= 1")
-            super().__init__(clients_per_round=clients_per_round, weighting="uniform",
-                             **kwargs)
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-        if target_epsilon is not None and (rounds is None or rounds < 1):
-            raise ValueError("target_epsilon needs the planned number of rounds")
+        super().__init__(weighting="uniform",
+                         **cohort_settings(sampling, rate, clients_per_round), **kwargs)
+        check_noise_settings(noise_multiplier, target_epsilon, rounds)
         if adaptive_clip_quantile is not None and not 0 < adaptive_clip_quantile < 1:
             raise ValueError(f"adaptive_clip_quantile must be in (0, 1), got "
                              f"{adaptive_clip_quantile}")
