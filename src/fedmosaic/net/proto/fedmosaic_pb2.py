@@ -45,7 +45,9 @@ def _message(name: str) -> Any:
     return message_factory.MessageFactory(desc.file.pool).GetPrototype(desc)  # 4.21
 
 
+DataProfile = _message("DataProfile")
 JoinRequest = _message("JoinRequest")
+TaskProfile = _message("TaskProfile")
 JoinReply = _message("JoinReply")
 HeartbeatRequest = _message("HeartbeatRequest")
 HeartbeatReply = _message("HeartbeatReply")
@@ -65,9 +67,13 @@ StatusRequest = _message("StatusRequest")
 StatusReply = _message("StatusReply")
 TaskRefusal = _message("TaskRefusal")
 RefusalReply = _message("RefusalReply")
+ClientIssue = _message("ClientIssue")
+EvaluationReport = _message("EvaluationReport")
+EvaluationReply = _message("EvaluationReply")
 
-__all__ = ["DESCRIPTOR", "FitSettings", "HeartbeatReply", "HeartbeatRequest", "JoinReply",
-           "JoinRequest", "ModelRequest", "RefusalReply", "SecAggEnvelope", "SecAggSettings",
+__all__ = ["DESCRIPTOR", "ClientIssue", "DataProfile", "EvaluationReply", "EvaluationReport",
+           "FitSettings", "HeartbeatReply", "HeartbeatRequest", "JoinReply", "JoinRequest",
+           "ModelRequest", "RefusalReply", "SecAggEnvelope", "SecAggSettings",
            "SkellamSettings", "StageSpec", "StatusReply", "StatusRequest", "Task",
-           "TaskRefusal", "TaskRequest", "TensorChunk", "UploadHeader", "UploadMessage",
-           "UploadReply"]
+           "TaskProfile", "TaskRefusal", "TaskRequest", "TensorChunk", "UploadHeader",
+           "UploadMessage", "UploadReply"]
