@@ -44,6 +44,10 @@ REFUSAL_CODES: tuple[str, ...] = (
     "epsilon_per_round",  # one round's local-DP epsilon is above the policy's maximum
     "epsilon_budget",     # the client's own epsilon budget would be exceeded
     "malformed_task",     # the task could not be decoded (unknown stage, bad settings)
+    "training_failed",    # local training raised (the reason names the error)
+    "evaluation_failed",  # local evaluation raised
+    "no_test_data",       # an EVALUATE task, but this client has no local test split
+    "incompatible_data",  # the client's data or model does not fit the task (found late)
 )
 MAX_REFUSAL_REASON = 512
 # What a client accepts of a server's Skellam settings beyond the mechanism's own checks: a sum
