@@ -12,20 +12,58 @@ clients go through the real strategy, and the run's epsilon gets an empirical lo
 accountant's figure.
 """
 
-from fedmosaic.audit.attacks import Reconstruction, analytic_inversion, idlg_label, invert
-from fedmosaic.audit.defences import (
-    DEFENCE_NAMES,
-    GaussianNoise,
-    NoDefence,
-    SecureAggregation,
-    TopK,
-    expand_defences,
-)
-from fedmosaic.audit.errors import AuditError
-from fedmosaic.audit.leakage import ATTACKS, leakage_audit
-from fedmosaic.audit.privacy_audit import PrivacyAuditReport, audit_privacy
-from fedmosaic.audit.report import CRITERION, AttackResult, LeakageReport
-from fedmosaic.audit.target import UpdateModel
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedmosaic.audit.attacks import Reconstruction, analytic_inversion, idlg_label, invert
+    from fedmosaic.audit.defences import (
+        DEFENCE_NAMES,
+        GaussianNoise,
+        NoDefence,
+        SecureAggregation,
+        TopK,
+        expand_defences,
+    )
+    from fedmosaic.audit.errors import AuditError
+    from fedmosaic.audit.leakage import ATTACKS, leakage_audit
+    from fedmosaic.audit.privacy_audit import PrivacyAuditReport, audit_privacy
+    from fedmosaic.audit.report import CRITERION, AttackResult, LeakageReport
+    from fedmosaic.audit.target import UpdateModel
+
+# The audits import torch and scipy; ``fedmosaic --help`` registers the ``audit`` commands
+# and must not pay for them, so names load on first use (PEP 562).
+_EXPORTS = {
+    "ATTACKS": "fedmosaic.audit.leakage",
+    "AttackResult": "fedmosaic.audit.report",
+    "AuditError": "fedmosaic.audit.errors",
+    "CRITERION": "fedmosaic.audit.report",
+    "DEFENCE_NAMES": "fedmosaic.audit.defences",
+    "GaussianNoise": "fedmosaic.audit.defences",
+    "LeakageReport": "fedmosaic.audit.report",
+    "NoDefence": "fedmosaic.audit.defences",
+    "PrivacyAuditReport": "fedmosaic.audit.privacy_audit",
+    "Reconstruction": "fedmosaic.audit.attacks",
+    "SecureAggregation": "fedmosaic.audit.defences",
+    "TopK": "fedmosaic.audit.defences",
+    "UpdateModel": "fedmosaic.audit.target",
+    "analytic_inversion": "fedmosaic.audit.attacks",
+    "audit_privacy": "fedmosaic.audit.privacy_audit",
+    "expand_defences": "fedmosaic.audit.defences",
+    "idlg_label": "fedmosaic.audit.attacks",
+    "invert": "fedmosaic.audit.attacks",
+    "leakage_audit": "fedmosaic.audit.leakage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedmosaic.audit' has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
 
 __all__ = [
     "ATTACKS",
