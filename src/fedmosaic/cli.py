@@ -11,9 +11,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedmosaic import __version__
 from fedmosaic.audit.cli import audit_app
 from fedmosaic.core.errors import FedmosaicError
 from fedmosaic.net.certs_cli import certs_app
@@ -22,7 +24,9 @@ from fedmosaic.net.commands import server as server_command
 from fedmosaic.net.commands import status as status_command
 from fedmosaic.watermark.cli import watermark_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Every command and group answers -h as well as --help (click passes this to subcommands).
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=CONTEXT,
                   help="fedmosaic: federated learning that moves the model, not the data.")
 app.add_typer(certs_app, name="certs")
 app.command("server")(server_command)
@@ -32,14 +36,34 @@ app.add_typer(watermark_app, name="watermark")
 app.add_typer(audit_app, name="audit")
 # Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+# Errors are one line however long (soft_wrap: rich never inserts line breaks), so that a pipe,
+# a log file or `grep` sees the whole message.
+err = Console(stderr=True, soft_wrap=True)
 
 CONFIG_COPY = "experiment.toml"
+#: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    # escape: messages name TOML tables ("[data]"), which rich would take for markup and drop.
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"fedmosaic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_version, is_eager=True,
+        help="print the version and exit")] = False,
+) -> None:
+    """fedmosaic: federated learning that moves the model, not the data."""
 
 
 class RoundProgress:
@@ -89,14 +113,24 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
     t0 = time.perf_counter()
     if exp[""]["threads"] > 0:
         torch.set_num_threads(exp[""]["threads"])
+    rounds = exp[""]["rounds"]
+    done = int(load_checkpoint(out)["round"]) if resume else 0
+    if done > rounds:
+        _fail(f"the run already completed {done} rounds; rounds = {rounds} in "
+              f"{out / CONFIG_COPY} is fewer (raise it to train further; "
+              f"'fedmosaic report {out}' shows the {done} rounds run)")
+    if done == rounds:
+        console.print(f"{out}: all {rounds} rounds already complete; nothing to resume.")
+        return
     fed = build_data(exp)
     trainer = build_trainer(exp, fed)
     strategy = build_strategy(exp, fed)
-    rounds = exp[""]["rounds"]
-    done = int(load_checkpoint(out)["round"]) if resume else 0
-    if done >= rounds:
-        console.print(f"{out}: all {rounds} rounds already complete; nothing to resume.")
-        return
+    cohort, population = strategy.clients_per_round, len(fed.clients)
+    if cohort is not None and cohort > population:
+        # The sampler would quietly take everyone; a config that asks for more clients than
+        # exist is a mistake (a typo, or a partition that changed), so say so before training.
+        _fail(f"[strategy] clients_per_round = {cohort} but the federation has {population} "
+              f"clients: at most {population}")
     console.print(f"[bold]{exp.name}[/]: {fed.name}, {len(fed.clients)} clients, "
                   f"{trainer.spec.numel:,} parameters, strategy {strategy.name}, "
                   f"server optimizer {strategy.server_opt.name}, "
@@ -139,6 +173,7 @@ def run(
     """Run a federated experiment described by a TOML file."""
     from fedmosaic.config import load_experiment
 
+    out: Path | None = output
     try:
         exp = load_experiment(experiment)
         out = output or exp.output
@@ -153,6 +188,8 @@ def run(
         _execute(exp, out, resume=False)
     except FedmosaicError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _interrupted(out, f"fedmosaic run {experiment}")
 
 
 @app.command()
@@ -169,6 +206,24 @@ def resume(
         _execute(load_experiment(cfg), outdir, resume=True)
     except FedmosaicError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _interrupted(outdir, f"fedmosaic resume {outdir}")
+
+
+def _interrupted(out: Path | None, again: str) -> None:
+    """Ctrl-C: no traceback, the round the checkpoint holds and how to go on (exit 130)."""
+    from fedmosaic.runtime.checkpoint import load_checkpoint
+
+    try:
+        done = int(load_checkpoint(out)["round"]) if out is not None else 0
+    except FedmosaicError:  # no checkpoint yet: nothing was saved
+        done = 0
+    if done:
+        message = f"interrupted after round {done}; continue with: fedmosaic resume {out}"
+    else:
+        message = f"interrupted before the first round completed; start again with: {again}"
+    err.print(escape(message))
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 # Short headers so the table fits an 80-column terminal.
@@ -202,13 +257,19 @@ def report(
 
     try:
         metrics = outdir / "metrics.json"
+        history: Any = None
         if metrics.is_file():
             try:
                 history = json.loads(metrics.read_text())
             except json.JSONDecodeError as exc:
                 _fail(f"{metrics} is not valid JSON: {exc}")
-        else:
-            history = load_checkpoint(outdir)["history"]  # an unfinished run
+        if (outdir / "checkpoint.pt").is_file() or history is None:
+            # The checkpoint is written after every round, metrics.json only when a run ends:
+            # after a resume that was interrupted, the checkpoint holds more rounds than the
+            # metrics of the earlier, shorter run. Show every round that was run.
+            saved = load_checkpoint(outdir)["history"]
+            if history is None or len(saved) > len(history):
+                history = saved
         if not isinstance(history, list) or not history:
             _fail(f"{outdir} holds no completed rounds")
         _print_table(history, title=str(outdir))
