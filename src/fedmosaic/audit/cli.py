@@ -8,16 +8,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 audit_app = typer.Typer(no_args_is_help=True,
                         help="Privacy audits of an experiment's own model and data.")
 console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line on a pipe
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")  # escape: "[x]" is not markup
     raise typer.Exit(2)
 
 

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 PASSPHRASE_ENV = "FEDMOSAIC_CA_PASSPHRASE"
@@ -28,7 +29,7 @@ certs_app = typer.Typer(no_args_is_help=True, add_completion=False,
                              "certificates (mutual TLS).")
 # Off a terminal rich would wrap the table at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line on a pipe
 
 DirOption = Annotated[Path, typer.Option("--dir", "--out", "-d",
                                          help="federation directory (holds ca.pem, crl.pem)")]
@@ -72,7 +73,7 @@ def _passphrase_for(out: Path, passphrase_file: Path | None) -> bytes | None:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")  # escape: "[x]" is not markup
     raise typer.Exit(2)
 
 

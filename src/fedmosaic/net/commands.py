@@ -14,15 +14,24 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+# One line per error however long: a log collector or `grep` on a pipe sees the whole message.
+err = Console(stderr=True, soft_wrap=True)
 
 CONFIG_COPY = "experiment.toml"
+_json_logs = False  # set by _setup_logging: the final error goes to the JSON log stream too
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    if _json_logs:
+        # A log pipeline reading JSON lines must see why the process ended, not only the
+        # plain line for a person; both go to stderr.
+        import logging
+
+        logging.getLogger("fedmosaic.cli").error(message)
+    err.print(f"[bold red]error:[/] {escape(message)}")  # escape: "[data]" is not markup
     raise typer.Exit(2)
 
 
@@ -52,6 +61,8 @@ def _setup_logging(json_logs: bool, level: str = "INFO") -> None:
     """Plain or structured (one JSON object per line) logs on stderr."""
     from fedmosaic.net.monitoring import configure_logging
 
+    global _json_logs
+    _json_logs = json_logs
     configure_logging(level=level, json=json_logs)
 
 
@@ -246,16 +257,36 @@ def status(
             "connected_clients": reply.connected_clients, "round_tasks": reply.round_tasks,
             "round_received": reply.round_received, "round_refused": reply.round_refused,
             "uptime_seconds": round(reply.uptime_seconds, 1),
-            "last_round": json.loads(reply.last_record_json or "{}")}
+            "last_round": json.loads(reply.last_record_json or "{}"),
+            "client_issues": [{"client_id": i.client_id, "code": i.code, "reason": i.reason,
+                               "round": i.round, "age_seconds": round(i.age_seconds, 1)}
+                              for i in reply.client_issues]}
     if as_json:
         print(json.dumps(info))
         return
+    from rich.markup import escape
+
     last = info["last_round"]
     acc = last.get("test_accuracy")
-    console.print(f"[bold]{info['experiment']}[/]: {info['state']}, "
+    # escape: names and reasons come from the experiment and the clients ("[model]").
+    console.print(f"[bold]{escape(info['experiment'])}[/]: {info['state']}, "
                   f"{info['completed_rounds']}/{info['rounds']} rounds complete, "
                   f"{info['connected_clients']} clients connected, round {info['round']}: "
                   f"{info['round_received']}/{info['round_tasks']} updates"
-                  + (f" ({info['round_refused']} tasks refused by client policies)"
+                  + (f" ({info['round_refused']} tasks refused by clients)"
                      if info["round_refused"] else "")
-                  + (f"; last test accuracy {acc:.4f}" if acc is not None else ""))
+                  + (f"; last test accuracy {acc:.4f}" if acc is not None else ""),
+                  soft_wrap=True)
+    for issue in info["client_issues"]:
+        when = "at join" if issue["round"] == 0 else f"round {issue['round']}"
+        console.print(f"  {escape(issue['client_id'])}: {issue['code']} ({when}, "
+                      f"{_age(issue['age_seconds'])} ago): {escape(issue['reason'])}",
+                      soft_wrap=True)
+
+
+def _age(seconds: float) -> str:
+    """'42s', '7m', '3h' or '2d'."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
