@@ -20,7 +20,7 @@ from fedmosaic.attacks.base import Attack, BenignStats, RoundView
 from fedmosaic.core.errors import InvalidUpdateError
 from fedmosaic.core.update import ClientUpdate, validate_update
 from fedmosaic.runtime.tally import PartialAggregate, Weighting
-from fedmosaic.runtime.transport import Transport, TransportResult
+from fedmosaic.runtime.transport import EvalResult, Transport, TransportResult
 from fedmosaic.train.base import FitConfig
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,13 @@ class AdversarialTransport:
 
     def full_steps(self, client_id: str, config: FitConfig) -> int | None:
         return self.inner.full_steps(client_id, config)
+
+    def evaluate(
+        self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
+    ) -> Iterator[EvalResult]:
+        """Federated evaluation through the inner transport: the simulated attacks poison
+        training (data or uploads), not evaluation reports, which pass through unchanged."""
+        yield from self.inner.evaluate(weights, client_ids, round_num)
 
     @property
     def supports_dispatch(self) -> bool:

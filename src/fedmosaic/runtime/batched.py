@@ -42,7 +42,7 @@ from fedmosaic.algorithms.aggregate import weighted_sum
 from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
-from fedmosaic.runtime.transport import SequentialTransport, TransportResult
+from fedmosaic.runtime.transport import EvalResult, SequentialTransport, TransportResult
 from fedmosaic.train.base import FitConfig
 from fedmosaic.train.torch_trainer import TorchTrainer
 
@@ -138,6 +138,17 @@ class BatchedTransport:
             yield ClientFailure(t.client_id, f"KeyError: unknown client '{t.client_id}'")
         for chunk in self._chunks(known):
             yield from self._train_chunk(weights, chunk, weighting)
+
+    def evaluate(
+        self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
+    ) -> Iterator[EvalResult]:
+        """Federated evaluation, client after client through ``SequentialTransport``.
+
+        Every client evaluates the same weight vector, so there is nothing to ``vmap``: each
+        client's test split is one forward pass of the trainer's model, and the reports are
+        exactly those of ``SequentialTransport`` (no fallback or probe is involved).
+        """
+        yield from self.sequential.evaluate(weights, client_ids, round_num)
 
     # -- batchability -----------------------------------------------------------------------
     def _static_check(self) -> str | None:

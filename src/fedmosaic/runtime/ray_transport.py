@@ -31,7 +31,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -39,10 +39,12 @@ from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.data.dataset import FederatedDataset
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, RoundTally, Weighting
-from fedmosaic.runtime.transport import SequentialTransport, TransportResult
+from fedmosaic.runtime.transport import EvalResult, SequentialTransport, TransportResult
 from fedmosaic.train.base import FitConfig, Trainer
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 __all__ = ["RayTransport", "balance_tasks"]
 
@@ -68,17 +70,22 @@ def balance_tasks(
     their original order. A client missing from ``sizes`` counts as one sample, so that
     unknown ids still spread out (their training fails and is reported where it runs).
     """
+    return _balance(tasks, [sizes.get(t.client_id, 0) for t in tasks], num_bins)
+
+
+def _balance(items: Sequence[_T], sizes: Sequence[int], num_bins: int) -> list[list[_T]]:
+    """``balance_tasks`` for any items, given each one's size (at least 1 counts)."""
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    cost = [max(1, sizes.get(t.client_id, 0)) for t in tasks]
-    order = sorted(range(len(tasks)), key=lambda i: (-cost[i], i))
+    cost = [max(1, n) for n in sizes]
+    order = sorted(range(len(items)), key=lambda i: (-cost[i], i))
     loads = [0] * num_bins
     members: list[list[int]] = [[] for _ in range(num_bins)]
     for i in order:
         j = min(range(num_bins), key=lambda b: (loads[b], b))
         members[j].append(i)
         loads[j] += cost[i]
-    return [[tasks[i] for i in sorted(idx)] for idx in members]
+    return [[items[i] for i in sorted(idx)] for idx in members]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -129,6 +136,12 @@ class _Worker:
             tally.add(result)
         return [tally.to_partial()]
 
+    def evaluate(
+        self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
+    ) -> list[EvalResult]:
+        """Federated evaluation of ``client_ids`` on their local test splits, in order."""
+        return list(self._local.evaluate(weights, client_ids, round_num))
+
 
 class RayTransport:
     """Trains each round's clients on ``num_workers`` Ray actors.
@@ -139,7 +152,8 @@ class RayTransport:
     actor trains its clients one after another and, when the server passes a ``weighting``,
     sums their updates into one ``PartialAggregate``. A client whose training raises is a
     ``ClientFailure``; an actor that dies turns each of its clients into a failure and is
-    replaced with a fresh one.
+    replaced with a fresh one. Federated evaluation (``evaluate``) runs on the actors too,
+    next to the data they already hold, balanced by test-split size.
 
     ``address=None`` starts a local Ray instance sized for the workers; an address
     (``"auto"``, ``"ray://host:10001"``) connects to an existing cluster. If Ray is already
@@ -173,6 +187,7 @@ class RayTransport:
         self._trainer_factory = trainer_factory
         self._torch_threads = torch_threads
         self._driver_trainer: Trainer | None = None
+        self._test_size_cache: dict[str, int] | None = None
         self._actors: list[Any] = []
         self._data_ref: Any = None
         self._closed = False
@@ -259,10 +274,54 @@ class RayTransport:
                 self._log_failures(result)
                 yield result
 
+    def evaluate(
+        self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
+    ) -> Iterator[EvalResult]:
+        """Federated evaluation on the actors, where the data already is.
+
+        The clients are split across the actors balanced by test-split size; each actor
+        evaluates its clients one after another exactly as ``SequentialTransport`` does, and
+        the reports are yielded in actor order. An actor call that fails turns its clients
+        into failures (and a lost actor is replaced), as in ``fit``.
+        """
+        if self._closed:
+            raise RuntimeError("RayTransport is closed")
+        if not client_ids:
+            return
+        ray = self._ray
+        weights_ref = ray.put(weights.detach().to("cpu"))
+        ids = list(client_ids)
+        sizes = [self._test_sizes().get(c, 0) for c in ids]
+        pending: dict[Any, tuple[int, list[str]]] = {}
+        for idx, group in enumerate(_balance(ids, sizes, len(self._actors))):
+            if group:
+                ref = self._actors[idx].evaluate.remote(weights_ref, group, round_num)
+                pending[ref] = (idx, group)
+        for ref, (idx, group) in pending.items():
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                yield from self._lost_clients(idx, group, round_num, exc)
+                continue
+            yield from results
+
+    def _test_sizes(self) -> dict[str, int]:
+        if self._test_size_cache is None:
+            self._test_size_cache = {
+                c.client_id: 0 if c.test is None else len(c.test) for c in self.data.clients}
+        return self._test_size_cache
+
     def _lost(
         self, idx: int, group: list[ClientTask], exc: BaseException
     ) -> Iterator[ClientFailure]:
         """Failures for every client of a batch whose actor call failed as a whole."""
+        rounds = {t.config.round for t in group}
+        yield from self._lost_clients(idx, [t.client_id for t in group], max(rounds), exc)
+
+    def _lost_clients(
+        self, idx: int, client_ids: list[str], round_num: int, exc: BaseException
+    ) -> Iterator[ClientFailure]:
+        """Failures for every client of an actor call that failed as a whole."""
         if isinstance(exc, self._ray.exceptions.RayTaskError):
             # Raised inside the actor's method: the actor itself is still usable.
             reason = f"Ray worker {idx} failed: {_first_line(exc)}"
@@ -271,10 +330,9 @@ class RayTransport:
             # that it warms up while the other actors finish the round.
             reason = f"Ray worker {idx} lost: {_first_line(exc)}"
             self._replace(idx)
-        for task in group:
-            log.warning("client %s failed in round %d: %s", task.client_id,
-                        task.config.round, reason)
-            yield ClientFailure(task.client_id, reason)
+        for cid in client_ids:
+            log.warning("client %s failed in round %d: %s", cid, round_num, reason)
+            yield ClientFailure(cid, reason)
 
     @staticmethod
     def _log_failures(result: TransportResult) -> None:

@@ -24,6 +24,7 @@ from fedmosaic.core.errors import (
 )
 from fedmosaic.core.params import ParamSpec
 from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedmosaic.runtime.evaluation import FederatedEvaluation
 from fedmosaic.runtime.tally import RoundTally
 from fedmosaic.runtime.transport import Transport
 from fedmosaic.train.base import Dataset, Trainer
@@ -50,12 +51,29 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def check_federated_eval(strategy: Any, transport: Any) -> None:
+    """Refuse federated evaluation where it would break a guarantee or cannot run.
+
+    Clients' evaluation metrics are computed from their private test data without noise, so
+    they are outside any DP accounting: refused when the strategy gives a DP guarantee.
+    """
+    if not callable(getattr(transport, "evaluate", None)):
+        raise ConfigError("federated_eval", "on", f"a transport with evaluate() "
+                          f"({type(transport).__name__} has none)")
+    if strategy.guarantees().get("differential_privacy"):
+        raise ConfigError("federated_eval", "on", "off under central or distributed DP: each "
+                          "client's evaluation metrics and test sample count would reach the "
+                          "server without noise, outside the DP accounting; evaluate on a "
+                          "central test set instead")
+
+
 class Server:
     """Runs federated rounds with a strategy over a transport.
 
-    Evaluation is central (the global model on ``test_data``) every ``eval_every`` rounds
-    and after the last round. With ``out_dir`` a checkpoint is written atomically after every
-    round, and ``resume=True`` continues from it.
+    Evaluation is central (the global model on ``test_data``) and/or federated
+    (``federated_eval``: clients evaluate it on their local test splits) every ``eval_every``
+    rounds and after the last round, after the model update. With ``out_dir`` a checkpoint is
+    written atomically after every round, and ``resume=True`` continues from it.
     """
 
     def __init__(
@@ -71,6 +89,7 @@ class Server:
         out_dir: str | Path | None = None,
         identity: dict[str, Any] | None = None,
         callbacks: Sequence[RoundCallback] = (),
+        federated_eval: FederatedEvaluation | None = None,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -81,6 +100,9 @@ class Server:
         self.eval_every = eval_every
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks = list(callbacks)
+        self.federated_eval = federated_eval
+        if federated_eval is not None:
+            check_federated_eval(strategy, transport)
         self.spec: ParamSpec = trainer.spec
         check = getattr(transport, "check_strategy", None)
         if check is not None:
@@ -164,6 +186,16 @@ class Server:
                 cb(record)
         return state
 
+    def federated_evaluate(self, round_num: int, weights: torch.Tensor) -> dict[str, Any]:
+        """Federated evaluation of ``weights``: the selected clients evaluate it on their
+        local test splits; the record entries of ``FederatedEvaluation.summarize``."""
+        fe = self.federated_eval
+        assert fe is not None
+        selected = fe.select(self.transport.available_clients(), seed=self.seed,
+                             round_num=round_num)
+        results = self.transport.evaluate(weights, selected, round_num) if selected else ()
+        return fe.summarize(results, selected, round_num, model_bytes=self.spec.nbytes)
+
     def run_round(self, state: RunState) -> dict[str, Any]:
         round_num = state.round + 1
         start = time.perf_counter()
@@ -212,5 +244,9 @@ class Server:
         ):
             ev = self.trainer.evaluate(state.weights, self.test_data)
             record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
+        if self.federated_eval is not None and (
+            round_num % self.eval_every == 0 or round_num == self.rounds
+        ):
+            record.update(self.federated_evaluate(round_num, state.weights))
         record["wall_time"] = time.perf_counter() - start
         return record

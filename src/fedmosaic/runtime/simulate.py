@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
+from fedmosaic.runtime.evaluation import FederatedEvaluation, evaluation_guarantee
 from fedmosaic.runtime.result import RunResult
 from fedmosaic.runtime.server import RoundCallback, Server
 from fedmosaic.runtime.transport import SequentialTransport, Transport
@@ -30,12 +31,17 @@ def simulate(
     callbacks: Sequence[RoundCallback] = (),
     identity: dict[str, Any] | None = None,
     stop_after: int | None = None,
+    federated_eval: FederatedEvaluation | None = None,
+    central_eval: bool = True,
 ) -> RunResult:
     """Run federated training over ``federated_data`` (a ``fedmosaic.data.FederatedDataset``).
 
-    The global model is evaluated on ``federated_data.test``. With ``out_dir``, a checkpoint
-    is written after every round and ``resume=True`` continues an interrupted run; the same
-    ``seed`` gives the same model, interrupted or not.
+    The global model is evaluated on ``federated_data.test`` (unless ``central_eval`` is
+    False or there is none) and, with ``federated_eval``, by the clients on their local test
+    splits (``ClientData.test``; record keys ``fed_test_*``), on the same rounds; evaluation
+    never changes the model. With ``out_dir``, a checkpoint is written after every round and
+    ``resume=True`` continues an interrupted run; the same ``seed`` gives the same model,
+    interrupted or not.
     """
     server = Server(
         trainer=trainer,
@@ -43,11 +49,12 @@ def simulate(
         transport=transport or SequentialTransport(trainer, federated_data),
         rounds=rounds,
         seed=seed,
-        test_data=getattr(federated_data, "test", None),
+        test_data=getattr(federated_data, "test", None) if central_eval else None,
         eval_every=eval_every,
         out_dir=out_dir,
         identity=identity,
         callbacks=callbacks,
+        federated_eval=federated_eval,
     )
     state = server.run(resume=resume, initial_weights=initial_weights, stop_after=stop_after)
     guarantees = strategy.guarantees()
@@ -59,8 +66,23 @@ def simulate(
             extra["server_sees"] += "; DP noise: " + str(
                 guarantees["differential_privacy"].get("noise_added_by", "the server"))
         guarantees.update(extra)
+    if federated_eval is not None:
+        _add_federated_eval(guarantees, federated_eval)
     result = RunResult(history=state.history, weights=state.weights, spec=trainer.spec,
                        guarantees=guarantees, stopped=state.stopped)
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def _add_federated_eval(guarantees: dict[str, Any], fed_eval: FederatedEvaluation) -> None:
+    """Say in the run's guarantees what federated evaluation shows the server."""
+    guarantees["federated_evaluation"] = evaluation_guarantee(fed_eval)
+    seen = "each evaluating client's test metrics and test sample count (federated evaluation)"
+    # Under SecAgg+ in particular: it hides updates, not evaluation reports, so "only the sum
+    # of the surviving clients' updates" would no longer be the whole truth.
+    guarantees["server_sees"] = f"{guarantees.get('server_sees', '')}; also {seen}"
+    for ldp in guarantees.get("local_differential_privacy") or []:
+        ldp.setdefault("not_covered", []).append(
+            "clients' federated evaluation metrics and test sample counts (computed without "
+            "noise)")

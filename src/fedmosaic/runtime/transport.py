@@ -11,6 +11,7 @@ import torch
 
 from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.update import ClientUpdate
+from fedmosaic.runtime.evaluation import EvalReport
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.train.base import FitConfig, Trainer
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 TransportResult = ClientUpdate | ClientFailure | PartialAggregate
+EvalResult = EvalReport | ClientFailure
 
 
 @runtime_checkable
@@ -28,6 +30,11 @@ class Transport(Protocol):
     a ``weighting`` (its aggregator is a weighted sum), a ``PartialAggregate`` of several
     clients already validated and summed where they trained (Ray actors, vmapped batches).
     Without ``weighting`` the transport must yield individual updates.
+
+    ``evaluate`` is federated evaluation: each named client evaluates ``weights`` on its
+    local test split and the transport yields one ``EvalReport`` (sample count and metrics)
+    or one ``ClientFailure`` per client (a client without a test split, a raising trainer,
+    a client that does not answer); it never raises for one client's problem.
     """
 
     def available_clients(self) -> list[str]: ...
@@ -41,12 +48,17 @@ class Transport(Protocol):
         weighting: Weighting | None = None,
     ) -> Iterator[TransportResult]: ...
 
+    def evaluate(
+        self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
+    ) -> Iterator[EvalResult]: ...
+
 
 class SequentialTransport:
     """In-process simulation: one reused model trains the selected clients one after another.
 
     Weights travel as tensors in memory: no serialization, no model rebuild per client.
     A client whose training raises is reported as a ``ClientFailure``; the round goes on.
+    ``evaluate`` runs the trainer's ``evaluate`` on each client's ``ClientData.test``.
     It applies a task's ``dispatch`` transform (per-client fingerprints): the client trains
     from the weights it received, and its delta is relative to them.
     """
@@ -84,3 +96,28 @@ class SequentialTransport:
                 client_id=task.client_id, delta=delta, num_samples=result.num_samples,
                 base_round=task.config.round, metrics={**result.metrics, "steps": result.steps},
             )
+
+    def evaluate(
+        self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
+    ) -> Iterator[EvalResult]:
+        """Each client evaluates ``weights`` on its local test split, one after another."""
+        for cid in client_ids:
+            yield evaluate_client(self.trainer, self.data, weights, cid, round_num)
+
+
+def evaluate_client(
+    trainer: Trainer, federated_data: object, weights: torch.Tensor, client_id: str,
+    round_num: int,
+) -> EvalResult:
+    """One client's federated evaluation in process: its report, or why there is none."""
+    try:
+        test = federated_data.client(client_id).test  # type: ignore[attr-defined]
+        if test is None or len(test) == 0:
+            return ClientFailure(client_id, "no local test split")
+        metrics = dict(trainer.evaluate(weights, test))
+        # The trainer counts the samples itself; the client reports its split's size.
+        metrics.pop("num_samples", None)
+        return EvalReport(client_id, len(test), {str(k): float(v) for k, v in metrics.items()})
+    except Exception as exc:  # a failing client must never stop the evaluation
+        log.warning("client %s failed to evaluate round %d: %s", client_id, round_num, exc)
+        return ClientFailure(client_id, f"{type(exc).__name__}: {exc}")

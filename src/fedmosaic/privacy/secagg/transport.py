@@ -56,7 +56,7 @@ from fedmosaic.privacy.secagg.simulate import (
     secure_sum_int,
 )
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
-from fedmosaic.runtime.transport import Transport, TransportResult
+from fedmosaic.runtime.transport import EvalResult, Transport, TransportResult
 from fedmosaic.train.base import FitConfig
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,14 @@ class SecAggPlusTransport:
 
     def full_steps(self, client_id: str, config: FitConfig) -> int | None:
         return self.inner.full_steps(client_id, config)
+
+    def evaluate(
+        self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
+    ) -> Iterator[EvalResult]:
+        """Federated evaluation through the inner transport, outside the secure sum: each
+        client's metrics and test sample count reach the server in plaintext (the run's
+        guarantees say so when federated evaluation is on)."""
+        yield from self.inner.evaluate(weights, client_ids, round_num)
 
     def fit(
         self, weights: torch.Tensor, tasks: Sequence[ClientTask],
