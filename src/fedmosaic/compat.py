@@ -23,6 +23,8 @@ MAX_DIMS = 8
 MAX_DIM_SIZE = 2**31 - 1
 MAX_SAMPLES = 2**40
 MAX_CLASSES = 2**24
+# Largest sample (in values) ``model_outputs`` runs the model on: 16 MiB of float32.
+MAX_PROBE_VALUES = 2**22
 # Categories of incompatibility (bounded: they label metrics and log lines).
 INCOMPATIBILITY_CODES = ("model_layout", "feature_shape", "dtype", "labels", "num_classes",
                          "no_data", "bad_profile")
@@ -92,8 +94,9 @@ class DataProfile:
         dtype = str(msg.dtype)
         if len(dtype) > 32 or not dtype.isprintable():
             raise ProfileError("dtype must be a short printable name")
-        if not 1 <= msg.num_samples <= MAX_SAMPLES or msg.num_test_samples > MAX_SAMPLES:
-            raise ProfileError(f"num_samples must be in [1, {MAX_SAMPLES}]")
+        # 0 samples is well formed (and refused by ``TaskProfile.check`` as ``no_data``).
+        if msg.num_samples > MAX_SAMPLES or msg.num_test_samples > MAX_SAMPLES:
+            raise ProfileError(f"num_samples and num_test_samples must be at most {MAX_SAMPLES}")
         if msg.label_min > msg.label_max or msg.num_outputs > MAX_CLASSES:
             raise ProfileError("label_min must be <= label_max and num_outputs bounded")
         return cls(shape, dtype, int(msg.num_samples), int(msg.label_min), int(msg.label_max),
@@ -114,6 +117,9 @@ class TaskProfile:
 
     def check(self, client: DataProfile) -> Incompatibility | None:
         """The first way ``client`` does not fit this task, or None."""
+        if client.num_samples == 0:
+            return Incompatibility("no_data", "your client has no training samples; give it "
+                                   "data (--data, or its partition of the experiment)")
         if self.feature_shape is not None and client.feature_shape != self.feature_shape:
             mine, theirs = client.feature_shape, self.feature_shape
             if len(mine) == len(theirs) == 1:
@@ -173,11 +179,55 @@ def model_outputs(trainer: Any, feature_shape: tuple[int, ...]) -> int | None:
         trainer = trainer.inner
     if not isinstance(trainer, TorchTrainer) or not all(d > 0 for d in feature_shape):
         return None
-    if math.prod(feature_shape) > 2**26:
-        return None  # too large to probe cheaply
+    if math.prod(feature_shape) > MAX_PROBE_VALUES:
+        return None  # too large to probe cheaply (the shape may come from the network)
+    import torch
+
     from fedmosaic.data import ArrayDataset
 
     probe = ArrayDataset(np.zeros((2, *feature_shape), dtype=np.float32),
                          np.zeros(2, dtype=np.int64))
-    out = trainer.predict(trainer.initial_weights(0), probe)
+    # Zero weights: the output's shape does not depend on them, and building initial weights
+    # would touch the global RNG (fork_rng) while another thread may be training.
+    out = trainer.predict(torch.zeros(trainer.spec.numel), probe)
     return int(out.shape[-1]) if out.ndim >= 2 else 1
+
+
+def layout_mismatch(client_numel: int, task_numel: int) -> Incompatibility:
+    """The ``model_layout`` incompatibility: the client built another model than the task's
+    (its parameter layout hash differs). ``client_numel`` 0: the client did not say."""
+    if client_numel and client_numel != task_numel:
+        sizes = f"{client_numel:,} parameters vs {task_numel:,}"
+    elif client_numel:
+        sizes = f"both {task_numel:,} parameters, but shaped or named differently"
+    else:
+        sizes = f"the task's model has {task_numel:,} parameters"
+    return Incompatibility("model_layout", f"your model's layout differs from the task's "
+                           f"model ({sizes}): use the task's model (the [model] of the "
+                           f"experiment, or the same --trainer)")
+
+
+def probe_incompatibility(trainer: Any, client: DataProfile,
+                          task: TaskProfile) -> Incompatibility | None:
+    """What running the task's model (``trainer``) on a sample of ``client``'s declared
+    shape shows, when the task does not declare its feature shape: a model that raises
+    cannot take such samples (``feature_shape``); its number of outputs bounds the labels
+    (``labels``) and must equal the client model's (``num_classes``) when the task declares
+    no number of classes. None: no problem found, or the trainer cannot be probed."""
+    try:
+        outputs = model_outputs(trainer, client.feature_shape)
+    except Exception as exc:  # what the model raises on a wrong input is its own business
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        return Incompatibility("feature_shape", f"your data has "
+                               f"{describe_shape(client.feature_shape)}, which the task's "
+                               f"model cannot take ({detail})")
+    if outputs is None or outputs < 2 or task.num_classes is not None:
+        return None  # one output: regression or a binary logit, no class indices to check
+    if client.label_max >= outputs:
+        return Incompatibility("labels", f"your data has label {client.label_max}, but the "
+                               f"task's model has {outputs} outputs (labels 0 to "
+                               f"{outputs - 1})")
+    if client.num_outputs and client.num_outputs != outputs:
+        return Incompatibility("num_classes", f"your model has {client.num_outputs} outputs; "
+                               f"the task's model has {outputs}")
+    return None

@@ -264,8 +264,6 @@ def status(
     if as_json:
         print(json.dumps(info))
         return
-    from rich.markup import escape
-
     last = info["last_round"]
     acc = last.get("test_accuracy")
     # escape: names and reasons come from the experiment and the clients ("[model]").

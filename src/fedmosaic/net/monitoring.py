@@ -55,6 +55,9 @@ REJECT_REASONS: tuple[str, ...] = (
     "non_finite",       # NaN or infinity
     "invalid_update",   # failed update validation (weight, sample count, metrics)
     "model_mismatch",   # client built another model (parameter count or spec hash)
+    "incompatible",     # client's data or model does not fit the task (fedmosaic.compat)
+    "bad_profile",      # client's declared data profile is malformed
+    "invalid_evaluation",  # an evaluation report with a bad sample count
     # protocol state
     "wrong_round",      # an old or future round
     "unknown_task",     # a task id never issued
@@ -81,6 +84,8 @@ DROP_REASONS: tuple[str, ...] = (
     "rejected",           # its update failed validation
     "failed",             # reported or suffered another failure
     "refused_by_client",  # the client's privacy policy refused the task (net/policy.py)
+    "client_error",       # the client could not run its task (training or evaluation
+                          # failed, no test split, data found incompatible)
     OTHER,
 )
 # Round durations span sub-second simulated rounds to hour-long cross-silo ones.
@@ -102,11 +107,20 @@ class ServerMetrics:
 
     def __init__(self, namespace: str = "fedmosaic",
                  reject_reasons: Iterable[str] = REJECT_REASONS,
-                 drop_reasons: Iterable[str] = DROP_REASONS) -> None:
+                 drop_reasons: Iterable[str] = DROP_REASONS,
+                 client_refusal_reasons: Iterable[str] | None = None) -> None:
+        if client_refusal_reasons is None:
+            # Imported here: the codes live with the wire protocol (torch); logging setup
+            # imports this module and must stay light.
+            from fedmosaic.net.issues import REFUSAL_ISSUE_CODES
+
+            client_refusal_reasons = REFUSAL_ISSUE_CODES
         self.registry = CollectorRegistry(auto_describe=True)
         self.namespace = namespace
         self.reject_reasons = _reason_set("reject_reasons", reject_reasons)
         self.drop_reasons = _reason_set("drop_reasons", drop_reasons)
+        self.client_refusal_reasons = _reason_set("client_refusal_reasons",
+                                                  client_refusal_reasons)
         ns, reg = namespace, self.registry
         self._rounds = Counter("rounds_completed", "Rounds completed (aggregated and applied)",
                                namespace=ns, registry=reg)
@@ -126,7 +140,13 @@ class ServerMetrics:
                                 ["reason"], namespace=ns, registry=reg)
         self._rejected = Counter("rejected_messages", "Messages refused, by reason",
                                  ["reason"], namespace=ns, registry=reg)
+        self._clients_refused = Counter(
+            "clients_refused", "Clients turned away at join (incompatible model or data) or "
+            "that refused or failed a task, or whose update or evaluation was rejected, by "
+            "reason", ["reason"], namespace=ns, registry=reg)
         # Touch every label value so each series is exported (as 0) from the start.
+        for r in self.client_refusal_reasons:
+            self._clients_refused.labels(reason=r)
         for r in self.drop_reasons:
             self._dropped.labels(reason=r)
         for r in self.reject_reasons:
@@ -172,6 +192,13 @@ class ServerMetrics:
         self._dropped.labels(reason=label).inc()
         return label
 
+    def client_refused(self, reason: str) -> str:
+        """Count a client turned away or refusing/failing a task, by its issue code
+        (``fedmosaic.net.issues``); returns the label used (``other`` if not known)."""
+        label = bounded_label(reason, self.client_refusal_reasons)
+        self._clients_refused.labels(reason=label).inc()
+        return label
+
     def refused(self, reason: str) -> str:
         """Count a refused message; returns the reason label used (``other`` if not known)."""
         label = bounded_label(reason, self.reject_reasons)
@@ -200,6 +227,8 @@ class ServerMetrics:
                                 for r in self.drop_reasons},
             "rejected_messages": {r: int(self._value("rejected_messages_total", {"reason": r}))
                                   for r in self.reject_reasons},
+            "clients_refused": {r: int(self._value("clients_refused_total", {"reason": r}))
+                                for r in self.client_refusal_reasons},
         }
 
     # --- HTTP endpoint -----------------------------------------------------------------------

@@ -7,7 +7,8 @@ its verified TLS certificate and checks the revocation list, then decodes the re
 message of a stream as it arrives) with the classes generated from ``proto/fedmosaic.proto``.
 Every refusal -- an undecodable message included (INVALID_ARGUMENT, label ``malformed``) -- is
 answered with a gRPC status and a reason, counted by label and logged as one line with the
-caller's id (``RefusalLog`` keeps a flooding caller from flooding the log). Only an
+caller's id (``RefusalLog`` keeps a flooding caller from flooding the log), and carries its
+code, and whether it is permanent, as trailing metadata (``fedmosaic.net.errors``). Only an
 unexpected exception in a handler, i.e. a server bug, is logged with its traceback and
 answered as INTERNAL, without touching server state, so no client can crash the server.
 """
@@ -143,9 +144,13 @@ class FederationService:
         # Grouped by certified identity; without one, by host (each connection has a port).
         caller = peer.client_id if peer is not None else address.rpartition(":")[0] or address
         who = f"{peer.client_id} ({address})" if peer is not None else address
-        self.refusal_log.refused(caller, method, exc.reason, exc.label, who=who)
+        # An incompatible client's line says what does not fit ("feature_shape: your ...").
+        line = exc.reason if exc.refusal == exc.label else f"{exc.refusal}: {exc.reason}"
+        self.refusal_log.refused(caller, method, line, exc.label, who=who)
         if self.traffic is not None:
             self.traffic.refused(exc.label)
+        # Sent with the status: the client acts on the code, not on the text.
+        context.set_trailing_metadata(exc.trailing_metadata())
         context.abort(exc.code, exc.reason)
 
     def _bug(self, context: grpc.ServicerContext, method: str, peer: Peer | None) -> None:
@@ -176,7 +181,7 @@ class FederationService:
 
     # -- RPCs -------------------------------------------------------------------------------
     def join(self, peer: Peer, request: pb.JoinRequest) -> pb.JoinReply:
-        return self.transport.join(peer, request.spec_hash)
+        return self.transport.join(peer, request)
 
     def heartbeat(self, peer: Peer, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         return self.transport.heartbeat(peer, request.server_instance)
@@ -193,6 +198,10 @@ class FederationService:
 
     def refuse_task(self, peer: Peer, request: pb.TaskRefusal) -> pb.RefusalReply:
         return self.transport.refuse_task(peer, request)
+
+    def report_evaluation(self, peer: Peer,
+                          request: pb.EvaluationReport) -> pb.EvaluationReply:
+        return self.transport.report_evaluation(peer, request)
 
     def status(self, peer: Peer, request: pb.StatusRequest) -> pb.StatusReply:
         if peer.role != "operator":
@@ -260,6 +269,8 @@ class FederationService:
             "Status": unary("Status", self.status, pb.StatusRequest, pb.StatusReply),
             "RefuseTask": unary("RefuseTask", self.refuse_task, pb.TaskRefusal,
                                 pb.RefusalReply),
+            "ReportEvaluation": unary("ReportEvaluation", self.report_evaluation,
+                                      pb.EvaluationReport, pb.EvaluationReply),
             "DownloadModel": grpc.unary_stream_rpc_method_handler(
                 self.download, request_deserializer=None,
                 response_serializer=pb.TensorChunk.SerializeToString),

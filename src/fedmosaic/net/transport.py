@@ -21,10 +21,27 @@ A client whose privacy policy forbids its task (``fedmosaic.net.policy``) says s
 ``RefuseTask``: its task fails at once with ``refused by client: <reason>``, counted under the
 drop reason ``refused_by_client`` and logged; the reason is checked (a known category, at most
 ``MAX_REFUSAL_REASON`` printable characters) before it is logged or kept.
+
+Join handshake (issue #10): a client sends its model's layout hash and parameter count and a
+``DataProfile`` of its data; ``join`` refuses a client whose model or data does not fit the
+task (``fedmosaic.compat``: the task's ``TaskProfile``, and, where the task does not declare
+its feature shape, a probe of the task's model on a sample of the declared shape) with
+FAILED_PRECONDITION, the ``Incompatibility`` message (addressed to the client's operator) and
+trailing metadata ``fedmosaic-refusal: <code>``, ``fedmosaic-permanent: 1``
+(``fedmosaic.net.errors``), before any training. Every client's latest problem (incompatible
+at join, a task refused or failed, an update or report rejected, a drop) is kept on an
+``IssueBoard`` for ``status`` and counted in ``clients_refused_total``.
+
+Federated evaluation (``evaluate``): after a round, selected clients get EVALUATE tasks
+(fresh single-use ids bound to client and round, like FIT tasks), download the model as for
+a fit and answer with ``ReportEvaluation`` (sample count and metrics, validated) or refuse
+the task (``no_test_data``, ``evaluation_failed``). The phase has the round deadline and the
+same heartbeat-loss handling as a fit.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -41,13 +58,23 @@ import grpc
 import torch
 
 from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.compat import (
+    DataProfile,
+    Incompatibility,
+    ProfileError,
+    TaskProfile,
+    layout_mismatch,
+    probe_incompatibility,
+)
 from fedmosaic.core.errors import InvalidUpdateError, RoundFailedError
 from fedmosaic.core.update import ClientUpdate, validate_update
 from fedmosaic.net.auth import Peer
 from fedmosaic.net.errors import Refused
+from fedmosaic.net.issues import REFUSAL_ISSUE_CODES, IssueBoard
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.wire import (
+    REFUSAL_CODES,
     BufferPool,
     ChunkAssembler,
     WireError,
@@ -57,6 +84,7 @@ from fedmosaic.net.wire import (
     iter_chunks,
     stage_to_wire,
 )
+from fedmosaic.runtime.evaluation import EvalReport
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import TransportResult
 from fedmosaic.train.base import FitConfig
@@ -68,6 +96,20 @@ MAX_DOWNLOADS_PER_TASK = 3  # a retry after a broken stream, not a bandwidth amp
 MAX_POLL_SECONDS = 30.0
 MAX_SAMPLES = 2**40
 MAX_KEPT_REFUSALS = 1000  # the latest refusals kept in memory (all are logged)
+MAX_PROBE_CACHE = 256  # join probes remembered (by declared shape, labels and outputs)
+# Refusal codes a client sends when it cannot run its task (as opposed to its privacy policy
+# refusing it), and how the failure reads in the round's record.
+CLIENT_ERROR_CODES = {
+    "training_failed": "training failed on the client",
+    "evaluation_failed": "evaluation failed on the client",
+    "no_test_data": "no local test split",
+    "incompatible_data": "data incompatible with the task",
+    "malformed_task": "the client could not decode its task",
+}
+POLICY_CODES = tuple(c for c in REFUSAL_CODES if c not in CLIENT_ERROR_CODES)
+# Issues found at join: cleared when the client later joins with a compatible setup.
+JOIN_ISSUE_CODES = ("model_layout", "feature_shape", "dtype", "labels", "num_classes",
+                    "no_data", "bad_profile")
 
 
 @dataclass
@@ -79,10 +121,12 @@ class PendingTask:
     round: int
     task: ClientTask
     wire: pb.Task
-    # pending -> issued -> uploading -> delivered, or closed (failed, rejected, round over)
+    # pending -> issued -> uploading -> delivered, or closed (failed, rejected, round over);
+    # an evaluation task goes pending -> issued -> delivered (its report) or closed.
     state: str = "pending"
     downloads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # used by the SecAgg+ round
+    kind: str = "fit"  # or "evaluate"
 
 
 @dataclass
@@ -112,7 +156,14 @@ class GrpcTransport:
 
     ``numel``/``spec_hash`` describe the model (clients must match them); ``secagg`` (a
     ``fedmosaic.net.secagg.SecAggRoundDriver``) switches the rounds to SecAgg+; ``metrics``
-    (a ``fedmosaic.net.monitoring.ServerMetrics``) is told rounds, connections and drops.
+    (a ``fedmosaic.net.monitoring.ServerMetrics``) is told rounds, connections, drops and
+    client refusals. ``task_profile`` (a ``fedmosaic.compat.TaskProfile``) is what every
+    client's data must fit; without it a declared profile is still checked for what holds
+    for every task (numeric features, labels >= 0, some data). ``probe_trainer`` (a Trainer
+    of the task's model, or a zero-argument factory of one) lets the join check run the
+    model on a sample of the declared shape when the task profile has no feature shape; a
+    Trainer is deep-copied first (the server loop's own must not be used from handler
+    threads).
     Each client is sent the model through its task's dispatch transform (``supports_dispatch``:
     per-client fingerprints); only authenticated clients ever receive it.
     """
@@ -129,6 +180,8 @@ class GrpcTransport:
         rounds: int,
         secagg: Any = None,
         metrics: Any = None,
+        task_profile: TaskProfile | None = None,
+        probe_trainer: Any = None,
     ) -> None:
         self.settings = settings
         self.numel, self.spec_hash, self.experiment = numel, spec_hash, experiment
@@ -154,6 +207,14 @@ class GrpcTransport:
         # (round, client, code, reason) of the latest client refusals, for the operator.
         self.refusals: deque[tuple[int, str, str, str]] = deque(maxlen=MAX_KEPT_REFUSALS)
         self._round_deadline = 0.0
+        self.phase = "fit"  # of the round in progress: "fit" or "evaluate"
+        self.issues = IssueBoard()
+        self.task_profile = task_profile
+        self._probe_source = probe_trainer
+        self._probe_model: Any = None
+        self._probe_lock = threading.Lock()
+        self._probe_cache: dict[tuple[Any, ...], Incompatibility | None] = {}
+        self._dispatch: Any = None  # the last fit round's dispatch transform (fingerprints)
 
     # -- helpers (call with self.cond held) ---------------------------------------------
     def _alive(self, session: Session, now: float) -> bool:
@@ -204,39 +265,120 @@ class GrpcTransport:
         self.cond.notify_all()
 
     def reject_task(self, task: PendingTask, reason: str) -> None:
-        """Count ``task``'s update as rejected (no sum is touched) and end the task."""
-        msg = f"update from client '{task.client_id}' rejected: {reason}"
+        """Count ``task``'s update (or evaluation report) as rejected (no sum is touched) and
+        end the task."""
+        if task.kind == "evaluate":
+            msg = f"evaluation report from client '{task.client_id}' rejected: {reason}"
+            result: TransportResult | EvalReport | ClientFailure = \
+                ClientFailure(task.client_id, msg)
+            code = "rejected_evaluation"
+        else:
+            msg = f"update from client '{task.client_id}' rejected: {reason}"
+            result, code = PartialAggregate(weighted_sum=None, rejected=[msg]), "rejected_update"
         log.warning("round %d: %s", task.round, msg)
-        self.close_task(task, PartialAggregate(weighted_sum=None, rejected=[msg]), "rejected")
+        self.record_issue(task.client_id, code, reason, task.round)
+        self.close_task(task, result, "rejected")  # type: ignore[arg-type]
+
+    def record_issue(self, client_id: str, code: str, reason: str, round_num: int) -> None:
+        """Keep ``reason`` as the client's latest issue (``status``) and count a refusal."""
+        self.issues.record(client_id, code, reason, round_num)
+        if self.metrics is not None and code in REFUSAL_ISSUE_CODES:
+            self.metrics.client_refused(code)
+
+    def _drop(self, task: PendingTask, code: str, reason: str) -> None:
+        """End ``task`` as a failure of its client (deadline, silence, reconnection), with
+        one log line naming the client and why."""
+        what = "evaluation" if task.kind == "evaluate" else "round"
+        log.warning("round %d: client %s dropped from the %s (%s): %s", task.round,
+                    task.client_id, what, code, reason)
+        self.record_issue(task.client_id, code, reason, task.round)
+        self.close_task(task, ClientFailure(task.client_id, reason), code)
 
     # -- RPC entry points (from handler threads) ------------------------------------------
-    def join(self, peer: Peer, spec_hash: str) -> pb.JoinReply:
+    def join(self, peer: Peer, request: pb.JoinRequest) -> pb.JoinReply:
+        """Admit ``peer`` if its model and declared data fit the task; see the module."""
         if peer.role != "client":
             raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                           f"a '{peer.role or 'unknown'}' credential cannot take part in training",
                           "not_a_client")
-        if spec_hash != self.spec_hash:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"client model layout {spec_hash[:16]!r} differs from the server's "
-                          f"{self.spec_hash!r}: wrong trainer or model configuration",
-                          "model_mismatch")
+        problem, label = self._compatibility(request)
+        if problem is not None:
+            self.record_issue(peer.client_id, problem.code, problem.message, 0)
+            status = grpc.StatusCode.INVALID_ARGUMENT if problem.code == "bad_profile" \
+                else grpc.StatusCode.FAILED_PRECONDITION
+            raise Refused(status, problem.message, label, permanent=True, refusal=problem.code)
+        self.issues.clear(peer.client_id, JOIN_ISSUE_CODES)  # fixed since its last try
         now = time.monotonic()
         with self.cond:
             old = self.sessions.get(peer.client_id)
             if old is not None and old.task is not None:
                 # It lost its connection or restarted: this round's task is void; it takes
                 # part again from the next round.
-                self.close_task(old.task, ClientFailure(
-                    peer.client_id, "rejoined during the round (restarted or reconnected)"),
-                    "disconnected")
+                self._drop(old.task, "disconnected",
+                           "rejoined during the task (restarted or reconnected)")
             self.sessions[peer.client_id] = Session(peer.client_id, now, now)
             self._gauge_connected()
             self.cond.notify_all()
         log.info("client %s joined%s", peer.client_id, " again" if old is not None else "")
-        return pb.JoinReply(client_id=peer.client_id, server_instance=self.instance,
-                            experiment=self.experiment, numel=self.numel,
-                            spec_hash=self.spec_hash, chunk_bytes=self.settings.chunk_bytes,
-                            heartbeat_interval=self.settings.heartbeat_interval)
+        reply = pb.JoinReply(client_id=peer.client_id, server_instance=self.instance,
+                             experiment=self.experiment, numel=self.numel,
+                             spec_hash=self.spec_hash, chunk_bytes=self.settings.chunk_bytes,
+                             heartbeat_interval=self.settings.heartbeat_interval)
+        if self.task_profile is not None:
+            reply.task.CopyFrom(self.task_profile.to_wire())
+        return reply
+
+    def _compatibility(self, request: pb.JoinRequest) -> tuple[Incompatibility | None, str]:
+        """The first way the joining client does not fit the task (and the refusal's metrics
+        label), or (None, "")."""
+        if request.spec_hash != self.spec_hash:
+            return layout_mismatch(int(request.numel), self.numel), "model_mismatch"
+        if not request.HasField("profile"):
+            return None, ""  # a client that declares nothing is checked by its updates
+        try:
+            profile = DataProfile.from_wire(request.profile)
+        except ProfileError as exc:
+            return Incompatibility("bad_profile", f"your client declared a malformed data "
+                                   f"profile: {exc}"), "bad_profile"
+        task = self.task_profile or TaskProfile()
+        problem = task.check(profile)
+        if problem is None and task.feature_shape is None:
+            problem = self._probe(profile, task)
+        return problem, "incompatible"
+
+    def _probe(self, profile: DataProfile, task: TaskProfile) -> Incompatibility | None:
+        """``compat.probe_incompatibility`` with the task's model, once per declared (shape,
+        largest label, outputs): a forward pass of two samples, under a lock."""
+        if self._probe_source is None:
+            return None
+        key = (profile.feature_shape, profile.label_max, profile.num_outputs)
+        with self._probe_lock:
+            if key in self._probe_cache:
+                return self._probe_cache[key]
+            trainer = self._probe_trainer()
+            if trainer is None:
+                return None
+            found = probe_incompatibility(trainer, profile, task)
+            if len(self._probe_cache) >= MAX_PROBE_CACHE:
+                self._probe_cache.clear()  # bounded whatever clients declare
+            self._probe_cache[key] = found
+            return found
+
+    def _probe_trainer(self) -> Any:
+        """The trainer join probes run (built or copied once; None: probing is off)."""
+        if self._probe_model is None and self._probe_source is not None:
+            from fedmosaic.train.base import Trainer
+
+            source = self._probe_source
+            try:
+                self._probe_model = copy.deepcopy(source) if isinstance(source, Trainer) \
+                    else source()
+            except Exception as exc:  # an uncopyable trainer: the join check goes without
+                log.warning("cannot build a model to check joining clients' data shapes "
+                            "(%s: %s); only the declared profile is checked",
+                            type(exc).__name__, exc)
+                self._probe_source = None
+        return self._probe_model
 
     def heartbeat(self, peer: Peer, instance: str) -> pb.HeartbeatReply:
         with self.cond:
@@ -307,6 +449,10 @@ class GrpcTransport:
         header = first.header
         with self.cond:
             task = self.task_of(peer, header.task_id, header.round)
+            if task.kind != "fit":
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              "an evaluation task is answered with ReportEvaluation, not an "
+                              "upload", "task_state")
             if task.state != "issued":
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                               f"task already {task.state} (replayed upload?)", "replay")
@@ -340,12 +486,11 @@ class GrpcTransport:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), label) from exc
         except TimeoutError as exc:
             with self.cond:
-                self.close_task(task, ClientFailure(task.client_id, str(exc)), "deadline")
+                self._drop(task, "deadline", str(exc))
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline") from exc
         except grpc.RpcError as exc:  # the client went away mid-stream
             with self.cond:
-                self.close_task(task, ClientFailure(task.client_id, "upload interrupted"),
-                                "disconnected")
+                self._drop(task, "disconnected", "upload interrupted")
             raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted", "interrupted") from exc
 
     def refuse_task(self, peer: Peer, refusal: pb.TaskRefusal) -> pb.RefusalReply:
@@ -357,15 +502,59 @@ class GrpcTransport:
             if task.state not in ("pending", "issued"):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                               f"task is {task.state}: too late to refuse it", "task_state")
-            self.close_task(task, ClientFailure(task.client_id,
-                                                f"refused by client: {reason}"),
-                            "refused_by_client")
+            if code in CLIENT_ERROR_CODES:  # it could not run the task
+                failure = f"{CLIENT_ERROR_CODES[code]}: {reason}"
+                self.close_task(task, ClientFailure(task.client_id, failure), "client_error")
+            else:  # its privacy policy forbids the task
+                self.close_task(task, ClientFailure(task.client_id,
+                                                    f"refused by client: {reason}"),
+                                "refused_by_client")
             self.refusals.append((task.round, task.client_id, code, reason))
-            if task.round == self.round:
+            self.record_issue(task.client_id, code, reason, task.round)
+            if task.round == self.round and task.kind == "fit":
                 self.round_refused += 1
-        log.warning("round %d: client %s refused its task (%s): %s", task.round,
-                    task.client_id, code, reason)
+        if code in CLIENT_ERROR_CODES:
+            log.warning("round %d: client %s could not run its %s task (%s): %s", task.round,
+                        task.client_id, task.kind, code, reason)
+        else:
+            log.warning("round %d: client %s refused its task (%s): %s", task.round,
+                        task.client_id, code, reason)
         return pb.RefusalReply(detail=f"refusal of the round {task.round} task recorded")
+
+    def report_evaluation(self, peer: Peer, msg: pb.EvaluationReport) -> pb.EvaluationReply:
+        """A client's evaluation of the model on its local test split: checked (its own
+        EVALUATE task of this round, not yet answered, a sample count in [1, 2**40],
+        finite bounded metrics) and handed to the evaluation phase, once."""
+        with self.cond:
+            task = self.task_of(peer, msg.task_id, msg.round)
+            if task.kind != "evaluate":
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              "not an evaluation task: a fit task is answered with "
+                              "UploadUpdate", "task_state")
+            if task.state in ("delivered", "closed"):
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"task already {task.state} (replayed report?)", "replay")
+            if task.state != "issued":
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"task is {task.state}: not handed out yet", "task_state")
+            try:
+                if not 0 < msg.num_samples <= MAX_SAMPLES:
+                    raise WireError(f"num_samples {msg.num_samples} outside [1, {MAX_SAMPLES}]",
+                                    "invalid_evaluation")
+                metrics = check_metrics(msg.metrics)
+            except WireError as exc:
+                self.reject_task(task, str(exc))
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.label) from exc
+            if not self.round_open:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"the evaluation of round {task.round} closed before the report "
+                              "arrived", "late")
+            task.state = "delivered"
+            self.results.put(Delivery(task, EvalReport(  # type: ignore[arg-type]
+                peer.client_id, int(msg.num_samples), metrics)))
+            self.cond.notify_all()
+        return pb.EvaluationReply(accepted=True,
+                                  detail=f"evaluation of round {task.round} recorded")
 
     def _check_header(self, header: pb.UploadHeader) -> str | None:
         if header.numel != self.numel:
@@ -398,9 +587,16 @@ class GrpcTransport:
 
     def status(self) -> pb.StatusReply:
         with self.cond:
-            state = "done" if self.done else ("training" if self.round_open else "waiting")
+            state = "done" if self.done else (
+                ("evaluating" if self.phase == "evaluate" else "training") if self.round_open
+                else "waiting")
             tasks = [t for t in self.tasks.values() if t.round == self.round]
+            now = time.monotonic()
+            issues = [pb.ClientIssue(client_id=i.client_id, code=i.code, reason=i.reason,
+                                     round=i.round, age_seconds=max(0.0, now - i.at))
+                      for i in self.issues.latest()]
             return pb.StatusReply(
+                client_issues=issues,
                 experiment=self.experiment, state=state, round=self.round, rounds=self.rounds,
                 completed_rounds=self.completed_rounds,
                 connected_clients=len(self.connected_unlocked()),
@@ -454,7 +650,8 @@ class GrpcTransport:
         outstanding: dict[bytes, PendingTask] = {}
         with self.cond:
             self.round, self.round_open, self.round_received = round_num, True, 0
-            self.round_refused = 0
+            self.round_refused, self.phase = 0, "fit"
+            self._dispatch = next((t.dispatch for t in tasks if t.dispatch is not None), None)
             self.weights = weights.detach()
             self.results = queue.Queue()
             self._round_deadline = now + self.settings.round_deadline
@@ -471,8 +668,7 @@ class GrpcTransport:
             self.cond.notify_all()
         if self.metrics is not None:
             self.metrics.round_started(round_num)
-        log.info("round %d: %d tasks sent, %d selected clients not connected", round_num,
-                 len(outstanding), len(failures))
+        log.info("round %d: %d tasks sent%s", round_num, len(outstanding), _not_connected(failures))
         try:
             yield from failures
             if self.secagg is not None:
@@ -492,6 +688,50 @@ class GrpcTransport:
             wire.secagg.CopyFrom(self.secagg.wire_settings())
             pending.extra["secagg"] = True
         return pending
+
+    def evaluate(self, weights: torch.Tensor, client_ids: Sequence[str],
+                 round_num: int) -> Iterator[EvalReport | ClientFailure]:
+        """Federated evaluation of ``weights`` by ``client_ids`` (the ``Transport``
+        protocol): one ``EvalReport`` or ``ClientFailure`` per client; see the module."""
+        now = time.monotonic()
+        failures: list[ClientFailure] = []
+        outstanding: dict[bytes, PendingTask] = {}
+        with self.cond:
+            self.round, self.round_open, self.phase = round_num, True, "evaluate"
+            self.weights = weights.detach()
+            self.results = queue.Queue()
+            self._round_deadline = now + self.settings.round_deadline
+            for cid in dict.fromkeys(client_ids):
+                session = self.sessions.get(cid)
+                if session is None or not self._alive(session, now):
+                    failures.append(ClientFailure(cid, "not connected"))
+                    continue
+                if session.task is not None:  # a leftover of the fit phase: void now
+                    self.close_task(session.task, None, "failed")
+                pending = self._new_eval_task(cid, round_num)
+                self.tasks[pending.task_id] = pending
+                session.task = pending
+                outstanding[pending.task_id] = pending
+            self._gauge_connected()
+            self.cond.notify_all()
+        log.info("round %d: %d evaluation tasks sent%s", round_num, len(outstanding),
+                 _not_connected(failures))
+        try:
+            yield from failures
+            yield from self._collect(outstanding)  # type: ignore[misc]
+        finally:
+            self._close_round()
+
+    def _new_eval_task(self, client_id: str, round_num: int) -> PendingTask:
+        task_id = secrets.token_bytes(TASK_ID_BYTES)
+        config = FitConfig(round=round_num)
+        wire = pb.Task(kind=pb.Task.EVALUATE, task_id=task_id, round=round_num,
+                       config=fit_config_to_wire(config), numel=self.numel)
+        # The model goes out through the fit rounds' dispatch transform too: an evaluation
+        # download must not be an unfingerprinted copy of the model.
+        return PendingTask(task_id, client_id, round_num,
+                           ClientTask(client_id, config, dispatch=self._dispatch), wire,
+                           kind="evaluate")
 
     def _collect(self, outstanding: dict[bytes, PendingTask]) -> Iterator[TransportResult]:
         """Yield deliveries until every task is answered, lost or past the deadline."""
@@ -521,20 +761,18 @@ class GrpcTransport:
                 if task.state in ("closed", "delivered"):
                     continue
                 session = self.sessions.get(task.client_id)
+                what = "evaluation" if task.kind == "evaluate" else "round"
                 if now >= self._round_deadline:
-                    self.close_task(task, ClientFailure(
-                        task.client_id, f"missed the round deadline "
-                                        f"({self.settings.round_deadline:g}s): straggler dropped"),
-                        "deadline")
+                    self._drop(task, "deadline", f"missed the {what} deadline "
+                               f"({self.settings.round_deadline:g}s): straggler dropped")
                 elif session is None or session.task is not task or not self._alive(session, now):
-                    self.close_task(task, ClientFailure(
-                        task.client_id, "lost contact (no heartbeat): dropped from the round"),
-                        "heartbeat_timeout")
+                    self._drop(task, "heartbeat_timeout",
+                               f"lost contact (no heartbeat): dropped from the {what}")
             self._gauge_connected()
 
     def _close_round(self) -> None:
         with self.cond:
-            self.round_open = False
+            self.round_open, self.phase = False, "fit"
             for task_id in [k for k, t in self.tasks.items() if t.round <= self.round]:
                 task = self.tasks.pop(task_id)
                 if task.state not in ("delivered", "closed"):
@@ -584,3 +822,12 @@ class GrpcTransport:
     def _gauge_connected(self) -> None:
         if self.metrics is not None:
             self.metrics.set_connected_clients(len(self.connected_unlocked()))
+
+
+def _not_connected(failures: Sequence[ClientFailure], shown: int = 10) -> str:
+    """", 2 selected clients not connected (c3, c7)" for the round's log line."""
+    if not failures:
+        return ""
+    names = ", ".join(f.client_id for f in failures[:shown])
+    more = f", and {len(failures) - shown} more" if len(failures) > shown else ""
+    return f", {len(failures)} selected clients not connected ({names}{more})"

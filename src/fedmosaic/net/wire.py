@@ -33,6 +33,9 @@ LITTLE_F32 = np.dtype("<f4")
 MESSAGE_OVERHEAD = 64 * 1024
 MAX_METRICS = 64
 MAX_METRIC_KEY = 64
+# Largest magnitude of a reported metric: far above any loss or accuracy, small enough that a
+# sample-weighted sum over 2**40 samples stays finite in float64.
+MAX_METRIC_MAGNITUDE = 1e15
 # A client's refusal of its task (``TaskRefusal``): a category from a fixed set (so that logs
 # and metrics never take a label from the client) and a short, printable reason.
 REFUSAL_CODES: tuple[str, ...] = (
@@ -185,16 +188,22 @@ class BufferPool:
 
 
 def check_metrics(metrics: Any) -> dict[str, float]:
-    """A client's reported metrics: a bounded map of short names to finite numbers."""
+    """A client's reported metrics: a bounded map of short printable names to finite numbers
+    of magnitude at most ``MAX_METRIC_MAGNITUDE``. ``WireError`` labels: ``oversized`` (too
+    many, too large), ``malformed`` (a bad name), ``non_finite``."""
     if len(metrics) > MAX_METRICS:
-        raise WireError(f"{len(metrics)} metrics, at most {MAX_METRICS} allowed")
+        raise WireError(f"{len(metrics)} metrics, at most {MAX_METRICS} allowed", "oversized")
     out = {}
     for key, value in metrics.items():
         if not key or len(key) > MAX_METRIC_KEY or not key.isprintable():
+            # repr: a name is the client's text; it must not forge a log line.
             raise WireError(f"metric name {key[:MAX_METRIC_KEY]!r} is empty, too long or "
                             "not printable")
         if not math.isfinite(value):
-            raise WireError(f"metric '{key}' is {value}, not finite")
+            raise WireError(f"metric '{key}' is {value}, not finite", "non_finite")
+        if abs(value) > MAX_METRIC_MAGNITUDE:
+            raise WireError(f"metric '{key}' is {value:g}, beyond +-{MAX_METRIC_MAGNITUDE:g}",
+                            "oversized")
         out[key] = float(value)
     return out
 
