@@ -1,9 +1,23 @@
-"""Turn a validated ``Experiment`` into the pieces of a run: data, trainer, strategy."""
+"""Turn a validated ``Experiment`` into the pieces of a run: data, trainer, strategy.
+
+Built-in data sets and models come from ``[data] dataset`` and ``[model] kind``; the user's
+own come from ``[data] dataset = "files"`` (one file per client) or ``"custom"`` (a loader
+function) and ``[model] factory`` (a Trainer or a zero-argument factory), loaded with
+``fedmosaic.task`` relative to the experiment file's directory (docs/own-model.md).
+
+Three views of one experiment: ``build_data`` is the whole federation (simulation: every
+client's data in this process); ``client_data`` is what one client process loads (its own
+data only); ``server_task`` is what ``fedmosaic server`` builds -- the trainer, the central
+test set if any and the ``TaskProfile`` that joining clients are checked against -- and it
+never opens the clients' files, which live on the clients' machines.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,11 +25,12 @@ import torch
 from fedmosaic import data as fd
 from fedmosaic.algorithms.server_opt import make_server_optimizer
 from fedmosaic.algorithms.strategy import FedAvg, FedProx
-from fedmosaic.config import Experiment
-from fedmosaic.core.errors import ConfigError
+from fedmosaic.compat import TaskProfile, describe_shape, model_outputs
+from fedmosaic.config import USER_DATASETS, Experiment
+from fedmosaic.core.errors import ConfigError, FedmosaicError
 from fedmosaic.models import build_model
 from fedmosaic.runtime import BatchedTransport, RayTransport, SequentialTransport
-from fedmosaic.train import TorchTrainer
+from fedmosaic.train import TorchTrainer, Trainer
 
 
 def build_data(exp: Experiment) -> fd.FederatedDataset:
@@ -59,10 +74,117 @@ def build_attack(exp: Experiment, fed: fd.FederatedDataset) -> tuple[Any, frozen
     return attack, choose_malicious(fed.client_ids, fraction, seed), seed
 
 
+def experiment_dir(exp: Experiment) -> Path:
+    """The directory the experiment's relative paths and user modules are found in: the
+    experiment file's, or the working directory for an experiment built in memory."""
+    return exp.source.resolve().parent if exp.source is not None else Path.cwd()
+
+
+def _data_path(exp: Experiment, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else experiment_dir(exp) / p
+
+
+def _user_test_set(exp: Experiment) -> fd.ArrayDataset | None:
+    """The central test set of a "files" or "custom" data set (``test`` / ``test_loader``)."""
+    d = exp["data"]
+    if d["dataset"] == "files":
+        if "test" not in d:
+            return None
+        return fd.load_table(_data_path(exp, d["test"]), label=d.get("label"),
+                             features=d.get("features"))
+    spec = d.get("test_loader")
+    if spec is None:
+        return None
+    from fedmosaic.data.files import as_array_dataset
+    from fedmosaic.task import describe, load_object
+
+    fn = load_object(spec, experiment_dir(exp))
+    if not callable(fn):
+        raise FedmosaicError(f"{spec!r} is {describe(fn)}, not a function returning the test set")
+    try:
+        out = fn()
+    except FedmosaicError as exc:
+        raise FedmosaicError(f"{spec}(): {exc}") from None
+    except Exception as exc:  # the user's loader failed: one line, no trace
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise FedmosaicError(f"{spec}() raised {type(exc).__name__}"
+                             + (f": {detail}" if detail else "")) from None
+    if isinstance(out, fd.ArrayDataset):
+        return out
+    if isinstance(out, tuple) and len(out) == 2:
+        return as_array_dataset(out[0], out[1], f"{spec}()")
+    raise FedmosaicError(f"{spec}() returned {describe(out)}; a test loader returns an "
+                         "ArrayDataset or an (x, y) pair")
+
+
+def _check_feature_shape(exp: Experiment, shape: tuple[int, ...], what: str) -> None:
+    declared = exp["data"].get("feature_shape")
+    if declared is not None and tuple(declared) != tuple(shape):
+        raise ConfigError("data.feature_shape", declared, f"the shape of the data: {what} has "
+                          f"{describe_shape(tuple(shape))}")
+
+
+def _user_data(exp: Experiment) -> fd.FederatedDataset:
+    """The whole federation of a "files" or "custom" data set (simulation)."""
+    d, seed = exp["data"], exp[""]["seed"]
+    test = _user_test_set(exp)
+    common = dict(test=test, test_fraction=d.get("test_fraction"),
+                  num_classes=d.get("num_classes"), seed=seed, name=d["dataset"])
+    if d["dataset"] == "files":
+        fed = fd.federation_from_files(
+            {cid: _data_path(exp, path) for cid, path in d["clients"].items()},
+            label=d.get("label"), features=d.get("features"), **common)
+    else:
+        from fedmosaic.task import describe, load_object
+
+        loader = load_object(d["loader"], experiment_dir(exp))
+        if not callable(loader):
+            raise FedmosaicError(f"{d['loader']!r} is {describe(loader)}, not a function "
+                                 "load_data(client_id)")
+        fed = fd.federation_from_loader(loader, list(d["clients"]), what=d["loader"], **common)
+    _check_feature_shape(exp, fed.feature_shape, "the clients' data")
+    return fed
+
+
+def client_data(exp: Experiment, client_id: str) -> fd.ClientData:
+    """What the client process ``client_id`` trains and evaluates on: for a built-in data set
+    its partition (as ``build_data`` makes it); for "files" its own file, split into train and
+    a local test split with ``[data] test_fraction``; for "custom" what ``loader(client_id)``
+    returns. Only this client's data is read."""
+    d = exp["data"]
+    name, seed = d["dataset"], exp[""]["seed"]
+    where = str(exp.source) if exp.source is not None else exp.name
+    if name in USER_DATASETS:
+        ids = list(d["clients"])
+        if client_id not in ids:
+            shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+            raise FedmosaicError(f"'{client_id}' is not a client of {where} (clients: {shown})")
+        if name == "files":
+            train = fd.load_table(_data_path(exp, d["clients"][client_id]), label=d.get("label"),
+                                  features=d.get("features"))
+            test = None
+            if d.get("test_fraction") is not None:
+                train, test = fd.local_test_split(train, d["test_fraction"], seed, client_id)
+            return fd.ClientData(client_id, train, test)
+        from fedmosaic.task import load_object
+
+        loader = load_object(d["loader"], experiment_dir(exp))
+        return fd.client_from_loader(loader, client_id, test_fraction=d.get("test_fraction"),
+                                     seed=seed, what=d["loader"])
+    fed = build_data(exp)
+    if client_id not in fed.client_ids:
+        shown = ", ".join(fed.client_ids[:10]) + (", ..." if len(fed.clients) > 10 else "")
+        raise FedmosaicError(f"'{client_id}' is not a client of {where} (clients: {shown})")
+    return fed.client(client_id)
+
+
 def _clean_data(exp: Experiment) -> fd.FederatedDataset:
     d = dict(exp["data"])
     name = d.pop("dataset")
     seed = exp[""]["seed"]
+    if name in USER_DATASETS:
+        return _user_data(exp)
     if name == "heart_disease":
         return fd.load_heart_disease(seed=seed, **d)
     if name == "synthetic":
@@ -101,14 +223,124 @@ def _trainer(model: dict[str, Any], train: dict[str, Any], feature_shape: tuple[
                         batch_size=train["batch_size"], optimizer=optimizer, device=device)
 
 
-def trainer_factory(exp: Experiment, fed: fd.FederatedDataset) -> Callable[[], TorchTrainer]:
-    """A picklable zero-argument factory (Ray workers build their own trainer with it)."""
-    return partial(_trainer, dict(exp["model"]), dict(exp["train"]), tuple(fed.feature_shape),
-                   fed.num_classes, exp["runtime"]["device"])
+def _user_trainer(spec: str, base_dir: str) -> Trainer:
+    from fedmosaic.task import load_trainer
+
+    return load_trainer(spec, Path(base_dir))
 
 
-def build_trainer(exp: Experiment, fed: fd.FederatedDataset) -> TorchTrainer:
-    return trainer_factory(exp, fed)()
+def trainer_factory(exp: Experiment, fed: fd.FederatedDataset | None = None,
+                    feature_shape: tuple[int, ...] | None = None,
+                    num_classes: int | None = None) -> Callable[[], Trainer]:
+    """A picklable zero-argument factory (Ray workers build their own trainer with it).
+
+    ``[model] factory``: the spec and the experiment's directory, loaded where it is called.
+    ``[model] kind``: the shape and classes of ``fed``, or ``feature_shape`` and
+    ``num_classes`` when there is no federation at hand (``server_task``)."""
+    factory = exp["model"].get("factory")
+    if factory is not None:
+        return partial(_user_trainer, factory, str(experiment_dir(exp)))
+    if fed is not None:
+        feature_shape, num_classes = tuple(fed.feature_shape), fed.num_classes
+    if feature_shape is None or num_classes is None:
+        raise ValueError("trainer_factory: give fed, or feature_shape and num_classes")
+    return partial(_trainer, dict(exp["model"]), dict(exp["train"]), tuple(feature_shape),
+                   num_classes, exp["runtime"]["device"])
+
+
+def _check_fits(exp: Experiment, trainer: Trainer, feature_shape: tuple[int, ...],
+                num_classes: int | None) -> int | None:
+    """The number of outputs of the user's model (when it can say), after checking that it
+    takes samples of ``feature_shape`` and has an output per class."""
+    spec = exp["model"]["factory"]
+    try:
+        outputs = model_outputs(trainer, tuple(feature_shape))
+    except Exception as exc:  # the user's model rejected the input: say so, no trace
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError("model.factory", spec, f"a model that takes the data's "
+                          f"{describe_shape(tuple(feature_shape))} (it raised "
+                          f"{type(exc).__name__}: {detail})") from None
+    if outputs is not None and outputs >= 2 and num_classes is not None \
+            and outputs < num_classes:
+        raise ConfigError("model.factory", spec, f"a model with an output per class: the data "
+                          f"has {num_classes} classes (labels 0 to {num_classes - 1}), the "
+                          f"model {outputs} outputs")
+    return outputs
+
+
+def build_trainer(exp: Experiment, fed: fd.FederatedDataset) -> Trainer:
+    """The trainer; the user's (``[model] factory``) is checked against ``fed``'s shape and
+    classes first, so that a mismatch is one line now instead of a failure in every round."""
+    trainer = trainer_factory(exp, fed)()
+    if "factory" in exp["model"]:
+        _check_fits(exp, trainer, fed.feature_shape, fed.num_classes)
+    return trainer
+
+
+@dataclass
+class ServerTask:
+    """What ``fedmosaic server`` runs: the ``trainer`` (its model is the task's), the central
+    ``test`` set or None, the ``profile`` joining clients are checked against, and the whole
+    federation ``data`` -- only for built-in data sets, whose partitions the server can
+    compute; None for "files" and "custom", whose data stays on the clients' machines."""
+
+    trainer: Trainer
+    test: fd.ArrayDataset | None
+    profile: TaskProfile
+    data: fd.FederatedDataset | None = None
+
+
+def _refuse_server_side_client_data(exp: Experiment) -> None:
+    """Deployment with the clients' own data: what would need that data on the server."""
+    dataset = exp["data"]["dataset"]
+    if exp["attack"]:
+        raise ConfigError("attack", exp["attack"].get("kind"), f"no [attack] table for "
+                          f"fedmosaic server with dataset '{dataset}': a simulated attack "
+                          "poisons the clients' data, which stays on their machines (run it "
+                          "with fedmosaic run)")
+    if _root_samples(exp) is not None:
+        raise ConfigError("robust.aggregator", "fltrust", f"another rule for fedmosaic server "
+                          f"with dataset '{dataset}': FLTrust's root data set is held out of "
+                          "the clients' data, which the server does not have")
+
+
+def server_task(exp: Experiment) -> ServerTask:
+    """The server's side of ``exp`` (see ``ServerTask``). For "files" and "custom" it reads
+    the test set (``test`` / ``test_loader``) and nothing of the clients'; the profile's
+    feature shape comes from the test set or ``[data] feature_shape``, its classes from
+    ``[data] num_classes`` or the outputs of the user's model."""
+    d = exp["data"]
+    if d["dataset"] not in USER_DATASETS:
+        fed = build_data(exp)
+        return ServerTask(build_trainer(exp, fed), fed.test,
+                          TaskProfile(tuple(fed.feature_shape), fed.num_classes), fed)
+    _refuse_server_side_client_data(exp)
+    test = _user_test_set(exp)
+    shape: tuple[int, ...] | None = tuple(d["feature_shape"]) if "feature_shape" in d else None
+    if test is not None:
+        _check_feature_shape(exp, test.feature_shape, "the test set")
+        shape = test.feature_shape
+    num_classes: int | None = d.get("num_classes")
+    if test is not None and num_classes is not None and len(test) \
+            and int(test.y.max()) >= num_classes:
+        raise ConfigError("data.num_classes", num_classes, f"more than the test set's largest "
+                          f"label, {int(test.y.max())}")
+    if "factory" in exp["model"]:
+        trainer = trainer_factory(exp)()
+        if shape is not None:
+            outputs = _check_fits(exp, trainer, shape, num_classes)
+            if num_classes is None and outputs is not None and outputs >= 2:
+                num_classes = outputs  # a classifier has one output per class
+    else:
+        need = "a test set (data.test / data.test_loader) or data.feature_shape" \
+            if shape is None else "data.num_classes"
+        if shape is None or num_classes is None:
+            key = "data.feature_shape" if shape is None else "data.num_classes"
+            raise ConfigError(key, "<missing>", f"required for fedmosaic server with [model] "
+                              f"kind and dataset '{d['dataset']}': the server builds the model "
+                              f"without the clients' data, so give {need}")
+        trainer = trainer_factory(exp, feature_shape=shape, num_classes=num_classes)()
+    return ServerTask(trainer, test, TaskProfile(shape, num_classes))
 
 
 def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTrainer,
@@ -162,21 +394,41 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     return transport
 
 
-def _watermark(exp: Experiment, fed: fd.FederatedDataset | None) -> dict[str, Any]:
+def _user_model_fn(exp: Experiment) -> Callable[[], torch.nn.Module]:
+    """The model builder of the user's trainer (a ``TorchTrainer``, possibly wrapped)."""
+    from fedmosaic.train.base import TrainerWrapper
+
+    trainer = trainer_factory(exp)()
+    while isinstance(trainer, TrainerWrapper):
+        trainer = trainer.inner
+    if not isinstance(trainer, TorchTrainer):
+        raise ConfigError("model.factory", exp["model"]["factory"], "a factory of a "
+                          "TorchTrainer with a [watermark] table (WAFFLE retrains the torch "
+                          f"model on the server; got a {type(trainer).__name__})")
+    return trainer.model_fn
+
+
+def _watermark(exp: Experiment, fed: fd.FederatedDataset | None,
+               profile: TaskProfile | None = None) -> dict[str, Any]:
     """Strategy arguments for the ``[watermark]`` section (WAFFLE stage, fingerprints)."""
     if not exp["watermark"]:
         return {}
-    if fed is None:
-        raise ConfigError("watermark", "<no data>", "build_strategy(exp, fed): the watermark's "
-                          "triggers need the data's input shape and classes")
+    if fed is not None:
+        shape, classes = tuple(fed.feature_shape), fed.num_classes
+    elif profile is not None and profile.feature_shape and profile.num_classes:
+        shape, classes = tuple(profile.feature_shape), profile.num_classes
+    else:
+        raise ConfigError("watermark", "<no data>", "the input shape and classes of the data "
+                          "for the watermark's triggers: build_strategy(exp, fed), or, for a "
+                          "server without the clients' data, [data] feature_shape (or a test "
+                          "set) and num_classes")
     from fedmosaic.watermark.from_config import build_watermark
 
     m = exp["model"]
-    model_fn = partial(build_model, m["kind"], tuple(fed.feature_shape), fed.num_classes,
-                       hidden=tuple(m["hidden"]))
+    model_fn = _user_model_fn(exp) if "factory" in m else partial(
+        build_model, m["kind"], shape, classes, hidden=tuple(m["hidden"]))
     stage, fingerprint = build_watermark(exp["watermark"], model_fn=model_fn,
-                                         input_shape=tuple(fed.feature_shape),
-                                         num_classes=fed.num_classes,
+                                         input_shape=shape, num_classes=classes,
                                          device=exp["runtime"]["device"])
     return {"server_stages": (stage,) if stage else (), "dispatch_transform": fingerprint}
 
@@ -213,7 +465,7 @@ def _defences(exp: Experiment) -> dict[str, Any]:
             root = build_root_data(exp, clean)
             t = exp["train"]
             out["robust"] = make_robust(rule, trainer=build_trainer(exp, clean), root_data=root,
-                                        epochs=t["epochs"], batch_size=t["batch_size"],
+                                        epochs=t.get("epochs"), batch_size=t.get("batch_size"),
                                         seed=seed)
         elif rule == "norm_bound":
             out["robust"] = make_robust(rule, seed=seed, **r)
@@ -227,8 +479,13 @@ def _defences(exp: Experiment) -> dict[str, Any]:
 
 
 def build_strategy(exp: Experiment, fed: fd.FederatedDataset | None = None, *,
-                   deployment: bool = False) -> FedAvg:
-    """The strategy; ``fed`` is needed only with a ``[watermark]`` section.
+                   deployment: bool = False, profile: TaskProfile | None = None) -> FedAvg:
+    """The strategy; ``fed`` (or, for a server without the clients' data, the task's
+    ``profile`` with its feature shape and classes) is needed only with a ``[watermark]``
+    section.
+
+    With ``[model] factory`` the ``[train]`` keys given (lr, epochs, batch_size) go to every
+    client in its ``FitConfig``; keys not given leave the trainer's own settings.
 
     ``deployment=True`` (``fedmosaic server``): central and distributed DP draw noise and
     cohorts from ``SecureNoise`` unless ``privacy.secure_noise = false``, which is refused
@@ -236,9 +493,11 @@ def build_strategy(exp: Experiment, fed: fd.FederatedDataset | None = None, *,
     noise can be regenerated by anyone who finds the run seed). In simulation the default is
     seeded noise, for reproducibility.
     """
-    wm = _watermark(exp, fed)
+    wm = _watermark(exp, fed, profile)
     wm.update(_defences(exp))
     s, t = dict(exp["strategy"]), exp["train"]
+    if "factory" in exp["model"] and "lr" in t:
+        s["lr"] = t["lr"]  # the built-in trainers get lr at construction instead
     opt = dict(exp["server_opt"])
     server_opt = make_server_optimizer(opt.pop("name"), **opt)
     name = s.pop("name")
@@ -265,24 +524,72 @@ def build_strategy(exp: Experiment, fed: fd.FederatedDataset | None = None, *,
             s.pop("weighting", None)
             if "min_updates" not in exp.raw.get("strategy", {}):
                 s.pop("min_updates")
-            return DistributedSkellam(server_opt=server_opt, local_epochs=t["epochs"],
-                                      batch_size=t["batch_size"], rounds=exp[""]["rounds"],
+            return DistributedSkellam(server_opt=server_opt, local_epochs=t.get("epochs"),
+                                      batch_size=t.get("batch_size"), rounds=exp[""]["rounds"],
                                       **privacy, **s, **wm)
         if mode == "distributed":
             privacy["distributed"] = True
         s.pop("weighting", None)
         if "min_updates" not in exp.raw.get("strategy", {}):
             s.pop("min_updates")  # Poisson rounds may have no clients: DPFedAvg allows 0
-        return DPFedAvg(server_opt=server_opt, local_epochs=t["epochs"],
-                        batch_size=t["batch_size"], rounds=exp[""]["rounds"], **privacy, **s,
+        return DPFedAvg(server_opt=server_opt, local_epochs=t.get("epochs"),
+                        batch_size=t.get("batch_size"), rounds=exp[""]["rounds"], **privacy, **s,
                         **wm)
     stages = ()
     if mode == "local":
         from fedmosaic.privacy.local_dp import LocalDP
 
         stages = (LocalDP(**privacy),)
-    common = dict(server_opt=server_opt, local_epochs=t["epochs"], batch_size=t["batch_size"],
+    common = dict(server_opt=server_opt, local_epochs=t.get("epochs"),
+                  batch_size=t.get("batch_size"),
                   client_stages=stages, **s, **wm)
     if name == "fedprox":
         return FedProx(**common)
     return FedAvg(**common)
+
+
+def _evaluation_plan(exp: Experiment,
+                     fed: fd.FederatedDataset | None) -> tuple[bool, bool | None, bool]:
+    """(central evaluation on?, federated evaluation on?, do clients hold local test splits
+    (None: unknown)?) for ``[evaluation]``; with ``fed`` the data itself decides what it has.
+    Refusals name what to add to ``[data]``."""
+    from fedmosaic.config import evaluation_data, evaluation_missing
+
+    ev, data = exp["evaluation"], exp["data"]
+    central, local = evaluation_data(data)
+    if fed is not None:
+        central = fed.test is not None and len(fed.test) > 0
+        local = any(c.test is not None and len(c.test) > 0 for c in fed.clients)
+    dp = exp["privacy"]["mode"] in ("central", "distributed")
+    use_central = ev.get("central", central)
+    if use_central and not central:
+        raise ConfigError("evaluation.central", True, evaluation_missing(data, "central"))
+    use_fed = ev.get("federated", not central and local is not False and not dp)
+    if use_fed and local is False:
+        raise ConfigError("evaluation.federated", True, evaluation_missing(data, "federated"))
+    return use_central, use_fed, local
+
+
+def build_evaluation(exp: Experiment, fed: fd.FederatedDataset | None = None) -> Any:
+    """The ``FederatedEvaluation`` of ``[evaluation]`` (``simulate(..., federated_eval=)``,
+    ``Server(..., federated_eval=)``), or None when the clients do not evaluate.
+
+    Federated evaluation is on by default when there is no central test set and the clients
+    hold local test splits (never by default under central or distributed DP, where it is
+    refused). ``fed`` is the federation in simulation; a server without the clients' data
+    passes None and the ``[data]`` table decides (a client without a local test split then
+    reports "no local test split")."""
+    from fedmosaic.runtime.evaluation import FederatedEvaluation
+
+    _, use_fed, _ = _evaluation_plan(exp, fed)
+    if not use_fed:
+        return None
+    ev = exp["evaluation"]
+    return FederatedEvaluation(fraction=ev.get("fraction"), clients=ev.get("clients"),
+                               min_clients=ev.get("min_clients", 1))
+
+
+def central_evaluation(exp: Experiment, fed: fd.FederatedDataset | None = None) -> bool:
+    """Whether the server evaluates on the central test set (``simulate(...,
+    central_eval=)``): ``evaluation.central``, by default whenever there is one."""
+    return _evaluation_plan(exp, fed)[0]

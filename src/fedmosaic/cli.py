@@ -292,6 +292,21 @@ def demo(
     run_demo(output, rounds=rounds, seed=seed, console=console)
 
 
+@app.command("new")
+def new(
+    project: Annotated[Path, typer.Argument(help="directory to create (must be new or empty)")],
+) -> None:
+    """Write a starter project: your own model (task.py), a CSV per hospital, an experiment."""
+    from fedmosaic.scaffold import new_project  # lazy: keeps `fedmosaic --help` fast
+
+    try:
+        new_project(project)
+    except FedmosaicError as exc:
+        _fail(str(exc))
+    console.print(f"created {project}: task.py, experiment.toml, README.md, data/*.csv\n"
+                  f"next: cd {project} && fedmosaic run experiment.toml")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -7,6 +7,7 @@ is allowed. Unknown keys are errors too (a typo must not silently fall back to a
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DATASETS = ("heart_disease", "digits", "fashion_mnist", "synthetic")
+DATASETS = ("heart_disease", "digits", "fashion_mnist", "synthetic", "files", "custom")
 NATURAL_DATASETS = ("heart_disease", "synthetic")
+# The user's own data: one file per client, or a loader function (fedmosaic.data.files).
+USER_DATASETS = ("files", "custom")
+DATA_SUFFIXES = (".npz", ".csv", ".parquet")
+# A client id names a certificate in deployment: the same pattern as
+# fedmosaic.net.certs.CLIENT_ID_PATTERN (a test checks they agree; not imported: grpc and
+# cryptography are slow to import and the config is read by every command).
+CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SPEC = re.compile(r".+:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+SPEC_ALLOWED = "'module:attribute' or 'path/to/file.py:attribute' (e.g. 'task:make_trainer')"
 PARTITIONS = ("iid", "dirichlet", "shards")
 MODELS = ("logreg", "mlp", "cnn")
 STRATEGIES = ("fedavg", "fedprox")
@@ -127,6 +137,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "alpha": _float("a number >= 0", lambda v: v >= 0),
         "beta": _float("a number >= 0", lambda v: v >= 0),
         "num_devices": _int(1, 10_000),
+        # dataset = "files" / "custom" (docs/own-model.md)
+        "clients": Key((dict, list), "a table {client id = data file} (dataset 'files') or a "
+                       "list of client ids (dataset 'custom')", lambda v: len(v) > 0),
+        "label": Key((str,), "the name of the label column", lambda v: bool(v.strip())),
+        "features": Key((list,), "a non-empty list of column names",
+                        lambda v: bool(v) and all(isinstance(f, str) and f for f in v)),
+        "test": Key((str,), "a data file (.npz, .csv or .parquet), relative to the experiment "
+                    "file", lambda v: bool(v.strip())),
+        "num_classes": _int(1, 2**24),
+        "feature_shape": Key((list,), "a non-empty list of positive integers (one sample's "
+                             "shape, e.g. [13])", lambda v: bool(v) and len(v) <= 8 and all(
+                                 isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                 for d in v)),
+        "loader": Key((str,), SPEC_ALLOWED, lambda v: bool(SPEC.fullmatch(v))),
+        "test_loader": Key((str,), SPEC_ALLOWED, lambda v: bool(SPEC.fullmatch(v))),
     },
     "partition": {
         "method": _choice(PARTITIONS, default="iid"),
@@ -136,6 +161,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "min_size": _int(1, default=1),
     },
     "model": {
+        # The user's own trainer (a Trainer or a zero-argument factory of one); excludes
+        # kind and hidden, and limits [train] (see _check_model).
+        "factory": Key((str,), SPEC_ALLOWED, lambda v: bool(SPEC.fullmatch(v))),
         "kind": _choice(MODELS, default="mlp"),
         "hidden": Key((list,), "a list of positive integers",
                       lambda v: all(isinstance(h, int) and h > 0 for h in v), [64]),
@@ -290,6 +318,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "z": _float(*POSITIVE),
         "epsilon": _float(*POSITIVE),
     },
+    # Central and federated evaluation (fedmosaic.runtime.evaluation). No defaults here: they
+    # depend on the data (a central test set, clients' local test splits) and are resolved by
+    # fedmosaic.build.build_evaluation; evaluation never changes the model, so the table is
+    # not part of the resume identity.
+    "evaluation": {
+        "central": Key((bool,), "true or false"),
+        "federated": Key((bool,), "true or false"),
+        "fraction": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "clients": _int(1),
+        "min_clients": _int(1),
+    },
 }
 
 SERVER_OPT_KEYS = {
@@ -304,7 +343,14 @@ DATA_KEYS = {
     "digits": {"test_fraction"},
     "fashion_mnist": {"root", "limit_train"},
     "synthetic": {"alpha", "beta", "num_devices", "test_fraction"},
+    "files": {"clients", "label", "features", "test", "test_fraction", "num_classes",
+              "feature_shape"},
+    "custom": {"loader", "clients", "test_loader", "test_fraction", "num_classes",
+               "feature_shape"},
 }
+# With [model] factory the trainer owns its optimizer; these [train] keys still apply: the
+# server sends them to every client each round (FitConfig), overriding the trainer's own.
+FACTORY_TRAIN_KEYS = ("lr", "epochs", "batch_size")
 
 
 @dataclass
@@ -334,7 +380,7 @@ class Experiment:
         top = {k: v for k, v in self.sections[""].items()
                if k not in ("rounds", "output", "threads")}
         return {**{s: v for s, v in self.sections.items()
-                   if s and s not in ("runtime", "server") and v},  # empty: as if absent
+                   if s and s not in ("runtime", "server", "evaluation") and v},  # empty: absent
                 "": top}
 
 
@@ -387,9 +433,11 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
     for key in set(raw.get("data", {})) - {"dataset"} - DATA_KEYS[dataset]:
         raise ConfigError(f"data.{key}", raw["data"][key],
                           f"for dataset '{dataset}' only: {', '.join(sorted(DATA_KEYS[dataset]))}")
-    if dataset in NATURAL_DATASETS and "partition" in raw:
+    if dataset in NATURAL_DATASETS + USER_DATASETS and "partition" in raw:
         raise ConfigError("partition", raw["partition"],
                           f"no [partition] table: dataset '{dataset}' has its natural clients")
+    _check_user_data(s["data"])
+    _check_model(s, raw)
     strat = s["strategy"]
     if "clients_per_round" in strat and "fraction" in strat:
         raise ConfigError("strategy.fraction", strat["fraction"],
@@ -414,6 +462,7 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
     _check_watermark(s)
     _check_attack(s)
     _check_robust(s)
+    _check_evaluation(s)
     opt = s["server_opt"]
     extra = set(opt) - {"name"} - SERVER_OPT_KEYS[opt["name"]]
     if extra:
@@ -421,10 +470,143 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         raise ConfigError(f"server_opt.{key}", opt[key],
                           f"for server_opt '{opt['name']}' only: "
                           + ", ".join(sorted(SERVER_OPT_KEYS[opt["name"]])))
-    if s["model"]["kind"] == "cnn" and dataset != "fashion_mnist":
+    if s["model"].get("kind") == "cnn" and dataset != "fashion_mnist":
         raise ConfigError("model.kind", "cnn", "'cnn' needs image data (dataset 'fashion_mnist')")
-    if s["train"]["momentum"] and s["train"]["optimizer"] != "sgd":
+    if s["train"].get("momentum") and s["train"]["optimizer"] != "sgd":
         raise ConfigError("train.momentum", s["train"]["momentum"], "only with optimizer 'sgd'")
+
+
+def _check_user_data(d: dict[str, Any]) -> None:
+    """``[data] dataset = "files"`` / ``"custom"``: the clients and what they need."""
+    dataset = d["dataset"]
+    if dataset not in USER_DATASETS:
+        return
+    need = ("clients",) if dataset == "files" else ("loader", "clients")
+    for key in need:
+        if key not in d:
+            what = {"clients": "a table {client id = data file}" if dataset == "files" else
+                    "a list of client ids", "loader": SPEC_ALLOWED}[key]
+            raise ConfigError(f"data.{key}", "<missing>", f"required for dataset '{dataset}': "
+                              f"{what}")
+    clients = d["clients"]
+    if dataset == "files":
+        if not isinstance(clients, dict):
+            raise ConfigError("data.clients", clients, "a table {client id = data file} for "
+                              "dataset 'files' (a list of ids is for dataset 'custom')")
+        ids = list(clients)
+        files = {f"data.clients.{cid}": path for cid, path in clients.items()}
+        if "test" in d:
+            files["data.test"] = d["test"]
+        for key, path in files.items():
+            if not isinstance(path, str) or not path.strip():
+                raise ConfigError(key, path, "a data file path")
+            if Path(path).suffix.lower() not in DATA_SUFFIXES:
+                raise ConfigError(key, path, "a .npz (arrays x and y), .csv or .parquet file")
+        tables = [k for k, p in files.items() if Path(p).suffix.lower() != ".npz"]
+        if tables and "label" not in d:
+            raise ConfigError("data.label", "<missing>", f"required with .csv/.parquet files "
+                              f"({tables[0]}): the name of the label column")
+        if "features" in d and "label" in d and d["label"] in d["features"]:
+            raise ConfigError("data.features", d["features"], "feature columns other than the "
+                              f"label column '{d['label']}'")
+    else:
+        if not isinstance(clients, list):
+            raise ConfigError("data.clients", clients, "a list of client ids for dataset "
+                              "'custom' (a table of files is for dataset 'files')")
+        ids = clients
+        for cid in ids:
+            if not isinstance(cid, str):
+                raise ConfigError("data.clients", cid, "client ids (strings)")
+        dup = sorted({c for c in ids if ids.count(c) > 1})
+        if dup:
+            raise ConfigError("data.clients", dup[0], "each client id once")
+    for cid in ids:
+        if not CLIENT_ID.fullmatch(cid):
+            raise ConfigError("data.clients", cid, "client ids of letters, digits, '.', '_' "
+                              "and '-', starting with a letter or digit, at most 64 characters "
+                              "(each names a client certificate in deployment)")
+
+
+def _check_model(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
+    """``[model] factory``: the user's trainer builds the model and its optimizer."""
+    factory = s["model"].get("factory")
+    if factory is None:
+        return
+    given = raw.get("model", {})
+    for key in ("kind", "hidden"):
+        if key in given:
+            raise ConfigError(f"model.{key}", given[key], "not with model.factory (the "
+                              "factory's trainer builds the model)")
+    s["model"] = {"factory": factory}  # no kind/hidden defaults: they do not apply
+    train = raw.get("train", {})
+    for key in sorted(set(train) - set(FACTORY_TRAIN_KEYS)):
+        raise ConfigError(f"train.{key}", train[key], "not with model.factory (the factory's "
+                          "trainer builds its own optimizer); [train] may set only "
+                          + ", ".join(FACTORY_TRAIN_KEYS) + ", sent to every client each round")
+    s["train"] = {k: train[k] for k in FACTORY_TRAIN_KEYS if k in train}
+    if "device" in raw.get("runtime", {}):
+        raise ConfigError("runtime.device", raw["runtime"]["device"], "not with model.factory "
+                          "(the factory's trainer chooses its own device)")
+
+
+# Built-in data sets: all have a central test set; these also give each client a local one.
+LOCAL_TEST_DATASETS = ("heart_disease", "synthetic")
+
+
+def evaluation_data(data: dict[str, Any]) -> tuple[bool, bool | None]:
+    """What a ``[data]`` table offers evaluation: (a central test set?, local test splits on
+    the clients?), the second None where only the data can tell (a ``custom`` loader may
+    return its own test split)."""
+    dataset = data["dataset"]
+    if dataset == "files":
+        return "test" in data, "test_fraction" in data
+    if dataset == "custom":
+        return "test_loader" in data, True if "test_fraction" in data else None
+    return True, dataset in LOCAL_TEST_DATASETS
+
+
+def evaluation_missing(data: dict[str, Any], what: str) -> str:
+    """What to add to ``[data]`` for a ``central`` test set or ``federated`` local splits."""
+    dataset = data["dataset"]
+    if what == "central":
+        key = "test_loader" if dataset == "custom" else "test"
+        return (f"false: there is no central test set; add [data] {key} (the server's test "
+                "set), or evaluate on the clients' local test splits (evaluation.federated)")
+    if dataset in USER_DATASETS:
+        extra = (" (or return a (train, test) pair from the loader)" if dataset == "custom"
+                 else "")
+        return ("false: the clients have no local test splits; add [data] test_fraction (each "
+                f"client holds out that fraction of its data for evaluation){extra}")
+    return (f"false: dataset '{dataset}' gives the clients no local test splits; use its "
+            "central test set (evaluation.central), or dataset 'files' or 'custom' with [data] "
+            "test_fraction")
+
+
+def _check_evaluation(s: dict[str, dict[str, Any]]) -> None:
+    ev = s["evaluation"]
+    if not ev:
+        return
+    if "fraction" in ev and "clients" in ev:
+        raise ConfigError("evaluation.clients", ev["clients"],
+                          "only one of evaluation.fraction and evaluation.clients")
+    central, local = evaluation_data(s["data"])
+    if ev.get("central") and not central:
+        raise ConfigError("evaluation.central", True, evaluation_missing(s["data"], "central"))
+    dp = s["privacy"]["mode"] in ("central", "distributed")
+    if ev.get("federated") and dp:
+        raise ConfigError("evaluation.federated", True,
+                          f"false under {s['privacy']['mode']} DP: each client's evaluation "
+                          "metrics and test sample count would reach the server without noise, "
+                          "outside the DP accounting; evaluate on a central test set instead")
+    if ev.get("federated") and local is False:
+        raise ConfigError("evaluation.federated", True,
+                          evaluation_missing(s["data"], "federated"))
+    # Settings of a federated evaluation that will not run are a mistake, not a no-op.
+    runs = ev.get("federated", not central and local is not False and not dp)
+    for key in ("fraction", "clients", "min_clients"):
+        if key in ev and not runs:
+            raise ConfigError(f"evaluation.{key}", ev[key], "only with federated evaluation "
+                              "(evaluation.federated = true)")
 
 
 def _check_watermark(s: dict[str, dict[str, Any]]) -> None:

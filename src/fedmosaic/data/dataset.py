@@ -127,11 +127,15 @@ class ClientData:
 
 @dataclass
 class FederatedDataset:
-    """A dataset split across clients, plus a global (server-side) test set."""
+    """A dataset split across clients, plus an optional global (server-side) test set.
+
+    ``test`` None: no central test set (the server holds no data; the model is judged by the
+    clients' federated evaluation on their local test splits, ``ClientData.test``).
+    """
 
     name: str
     clients: list[ClientData]
-    test: ArrayDataset
+    test: ArrayDataset | None
     num_classes: int
     feature_shape: tuple[int, ...]
 
@@ -151,7 +155,8 @@ class FederatedDataset:
             sets = [("train", c.train)] + ([("test", c.test)] if c.test is not None else [])
             for split, ds in sets:
                 self._check_part(ds, f"client '{c.client_id}' {split} set")
-        self._check_part(self.test, "global test set")
+        if self.test is not None:
+            self._check_part(self.test, "global test set")
 
     def _check_part(self, ds: ArrayDataset, what: str) -> None:
         if ds.feature_shape != self.feature_shape:

@@ -429,17 +429,7 @@ def run_client(
 
 def load_trainer(spec: str) -> Trainer:
     """A trainer from ``module:attr``: a Trainer instance or a zero-argument factory."""
-    import importlib
+    from fedmosaic.task import load_trainer as load  # the one implementation (fedmosaic.task)
 
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise FedmosaicError(f"--trainer {spec!r} must be 'module:attribute'")
-    try:
-        obj: Any = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise FedmosaicError(f"--trainer {spec!r}: {exc}") from exc
-    trainer = obj if isinstance(obj, Trainer) else (obj() if callable(obj) else None)
-    if not isinstance(trainer, Trainer):
-        raise FedmosaicError(f"--trainer {spec!r} is neither a Trainer nor a factory of one")
-    return trainer
+    return load(spec)
 

@@ -1,9 +1,14 @@
 """``serve``: run an experiment's server over gRPC (``fedmosaic server EXPERIMENT.toml``).
 
-The pieces come from the experiment file exactly as for ``fedmosaic run`` (``build.py``):
-strategy, the trainer (for central evaluation) and the test data; only the transport differs
-(``GrpcTransport``). The output directory receives the same checkpoint, ``metrics.json`` and
-``model.pt``; a checkpoint of the same experiment found there is resumed from automatically,
+The pieces come from the experiment file as for ``fedmosaic run`` (``build.server_task``):
+strategy, the trainer (its model is the task's) and the central test set, if any; only the
+transport differs (``GrpcTransport``). With the clients' own data (``[data] dataset =
+"files"`` / ``"custom"``) the server never opens their files: it reads only the test set the
+experiment names, and the ``TaskProfile`` that joining clients are checked against comes
+from that test set or from ``[data] feature_shape`` / ``num_classes``.
+
+The output directory receives the same checkpoint, ``metrics.json`` and ``model.pt``; a
+checkpoint of the same experiment found there is resumed from automatically,
 so a server killed at any moment (even ``kill -9``) continues after its last completed round
 when restarted, and the clients reconnect by themselves. ``endpoint.json`` in the output
 directory tells scripts where the server listens.
@@ -93,24 +98,24 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
     """Run ``exp`` with remote clients until all rounds are done; see the module docstring."""
     import torch
 
-    from fedmosaic.build import build_data, build_strategy, build_trainer
+    from fedmosaic.build import build_strategy, server_task
     from fedmosaic.runtime.simulate import simulate
 
     if exp[""]["threads"] > 0:
         torch.set_num_threads(exp[""]["threads"])
-    fed = build_data(exp)
-    trainer = build_trainer(exp, fed)
+    task = server_task(exp)
+    trainer = task.trainer
     # The data's shape builds a [watermark]'s triggers; deployment: DP noise from SecureNoise.
-    strategy = build_strategy(exp, fed, deployment=True)
+    strategy = build_strategy(exp, task.data, deployment=True, profile=task.profile)
     if strategy.straggler_fraction > 0:
         raise ConfigError("strategy.stragglers", strategy.straggler_fraction,
                           "0 with real clients: stragglers are real, and the round deadline "
                           "(server.round_deadline) drops them")
     rounds = exp[""]["rounds"]
-    secagg = _secagg_driver(exp, fed, settings)
+    secagg = _secagg_driver(exp, task.data, settings)
     transport = GrpcTransport(settings, numel=trainer.spec.numel, spec_hash=spec_hash(trainer.spec),
                               experiment=exp.name, rounds=rounds, secagg=secagg,
-                              metrics=metrics)
+                              metrics=metrics, task_profile=task.profile)
     if secagg is not None:
         # Adopt the strategy's integer encoder (distributed Skellam) before the message
         # limit is set: its masked inputs have the padded dimension of its ring.
@@ -141,7 +146,8 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
                 transport.resumed_at(done)
                 log.info("resuming %s after round %d from %s", exp.name, done, out)
             try:
-                result = simulate(trainer, fed, strategy, rounds, seed=exp[""]["seed"],
+                # simulate reads only ``.test`` from its data argument when given a transport.
+                result = simulate(trainer, task, strategy, rounds, seed=exp[""]["seed"],
                                   transport=transport, out_dir=out, resume=resume,
                                   eval_every=exp[""]["eval_every"], identity=exp.identity(),
                                   callbacks=[on_round])
@@ -168,13 +174,20 @@ def _linger(transport: GrpcTransport, seconds: float) -> None:
 
 
 def _secagg_driver(exp: Experiment, fed: Any, settings: DeploySettings) -> Any:
+    """The SecAgg+ driver; ``fed`` is the federation for built-in data sets (its largest
+    client bounds the weight by default), None when the data is on the clients' machines."""
     rt = exp["runtime"]
     if not rt["secure_aggregation"]:
         return None
     from fedmosaic.net.secagg import SecAggRoundDriver
 
     uniform = exp["privacy"]["mode"] == "distributed" or exp["strategy"]["weighting"] == "uniform"
-    default_w = 1.0 if uniform else float(max(fed.sizes().values()))
+    if not uniform and fed is None and "secagg_max_weight" not in rt:
+        raise ConfigError("runtime.secagg_max_weight", "<missing>", "required with secure "
+                          "aggregation and sample weighting when the server does not have the "
+                          f"clients' data (dataset '{exp['data']['dataset']}'): the largest "
+                          "sample count a client may claim")
+    default_w = 1.0 if uniform else float(max(fed.sizes().values())) if fed is not None else 1.0
     return SecAggRoundDriver(clip=rt.get("secagg_clip", 1.0),
                              max_weight=rt.get("secagg_max_weight", default_w),
                              uniform=uniform,
