@@ -92,8 +92,10 @@ class RoundProgress:
             self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
     def __call__(self, record: dict[str, Any]) -> None:
-        acc = record.get("test_accuracy")
-        acc_text = f"acc {acc:.4f}" if acc is not None else ""
+        acc, name = record.get("test_accuracy"), "acc"
+        if acc is None:  # no central test set: the clients' federated evaluation
+            acc, name = record.get("fed_test_accuracy"), "fed acc"
+        acc_text = f"{name} {acc:.4f}" if acc is not None else ""
         if self.progress:
             self.progress.update(self.task, completed=record["round"], acc=acc_text)
         else:
@@ -106,7 +108,14 @@ class RoundProgress:
 def _execute(exp: Any, out: Path, resume: bool) -> None:
     import torch
 
-    from fedmosaic.build import build_data, build_strategy, build_trainer, build_transport
+    from fedmosaic.build import (
+        build_data,
+        build_evaluation,
+        build_strategy,
+        build_trainer,
+        build_transport,
+        central_evaluation,
+    )
     from fedmosaic.runtime.checkpoint import load_checkpoint
     from fedmosaic.runtime.simulate import simulate
 
@@ -142,7 +151,9 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
             result = simulate(trainer, fed, strategy, rounds, seed=exp[""]["seed"],
                               out_dir=out, resume=resume, eval_every=exp[""]["eval_every"],
                               callbacks=[progress], identity=exp.identity(),
-                              transport=transport)
+                              transport=transport,
+                              federated_eval=build_evaluation(exp, fed),
+                              central_eval=central_evaluation(exp, fed))
     finally:
         close = getattr(transport, "close", None)
         if close is not None:
@@ -228,7 +239,9 @@ def _interrupted(out: Path | None, again: str) -> None:
 
 # Short headers so the table fits an 80-column terminal.
 _COLUMNS = {"round": "round", "updates": "updates", "train_loss": "train loss",
-            "test_loss": "test loss", "test_accuracy": "test acc", "wall_time": "time s",
+            "test_loss": "test loss", "test_accuracy": "test acc",
+            # Federated evaluation (clients' local test splits, sample-weighted).
+            "fed_test_loss": "fed loss", "fed_test_accuracy": "fed acc", "wall_time": "time s",
             "bytes_up": "bytes up"}
 
 

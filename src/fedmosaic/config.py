@@ -572,7 +572,7 @@ def evaluation_missing(data: dict[str, Any], what: str) -> str:
         key = "test_loader" if dataset == "custom" else "test"
         return (f"false: there is no central test set; add [data] {key} (the server's test "
                 "set), or evaluate on the clients' local test splits (evaluation.federated)")
-    if dataset in USER_DATASETS:
+    if dataset in ("files", "custom"):
         extra = (" (or return a (train, test) pair from the loader)" if dataset == "custom"
                  else "")
         return ("false: the clients have no local test splits; add [data] test_fraction (each "

@@ -319,3 +319,135 @@ def test_ray_transport_evaluates_on_its_actors(local_fed):
     finally:
         if started:
             ray.shutdown()
+
+
+# -- configuration: [evaluation] ---------------------------------------------------------------
+def _exp(data, **sections):
+    from fedmosaic.config import validate
+
+    return validate({"rounds": 2, "data": data, **sections})
+
+
+FILES = {"dataset": "files", "clients": {"a": "a.csv", "b": "b.csv"}, "label": "y"}
+
+
+@pytest.mark.parametrize(("data", "evaluation", "message"), [
+    (FILES, {"central": True},
+     "config key 'evaluation.central': got True; allowed: false: there is no central test set; "
+     "add [data] test (the server's test set), or evaluate on the clients' local test splits "
+     "(evaluation.federated)"),
+    ({"dataset": "custom", "loader": "task:load", "clients": ["a"]}, {"central": True},
+     "config key 'evaluation.central': got True; allowed: false: there is no central test set; "
+     "add [data] test_loader (the server's test set), or evaluate on the clients' local test "
+     "splits (evaluation.federated)"),
+    ({**FILES, "test": "t.csv"}, {"federated": True},
+     "config key 'evaluation.federated': got True; allowed: false: the clients have no local "
+     "test splits; add [data] test_fraction (each client holds out that fraction of its data "
+     "for evaluation)"),
+    ({"dataset": "digits"}, {"federated": True},
+     "config key 'evaluation.federated': got True; allowed: false: dataset 'digits' gives the "
+     "clients no local test splits; use its central test set (evaluation.central), or dataset "
+     "'files' or 'custom' with [data] test_fraction"),
+    ({"dataset": "heart_disease"}, {"fraction": 0.5, "clients": 2},
+     "config key 'evaluation.clients': got 2; allowed: only one of evaluation.fraction and "
+     "evaluation.clients"),
+    ({"dataset": "digits"}, {"clients": 2},
+     "config key 'evaluation.clients': got 2; allowed: only with federated evaluation "
+     "(evaluation.federated = true)"),
+    ({"dataset": "heart_disease"}, {"federated": False, "min_clients": 2},
+     "config key 'evaluation.min_clients': got 2; allowed: only with federated evaluation "
+     "(evaluation.federated = true)"),
+    ({"dataset": "heart_disease"}, {"fraction": 0},
+     "config key 'evaluation.fraction': got 0; allowed: a number in (0, 1]"),
+])
+def test_config_refusals_name_what_to_add(data, evaluation, message):
+    with pytest.raises(ConfigError) as err:
+        _exp(data, evaluation=evaluation)
+    assert str(err.value) == message
+
+
+def test_config_refuses_federated_evaluation_under_central_dp():
+    privacy = {"mode": "central", "clip": 1.0, "delta": 1e-5, "noise_multiplier": 1.0,
+               "rate": 0.5}
+    with pytest.raises(ConfigError) as err:
+        _exp({"dataset": "heart_disease"}, privacy=privacy, evaluation={"federated": True})
+    assert str(err.value) == (
+        "config key 'evaluation.federated': got True; allowed: false under central DP: each "
+        "client's evaluation metrics and test sample count would reach the server without "
+        "noise, outside the DP accounting; evaluate on a central test set instead")
+    from fedmosaic.build import build_evaluation
+
+    exp = _exp({"dataset": "heart_disease"}, privacy=privacy)
+    assert build_evaluation(exp) is None  # never on by default under DP
+
+
+def test_build_evaluation_defaults_follow_the_data(local_fed):
+    from fedmosaic.build import build_evaluation, central_evaluation
+
+    # A central test set: central only, unless asked.
+    exp = _exp({"dataset": "heart_disease"})
+    assert central_evaluation(exp, local_fed) and build_evaluation(exp, local_fed) is None
+    exp = _exp({"dataset": "heart_disease"}, evaluation={"federated": True, "clients": 2,
+                                                         "min_clients": 2})
+    fe = build_evaluation(exp, local_fed)
+    assert (fe.clients, fe.fraction, fe.min_clients) == (2, None, 2)
+    # No central test set, local splits: federated only.
+    no_central = FederatedDataset(name="x", clients=local_fed.clients, test=None,
+                                  num_classes=3, feature_shape=(5,))
+    exp = _exp({**FILES, "test_fraction": 0.2})
+    assert not central_evaluation(exp, no_central)
+    assert build_evaluation(exp, no_central).fraction == 1.0
+    # The data decides where the table cannot (a custom loader's own splits).
+    exp = _exp({"dataset": "custom", "loader": "task:load", "clients": ["a"]},
+               evaluation={"federated": True})
+    bare = FederatedDataset(name="x", clients=[ClientData(c.client_id, c.train)
+                                               for c in local_fed.clients],
+                            test=None, num_classes=3, feature_shape=(5,))
+    assert build_evaluation(exp, local_fed) is not None
+    with pytest.raises(ConfigError, match="add \\[data\\] test_fraction"):
+        build_evaluation(exp, bare)
+    # Deployment (no federation at hand): the [data] table decides.
+    assert build_evaluation(_exp({**FILES, "test_fraction": 0.2})) is not None
+
+
+def test_evaluation_table_is_not_part_of_the_resume_identity():
+    a = _exp({"dataset": "heart_disease"})
+    b = _exp({"dataset": "heart_disease"}, evaluation={"federated": True, "fraction": 0.5})
+    assert a.identity() == b.identity()
+
+
+# -- display -----------------------------------------------------------------------------------
+def test_progress_line_and_plot_fall_back_to_federated_accuracy(tmp_path, capsys):
+    from fedmosaic.cli import RoundProgress
+    from fedmosaic.runtime.result import default_plot_metrics
+
+    rec = {"round": 2, "fed_test_accuracy": 0.8125, "fed_test_loss": 0.5, "wall_time": 0.1}
+    with RoundProgress(3, 1, "x") as progress:
+        progress(rec)
+    assert "fed acc 0.8125" in capsys.readouterr().out
+    assert default_plot_metrics({"r": [rec]}) == ("fed_test_accuracy", "fed_test_loss")
+    both = {**rec, "test_accuracy": 0.7}
+    assert default_plot_metrics({"r": [both]}) == ("test_accuracy", "test_loss")
+
+
+def test_fedmosaic_run_with_federated_evaluation_only(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedmosaic.cli import app
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('name = "fe"\nrounds = 3\neval_every = 2\n[data]\ndataset = "heart_disease"\n'
+                   "[model]\nkind = \"logreg\"\n[evaluation]\ncentral = false\n"
+                   "federated = true\nmin_clients = 4\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(cfg), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "fed acc" in res.output
+    history = json.loads((out / "metrics.json").read_text())
+    assert [("fed_test_accuracy" in r) for r in history] == [False, True, True]
+    assert not any("test_accuracy" in r for r in history)
+    assert history[-1]["fed_eval_clients"] == 4 and history[-1]["fed_eval_failures"] == 0
+    guarantees = json.loads((out / "guarantees.json").read_text())["guarantees"]
+    assert guarantees["federated_evaluation"]["min_clients"] == 4

@@ -47,9 +47,10 @@ class RunResult:
             rows.append([format_value(rec.get(c)) for c in columns])
         return rows
 
-    def plot(self, path: str | Path, metrics: Sequence[str] = ("test_accuracy", "test_loss"),
+    def plot(self, path: str | Path, metrics: Sequence[str] | None = None,
              title: str | None = None) -> Path:
-        """Write a PNG with one panel per metric against rounds."""
+        """Write a PNG with one panel per metric against rounds (by default test accuracy and
+        loss: central, or federated evaluation's without a central test set)."""
         return plot_histories({"run": self.history}, path, metrics=metrics, title=title)
 
     def save(self, out_dir: str | Path) -> None:
@@ -78,11 +79,21 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def default_plot_metrics(histories: dict[str, list[dict[str, Any]]]) -> tuple[str, str]:
+    """Central test accuracy and loss; the federated evaluation's (``fed_test_*``) when no
+    history has central ones (a run without a central test set)."""
+    central = any("test_accuracy" in r for h in histories.values() for r in h)
+    federated = any("fed_test_accuracy" in r for h in histories.values() for r in h)
+    if federated and not central:
+        return ("fed_test_accuracy", "fed_test_loss")
+    return ("test_accuracy", "test_loss")
+
+
 def plot_histories(
     histories: dict[str, list[dict[str, Any]]],
     path: str | Path,
     *,
-    metrics: Sequence[str] = ("test_accuracy", "test_loss"),
+    metrics: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
     """One panel per metric, one line per named history; written as PNG."""
@@ -91,6 +102,8 @@ def plot_histories(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if metrics is None:
+        metrics = default_plot_metrics(histories)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for label, hist in histories.items():
