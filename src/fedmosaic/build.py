@@ -553,18 +553,17 @@ def _evaluation_plan(exp: Experiment,
     """(central evaluation on?, federated evaluation on?, do clients hold local test splits
     (None: unknown)?) for ``[evaluation]``; with ``fed`` the data itself decides what it has.
     Refusals name what to add to ``[data]``."""
-    from fedmosaic.config import evaluation_data, evaluation_missing
+    from fedmosaic.config import evaluation_data, evaluation_missing, federated_by_default
 
     ev, data = exp["evaluation"], exp["data"]
     central, local = evaluation_data(data)
     if fed is not None:
         central = fed.test is not None and len(fed.test) > 0
         local = any(c.test is not None and len(c.test) > 0 for c in fed.clients)
-    dp = exp["privacy"]["mode"] in ("central", "distributed")
     use_central = ev.get("central", central)
     if use_central and not central:
         raise ConfigError("evaluation.central", True, evaluation_missing(data, "central"))
-    use_fed = ev.get("federated", not central and local is not False and not dp)
+    use_fed = ev.get("federated", federated_by_default(exp["privacy"], central, local))
     if use_fed and local is False:
         raise ConfigError("evaluation.federated", True, evaluation_missing(data, "federated"))
     return use_central, use_fed, local
@@ -576,9 +575,9 @@ def build_evaluation(exp: Experiment, fed: fd.FederatedDataset | None = None) ->
 
     Federated evaluation is on by default when there is no central test set and the clients
     hold local test splits (never by default under central or distributed DP, where it is
-    refused). ``fed`` is the federation in simulation; a server without the clients' data
-    passes None and the ``[data]`` table decides (a client without a local test split then
-    reports "no local test split")."""
+    refused, nor with ``privacy.client_metrics = "suppress"``). ``fed`` is the federation in
+    simulation; a server without the clients' data passes None and the ``[data]`` table
+    decides (a client without a local test split then reports "no local test split")."""
     from fedmosaic.runtime.evaluation import FederatedEvaluation
 
     _, use_fed, _ = _evaluation_plan(exp, fed)

@@ -582,6 +582,14 @@ def evaluation_missing(data: dict[str, Any], what: str) -> str:
             "test_fraction")
 
 
+def federated_by_default(privacy: dict[str, Any], central: bool, local: bool | None) -> bool:
+    """Federated evaluation's default: on without a central test set when the clients may hold
+    local test splits, unless the run is DP (refused there) or suppresses client metrics."""
+    quiet = privacy["mode"] in ("central", "distributed") or \
+        privacy.get("client_metrics") == "suppress"
+    return not central and local is not False and not quiet
+
+
 def _check_evaluation(s: dict[str, dict[str, Any]]) -> None:
     ev = s["evaluation"]
     if not ev:
@@ -602,7 +610,7 @@ def _check_evaluation(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError("evaluation.federated", True,
                           evaluation_missing(s["data"], "federated"))
     # Settings of a federated evaluation that will not run are a mistake, not a no-op.
-    runs = ev.get("federated", not central and local is not False and not dp)
+    runs = ev.get("federated", federated_by_default(s["privacy"], central, local))
     for key in ("fraction", "clients", "min_clients"):
         if key in ev and not runs:
             raise ConfigError(f"evaluation.{key}", ev[key], "only with federated evaluation "

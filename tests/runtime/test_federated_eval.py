@@ -408,6 +408,11 @@ def test_build_evaluation_defaults_follow_the_data(local_fed):
         build_evaluation(exp, bare)
     # Deployment (no federation at hand): the [data] table decides.
     assert build_evaluation(_exp({**FILES, "test_fraction": 0.2})) is not None
+    # Client metrics suppressed (local DP here): not on by default, allowed when asked.
+    ldp = {"mode": "local", "clip": 1.0, "noise_multiplier": 1.0, "client_metrics": "suppress"}
+    assert build_evaluation(_exp({**FILES, "test_fraction": 0.2}, privacy=ldp)) is None
+    assert build_evaluation(_exp({**FILES, "test_fraction": 0.2}, privacy=ldp,
+                                 evaluation={"federated": True})) is not None
 
 
 def test_evaluation_table_is_not_part_of_the_resume_identity():
