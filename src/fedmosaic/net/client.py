@@ -127,6 +127,8 @@ class _Stubs:
         self.secagg = unary("SecAgg", pb.SecAggEnvelope, pb.SecAggEnvelope)
         self.status = unary("Status", pb.StatusRequest, pb.StatusReply)
         self.refuse_task = unary("RefuseTask", pb.TaskRefusal, pb.RefusalReply)
+        self.report_evaluation = unary("ReportEvaluation", pb.EvaluationReport,
+                                       pb.EvaluationReply)
         self.download = channel.unary_stream(
             SERVICE + "DownloadModel", request_serializer=pb.ModelRequest.SerializeToString,
             response_deserializer=pb.TensorChunk.FromString)
@@ -179,13 +181,15 @@ class FederationClient:
     def __init__(self, channel: grpc.Channel, trainer: Trainer, data: Dataset, *,
                  backoff: Backoff | None = None, poll_seconds: float = 10.0,
                  rpc_timeout: float = 60.0, policy: PrivacyPolicy | None = None,
-                 ledger: PrivacyLedger | None = None) -> None:
+                 ledger: PrivacyLedger | None = None,
+                 test_data: Dataset | None = None) -> None:
         if policy is not None and policy.dp.epsilon_budget is not None and ledger is None:
             raise ValueError("a policy with an epsilon budget needs a PrivacyLedger")
         self.policy, self.ledger = policy, ledger
         self.experiment = ""
         self.stubs = _Stubs(channel)
         self.trainer, self.data = trainer, data
+        self.test_data = test_data  # the local test split for federated evaluation, if any
         self.backoff = backoff or Backoff()
         self.poll_seconds, self.rpc_timeout = poll_seconds, rpc_timeout
         self.instance = ""
@@ -239,6 +243,8 @@ class FederationClient:
                     if task.kind == pb.Task.DONE:
                         log.info("the run is finished after round %d", task.round)
                         return self.report
+                    if task.kind == pb.Task.EVALUATE:
+                        self._run_evaluation(task)
                     if task.kind == pb.Task.FIT:
                         self._run_task(task)
                 except grpc.RpcError as exc:
@@ -354,6 +360,36 @@ class FederationClient:
             self.report.rounds.append(task.round)
             self.report.accepted += 1
 
+    def _run_evaluation(self, task: pb.Task) -> None:
+        """Federated evaluation: the model on the local test split, reported as its sample
+        count and the trainer's metrics (``ReportEvaluation``); refused with
+        ``no_test_data`` without a test split, ``evaluation_failed`` if evaluating raises."""
+        if self.test_data is None or len(self.test_data) == 0:
+            self._refuse(task, "no_test_data", "this client has no local test split to "
+                         "evaluate the model on")
+            return
+        if task.numel != self.trainer.spec.numel:
+            self._refuse(task, "malformed_task", f"evaluation task for {task.numel} values, "
+                         f"this model has {self.trainer.spec.numel}")
+            return
+        weights = self._download(task)
+        try:
+            metrics = dict(self.trainer.evaluate(weights, self.test_data))
+            metrics.pop("num_samples", None)  # the split's size is reported on its own
+            metrics = {str(k): float(v) for k, v in metrics.items()}
+            bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+            if bad:
+                raise ValueError(f"metric {bad[0]!r} is {metrics[bad[0]]}, not finite")
+        except Exception as exc:
+            log.exception("round %d: local evaluation failed", task.round)
+            self._refuse(task, "evaluation_failed", f"{type(exc).__name__}: {exc}")
+            return
+        reply = self.stubs.report_evaluation(
+            pb.EvaluationReport(task_id=task.task_id, round=task.round,
+                                num_samples=len(self.test_data), metrics=metrics),
+            timeout=self.rpc_timeout)
+        log.info("round %d: %s", task.round, reply.detail)
+
     def _upload(self, task: pb.Task, delta: torch.Tensor, num_samples: int,
                 metrics: dict[str, float]) -> bool:
         header = pb.UploadHeader(task_id=task.task_id, round=task.round, num_samples=num_samples,
@@ -383,6 +419,7 @@ def run_client(
     poll_seconds: float = 10.0,
     chunk_bytes_limit: int = 64 * 1024 * 1024,
     policy: PrivacyPolicy | str | Path | None = None,
+    test_data: Dataset | None = None,
 ) -> ClientReport:
     """Take part in a federation until the server says the run is done.
 
@@ -392,6 +429,8 @@ def run_client(
     (a ``PrivacyPolicy`` or the path of its TOML file) is this client's privacy policy; its
     ledger of local-DP releases lives at the policy's ``ledger`` path, by default next to
     ``key`` (``default_ledger_path``). Without a policy every task is accepted.
+    ``test_data`` is its local test split for federated evaluation (without one it refuses
+    EVALUATE tasks with ``no_test_data``).
     """
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -411,7 +450,7 @@ def run_client(
         try:
             client = FederationClient(channel, trainer, data, poll_seconds=poll_seconds,
                                       backoff=Backoff(budget=retry_budget), policy=policy,
-                                      ledger=ledger)
+                                      ledger=ledger, test_data=test_data)
             from fedmosaic.net.secagg import SecAggCredentials  # signs SecAgg+ keys (mTLS key)
 
             # The policy's [secagg] bounds, if any, are what the SecAgg+ client checks each
