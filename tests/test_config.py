@@ -233,3 +233,108 @@ def test_bad_accountant_options_are_refused(extra, key, fragment):
     with pytest.raises(ConfigError) as err:
         validate(_base(privacy={**central, **extra}))
     assert err.value.key == key and fragment in str(err.value)
+
+
+# ------------------------------------------------- [data] files / custom, [model] factory (#10)
+
+FILES = {"dataset": "files", "clients": {"hospital_a": "data/a.csv", "hospital_b": "data/b.npz"},
+         "label": "diagnosis"}
+
+
+def _own(data=None, **sections):
+    return {"rounds": 2, "data": data or dict(FILES), **sections}
+
+
+def test_files_and_factory_validate_without_builtin_defaults():
+    exp = validate(_own(model={"factory": "task:make_trainer"}, train={"epochs": 3}))
+    assert exp["data"] == FILES
+    assert exp["model"] == {"factory": "task:make_trainer"}  # no kind/hidden defaults
+    assert exp["train"] == {"epochs": 3}  # only what was given: the rest is the trainer's
+    custom = validate(_own({"dataset": "custom", "loader": "task.py:load_data",
+                            "clients": ["a", "b"], "test_loader": "task:load_test",
+                            "test_fraction": 0.2, "num_classes": 2, "feature_shape": [13]}))
+    assert custom["data"]["clients"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_own({"dataset": "files", "label": "y"}),
+         "config key 'data.clients': got '<missing>'; allowed: required for dataset 'files': "
+         "a table {client id = data file}"),
+        (_own({"dataset": "files", "clients": {"a": "a.csv"}}),
+         "config key 'data.label': got '<missing>'; allowed: required with .csv/.parquet files "
+         "(data.clients.a): the name of the label column"),
+        (_own({"dataset": "files", "clients": ["a", "b"], "label": "y"}),
+         "config key 'data.clients': got ['a', 'b']; allowed: a table {client id = data file} "
+         "for dataset 'files' (a list of ids is for dataset 'custom')"),
+        (_own({"dataset": "files", "clients": {"a": "a.npy"}}),
+         "config key 'data.clients.a': got 'a.npy'; allowed: a .npz (arrays x and y), .csv or "
+         ".parquet file"),
+        (_own({"dataset": "files", "clients": {"a": "a.npz"}, "test": "test.txt"}),
+         "config key 'data.test': got 'test.txt'; allowed: a .npz (arrays x and y), .csv or "
+         ".parquet file"),
+        (_own({"dataset": "files", "clients": {"site a": "a.npz"}}),
+         "config key 'data.clients': got 'site a'; allowed: client ids of letters, digits, '.', "
+         "'_' and '-', starting with a letter or digit, at most 64 characters (each names a "
+         "client certificate in deployment)"),
+        (_own({**FILES, "features": ["age", "diagnosis"]}),
+         "config key 'data.features': got ['age', 'diagnosis']; allowed: feature columns other "
+         "than the label column 'diagnosis'"),
+        (_own({**FILES, "loader": "task:load"}),
+         "config key 'data.loader': got 'task:load'; allowed: for dataset 'files' only: "
+         "clients, feature_shape, features, label, num_classes, test, test_fraction"),
+        (_own({"dataset": "custom", "clients": ["a"]}),
+         "config key 'data.loader': got '<missing>'; allowed: required for dataset 'custom': "
+         "'module:attribute' or 'path/to/file.py:attribute' (e.g. 'task:make_trainer')"),
+        (_own({"dataset": "custom", "loader": "task:load", "clients": {"a": "a.csv"}}),
+         "config key 'data.clients': got {'a': 'a.csv'}; allowed: a list of client ids for "
+         "dataset 'custom' (a table of files is for dataset 'files')"),
+        (_own({"dataset": "custom", "loader": "task:load", "clients": ["a", "b", "a"]}),
+         "config key 'data.clients': got 'a'; allowed: each client id once"),
+        (_own({"dataset": "custom", "loader": "task", "clients": ["a"]}),
+         "config key 'data.loader': got 'task'; allowed: 'module:attribute' or "
+         "'path/to/file.py:attribute' (e.g. 'task:make_trainer')"),
+        (_own({**FILES, "feature_shape": [13, 0]}),
+         "config key 'data.feature_shape': got [13, 0]; allowed: a non-empty list of positive "
+         "integers (one sample's shape, e.g. [13])"),
+        (_own(partition={"clients": 3}),
+         "config key 'partition': got {'clients': 3}; allowed: no [partition] table: dataset "
+         "'files' has its natural clients"),
+        (_own(model={"factory": "task:make_trainer", "kind": "mlp"}),
+         "config key 'model.kind': got 'mlp'; allowed: not with model.factory (the factory's "
+         "trainer builds the model)"),
+        (_own(model={"factory": "task:make_trainer", "hidden": [8]}),
+         "config key 'model.hidden': got [8]; allowed: not with model.factory (the factory's "
+         "trainer builds the model)"),
+        (_own(model={"factory": "task:make_trainer"}, train={"optimizer": "adam"}),
+         "config key 'train.optimizer': got 'adam'; allowed: not with model.factory (the "
+         "factory's trainer builds its own optimizer); [train] may set only lr, epochs, "
+         "batch_size, sent to every client each round"),
+        (_own(model={"factory": "task:make_trainer"}, runtime={"device": "cuda"}),
+         "config key 'runtime.device': got 'cuda'; allowed: not with model.factory (the "
+         "factory's trainer chooses its own device)"),
+        (_own(model={"factory": "make_trainer"}),
+         "config key 'model.factory': got 'make_trainer'; allowed: 'module:attribute' or "
+         "'path/to/file.py:attribute' (e.g. 'task:make_trainer')"),
+    ],
+)
+def test_own_data_and_model_errors(raw, message):
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    assert str(err.value) == message
+
+
+def test_client_id_pattern_is_the_certificates():
+    from fedmosaic.config import CLIENT_ID
+    from fedmosaic.net.certs import CLIENT_ID_PATTERN
+
+    assert CLIENT_ID.pattern == CLIENT_ID_PATTERN.pattern
+
+
+def test_factory_train_keys_reach_the_clients_fit_config():
+    strategy = build_strategy(validate(_base(model={"factory": "task:make_trainer"},
+                                             train={"epochs": 3, "lr": 0.2})))
+    assert (strategy.local_epochs, strategy.batch_size, strategy.lr) == (3, None, 0.2)
+    plain = build_strategy(validate(_base(model={"factory": "task:make_trainer"})))
+    assert (plain.local_epochs, plain.batch_size, plain.lr) == (None, None, None)

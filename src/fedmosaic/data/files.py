@@ -90,7 +90,8 @@ def _check_features(what: str, x: np.ndarray, names: Sequence[str] | None) -> np
     """Features as float32 with every value finite (after the cast: 1e300 overflows)."""
     if x.dtype.kind not in "iufb":
         raise FedmosaicError(f"{what}: x has dtype {x.dtype}; features must be numbers")
-    x32 = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        x32 = x.astype(np.float32)
     bad = ~np.isfinite(x32.reshape(len(x32), -1))
     if bad.any():
         col = int(np.flatnonzero(bad.any(axis=0))[0])
@@ -122,6 +123,10 @@ def as_array_dataset(x: Any, y: Any, what: str) -> ArrayDataset:
 
 
 def _load_npz(path: Path) -> ArrayDataset:
+    with path.open("rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # np.load would try a non-zip file as a pickle
+            raise FedmosaicError(f"{path}: not a readable .npz file (not a zip archive; "
+                                 "write it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = list(npz.files)
