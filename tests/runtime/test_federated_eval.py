@@ -456,3 +456,19 @@ def test_fedmosaic_run_with_federated_evaluation_only(tmp_path):
     assert history[-1]["fed_eval_clients"] == 4 and history[-1]["fed_eval_failures"] == 0
     guarantees = json.loads((out / "guarantees.json").read_text())["guarantees"]
     assert guarantees["federated_evaluation"]["min_clients"] == 4
+
+
+def test_a_transport_whose_evaluate_raises_costs_the_reports_not_the_round(local_fed):
+    class Broken(SequentialTransport):
+        def evaluate(self, weights, client_ids, round_num):  # raises on the call itself
+            raise ConnectionError("evaluation service down")
+
+    res = fm.simulate(_trainer(), local_fed, fm.FedAvg(clients_per_round=3), rounds=2, seed=0,
+                      transport=Broken(_trainer(), local_fed),
+                      federated_eval=FederatedEvaluation())
+    ref = fm.simulate(_trainer(), local_fed, fm.FedAvg(clients_per_round=3), rounds=2, seed=0)
+    assert torch.equal(res.weights, ref.weights)
+    rec = res.history[-1]
+    assert rec["fed_eval_clients"] == 0 and rec["fed_eval_failures"] == 6
+    assert rec["fed_eval_skipped"] == ("0 of 6 selected clients reported an evaluation, fewer "
+                                       "than min_clients = 1")

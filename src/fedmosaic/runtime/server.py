@@ -193,8 +193,14 @@ class Server:
         assert fe is not None
         selected = fe.select(self.transport.available_clients(), seed=self.seed,
                              round_num=round_num)
-        results = self.transport.evaluate(weights, selected, round_num) if selected else ()
-        return fe.summarize(results, selected, round_num, model_bytes=self.spec.nbytes)
+
+        def results() -> Any:  # a generator of EvalReport | ClientFailure
+            # Called lazily, inside summarize: a transport that raises, even on the call
+            # itself, costs this round's evaluation reports, never the trained round.
+            if selected:
+                yield from self.transport.evaluate(weights, selected, round_num)
+
+        return fe.summarize(results(), selected, round_num, model_bytes=self.spec.nbytes)
 
     def run_round(self, state: RunState) -> dict[str, Any]:
         round_num = state.round + 1
