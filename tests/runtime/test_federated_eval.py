@@ -285,6 +285,7 @@ def test_local_dp_guarantee_lists_evaluation_metrics_as_not_covered(local_fed):
 
 
 # -- Ray ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # starts a Ray instance and two actor processes (about 6-15 s on 2 cores)
 def test_ray_transport_evaluates_on_its_actors(local_fed):
     ray = pytest.importorskip("ray")
     import functools
