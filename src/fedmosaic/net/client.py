@@ -12,20 +12,32 @@ operating system, never from the server-sent seed, so the server cannot regenera
 subtract it -- charges its local-DP releases to its persisted ledger, and uploads
 ``delta = local - global`` in chunks, or, in a SecAgg+ round, takes part in the secure sum.
 
-Failures: UNAVAILABLE and other transient errors are retried with exponential backoff and full
-jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015) for up to
-``retry_budget`` seconds without progress; a server restart (a new server instance) makes the
-client join again, so it takes part from the next round. An authentication refusal (revoked
-credential, operator credential) is final.
+Joining: before it connects, the client checks its own credentials
+(``fedmosaic.net.preflight``: key fits certificate, issued by the CA in ca.pem, valid now, a
+client credential, not revoked by crl.pem). It joins with the profile of its data
+(``fedmosaic.compat.DataProfile``: feature shape, dtype, label range, its model's outputs),
+which the server checks against the task before any training; once joined it also runs its
+own model on a few of its own samples, so a model that cannot take its data fails now, with
+the reason, instead of in every round.
+
+Failures (``fedmosaic.net.client_errors``): transient errors (network, server restarting,
+deadlines, overload) are retried with exponential backoff and full jitter (Brooker,
+"Exponential Backoff And Jitter", AWS Architecture Blog, 2015) within ``retry_budget``
+seconds from the last progress, a hard limit: no sleep and no call outlives it. A server
+restart (a new server instance) makes the client join again, so it takes part from the next
+round. A permanent error -- a TLS verdict, a refused or revoked credential, a join refused as
+incompatible -- ends the client at once with the reason (``PermanentError``). A local training
+error is reported to the server as the task's refusal (``training_failed``); the client then
+stops (``TrainingFailedError``) unless the error may not recur (out of memory, an operating
+system resource), and stops too after ``MAX_TRAINING_FAILURES`` such failures in a row.
+Repeated log lines are rate-limited (``RepeatLimiter``).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +47,23 @@ import numpy as np
 import torch
 
 from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.compat import DataProfile, ProfileError, TaskProfile, model_outputs
 from fedmosaic.core.errors import FedmosaicError
 from fedmosaic.data import ArrayDataset
 from fedmosaic.net.auth import channel_credentials, pinned_server_name
+from fedmosaic.net.client_errors import (
+    Backoff,
+    ClientError,
+    ExitCode,
+    PermanentError,
+    RepeatLimiter,
+    TrainingFailedError,
+    UnreachableError,
+    Verdict,
+    classify,
+    failure_reason,
+    is_transient_failure,
+)
 from fedmosaic.net.policy import (
     Acceptance,
     PolicyViolation,
@@ -65,40 +91,22 @@ log = logging.getLogger(__name__)
 
 SERVICE = "/fedmosaic.v1.Federation/"
 SOFTWARE = "fedmosaic-client/1"
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
-FINAL = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+# Local training failures that may not recur (out of memory...) tolerated in a row.
+MAX_TRAINING_FAILURES = 3
+# Samples of its own data a client runs its model on after joining (the self-check).
+SELF_CHECK_SAMPLES = 8
+# gRPC's own reconnection backoff (default up to 120 s) would hide a restarted server from
+# our retries; ours (``Backoff``) paces the attempts instead.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
+                     ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
 
-
-class ClientRefusedError(FedmosaicError, RuntimeError):
-    """The server refused this client for good (revoked, wrong credential or model)."""
-
-
-class ServerUnreachableError(FedmosaicError, RuntimeError):
-    """No progress with the server for longer than the retry budget."""
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter; ``budget`` seconds without progress is fatal."""
-
-    base: float = 0.2
-    cap: float = 10.0
-    budget: float = 300.0
-    attempts: int = 0
-    since: float = field(default_factory=time.monotonic)
-
-    def progress(self) -> None:
-        self.attempts, self.since = 0, time.monotonic()
-
-    def wait(self, why: str) -> None:
-        if time.monotonic() - self.since > self.budget:
-            raise ServerUnreachableError(f"no progress for {self.budget:g}s; last error: {why}")
-        delay = random.uniform(0, min(self.cap, self.base * 2 ** self.attempts))
-        self.attempts += 1
-        log.info("server unreachable (%s); retrying in %.2fs", why, delay)
-        time.sleep(delay)
+# The names of earlier versions.
+ClientRefusedError = PermanentError
+ServerUnreachableError = UnreachableError
+__all__ = ["Backoff", "ClientError", "ClientRefusedError", "ClientReport", "FederationClient",
+           "PermanentError", "ServerUnreachableError", "TrainingFailedError", "load_npz",
+           "open_channel", "run_client"]
 
 
 @dataclass
@@ -141,7 +149,7 @@ def open_channel(server: str, ca: Path, cert: Path, key: Path, *,
                  server_name: str | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
     """A mutual-TLS channel to ``server`` (HOST:PORT)."""
-    options = grpc_options(max_message_bytes)
+    options = grpc_options(max_message_bytes) + list(RECONNECT_OPTIONS)
     # The server certificate generation named by our CRL (beside ca.pem) replaces the host name
     # check: a revoked server certificate then fails the handshake (fedmosaic.net.auth).
     server_name = pinned_server_name(ca) or server_name
@@ -198,22 +206,105 @@ class FederationClient:
         self.report = ClientReport()
         self._stop = threading.Event()
         self._spec_hash = spec_hash(trainer.spec)
+        # Why the server closes our connections after TLS, when it does (set by run_client:
+        # fedmosaic.net.preflight.check_server); None: not diagnosed.
+        self.diagnose: Callable[[], Verdict | None] | None = None
+        self._profile: DataProfile | None = None
+        self._outputs = 0  # the model's outputs per sample (0: unknown)
+        self._checked = False  # the self-check ran (after the first join)
+        self._rejoins = 0  # joins asked for since the last progress
+        self._training_failures = 0  # consecutive rounds whose local training failed
+        self._limit = RepeatLimiter()
 
     # -- connection ---------------------------------------------------------------------------
+    def data_profile(self) -> DataProfile:
+        """What this client declares when it joins: its data's shape, dtype, label range and
+        size, and its model's number of outputs (``fedmosaic.compat.DataProfile``)."""
+        if self._profile is None:
+            shape = tuple(int(d) for d in np.asarray(self.data.x).shape[1:])
+            try:
+                self._outputs = model_outputs(self.trainer, shape) or 0
+            except Exception as exc:  # the model cannot take this data: the join says how
+                log.debug("the model does not run on samples of shape %s: %s", shape,
+                          failure_reason(exc))
+                self._outputs = 0
+            if self.test_data is not None and len(self.test_data) and \
+                    tuple(np.asarray(self.test_data.x).shape[1:]) != shape:
+                test_shape = tuple(np.asarray(self.test_data.x).shape[1:])
+                raise PermanentError(f"your local test split has samples of shape "
+                                     f"{test_shape}, your training data {shape}",
+                                     reason="feature_shape")
+            try:
+                self._profile = DataProfile.of(self.data, self.test_data,
+                                               num_outputs=self._outputs)
+            except ProfileError as exc:
+                raise PermanentError(f"your data cannot be used: {exc}",
+                                     reason="no_data") from None
+        return self._profile
+
     def _join(self) -> None:
-        reply = self.stubs.join(pb.JoinRequest(software=SOFTWARE, spec_hash=self._spec_hash),
-                                timeout=self.rpc_timeout)
+        profile = self.data_profile()
+        request = pb.JoinRequest(software=SOFTWARE, spec_hash=self._spec_hash,
+                                 numel=self.trainer.spec.numel, profile=profile.to_wire())
+        try:
+            reply = self.stubs.join(request, timeout=self.backoff.timeout(self.rpc_timeout))
+        except grpc.RpcError as exc:
+            verdict = classify(exc, "Join")  # a refused join is final; the run loop retries
+            if verdict.permanent:
+                raise PermanentError(verdict.message, reason=verdict.reason) from None
+            raise
         if reply.numel != self.trainer.spec.numel:
-            raise ClientRefusedError(f"server model has {reply.numel} values, this trainer's "
-                                     f"{self.trainer.spec.numel}")
+            raise PermanentError(f"the task's model has {reply.numel:,} parameters, yours "
+                                 f"{self.trainer.spec.numel:,}: use the task's model",
+                                 reason="model_layout")
         if not 0 < reply.heartbeat_interval < 3600 or not 0 < reply.chunk_bytes <= 2**30:
-            raise ClientRefusedError("server sent implausible settings")
+            raise PermanentError("the server sent implausible settings (heartbeat interval "
+                                 "or chunk size)", reason="bad_server")
         self.instance, self.experiment = reply.server_instance, reply.experiment
         self.heartbeat_interval, self.chunk_bytes = reply.heartbeat_interval, reply.chunk_bytes
         self.report.client_id = reply.client_id
         self.report.joins += 1
         log.info("joined %s as %s (server instance %s)", reply.experiment, reply.client_id,
                  reply.server_instance)
+        if not self._checked:
+            self._checked = True
+            # The server checked our declaration; a server that did not (or a task profile
+            # it learned late) is checked here too, then the model on our own samples.
+            problem = TaskProfile.from_wire(reply.task).check(profile) \
+                if reply.HasField("task") else None
+            message = problem.message if problem is not None else self._self_check(profile)
+            if message is not None:
+                self._report_incompatible(message)
+                raise PermanentError(message, reason=problem.code if problem else
+                                     "incompatible_data")
+
+    def _self_check(self, profile: DataProfile) -> str | None:
+        """Run this client's model (initial weights) on a few of its own samples; what is
+        wrong in words, or None."""
+        if self._outputs >= 2 and profile.label_max >= self._outputs:
+            return (f"your data has label {profile.label_max}, but your model has "
+                    f"{self._outputs} outputs (labels 0 to {self._outputs - 1})")
+        k = min(len(self.data), SELF_CHECK_SAMPLES)
+        try:
+            subset = getattr(self.data, "subset", None)
+            sample = subset(np.arange(k)) if callable(subset) else ArrayDataset.create(
+                np.asarray(self.data.x)[:k], np.asarray(self.data.y)[:k])
+            self.trainer.evaluate(self.trainer.initial_weights(0), sample)
+        except Exception as exc:
+            return f"your model fails on your own data: {failure_reason(exc)}"
+        return None
+
+    def _report_incompatible(self, message: str) -> None:
+        """Tell the server why this client leaves, when it holds a task to refuse (a round
+        is open); otherwise the server sees it go silent."""
+        try:
+            task = self.stubs.get_task(pb.TaskRequest(server_instance=self.instance,
+                                                      wait_seconds=0),
+                                       timeout=self.backoff.timeout(self.rpc_timeout))
+        except grpc.RpcError:
+            return
+        if task.kind in (pb.Task.FIT, pb.Task.EVALUATE):
+            self._refuse(task, "incompatible_data", message)
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
@@ -234,12 +325,13 @@ class FederationClient:
                 try:
                     if not self.instance:
                         self._join()
-                        self.backoff.progress()
+                    # The long poll returns (WAIT) well before the budget is spent.
+                    wait = min(self.poll_seconds, self.backoff.remaining() / 2)
                     task = self.stubs.get_task(
                         pb.TaskRequest(server_instance=self.instance,
-                                       wait_seconds=self.poll_seconds),
-                        timeout=self.poll_seconds + self.rpc_timeout)
-                    self.backoff.progress()
+                                       wait_seconds=max(wait, 0.0)),
+                        timeout=self.backoff.timeout(max(wait, 0.0) + self.rpc_timeout))
+                    self._progress()
                     if task.kind == pb.Task.DONE:
                         log.info("the run is finished after round %d", task.round)
                         return self.report
@@ -256,25 +348,44 @@ class FederationClient:
             # exception"). Its call ends within its own timeout.
             beat.join(timeout=max(self.heartbeat_interval, 1.0) + 5.0)
 
+    def _progress(self) -> None:
+        """The server answered: the retry budget starts again."""
+        self.backoff.progress()
+        self._rejoins = 0
+
     def _on_error(self, exc: grpc.RpcError) -> None:
-        code, detail = exc.code(), exc.details() or ""
-        if code in FINAL:
-            raise ClientRefusedError(f"refused by the server: {detail or code.name}") from None
-        if code == grpc.StatusCode.FAILED_PRECONDITION and "join again" in detail:
-            log.info("server restarted or forgot this client: joining again")
+        """Retry (with backoff, within the budget), join again, or give up for good."""
+        verdict = classify(exc)
+        if verdict.permanent:
+            raise PermanentError(verdict.message, reason=verdict.reason) from None
+        if verdict.action == "rejoin":
             self.instance = ""
+            self._limit.log(log, logging.INFO, "rejoin",
+                            "the server restarted or forgot this client: joining again")
+            if self._rejoins:  # it forgets us again at once: never a tight loop
+                self.backoff.wait(verdict.message)
+            self._rejoins += 1
             return
-        if code in TRANSIENT:
-            self.backoff.wait(f"{code.name}: {detail}")
-            return
-        # A refusal of one task (late, malformed, out of round): log it and ask for the next.
-        log.warning("server refused the last call: %s %s", code.name, detail)
+        if verdict.probe and self.diagnose is not None:
+            # gRPC saw the connection closed after TLS: a server refusing our certificate,
+            # or one going down; handshakes of our own tell them apart.
+            found = self.diagnose()
+            if found is not None:
+                raise PermanentError(found.message, reason=found.reason)
+        if verdict.action == "retry":
+            self._limit.log(log, logging.WARNING, f"retry:{verdict.reason}",
+                            "server unreachable (%s); retrying for up to %.0f s more",
+                            verdict.message, max(self.backoff.remaining(), 0.0))
+        else:  # one call refused (late upload, unknown task): go on with the next task
+            self._limit.log(log, logging.WARNING, f"skip:{verdict.reason}",
+                            "the server refused the last call: %s", verdict.message)
+        self.backoff.wait(verdict.message)
 
     # -- one task ---------------------------------------------------------------------------
     def _download(self, task: pb.Task) -> torch.Tensor:
         numel = self.trainer.spec.numel
         assembler = ChunkAssembler(torch.empty(numel), numel, self.chunk_bytes)
-        timeout = max(task.deadline_seconds, 1.0) + self.rpc_timeout
+        timeout = self.backoff.timeout(max(task.deadline_seconds, 1.0) + self.rpc_timeout)
         for chunk in self.stubs.download(pb.ModelRequest(task_id=task.task_id), timeout=timeout):
             assembler.add(chunk)
         return assembler.finish()
@@ -287,7 +398,7 @@ class FederationClient:
         try:
             reply = self.stubs.refuse_task(
                 pb.TaskRefusal(task_id=task.task_id, round=task.round, code=code,
-                               reason=reason), timeout=self.rpc_timeout)
+                               reason=reason), timeout=self.backoff.timeout(self.rpc_timeout))
             log.info("round %d: server: %s", task.round, reply.detail)
         except grpc.RpcError as exc:  # the server then drops the task at its deadline
             log.warning("round %d: the refusal did not reach the server (%s: %s)", task.round,
@@ -329,9 +440,11 @@ class FederationClient:
             # server computed that seed and could regenerate seeded noise and subtract it.
             delta = ClientTask(self.report.client_id, config, stages).finish(
                 result.weights - weights, noise=SecureNoise())
-        except Exception:  # the server drops this client from the round at the deadline
-            log.exception("round %d: local training failed", task.round)
+        except Exception as exc:
+            self._training_failed(task, exc)
             return
+        self._training_failures = 0
+        self.backoff.progress()  # training is local work: the budget is for the server
         if accepted.releases and self.ledger is not None:
             # Charged and persisted before the update leaves: a crash can only over-count.
             budget = self.policy.dp.epsilon_budget if self.policy is not None else None
@@ -348,7 +461,8 @@ class FederationClient:
             from fedmosaic.net.secagg import run_client_secagg
 
             ok = run_client_secagg(self.stubs, task, delta, result.num_samples,
-                                   timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout,
+                                   timeout=self.backoff.timeout(
+                                       max(task.deadline_seconds, 1.0) + self.rpc_timeout),
                                    credentials=getattr(self, "secagg_credentials", None),
                                    skellam=skellam)
         else:
@@ -359,6 +473,25 @@ class FederationClient:
         if ok:
             self.report.rounds.append(task.round)
             self.report.accepted += 1
+
+    def _training_failed(self, task: pb.Task, exc: Exception) -> None:
+        """Report a local training error as the task's refusal; stop unless it may not recur
+        (and stop after ``MAX_TRAINING_FAILURES`` of those in a row)."""
+        reason = failure_reason(exc)
+        log.debug("round %d: local training failed", task.round, exc_info=True)
+        self._refuse(task, "training_failed", reason)
+        if not is_transient_failure(exc):
+            raise TrainingFailedError(f"local training failed in round {task.round}: {reason} "
+                                      "(it would fail the same way every round)",
+                                      reason="training_failed") from None
+        self._training_failures += 1
+        if self._training_failures >= MAX_TRAINING_FAILURES:
+            raise TrainingFailedError(f"local training failed {self._training_failures} rounds "
+                                      f"in a row; last: {reason}",
+                                      reason="training_failed") from None
+        log.warning("round %d: local training failed (%s); this may not recur, so this client "
+                    "goes on with the next round (%d of %d failures in a row)", task.round,
+                    reason, self._training_failures, MAX_TRAINING_FAILURES)
 
     def _run_evaluation(self, task: pb.Task) -> None:
         """Federated evaluation: the model on the local test split, reported as its sample
@@ -400,8 +533,8 @@ class FederationClient:
             for chunk in iter_chunks(delta, self.chunk_bytes):
                 yield pb.UploadMessage(chunk=chunk)
 
-        reply = self.stubs.upload(messages(),
-                                  timeout=max(task.deadline_seconds, 1.0) + self.rpc_timeout)
+        reply = self.stubs.upload(messages(), timeout=self.backoff.timeout(
+            max(task.deadline_seconds, 1.0) + self.rpc_timeout))
         log.info("round %d: %s", task.round, reply.detail)
         return reply.accepted
 
@@ -430,12 +563,26 @@ def run_client(
     ledger of local-DP releases lives at the policy's ``ledger`` path, by default next to
     ``key`` (``default_ledger_path``). Without a policy every task is accepted.
     ``test_data`` is its local test split for federated evaluation (without one it refuses
-    EVALUATE tasks with ``no_test_data``).
+    EVALUATE tasks with ``no_test_data``). ``retry_budget`` is the most seconds it goes
+    without progress with the server before it gives up (``UnreachableError``).
+
+    The credentials are checked first (``fedmosaic.net.preflight.check_credentials``). Raises
+    a ``ClientError`` (its ``exit_code`` is what ``fedmosaic client`` exits with) when the
+    client gives up: ``PermanentError`` (refused, incompatible), ``UnreachableError``,
+    ``TrainingFailedError``.
     """
+    from fedmosaic.net.preflight import check_credentials, check_server, expected_server_name
+
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FedmosaicError(f"server address {server!r} must be HOST:PORT with a port in "
-                             "1-65535")
+        raise ClientError(f"server address {server!r} must be HOST:PORT with a port in "
+                          "1-65535", reason="usage", exit_code=ExitCode.USAGE)
+    if not retry_budget > 0:
+        raise ClientError(f"the retry budget must be > 0 seconds, got {retry_budget!r}",
+                          reason="usage", exit_code=ExitCode.USAGE)
+    ca, cert, key = Path(ca), Path(cert), Path(key)
+    credential = check_credentials(ca, cert, key)
+    expected_name = expected_server_name(credential, server, server_name)
     if policy is not None and not isinstance(policy, PrivacyPolicy):
         policy = PrivacyPolicy.load(policy)
     ledger = None
@@ -445,12 +592,15 @@ def run_client(
                  "ledger %s)", policy.source, policy.describe(), ledger.epsilon(),
                  ledger.delta, ledger.path)
     try:
-        channel = open_channel(server, Path(ca), Path(cert), Path(key), server_name=server_name,
+        channel = open_channel(server, ca, cert, key, server_name=server_name,
                                max_message_bytes=chunk_bytes_limit + MESSAGE_OVERHEAD)
         try:
             client = FederationClient(channel, trainer, data, poll_seconds=poll_seconds,
                                       backoff=Backoff(budget=retry_budget), policy=policy,
                                       ledger=ledger, test_data=test_data)
+
+            client.diagnose = lambda: check_server(server, ca, cert, key,
+                                                   server_name=expected_name)
             from fedmosaic.net.secagg import SecAggCredentials  # signs SecAgg+ keys (mTLS key)
 
             # The policy's [secagg] bounds, if any, are what the SecAgg+ client checks each

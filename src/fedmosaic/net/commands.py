@@ -125,50 +125,98 @@ def client(
     credentials: Annotated[Path | None, typer.Option(
         help="federation directory: use ca.pem and clients/ID.pem/.key from it")] = None,
     client_id: Annotated[str | None, typer.Option(
-        "--id", help="this client's id (with --credentials)")] = None,
+        "--id", help="this client's id: which certificate (with --credentials) and which "
+                     "client's data (with --config; default: the certificate's id)")] = None,
     ca: Annotated[Path | None, typer.Option(help="federation CA certificate")] = None,
     cert: Annotated[Path | None, typer.Option(help="this client's certificate")] = None,
     key: Annotated[Path | None, typer.Option(help="this client's private key")] = None,
-    data: Annotated[Path | None, typer.Option(help=".npz with arrays x and y")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="training data: .npz (arrays x and y), .csv or .parquet (with --label)")] = None,
+    label: Annotated[str | None, typer.Option(
+        help="the label column of a .csv or .parquet --data file")] = None,
+    test_data: Annotated[Path | None, typer.Option(
+        help="local test split for federated evaluation (same format as --data)")] = None,
     config: Annotated[Path | None, typer.Option(
-        help="experiment .toml: train on this client's partition of its data set, and build "
-             "the trainer from it unless --trainer is given")] = None,
+        help="experiment .toml: train on this client's data as the experiment describes it, "
+             "with the experiment's model unless --trainer is given")] = None,
     trainer: Annotated[str | None, typer.Option(
-        help="module:attr of a Trainer or a zero-argument factory")] = None,
+        help="module:attr or file.py:attr of a Trainer or a zero-argument factory")] = None,
     server_name: Annotated[str | None, typer.Option(
         help="name to verify in the server certificate (default: the host dialled)")] = None,
     retry_budget: Annotated[float, typer.Option(
-        help="give up after this many seconds without reaching the server")] = 300.0,
+        help="give up after this many seconds without progress with the server")] = 300.0,
     policy: Annotated[Path | None, typer.Option(
         help="this client's privacy policy (.toml): tasks that violate it are refused")] = None,
     json_logs: Annotated[bool, typer.Option(help="structured JSON log lines")] = False,
 ) -> None:
-    """Join a federation, train on local data each round, until the server says done."""
+    """Join a federation, train on local data each round, until the server says done.
+
+    Exit status: 0 done, 2 usage or configuration error, 3 refused or incompatible
+    (credentials, model, data: retrying cannot help), 4 server unreachable within
+    --retry-budget, 5 local training failed, 130 interrupted (docs/troubleshooting.md).
+    """
+    import logging
+
     from fedmosaic.core.errors import FedmosaicError
+    from fedmosaic.net.client_errors import ClientError, ExitCode
 
     _setup_logging(json_logs)
     _quick_exit()
     try:
         ca, cert, key = _credential_paths(credentials, client_id, ca, cert, key)
+        from fedmosaic.net.client_errors import PermanentError
+        from fedmosaic.net.preflight import check_credentials, check_server, expected_server_name
+
+        # Before anything slow (torch, the data): credentials that cannot work, and a server
+        # that will not have them (or that this client does not trust), say so now.
+        credential = check_credentials(ca, cert, key)
+        verdict = check_server(server, ca, cert, key, timeout=3.0,
+                               server_name=expected_server_name(credential, server, server_name))
+        if verdict is not None:
+            raise PermanentError(verdict.message, reason=verdict.reason)
         from fedmosaic.net.policy import PrivacyPolicy
 
         the_policy = PrivacyPolicy.load(policy) if policy is not None else None
         if the_policy is None:
-            err.print("[bold yellow]warning:[/] no privacy policy (--policy FILE): this client "
-                      "accepts every task the server sends, including plaintext uploads "
-                      "without secure aggregation and any noise level")
-        the_trainer, dataset = _client_setup(cert, data, config, trainer)
+            logging.getLogger("fedmosaic.client").warning(
+                "no privacy policy (--policy FILE): this client accepts every task the server "
+                "sends, including plaintext uploads without secure aggregation and any noise "
+                "level")
+        the_trainer, train, test = _client_setup(cert, data, label, test_data, config, trainer,
+                                                 client_id)
         from fedmosaic.net.client import run_client
 
-        report = run_client(server, ca=ca, cert=cert, key=key, trainer=the_trainer, data=dataset,
-                            server_name=server_name, retry_budget=retry_budget,
-                            policy=the_policy)
+        report = run_client(server, ca=ca, cert=cert, key=key, trainer=the_trainer, data=train,
+                            test_data=test, server_name=server_name,
+                            retry_budget=retry_budget, policy=the_policy)
         refused = f", refused rounds {report.refused}" if report.refused else ""
         console.print(f"client {report.client_id}: trained rounds {report.rounds}, "
                       f"{report.accepted} updates accepted, joined {report.joins} times"
                       f"{refused}")
+    except ClientError as exc:
+        _client_exit(exc.message, exc.exit_code, exc.reason)
     except FedmosaicError as exc:
-        _fail(str(exc))
+        _client_exit(str(exc), ExitCode.USAGE, "usage")
+    except KeyboardInterrupt:
+        _client_exit("interrupted", ExitCode.INTERRUPTED, "interrupted")
+
+
+def _client_exit(message: str, code: int, reason: str) -> None:
+    """End ``fedmosaic client`` with one line (and, with --json-logs, a JSON log record
+    carrying ``exit_code`` and ``reason``): no traceback for what is not a bug."""
+    if _json_logs:
+        import logging
+
+        logging.getLogger("fedmosaic.client").error(
+            message, extra={"exit_code": int(code), "reason": reason})
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(int(code))
+
+
+def _usage(message: str) -> None:
+    from fedmosaic.net.client_errors import ClientError, ExitCode
+
+    raise ClientError(message, reason="usage", exit_code=ExitCode.USAGE)
 
 
 def _credential_paths(credentials: Path | None, client_id: str | None, ca: Path | None,
@@ -177,46 +225,85 @@ def _credential_paths(credentials: Path | None, client_id: str | None, ca: Path 
         from fedmosaic.net.certs import FederationPaths
 
         if client_id is None:
-            _fail("--credentials needs --id (which client's certificate to use)")
+            _usage("--credentials needs --id (which client's certificate to use)")
         paths = FederationPaths(credentials)
         ca = ca or paths.ca_cert
         cert = cert or paths.client_cert(str(client_id))
         key = key or paths.client_key(str(client_id))
     if ca is None or cert is None or key is None:
-        _fail("give --ca, --cert and --key, or --credentials DIR --id ID")
+        _usage("give --ca, --cert and --key, or --credentials DIR --id ID")
     return ca, cert, key  # type: ignore[return-value]
 
 
-def _client_setup(cert: Path, data: Path | None, config: Path | None,
-                  trainer_spec: str | None) -> tuple[Any, Any]:
-    """The trainer and the local training data of a client process."""
-    from fedmosaic.core.errors import FedmosaicError
-    from fedmosaic.net.client import load_npz, load_trainer
-
+def _client_setup(cert: Path, data: Path | None, label: str | None, test_data: Path | None,
+                  config: Path | None, trainer_spec: str | None,
+                  client_id: str | None) -> tuple[Any, Any, Any]:
+    """The trainer, the training data and the local test split (or None) of a client."""
     if (data is None) == (config is None):
-        _fail("give exactly one of --data FILE.npz and --config EXPERIMENT.toml")
-    if config is not None:
-        import torch
+        _usage("give exactly one of --data FILE (.npz, .csv or .parquet) and --config "
+               "EXPERIMENT.toml")
+    from fedmosaic.task import load_trainer
 
-        from fedmosaic.build import build_data, build_trainer
-        from fedmosaic.config import load_experiment
-        from fedmosaic.net.certs import certificate_id
+    if config is None:
+        if label is None and data is not None and data.suffix.lower() in (".csv", ".parquet"):
+            _usage(f"--data {data} needs --label COLUMN (the column that holds the labels)")
+        if trainer_spec is None:
+            _usage("--data needs --trainer module:attr or file.py:attr (the model to train)")
+        from fedmosaic.data import load_table
 
-        exp = load_experiment(config)
-        if exp[""]["threads"] > 0:
-            torch.set_num_threads(exp[""]["threads"])
-        fed = build_data(exp)
-        cid = certificate_id(cert.read_bytes())
+        train = load_table(data, label=label)  # type: ignore[arg-type]
+        test = load_table(test_data, label=label) if test_data is not None else None
+        return load_trainer(str(trainer_spec), Path.cwd()), train, test
+    if label is not None or test_data is not None:
+        _usage("--label and --test-data go with --data; with --config the experiment's [data] "
+               "table names the data")
+    return _config_setup(cert, config, trainer_spec, client_id)
+
+
+def _config_setup(cert: Path, config: Path, trainer_spec: str | None,
+                  client_id: str | None) -> tuple[Any, Any, Any]:
+    """``--config``: this client's data as the experiment describes it (``build.client_data``;
+    for a built-in data set, its partition) and the experiment's model."""
+    import torch
+
+    from fedmosaic import build
+    from fedmosaic.config import USER_DATASETS, load_experiment
+    from fedmosaic.core.errors import ConfigError, FedmosaicError
+    from fedmosaic.net.certs import certificate_id
+    from fedmosaic.task import load_trainer
+
+    exp = load_experiment(config)
+    if exp[""]["threads"] > 0:
+        torch.set_num_threads(exp[""]["threads"])
+    cid = client_id or certificate_id(cert.read_bytes())
+    d = exp["data"]
+    fed = None
+    if d["dataset"] in USER_DATASETS:
+        local = build.client_data(exp, cid)  # reads this client's data only
+    else:
+        fed = build.build_data(exp)  # a built-in data set: partitioned as in simulation
         if cid not in fed.client_ids:
-            raise FedmosaicError(f"certificate id {cid!r} is not a client of {config} "
-                                 f"(clients: {', '.join(fed.client_ids[:5])}, ...)")
-        dataset = fed.client(cid).train
-        the_trainer = load_trainer(trainer_spec) if trainer_spec else build_trainer(exp, fed)
-        return the_trainer, dataset
-    if trainer_spec is None:
-        _fail("--data needs --trainer module:attr (the model to train)")
-    assert data is not None and trainer_spec is not None
-    return load_trainer(trainer_spec), load_npz(data)
+            raise FedmosaicError(f"'{cid}' is not a client of {config} (clients: "
+                                 f"{', '.join(fed.client_ids[:5])}, ...)")
+        local = fed.client(cid)
+    if trainer_spec is not None:
+        the_trainer = load_trainer(trainer_spec, Path.cwd())
+    elif "factory" in exp["model"]:
+        the_trainer = build.trainer_factory(exp)()
+    elif fed is not None:
+        the_trainer = build.build_trainer(exp, fed)
+    else:
+        # [model] kind with the clients' own files: the model the server builds, from the
+        # experiment's declared shape and classes (not from this client's data, which may
+        # differ: the join then names the difference).
+        if d.get("num_classes") is None:
+            raise ConfigError("data.num_classes", "<missing>", f"required for fedmosaic "
+                              f"client with [model] kind and dataset '{d['dataset']}'")
+        shape = tuple(d["feature_shape"]) if "feature_shape" in d \
+            else tuple(local.train.x.shape[1:])
+        the_trainer = build.trainer_factory(exp, feature_shape=shape,
+                                            num_classes=d["num_classes"])()
+    return the_trainer, local.train, local.test
 
 
 def status(

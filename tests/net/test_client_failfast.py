@@ -1,0 +1,306 @@
+"""Issue #10 acceptance: ``fedmosaic client`` processes that cannot take part exit at once,
+with the reason in one line and a permanent exit code, and one that meets a transient error
+(the server restarted) recovers and finishes.
+
+Each permanent case is a real ``fedmosaic client`` process against a real server (the
+transport, service and mutual TLS of ``fedmosaic server``, in this process, on loopback);
+the test asserts its last stderr line exactly, its exit code and that it exited within
+``PERMANENT_EXIT_SECONDS`` of starting, process start-up included.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from fedmosaic.compat import TaskProfile
+from fedmosaic.net import certs
+from fedmosaic.net.certs import FederationPaths, create_federation, revoke
+from fedmosaic.net.client_errors import ExitCode
+from fedmosaic.net.server import RunningServer, start_server
+from fedmosaic.net.settings import DeploySettings
+from fedmosaic.net.transport import GrpcTransport
+from fedmosaic.net.wire import spec_hash
+from tests.net.conftest import REPO
+
+PERMANENT_EXIT_SECONDS = 5.0
+FEATURES, CLASSES = 64, 10
+
+TASK = textwrap.dedent('''
+    """The federation's model (64 features, 10 classes) and another one (a mismatch)."""
+    import torch
+    from torch import nn
+
+    import fedmosaic as fm
+
+
+    def _mlp(hidden):
+        return lambda: nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+    def make_trainer():
+        return fm.TorchTrainer(_mlp(16), lr=0.1, epochs=1, batch_size=16)
+
+
+    def other_trainer():
+        return fm.TorchTrainer(_mlp(24), lr=0.1, epochs=1, batch_size=16)
+''')
+
+
+@dataclass
+class World:
+    """Credentials, data files, the task module and a listening server."""
+
+    root: Path
+    fed: FederationPaths
+    foreign: FederationPaths
+    port: int
+
+    def client(self, *args: str, timeout: float = 60.0,
+               env: dict[str, str] | None = None) -> tuple[int, str, str, float]:
+        """Run ``fedmosaic client``; (exit code, stdout, stderr, seconds from start)."""
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedmosaic.cli", "client", "--server",
+             f"127.0.0.1:{self.port}", "--retry-budget", "120", *args],
+            cwd=self.root, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}",
+                 **(env or {})})
+        return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
+
+    def creds(self, cid: str, fed: FederationPaths | None = None) -> list[str]:
+        fed = fed or self.fed
+        return ["--ca", str(fed.ca_cert), "--cert", str(fed.client_cert(cid)), "--key",
+                str(fed.client_key(cid))]
+
+
+def _data(path: Path, features: int = FEATURES, top_label: int = CLASSES - 1,
+          n: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % (top_label + 1)
+    np.savez(path, x=rng.normal(size=(n, features)).astype(np.float32), y=y.astype(np.int64))
+    return path
+
+
+def _expired_certificate(fed: FederationPaths, out: Path) -> tuple[Path, Path, dt.datetime]:
+    """A client certificate from the federation's CA whose validity ended yesterday."""
+    ca_cert = x509.load_pem_x509_certificate(fed.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(fed.ca_key.read_bytes(), None)
+    key = certs._new_key("ec-p256")
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    not_after = (now - dt.timedelta(days=1)).replace(second=0)
+    cert = (x509.CertificateBuilder()
+            .subject_name(certs._name("late", "client")).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(not_after)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, certs._hash_for(ca_key)))  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "late.pem").write_bytes(certs._cert_pem(cert))
+    (out / "late.key").write_bytes(certs._key_pem(key))
+    return out / "late.pem", out / "late.key", not_after
+
+
+def _task_trainer(root: Path, name: str = "make_trainer"):  # type: ignore[no-untyped-def]
+    from fedmosaic.task import load_trainer
+
+    return load_trainer(f"task.py:{name}", root)
+
+
+def _server(fed: Path, trainer: object, *, port: int = 0, rounds: int = 1,
+            min_clients: int = 1) -> RunningServer:
+    settings = DeploySettings(credentials=fed, address="127.0.0.1", port=port,
+                              heartbeat_interval=0.5, round_deadline=30.0,
+                              min_clients=min_clients, wait_for_clients=60.0, chunk_bytes=4096,
+                              max_workers=16, linger=5.0)
+    transport = GrpcTransport(settings, numel=trainer.spec.numel,  # type: ignore[attr-defined]
+                              spec_hash=spec_hash(trainer.spec),  # type: ignore[attr-defined]
+                              experiment="failfast", rounds=rounds,
+                              task_profile=TaskProfile((FEATURES,), CLASSES))
+    return start_server(settings, transport)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("failfast")
+    fed = create_federation(root / "fed", clients=["c1", "c2", "c3", "gone"],
+                            ca_passphrase=None)
+    revoke(root / "fed", "gone")
+    foreign = create_federation(root / "foreign", clients=["c1"], ca_passphrase=None)
+    (root / "task.py").write_text(TASK)
+    _data(root / "good.npz")
+    _data(root / "narrow.npz", features=10)
+    _data(root / "label15.npz", top_label=15)
+    running = _server(root / "fed", _task_trainer(root))
+    try:
+        yield World(root, fed, foreign, running.port)
+    finally:
+        running.transport.finish()
+        running.stop(0)
+
+
+def _permanent(world: World, *args: str) -> tuple[str, float]:
+    """Run a client expected to give up at once; its last stderr line and its run time."""
+    code, _, err, took = world.client(*args)
+    assert code == ExitCode.REFUSED, err[-3000:]
+    assert took < PERMANENT_EXIT_SECONDS, f"took {took:.1f} s\n{err[-3000:]}"
+    assert "Traceback" not in err
+    print(f"exited with {code} after {took:.2f} s")  # the measured figure (pytest -s)
+    return err.strip().splitlines()[-1], took
+
+
+def test_foreign_ca_credentials_exit_at_once(world: World) -> None:
+    # A client whose credentials (ca.pem, certificate, key) are all another federation's.
+    line, _ = _permanent(world, *world.creds("c1", world.foreign), "--data", "good.npz",
+                         "--trainer", "task.py:make_trainer")
+    assert line == ("error: this client does not trust the server's certificate: it was not "
+                    "issued by the CA in ca.pem (the server belongs to another federation, or "
+                    "ca.pem does)")
+
+
+def test_certificate_from_another_ca_is_refused_before_connecting(world: World) -> None:
+    # The federation's ca.pem, but a certificate another CA issued.
+    f, o = world.fed, world.foreign
+    line, _ = _permanent(world, "--ca", str(f.ca_cert), "--cert", str(o.client_cert("c1")),
+                         "--key", str(o.client_key("c1")), "--data", "good.npz", "--trainer",
+                         "task.py:make_trainer")
+    assert line == (f"error: your certificate was not issued by the federation CA in "
+                    f"{f.ca_cert} ({o.client_cert('c1')} belongs to another federation, or "
+                    f"ca.pem does)")
+
+
+def test_server_refusing_a_certificate_from_another_ca_is_named(world: World) -> None:
+    # ca.pem trusts both CAs, so this client accepts the server and passes its own checks;
+    # the server refuses the certificate (it closes the connection after TLS, no alert).
+    bundle = world.root / "bundle"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "ca.pem").write_bytes(world.fed.ca_cert.read_bytes()
+                                    + world.foreign.ca_cert.read_bytes())
+    line, _ = _permanent(world, "--ca", str(bundle / "ca.pem"), "--cert",
+                         str(world.foreign.client_cert("c1")), "--key",
+                         str(world.foreign.client_key("c1")), "--data", "good.npz",
+                         "--trainer", "task.py:make_trainer")
+    assert line == ("error: the server does not trust this certificate: it was issued by "
+                    "another CA than the server's")
+
+
+def test_expired_certificate_exits_at_once(world: World) -> None:
+    cert, key, not_after = _expired_certificate(world.fed, world.root / "late")
+    line, _ = _permanent(world, "--ca", str(world.fed.ca_cert), "--cert", str(cert), "--key",
+                         str(key), "--data", "good.npz", "--trainer", "task.py:make_trainer")
+    assert line == (f"error: your certificate expired on "
+                    f"{not_after.strftime('%Y-%m-%d %H:%M')} UTC; ask the operator for a new "
+                    f"one (fedmosaic certs request here, then fedmosaic certs sign by the "
+                    f"operator)")
+
+
+def test_revoked_certificate_exits_at_once(world: World) -> None:
+    line, _ = _permanent(world, *world.creds("gone"), "--data", "good.npz", "--trainer",
+                         "task.py:make_trainer")
+    assert line.startswith("error: your certificate ('gone', serial ")
+    assert line.endswith(f") is revoked by the federation's revocation list "
+                         f"{world.fed.crl}; ask the operator for a credential under a new id")
+
+
+def test_model_with_another_layout_exits_at_once(world: World) -> None:
+    line, _ = _permanent(world, *world.creds("c1"), "--data", "good.npz", "--trainer",
+                         "task.py:other_trainer")
+    ours = _task_trainer(world.root).spec.numel
+    theirs = _task_trainer(world.root, "other_trainer").spec.numel
+    assert line == (f"error: refused by the server: your model's layout differs from the "
+                    f"task's model ({theirs:,} parameters vs {ours:,}): use the task's model "
+                    f"(the [model] of the experiment, or the same --trainer)")
+
+
+def test_ten_features_against_a_64_feature_model_exits_at_once(world: World) -> None:
+    line, _ = _permanent(world, *world.creds("c2"), "--data", "narrow.npz", "--trainer",
+                         "task.py:make_trainer")
+    assert line == ("error: refused by the server: your data has 10 features; the task's "
+                    "model expects 64")
+
+
+def test_label_15_with_10_classes_exits_at_once(world: World) -> None:
+    line, _ = _permanent(world, *world.creds("c3"), "--data", "label15.npz", "--trainer",
+                         "task.py:make_trainer")
+    assert line == ("error: refused by the server: your data has label 15, but the task has "
+                    "10 classes (labels 0 to 9)")
+
+
+def test_json_logs_carry_the_final_error(world: World) -> None:
+    import json
+
+    code, _, err, _ = world.client(*world.creds("c2"), "--data", "narrow.npz", "--trainer",
+                                   "task.py:make_trainer", "--json-logs")
+    assert code == ExitCode.REFUSED
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    final = [r for r in records if r.get("exit_code") == ExitCode.REFUSED]
+    assert len(final) == 1 and final[0]["level"] == "ERROR"
+    assert final[0]["reason"] == "feature_shape"
+    assert final[0]["message"] == ("refused by the server: your data has 10 features; the "
+                                   "task's model expects 64")
+    assert "Traceback" not in err
+
+
+def test_server_restarted_mid_run_client_recovers_and_finishes(
+        world: World, tmp_path: Path) -> None:
+    """A transient error: the server goes away after round 1 and comes back on the same port
+    (a new instance); the client retries, joins again and trains round 2."""
+    from fedmosaic.algorithms.strategy import FedAvg
+    from fedmosaic.data import ArrayDataset, ClientData, FederatedDataset
+    from fedmosaic.runtime.simulate import simulate
+
+    fed_dir = Path(shutil.copytree(world.fed.root, tmp_path / "fed"))
+    trainer = _task_trainer(world.root)
+    with np.load(world.root / "good.npz") as npz:
+        data = ArrayDataset(npz["x"], npz["y"])
+    fed = FederatedDataset("failfast", [ClientData("c1", data)], data, CLASSES, (FEATURES,))
+    out = tmp_path / "run"
+    first = _server(fed_dir, trainer, rounds=2)
+    port = first.port
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmosaic.cli", "client", "--server", f"127.0.0.1:{port}",
+         "--retry-budget", "60", *world.creds("c1"), "--data", "good.npz", "--trainer",
+         "task.py:make_trainer"], cwd=world.root, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}"})
+    try:
+        simulate(trainer, fed, FedAvg(), 2, seed=1, transport=first.transport, out_dir=out,
+                 stop_after=1)
+        first.stop(0)  # gone without a word: no DONE, connections refused from now on
+        time.sleep(1.0)
+        second = _server(fed_dir, trainer, port=port, rounds=2)
+        try:
+            result: list[object] = []
+            runner = threading.Thread(target=lambda: result.append(simulate(
+                trainer, fed, FedAvg(), 2, seed=1, transport=second.transport, out_dir=out,
+                resume=True)), daemon=True)
+            runner.start()
+            runner.join(60)
+            assert result, "the resumed run did not finish"
+            second.transport.finish()
+            stdout, stderr = proc.communicate(timeout=30)
+        finally:
+            second.stop(0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "client c1: trained rounds [1, 2], 2 updates accepted, joined 2 times" in stdout
+    assert "server unreachable" in stderr and "Traceback" not in stderr
