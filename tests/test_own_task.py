@@ -286,3 +286,16 @@ def test_fedmosaic_run_with_own_module_and_a_csv_per_client(tmp_path):
     assert [r["round"] for r in history] == [1, 2, 3]
     assert [r["updates"] for r in history] == [3, 3, 3]
     assert history[-1]["test_accuracy"] > 0.8  # three well-separated classes; chance is 1/3
+
+
+def test_a_copy_of_the_experiment_elsewhere_finds_the_data_with_base_dir(tmp_path):
+    path = _project(tmp_path / "project")
+    copy = tmp_path / "run" / "experiment.toml"  # as a run directory holds it
+    copy.parent.mkdir()
+    copy.write_text(path.read_text())
+    with pytest.raises(FedmosaicError) as info:
+        build_data(load_experiment(copy))
+    assert str(info.value) == f"{tmp_path / 'run' / 'data' / 'test.csv'}: no such file"
+    sys.modules.pop("task", None)
+    fed = build_data(load_experiment(copy, base_dir=path.parent))
+    assert fed.client_ids == CLIENTS

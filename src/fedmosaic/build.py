@@ -75,8 +75,12 @@ def build_attack(exp: Experiment, fed: fd.FederatedDataset) -> tuple[Any, frozen
 
 
 def experiment_dir(exp: Experiment) -> Path:
-    """The directory the experiment's relative paths and user modules are found in: the
-    experiment file's, or the working directory for an experiment built in memory."""
+    """The directory the experiment's relative paths and user modules are found in:
+    ``exp.base_dir`` if set, else the experiment file's, or the working directory for an
+    experiment built in memory."""
+    base_dir = getattr(exp, "base_dir", None)
+    if base_dir is not None:
+        return Path(base_dir).resolve()
     return exp.source.resolve().parent if exp.source is not None else Path.cwd()
 
 

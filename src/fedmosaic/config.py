@@ -360,6 +360,9 @@ class Experiment:
     sections: dict[str, dict[str, Any]]
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    # Where relative data paths and user modules ([data] clients/test/loader, [model]
+    # factory) are found; None: the experiment file's directory (fedmosaic.build).
+    base_dir: Path | None = None
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.sections[section]
@@ -796,8 +799,9 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
                           "every client equally by construction)")
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment TOML file."""
+def load_experiment(path: str | Path, base_dir: str | Path | None = None) -> Experiment:
+    """Read and validate an experiment TOML file. ``base_dir``: where its relative data paths
+    and modules are found, when not beside it (a run directory's copy of the file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("<file>", str(path), "an existing experiment .toml file")
@@ -805,4 +809,6 @@ def load_experiment(path: str | Path) -> Experiment:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("<file>", str(path), f"valid TOML ({exc})") from exc
-    return validate(raw, source=path)
+    exp = validate(raw, source=path)
+    exp.base_dir = Path(base_dir) if base_dir is not None else None
+    return exp
