@@ -8,6 +8,7 @@ reuse the same aggregator and server optimizer.
 
 from __future__ import annotations
 
+import copy
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -275,6 +276,25 @@ class FedAvg:
     def robustness_report(self) -> dict[str, Any]:
         """The robust rule and the anomaly detector's final state ({} without them)."""
         return {} if self.defence is None else {"robustness": self.defence.report()}
+
+    #: ``state_dict()`` before the first run (taken by :meth:`begin_run`).
+    _pristine_state: dict[str, Any] | None = None
+
+    def begin_run(self) -> None:
+        """Start a run from the state this object had before its first run.
+
+        A strategy keeps state across rounds: the server optimizer's moments and step count,
+        a DP accountant's spend and calibrated noise, anomaly reputations and quarantines.
+        Reused for a second run (the quickstart, then the same run on another transport), it
+        would start that run where the first ended: same seed, another model, no warning.
+        So the server calls this at the start of every run: the first call snapshots
+        ``state_dict()``, every later call restores that snapshot (deep copies both ways, so
+        neither run can alter it). A resumed run then loads its checkpoint over it.
+        """
+        if self._pristine_state is None:
+            self._pristine_state = copy.deepcopy(self.state_dict())
+        else:
+            self.load_state_dict(copy.deepcopy(self._pristine_state))
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"server_opt": self.server_opt.state_dict()}

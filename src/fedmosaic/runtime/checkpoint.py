@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,85 @@ from fedmosaic.core.errors import CheckpointError
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+#: What a run writes into its output directory (``overwrite`` removes exactly these).
+RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "guarantees.json", "model.pt", "report.png")
+
+
+def holds_run(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a run (a checkpoint) that a fresh run would overwrite."""
+    return (Path(directory) / CHECKPOINT_NAME).is_file()
+
+
+def clear_run(directory: str | Path) -> None:
+    """Remove a run's files from ``directory`` (nothing else: it may hold the user's files)."""
+    for name in RUN_FILES:
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):  # an empty table sets nothing: as if absent
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix and key else prefix or key, out)
+    else:
+        out[prefix] = value
+
+
+def _show(value: Any) -> str:
+    """A value as the experiment file writes it (strings quoted); long lists summarized."""
+    if value is None:
+        return "None"  # only Python-built strategies have unset values (TOML has no null)
+    if isinstance(value, list) and len(str(value)) > 60:
+        return f"a list of {len(value)}"
+    return json.dumps(value)
+
+
+def describe_identity_change(saved: dict[str, Any], current: dict[str, Any],
+                             limit: int = 3) -> str | None:
+    """What differs between the identity a checkpoint was made with and the current one,
+    in the experiment file's terms: "the checkpoint was made with train.lr = 0.05; the
+    experiment now says 0.1". ``None`` when nothing differs that can be named.
+
+    An identity has the user's part (the experiment file's tables, keyed "train.lr"), the seed,
+    the strategy as built and the model's parameter layout; when the user's part names the
+    change, the strategy's echo of it is not repeated.
+    """
+    names = {"user": "", "seed": "seed", "strategy": "strategy", "spec": "the model layout"}
+    diffs: list[tuple[str, Any, Any]] = []
+    for part in ("user", "seed", "strategy", "spec"):
+        if part == "strategy" and diffs:
+            break  # the strategy mirrors the experiment file: its change is already named
+        old: dict[str, Any] = {}
+        new: dict[str, Any] = {}
+        if part == "spec":  # a list of tensors: one change, not one per entry
+            old["the model layout"], new["the model layout"] = saved.get(part), current.get(part)
+        else:
+            _flatten(saved.get(part), names[part], old)
+            _flatten(current.get(part), names[part], new)
+        for key in sorted(set(old) | set(new)):
+            if old.get(key, _MISSING) != new.get(key, _MISSING):
+                diffs.append((key, old.get(key, _MISSING), new.get(key, _MISSING)))
+    if not diffs:
+        return None
+    phrases = []
+    for key, was, now in diffs[:limit]:
+        if key == "the model layout":
+            phrases.append("the model's parameter layout differs (another architecture or "
+                           "data shape)")
+        elif was is _MISSING:
+            phrases.append(f"the checkpoint was made without {key}; the experiment now says "
+                           f"{_show(now)}")
+        elif now is _MISSING:
+            phrases.append(f"the checkpoint was made with {key} = {_show(was)}; the experiment "
+                           "now does not set it")
+        else:
+            phrases.append(f"the checkpoint was made with {key} = {_show(was)}; the experiment "
+                           f"now says {_show(now)}")
+    more = len(diffs) - limit
+    return "; ".join(phrases) + (f" (and {more} more difference{'s' * (more > 1)})"
+                                 if more > 0 else "")
+
+
+_MISSING = object()
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

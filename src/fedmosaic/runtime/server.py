@@ -3,10 +3,12 @@ select -> configure -> dispatch -> collect -> aggregate -> update -> evaluate ->
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +25,7 @@ from fedmosaic.core.errors import (
     RoundFailedError,
 )
 from fedmosaic.core.params import ParamSpec
-from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedmosaic.runtime.checkpoint import describe_identity_change, load_checkpoint, save_checkpoint
 from fedmosaic.runtime.evaluation import FederatedEvaluation
 from fedmosaic.runtime.tally import RoundTally
 from fedmosaic.runtime.transport import Transport
@@ -65,6 +67,24 @@ def check_federated_eval(strategy: Any, transport: Any) -> None:
                           "client's evaluation metrics and test sample count would reach the "
                           "server without noise, outside the DP accounting; evaluate on a "
                           "central test set instead")
+
+
+# A trainer's per-client accounting state before its first run (DPSGDTrainer's accountants),
+# keyed weakly by the trainer: restored at the start of every fresh run, as the strategy's is.
+_TRAINER_START: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _begin_trainer_run(trainer: Trainer) -> None:
+    """Reset a trainer's accounting (``accounting_state`` / ``load_accounting_state``, the
+    optional part of the Trainer interface a checkpoint saves) to its state before its first
+    run: per-client DP-SGD spends of one run must not be counted into the next."""
+    if not hasattr(trainer, "accounting_state"):
+        return
+    start = _TRAINER_START.get(trainer)
+    if start is None:
+        _TRAINER_START[trainer] = copy.deepcopy(trainer.accounting_state())
+    else:
+        trainer.load_accounting_state(copy.deepcopy(start))  # type: ignore[attr-defined]
 
 
 class Server:
@@ -112,10 +132,18 @@ class Server:
             raise ConfigError("dispatch_transform", repr(strategy.dispatch_transform),
                               f"a transport that applies it ({type(transport).__name__} "
                               "does not; SequentialTransport does)")
-        self.identity = fingerprint(
+        # Every run starts from the state the strategy (and a DP-SGD trainer's accountants)
+        # had before its first run, so that an object reused across runs carries nothing
+        # over; before the identity, which describes the strategy (e.g. calibrated noise).
+        strategy.begin_run()
+        _begin_trainer_run(trainer)
+        # The identity's parts are saved with the checkpoint, so that a refused resume can
+        # name the key that changed instead of only "something changed".
+        self.identity_detail: dict[str, Any] = json.loads(json.dumps(
             {"user": identity or {}, "seed": seed, "strategy": strategy.describe(),
-             "spec": self.spec.to_json()}
-        )
+             "spec": self.spec.to_json()}, sort_keys=True, default=str))
+        self.identity = fingerprint(self.identity_detail)
+        self._short_cohort_logged = False
 
     # -- state -----------------------------------------------------------------------------
     def fresh_state(self, initial_weights: torch.Tensor | None = None) -> RunState:
@@ -129,10 +157,18 @@ class Server:
             raise CheckpointError("resume needs an output directory")
         ckpt = load_checkpoint(self.out_dir)
         if ckpt.get("identity") != self.identity:
+            saved = ckpt.get("identity_detail")  # absent in checkpoints of earlier versions
+            change = (describe_identity_change(saved, self.identity_detail)
+                      if isinstance(saved, dict) else None)
             raise CheckpointError(
-                f"checkpoint in {self.out_dir} belongs to a different experiment "
-                "(seed, strategy, model or config changed); refusing to resume"
+                f"cannot resume the run in {self.out_dir}: "
+                + (change or "it belongs to a different experiment (seed, strategy, model or "
+                              "config changed)")
             )
+        if int(ckpt["round"]) > self.rounds:
+            raise CheckpointError(
+                f"the run in {self.out_dir} already completed {int(ckpt['round'])} rounds; "
+                f"rounds = {self.rounds} is fewer")
         rng = np.random.default_rng()
         rng.bit_generator.state = ckpt["rng_state"]
         self.strategy.load_state_dict(ckpt["strategy"])
@@ -149,6 +185,7 @@ class Server:
             return
         save_checkpoint(self.out_dir, {
             "identity": self.identity,
+            "identity_detail": self.identity_detail,
             "round": state.round,
             "rounds": self.rounds,
             "weights": state.weights,
@@ -171,6 +208,9 @@ class Server:
         stop_after: int | None = None,
     ) -> RunState:
         """Run until ``rounds`` (or ``stop_after``, for tests of interruption) are complete."""
+        if not resume:  # a second fresh run of this Server starts as clean as the first
+            self.strategy.begin_run()
+            _begin_trainer_run(self.trainer)
         state = self.restore() if resume else self.fresh_state(initial_weights)
         last = self.rounds if stop_after is None else min(self.rounds, stop_after)
         while state.round < last:
@@ -202,11 +242,26 @@ class Server:
 
         return fe.summarize(results(), selected, round_num, model_bytes=self.spec.nbytes)
 
+    def _cohort_shortfall(self, available: Sequence[str]) -> dict[str, Any]:
+        """Fewer clients available than ``clients_per_round``: the sampler takes them all.
+        Never silent: logged once per run, and every such round records how many there were
+        (``clients_available``). The CLI refuses it outright when the population is known."""
+        wanted = self.strategy.clients_per_round
+        if wanted is None or wanted <= len(available):
+            return {}
+        if not self._short_cohort_logged:
+            log.warning("clients_per_round = %d but only %d clients are available: the round "
+                        "takes all of them (recorded as clients_available in each such round)",
+                        wanted, len(available))
+            self._short_cohort_logged = True
+        return {"clients_available": len(available)}
+
     def run_round(self, state: RunState) -> dict[str, Any]:
         round_num = state.round + 1
         start = time.perf_counter()
         available = self.transport.available_clients()
         s = self.strategy
+        shortfall = self._cohort_shortfall(available)
         s.before_round(round_num, available)  # may stop the run (privacy budget)
         full_steps = None
         if s.straggler_fraction > 0:
@@ -240,6 +295,7 @@ class Server:
             "rejected": len(tally.rejected),
             "bytes_down": len(tasks) * self.spec.nbytes,
             "bytes_up": tally.bytes_up,
+            **shortfall,
         }
         if s.client_metrics == "record":
             # Computed from private data without noise: a DP run may suppress them.

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
+from fedmosaic.core.errors import CheckpointError
+from fedmosaic.runtime.checkpoint import clear_run, holds_run
 from fedmosaic.runtime.evaluation import FederatedEvaluation, evaluation_guarantee
 from fedmosaic.runtime.result import RunResult
 from fedmosaic.runtime.server import RoundCallback, Server
@@ -26,6 +28,7 @@ def simulate(
     transport: Transport | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     eval_every: int = 1,
     initial_weights: torch.Tensor | None = None,
     callbacks: Sequence[RoundCallback] = (),
@@ -41,7 +44,10 @@ def simulate(
     splits (``ClientData.test``; record keys ``fed_test_*``), on the same rounds; evaluation
     never changes the model. With ``out_dir``, a checkpoint is written after every round and
     ``resume=True`` continues an interrupted run; the same ``seed`` gives the same model,
-    interrupted or not.
+    interrupted or not. An ``out_dir`` that already holds a run is refused unless ``resume``
+    continues it or ``overwrite=True`` replaces it (as ``fedmosaic run`` does).
+    The strategy (and a DP-SGD trainer's accounting) start each fresh run from the state
+    they had before their first one, so one object can serve several runs.
     """
     server = Server(
         trainer=trainer,
@@ -56,6 +62,11 @@ def simulate(
         callbacks=callbacks,
         federated_eval=federated_eval,
     )
+    if out_dir is not None and not resume and holds_run(out_dir):
+        if not overwrite:
+            raise CheckpointError(f"{out_dir} already holds a run; pass resume=True to continue "
+                                  "it or overwrite=True to replace it")
+        clear_run(out_dir)
     state = server.run(resume=resume, initial_weights=initial_weights, stop_after=stop_after)
     guarantees = strategy.guarantees()
     transport_guarantees = getattr(server.transport, "guarantees", None)
