@@ -120,10 +120,12 @@ def test_refused_resume_names_the_key_that_changed(blobs_fed, tmp_path):
         fm.simulate(_trainer(), blobs_fed, STRATEGIES["fedadam"](), rounds=3, seed=0,
                     out_dir=tmp_path, identity=changed, resume=True)
     assert str(info.value) == (f"cannot resume the run in {tmp_path}: the checkpoint was made "
-                               "with train.lr = 0.05; the experiment now says 0.1")
+                               "with train.lr = 0.05; the experiment now says 0.1 (a different "
+                               "experiment)")
     # A change made only in Python (no experiment file) is named from the strategy.
     with pytest.raises(CheckpointError, match=r"strategy\.server_opt\.lr = 0\.05; the "
-                                              r"experiment now says 0\.01$"):
+                                              r"experiment now says 0\.01 \(a different "
+                                              r"experiment\)$"):
         fm.simulate(_trainer(), blobs_fed,
                     fm.FedAvg(clients_per_round=3, server_opt=fm.FedAdam(lr=0.01)), rounds=3,
                     seed=0, out_dir=tmp_path, identity=exp, resume=True)

@@ -92,7 +92,7 @@ def test_resume_after_interruption_gives_identical_model(blobs_fed, tmp_path):
 def test_resume_refuses_a_different_experiment(blobs_fed, tmp_path):
     fm.simulate(_trainer(), blobs_fed, _strategy(), rounds=3, seed=3, out_dir=tmp_path,
                 stop_after=1)
-    with pytest.raises(CheckpointError, match="made with seed = 3; the experiment now says 4$"):
+    with pytest.raises(CheckpointError, match="made with seed = 3; the experiment now says 4 "):
         fm.simulate(_trainer(), blobs_fed, _strategy(), rounds=3, seed=4, out_dir=tmp_path,
                     resume=True)
 

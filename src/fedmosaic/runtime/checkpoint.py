@@ -41,7 +41,7 @@ def _show(value: Any) -> str:
     """A value as the experiment file writes it (strings quoted); long lists summarized."""
     if value is None:
         return "None"  # only Python-built strategies have unset values (TOML has no null)
-    if isinstance(value, list) and len(str(value)) > 60:
+    if isinstance(value, list) and len(str(value)) > 200:
         return f"a list of {len(value)}"
     return json.dumps(value)
 

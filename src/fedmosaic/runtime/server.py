@@ -162,9 +162,9 @@ class Server:
                       if isinstance(saved, dict) else None)
             raise CheckpointError(
                 f"cannot resume the run in {self.out_dir}: "
-                + (change or "it belongs to a different experiment (seed, strategy, model or "
-                              "config changed)")
-            )
+                + (f"{change} (a different experiment)" if change else
+                   "it belongs to a different experiment (seed, strategy, model or config "
+                   "changed)"))
         if int(ckpt["round"]) > self.rounds:
             raise CheckpointError(
                 f"the run in {self.out_dir} already completed {int(ckpt['round'])} rounds; "
