@@ -24,12 +24,13 @@ from fedmosaic.compat import DataProfile, TaskProfile
 from fedmosaic.models import build_model
 from fedmosaic.net.certs import FederationPaths, create_federation, revoke
 from fedmosaic.net.client import _Stubs, open_channel
-from fedmosaic.net.errors import PERMANENT_KEY, REFUSAL_KEY
+from fedmosaic.net.errors import PERMANENT_KEY, REFUSAL_KEY, Refused
+from fedmosaic.net.issues import IssueBoard
 from fedmosaic.net.monitoring import ServerMetrics
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.server import start_server
 from fedmosaic.net.settings import DeploySettings
-from fedmosaic.net.transport import GrpcTransport
+from fedmosaic.net.transport import JOIN_ISSUE_CODES, GrpcTransport
 from fedmosaic.net.wire import spec_hash
 from fedmosaic.train import TorchTrainer
 
@@ -310,3 +311,35 @@ def test_without_a_declared_shape_the_server_probes_its_model(probed: Server) ->
     assert len(probed.transport._probe_cache) == 4
     # The server loop's own trainer was not touched: the probe runs on a copy.
     assert probed.transport._probe_model is not TASK
+
+
+def test_the_issue_board_is_bounded_and_keeps_each_client_s_latest() -> None:
+    now = [100.0]
+    board = IssueBoard(capacity=3, clock=lambda: now[0])
+    for i in range(5):
+        now[0] += 1
+        board.record(f"c{i}", "training_failed", f"error {i}", i + 1)
+    assert [i.client_id for i in board.latest()] == ["c2", "c3", "c4"]  # oldest forgotten
+    board.record("c2", "deadline", "missed the round deadline", 9)  # c2 is now the newest
+    board.record("c5", "labels", "your data has label 15\nWARNING forged", 0)
+    assert [i.client_id for i in board.latest()] == ["c2", "c4", "c5"]
+    assert board.get("c2").code == "deadline"  # type: ignore[union-attr]
+    # A reason is one printable line, whatever a client sent.
+    assert board.get("c5").reason == "your data has label 15 WARNING forged"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="unknown client issue code"):
+        board.record("c6", "because I said so", "x", 1)
+    board.clear("c5", ("deadline",))  # another code: kept
+    assert board.get("c5") is not None
+    board.clear("c5", JOIN_ISSUE_CODES)
+    assert board.get("c5") is None and len(board) == 2
+
+
+def test_refusal_metadata() -> None:
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    assert Refused(code, "x", "replay").trailing_metadata() == ((REFUSAL_KEY, "replay"),)
+    assert Refused(grpc.StatusCode.PERMISSION_DENIED, "x", "revoked").trailing_metadata() == (
+        (REFUSAL_KEY, "revoked"), (PERMANENT_KEY, "1"))
+    assert Refused(code, "x", "incompatible", refusal="labels").trailing_metadata() == (
+        (REFUSAL_KEY, "labels"), (PERMANENT_KEY, "1"))
+    assert Refused(code, "x", "revoked", permanent=False).trailing_metadata() == (
+        (REFUSAL_KEY, "revoked"),)
