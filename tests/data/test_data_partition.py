@@ -280,7 +280,8 @@ def test_partition_num_classes_override_and_inference() -> None:
 
 def test_partition_errors() -> None:
     train, test = indexed(10), indexed(2)
-    with pytest.raises(ValueError, match="cannot give 11 clients"):
+    with pytest.raises(ValueError, match=r"^\[partition\] clients = 11 but the data set has 10 "
+                                         r"training samples: at most 10 clients$"):
         partition(train, IID(), 11, 0, test=test)
     with pytest.raises(ValueError, match="'clients'"):
         partition(train, IID(), None, 0, test=test)

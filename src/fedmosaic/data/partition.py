@@ -8,8 +8,13 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from fedmosaic.core.errors import ConfigError
+from fedmosaic.core.errors import ConfigError, FedmosaicError
 from fedmosaic.data.dataset import ArrayDataset, ClientData, FederatedDataset
+
+
+class PartitionError(FedmosaicError, ValueError):
+    """The data cannot be split as asked (too few samples for the clients, unusable labels);
+    the message says what to change."""
 
 
 @runtime_checkable
@@ -46,10 +51,21 @@ def _as_labels(labels: np.ndarray) -> np.ndarray:
 
 def _check_enough_samples(n: int, num_clients: int, per_client: int = 1) -> None:
     if n < num_clients * per_client:
-        raise ValueError(
+        raise PartitionError(
             f"cannot give {num_clients} clients at least {per_client} sample(s) each "
             f"from {n} samples"
         )
+
+
+def _check_labels(labels: np.ndarray, which: str) -> None:
+    """Class labels are indices 0..C-1: a negative one would only fail deep inside training
+    (cross-entropy's "Target -1 is out of bounds"), after the data was split and sent out."""
+    y = np.asarray(labels)
+    if y.size and y.dtype.kind in "iu" and int(y.min()) < 0:
+        count = int((y < 0).sum())
+        raise PartitionError(f"the {which} set has a negative label ({int(y.min())}, "
+                             f"{count} sample{'s' * (count > 1)}); labels must be class indices "
+                             "0, 1, ..., C-1")
 
 
 def _finish(parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -131,7 +147,7 @@ class Dirichlet:
             parts = [np.concatenate(b) for b in buckets]
             if min(len(p) for p in parts) >= self.min_size:
                 return _finish(parts)
-        raise ValueError(
+        raise PartitionError(
             f"Dirichlet(alpha={self.alpha}) could not give all {k} clients at least "
             f"min_size={self.min_size} samples in {self.max_tries} draws; raise alpha, "
             "lower min_size or use fewer clients"
@@ -163,7 +179,7 @@ class Shards:
         k = _check_num_clients(num_clients)
         num_shards = k * self.shards_per_client
         if len(y) < num_shards:
-            raise ValueError(
+            raise PartitionError(
                 f"cannot cut {len(y)} samples into {num_shards} shards "
                 f"({k} clients x shards_per_client={self.shards_per_client})"
             )
@@ -263,6 +279,15 @@ def partition(
         raise ConfigError("client_test_fraction", client_test_fraction, "a number in [0, 1)")
     if clients is None and not isinstance(partitioner, NaturalIds):
         raise ConfigError("clients", clients, "an integer >= 1 (None only with NaturalIds)")
+    _check_labels(train.y, "training")
+    if len(test):
+        _check_labels(test.y, "test")
+    if clients is not None and not isinstance(partitioner, NaturalIds):
+        count = _check_num_clients(clients)
+        if count > len(train):
+            # Said in the experiment file's terms: this is the mistake a user makes there.
+            raise PartitionError(f"[partition] clients = {count} but the data set has "
+                                 f"{len(train)} training samples: at most {len(train)} clients")
     if num_classes is None:
         num_classes = int(max(train.y.max(), test.y.max() if len(test) else 0)) + 1
     split_seq, local_seq = np.random.SeedSequence(seed).spawn(2)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedmosaic.algorithms.fedprox import proximal_term
+from fedmosaic.core.errors import FedmosaicError
 from fedmosaic.core.params import ParamSpec
 from fedmosaic.train.base import Dataset, FitConfig, FitResult
 
@@ -19,6 +20,27 @@ _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": nn.functional.cross_entropy,
     "mse": lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y.to(out.dtype)),
 }
+
+
+class DeviceUnavailableError(FedmosaicError, RuntimeError):
+    """The configured device does not exist on this machine."""
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, refused in plain words when this machine lacks it
+    (torch's own error is an AssertionError traceback: "Torch not compiled with CUDA")."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f'device = "{device}" but CUDA is not available on this machine; '
+                'use device = "cpu"')
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceUnavailableError(
+                f'device = "{device}" but this machine has {count} CUDA device'
+                f'{"s" * (count != 1)} (cuda:0 to cuda:{count - 1})')
+    return dev
 
 
 class TorchTrainer:
@@ -65,7 +87,7 @@ class TorchTrainer:
         self.optimizer_factory = optimizer
         # Plain SGD is what the batched (vmap) transport reproduces exactly.
         self.plain_sgd = optimizer is None
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.metrics = dict(metrics or {})
         self.eval_batch_size = eval_batch_size
         self.model = model_fn().to(self.device)
