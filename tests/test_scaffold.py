@@ -83,3 +83,33 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
         assert accuracy > 0.75
     finally:
         sys.modules.pop("task", None)
+
+
+def test_own_model_guide_code_and_experiments_run(tmp_path, monkeypatch):
+    """docs/own-model.md: its task.py, its Python simulation and both experiment files work in
+    a project made by `fedmosaic new`, as the guide says."""
+    from fedmosaic.build import build_data, build_trainer
+    from fedmosaic.config import load_experiment
+
+    guide = (Path(__file__).parent.parent / "docs" / "own-model.md").read_text()
+    task_code, simulation = re.findall(r"```python\n(.*?)```", guide, re.S)
+    project = tmp_path / "heart"
+    new_project(project)
+    (project / "task.py").write_text(task_code)  # the guide's task.py replaces the template's
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    try:
+        namespace: dict = {}
+        exec(compile(simulation, "own-model.md", "exec"), namespace)
+        assert namespace["result"].history[-1]["test_accuracy"] > 0.75
+        experiments = re.findall(r"```toml\n(.*?)```", guide, re.S)
+        assert len(experiments) == 2
+        for i, text in enumerate(experiments):
+            path = project / f"guide{i}.toml"
+            path.write_text(text)
+            exp = load_experiment(path)
+            fed = build_data(exp)
+            assert fed.client_ids == ["cleveland", "hungary", "va_long_beach", "switzerland"]
+            assert build_trainer(exp, fed).spec.numel == 16 * 32 + 32 + 32 * 32 + 32 + 32 * 2 + 2
+    finally:
+        sys.modules.pop("task", None)
