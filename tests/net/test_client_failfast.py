@@ -304,3 +304,222 @@ def test_server_restarted_mid_run_client_recovers_and_finishes(
     assert proc.returncode == 0, stderr[-3000:]
     assert "client c1: trained rounds [1, 2], 2 updates accepted, joined 2 times" in stdout
     assert "server unreachable" in stderr and "Traceback" not in stderr
+
+
+# -- the retry budget, training errors and the self-check, with in-process clients -----------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_server_exits_with_code_4_after_the_budget(world: World) -> None:
+    port = _free_port()  # nobody listens there
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmosaic.cli", "client", "--server", f"127.0.0.1:{port}",
+         "--retry-budget", "1.5", *world.creds("c1"), "--data", "good.npz", "--trainer",
+         "task.py:make_trainer"], cwd=world.root, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}"})
+    took = time.monotonic() - start
+    assert proc.returncode == ExitCode.UNREACHABLE, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: no progress with the server for 1.5 s (--retry-budget); last error: the server "
+        "refuses connections (not running, or restarting)")
+    assert took >= 1.5 and "Traceback" not in proc.stderr
+    # Retries every few hundred milliseconds, one log line for them (rate-limited).
+    assert proc.stderr.count("server unreachable") == 1
+
+
+def _run_in_thread(world: World, port: int, trainer: object, *, budget: float = 30.0,
+                   data: str = "good.npz") -> tuple[threading.Thread, dict[str, object]]:
+    from fedmosaic.net.client import run_client
+
+    with np.load(world.root / data) as npz:
+        from fedmosaic.data import ArrayDataset
+
+        dataset = ArrayDataset(npz["x"], npz["y"])
+    outcome: dict[str, object] = {}
+
+    def body() -> None:
+        start = time.monotonic()
+        try:
+            outcome["report"] = run_client(
+                f"127.0.0.1:{port}", ca=world.fed.ca_cert, cert=world.fed.client_cert("c1"),
+                key=world.fed.client_key("c1"), trainer=trainer,  # type: ignore[arg-type]
+                data=dataset, retry_budget=budget, poll_seconds=1.0)
+        except Exception as exc:
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("listener", ["closed", "silent"])
+def test_the_retry_budget_is_a_hard_limit(world: World, listener: str) -> None:
+    """Nobody listening, or a listener that accepts and never answers (a hung server): the
+    client gives up when the budget is spent, not a retry delay or a call timeout later."""
+    import socket
+
+    from fedmosaic.net.client_errors import UnreachableError
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if listener == "silent":
+        sock.listen()
+    else:
+        sock.close()
+    try:
+        thread, outcome = _run_in_thread(world, port, _task_trainer(world.root), budget=1.5)
+        thread.join(30)
+    finally:
+        sock.close()
+    assert isinstance(outcome.get("error"), UnreachableError), outcome
+    assert 1.5 <= float(outcome["seconds"]) < 2.5  # type: ignore[arg-type]
+
+
+class ScriptedTrainer:
+    """The task's trainer, whose ``fit`` raises the scripted errors in turn (None: trains)."""
+
+    def __init__(self, inner: object, errors: list[BaseException | None],
+                 evaluate_error: BaseException | None = None) -> None:
+        from fedmosaic.train.base import TrainerWrapper
+
+        class _Scripted(TrainerWrapper):
+            def fit(self, weights, data, config):  # type: ignore[no-untyped-def]
+                error = errors.pop(0) if errors else None
+                if error is not None:
+                    raise error
+                return self.inner.fit(weights, data, config)
+
+            def evaluate(self, weights, data):  # type: ignore[no-untyped-def]
+                if evaluate_error is not None:
+                    raise evaluate_error
+                return self.inner.evaluate(weights, data)
+
+        self.trainer = _Scripted(inner)  # type: ignore[arg-type]
+
+
+def _rounds(running: RunningServer, numel: int, rounds: list[int]) -> threading.Thread:
+    """Rounds of one task for c1 each, driven on the transport by hand."""
+    import torch
+
+    from fedmosaic.algorithms.strategy import ClientTask
+    from fedmosaic.train.base import FitConfig
+
+    def loop() -> None:
+        for r in rounds:
+            list(running.transport.fit(torch.zeros(numel), [ClientTask("c1", FitConfig(
+                round=r, seed=r))], None))
+        running.transport.finish()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_joined(running: RunningServer, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and "c1" not in running.transport.sessions:
+        time.sleep(0.05)
+
+
+def test_a_deterministic_training_error_is_reported_and_ends_the_client(
+        world: World, tmp_path: Path) -> None:
+    from fedmosaic.net.client_errors import TrainingFailedError
+
+    fed_dir = Path(shutil.copytree(world.fed.root, tmp_path / "fed"))
+    inner = _task_trainer(world.root)
+    running = _server(fed_dir, inner, rounds=3)
+    try:
+        scripted = ScriptedTrainer(inner, [ValueError("labels must be 0..9\nsecond line")])
+        thread, outcome = _run_in_thread(world, running.port, scripted.trainer)
+        _wait_joined(running)
+        driver = _rounds(running, inner.spec.numel, [1, 2, 3])
+        thread.join(30)
+        driver.join(30)
+    finally:
+        running.stop(0)
+    error = outcome.get("error")
+    assert isinstance(error, TrainingFailedError) and error.exit_code == 5
+    assert str(error) == ("local training failed in round 1: ValueError: labels must be 0..9 "
+                          "(it would fail the same way every round)")
+    assert list(running.transport.refusals) == [
+        (1, "c1", "training_failed", "ValueError: labels must be 0..9")]
+
+
+def test_an_error_that_may_not_recur_lets_the_client_go_on(world: World,
+                                                           tmp_path: Path) -> None:
+    fed_dir = Path(shutil.copytree(world.fed.root, tmp_path / "fed"))
+    inner = _task_trainer(world.root)
+    running = _server(fed_dir, inner, rounds=2)
+    try:
+        scripted = ScriptedTrainer(inner, [MemoryError("out of memory"), None])
+        thread, outcome = _run_in_thread(world, running.port, scripted.trainer)
+        _wait_joined(running)
+        driver = _rounds(running, inner.spec.numel, [1, 2])
+        thread.join(30)
+        driver.join(30)
+    finally:
+        running.stop(0)
+    report = outcome.get("report")
+    assert report is not None, outcome
+    assert report.rounds == [2] and report.refused == [1]  # type: ignore[attr-defined]
+    assert [r[2:] for r in running.transport.refusals] == [
+        ("training_failed", "MemoryError: out of memory")]
+
+
+def test_three_failures_in_a_row_end_the_client(world: World, tmp_path: Path) -> None:
+    from fedmosaic.net.client_errors import TrainingFailedError
+
+    fed_dir = Path(shutil.copytree(world.fed.root, tmp_path / "fed"))
+    inner = _task_trainer(world.root)
+    running = _server(fed_dir, inner, rounds=4)
+    try:
+        scripted = ScriptedTrainer(inner, [MemoryError("out of memory")] * 4)
+        thread, outcome = _run_in_thread(world, running.port, scripted.trainer)
+        _wait_joined(running)
+        driver = _rounds(running, inner.spec.numel, [1, 2, 3, 4])
+        thread.join(60)
+        driver.join(60)
+    finally:
+        running.stop(0)
+    error = outcome.get("error")
+    assert isinstance(error, TrainingFailedError), outcome
+    assert str(error) == ("local training failed 3 rounds in a row; last: MemoryError: out of "
+                          "memory")
+    assert [r[0] for r in running.transport.refusals] == [1, 2, 3]
+
+
+def test_a_model_that_fails_on_its_own_data_is_found_after_joining(
+        world: World, tmp_path: Path) -> None:
+    """The server's checks pass (same layout, 64 features, labels 0-9) but the client's model
+    raises on its own samples: the client refuses the open task as incompatible_data and
+    stops, instead of failing every round."""
+    from fedmosaic.net.client_errors import PermanentError
+
+    fed_dir = Path(shutil.copytree(world.fed.root, tmp_path / "fed"))
+    inner = _task_trainer(world.root)
+    running = _server(fed_dir, inner, rounds=1)
+    try:
+        broken = ScriptedTrainer(inner, [], evaluate_error=RuntimeError(
+            "expected scalar type Double but found Float"))
+        thread, outcome = _run_in_thread(world, running.port, broken.trainer)
+        _wait_joined(running)
+        driver = _rounds(running, inner.spec.numel, [1])  # the round its joining starts
+        thread.join(30)
+        driver.join(40)
+    finally:
+        running.stop(0)
+    error = outcome.get("error")
+    assert isinstance(error, PermanentError) and error.exit_code == 3, outcome
+    message = ("your model fails on your own data: RuntimeError: expected scalar type Double "
+               "but found Float")
+    assert str(error) == message
+    assert list(running.transport.refusals) == [(1, "c1", "incompatible_data", message)]

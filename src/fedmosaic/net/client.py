@@ -95,6 +95,8 @@ SOFTWARE = "fedmosaic-client/1"
 MAX_TRAINING_FAILURES = 3
 # Samples of its own data a client runs its model on after joining (the self-check).
 SELF_CHECK_SAMPLES = 8
+# How long a client that failed its self-check waits for a task to refuse with the reason.
+REPORT_WAIT_SECONDS = 1.0
 # gRPC's own reconnection backoff (default up to 120 s) would hide a restarted server from
 # our retries; ours (``Backoff``) paces the attempts instead.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
@@ -295,12 +297,13 @@ class FederationClient:
         return None
 
     def _report_incompatible(self, message: str) -> None:
-        """Tell the server why this client leaves, when it holds a task to refuse (a round
-        is open); otherwise the server sees it go silent."""
+        """Tell the server why this client leaves, by refusing its task if one comes within
+        ``REPORT_WAIT_SECONDS`` (a round starting now that it joined); otherwise the server
+        only sees it go silent (there is no call to report outside a task)."""
         try:
-            task = self.stubs.get_task(pb.TaskRequest(server_instance=self.instance,
-                                                      wait_seconds=0),
-                                       timeout=self.backoff.timeout(self.rpc_timeout))
+            task = self.stubs.get_task(
+                pb.TaskRequest(server_instance=self.instance, wait_seconds=REPORT_WAIT_SECONDS),
+                timeout=self.backoff.timeout(REPORT_WAIT_SECONDS + 2.0))
         except grpc.RpcError:
             return
         if task.kind in (pb.Task.FIT, pb.Task.EVALUATE):
