@@ -222,6 +222,15 @@ def test_feature_shape_must_match_the_data(tmp_path):
                                "the data: the test set has 4 features")
 
 
+def test_server_refuses_a_model_with_fewer_outputs_than_the_test_labels(tmp_path):
+    exp = load_experiment(_project(tmp_path, classes=2))
+    with pytest.raises(ConfigError) as info:
+        server_task(exp)
+    assert str(info.value) == ("config key 'model.factory': got 'task:make_trainer'; allowed: "
+                               "a model with an output per class: the data has 3 classes "
+                               "(labels 0 to 2), the model 2 outputs")
+
+
 def test_a_model_that_does_not_fit_the_data_is_refused_at_build(tmp_path):
     exp = load_experiment(_project(tmp_path, classes=2))
     fed = build_data(exp)

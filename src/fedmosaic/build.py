@@ -332,7 +332,9 @@ def server_task(exp: Experiment) -> ServerTask:
     if "factory" in exp["model"]:
         trainer = trainer_factory(exp)()
         if shape is not None:
-            outputs = _check_fits(exp, trainer, shape, num_classes)
+            # The test set's labels need an output each too (else evaluating it fails).
+            seen = int(test.y.max()) + 1 if test is not None and len(test) else None
+            outputs = _check_fits(exp, trainer, shape, num_classes or seen)
             if num_classes is None and outputs is not None and outputs >= 2:
                 num_classes = outputs  # a classifier has one output per class
     else:
