@@ -128,6 +128,16 @@ def test_feature_selection_errors(tmp_path):
     _fails(only, f"{only}: no feature columns besides the label 'label'", label="label")
 
 
+def test_an_unnamed_column_is_not_taken_for_a_feature(tmp_path):
+    frame = _frame()
+    path = tmp_path / "indexed.csv"
+    frame.to_csv(path)  # pandas writes the row index as a column without a name
+    _fails(path, f"{path}: column 1 has no name in the header (a saved row index?); name it, "
+           "drop it, or list the feature columns (features = [...])", label="label")
+    ds = load_table(path, label="label", features=["age", "chol"])
+    assert ds.feature_shape == (2,)
+
+
 def test_non_numeric_feature_column_is_named(tmp_path):
     frame = _frame()
     frame["sex"] = ["male", "female"] * 10

@@ -178,6 +178,13 @@ def _load_frame(path: Path, suffix: str, label: str | None,
                              f"{_columns(columns)})")
     if features is None:
         names = [c for c in columns if c != label]
+        # pandas names a column without a header "Unnamed: N": usually a saved row index,
+        # which must not become a feature unnoticed.
+        unnamed = [i for i, c in enumerate(columns) if c.startswith("Unnamed: ")]
+        if unnamed:
+            raise FedmosaicError(f"{path}: column {unnamed[0] + 1} has no name in the header "
+                                 "(a saved row index?); name it, drop it, or list the feature "
+                                 "columns (features = [...])")
         if not names:
             raise FedmosaicError(f"{path}: no feature columns besides the label '{label}'")
     else:
