@@ -97,6 +97,17 @@ def _data(path: Path, features: int = FEATURES, top_label: int = CLASSES - 1,
     return path
 
 
+def _csv(path: Path, npz: Path) -> Path:
+    """The same data as a CSV file with a label column ``diagnosis``."""
+    with np.load(npz) as arrays:
+        x, y = arrays["x"], arrays["y"]
+    header = ",".join([*(f"f{i}" for i in range(x.shape[1])), "diagnosis"])
+    rows = [",".join([*(f"{v:.6g}" for v in row), str(int(label))])
+            for row, label in zip(x, y)]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
 def _expired_certificate(fed: FederationPaths, out: Path) -> tuple[Path, Path, dt.datetime]:
     """A client certificate from the federation's CA whose validity ended yesterday."""
     ca_cert = x509.load_pem_x509_certificate(fed.ca_cert.read_bytes())
@@ -145,8 +156,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     foreign = create_federation(root / "foreign", clients=["c1"], ca_passphrase=None)
     (root / "task.py").write_text(TASK)
     _data(root / "good.npz")
-    _data(root / "narrow.npz", features=10)
-    _data(root / "label15.npz", top_label=15)
+    _csv(root / "narrow.csv", _data(root / "narrow.npz", features=10))
+    _csv(root / "label15.csv", _data(root / "label15.npz", top_label=15))
+    # An experiment naming each client's own file and the user's model (for --config).
+    (root / "experiment.toml").write_text(textwrap.dedent("""\
+        name = "failfast"
+        seed = 3
+        rounds = 1
+
+        [data]
+        dataset = "files"
+        clients = { c1 = "good.npz", c3 = "label15.csv" }
+        label = "diagnosis"
+
+        [model]
+        factory = "task.py:make_trainer"
+    """))
     running = _server(root / "fed", _task_trainer(root))
     try:
         yield World(root, fed, foreign, running.port)
@@ -229,15 +254,17 @@ def test_model_with_another_layout_exits_at_once(world: World) -> None:
 
 
 def test_ten_features_against_a_64_feature_model_exits_at_once(world: World) -> None:
-    line, _ = _permanent(world, *world.creds("c2"), "--data", "narrow.npz", "--trainer",
-                         "task.py:make_trainer")
+    # A CSV file with a label column, as a hospital would have it.
+    line, _ = _permanent(world, *world.creds("c2"), "--data", "narrow.csv", "--label",
+                         "diagnosis", "--trainer", "task.py:make_trainer")
     assert line == ("error: refused by the server: your data has 10 features; the task's "
                     "model expects 64")
 
 
 def test_label_15_with_10_classes_exits_at_once(world: World) -> None:
-    line, _ = _permanent(world, *world.creds("c3"), "--data", "label15.npz", "--trainer",
-                         "task.py:make_trainer")
+    # The experiment file names this client's data and the model (--config).
+    line, _ = _permanent(world, "--credentials", str(world.fed.root), "--id", "c3",
+                         "--config", "experiment.toml")
     assert line == ("error: refused by the server: your data has label 15, but the task has "
                     "10 classes (labels 0 to 9)")
 
@@ -523,3 +550,18 @@ def test_a_model_that_fails_on_its_own_data_is_found_after_joining(
                "but found Float")
     assert str(error) == message
     assert list(running.transport.refusals) == [(1, "c1", "incompatible_data", message)]
+
+
+def test_usage_and_data_file_errors_exit_with_code_2(world: World) -> None:
+    code, _, err, took = world.client(*world.creds("c1"), "--data", "narrow.csv", "--trainer",
+                                      "task.py:make_trainer")
+    assert code == ExitCode.USAGE and "Traceback" not in err and took < 5.0
+    assert err.strip().splitlines()[-1] == ("error: --data narrow.csv needs --label COLUMN "
+                                            "(the column that holds the labels)")
+    np.save(world.root / "x.npy", np.zeros((4, 64), dtype=np.float32))
+    code, _, err, _ = world.client(*world.creds("c1"), "--data", "x.npy", "--trainer",
+                                   "task.py:make_trainer")
+    assert code == ExitCode.USAGE and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: x.npy: unsupported data file type "
+                                                   "'.npy' (save x and y together with "
+                                                   "numpy.savez)")

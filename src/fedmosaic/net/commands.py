@@ -163,6 +163,7 @@ def client(
     _setup_logging(json_logs)
     _quick_exit()
     try:
+        _check_client_usage(data, label, test_data, config, trainer)
         ca, cert, key = _credential_paths(credentials, client_id, ca, cert, key)
         from fedmosaic.net.client_errors import PermanentError
         from fedmosaic.net.preflight import check_credentials, check_server, expected_server_name
@@ -174,10 +175,12 @@ def client(
                                server_name=expected_server_name(credential, server, server_name))
         if verdict is not None:
             raise PermanentError(verdict.message, reason=verdict.reason)
-        from fedmosaic.net.policy import PrivacyPolicy
+        the_policy = None
+        if policy is not None:
+            from fedmosaic.net.policy import PrivacyPolicy
 
-        the_policy = PrivacyPolicy.load(policy) if policy is not None else None
-        if the_policy is None:
+            the_policy = PrivacyPolicy.load(policy)
+        else:
             logging.getLogger("fedmosaic.client").warning(
                 "no privacy policy (--policy FILE): this client accepts every task the server "
                 "sends, including plaintext uploads without secure aggregation and any noise "
@@ -235,28 +238,34 @@ def _credential_paths(credentials: Path | None, client_id: str | None, ca: Path 
     return ca, cert, key  # type: ignore[return-value]
 
 
+def _check_client_usage(data: Path | None, label: str | None, test_data: Path | None,
+                        config: Path | None, trainer_spec: str | None) -> None:
+    """Options that do not go together, said before anything is loaded."""
+    if (data is None) == (config is None):
+        _usage("give exactly one of --data FILE (.npz, .csv or .parquet) and --config "
+               "EXPERIMENT.toml")
+    if config is not None and (label is not None or test_data is not None):
+        _usage("--label and --test-data go with --data; with --config the experiment's [data] "
+               "table names the data")
+    if data is not None:
+        if label is None and data.suffix.lower() in (".csv", ".parquet"):
+            _usage(f"--data {data} needs --label COLUMN (the column that holds the labels)")
+        if trainer_spec is None:
+            _usage("--data needs --trainer module:attr or file.py:attr (the model to train)")
+
+
 def _client_setup(cert: Path, data: Path | None, label: str | None, test_data: Path | None,
                   config: Path | None, trainer_spec: str | None,
                   client_id: str | None) -> tuple[Any, Any, Any]:
     """The trainer, the training data and the local test split (or None) of a client."""
-    if (data is None) == (config is None):
-        _usage("give exactly one of --data FILE (.npz, .csv or .parquet) and --config "
-               "EXPERIMENT.toml")
     from fedmosaic.task import load_trainer
 
     if config is None:
-        if label is None and data is not None and data.suffix.lower() in (".csv", ".parquet"):
-            _usage(f"--data {data} needs --label COLUMN (the column that holds the labels)")
-        if trainer_spec is None:
-            _usage("--data needs --trainer module:attr or file.py:attr (the model to train)")
         from fedmosaic.data import load_table
 
         train = load_table(data, label=label)  # type: ignore[arg-type]
         test = load_table(test_data, label=label) if test_data is not None else None
         return load_trainer(str(trainer_spec), Path.cwd()), train, test
-    if label is not None or test_data is not None:
-        _usage("--label and --test-data go with --data; with --config the experiment's [data] "
-               "table names the data")
     return _config_setup(cert, config, trainer_spec, client_id)
 
 
