@@ -308,3 +308,16 @@ def test_a_copy_of_the_experiment_elsewhere_finds_the_data_with_base_dir(tmp_pat
     sys.modules.pop("task", None)
     fed = build_data(load_experiment(copy, base_dir=path.parent))
     assert fed.client_ids == CLIENTS
+
+
+def test_a_run_directory_copy_with_its_recorded_base_dir(tmp_path):
+    from fedmosaic.config import BASE_DIR_FILE, record_base_dir
+
+    path = _project(tmp_path / "project")
+    run = tmp_path / "runs" / "own"
+    run.mkdir(parents=True)
+    (run / "experiment.toml").write_text(path.read_text())
+    assert record_base_dir(path, run) == run / BASE_DIR_FILE
+    exp = load_experiment(run / "experiment.toml")  # what `fedmosaic resume` loads
+    assert exp.base_dir == path.parent.resolve()
+    assert build_data(exp).client_ids == CLIENTS

@@ -799,10 +799,27 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
                           "every client equally by construction)")
 
 
+# Beside a run directory's copy of the experiment file: the directory of the original, against
+# which the copy's relative data paths and modules resolve (``fedmosaic resume``).
+BASE_DIR_FILE = "experiment_dir.txt"
+
+
+def record_base_dir(experiment: str | Path, run_dir: str | Path) -> Path:
+    """Note in ``run_dir`` (which holds a copy of ``experiment``) where the original lives, so
+    that ``load_experiment`` of the copy finds the data and modules the original names."""
+    target = Path(run_dir) / BASE_DIR_FILE
+    target.write_text(str(Path(experiment).resolve().parent) + "\n", encoding="utf-8")
+    return target
+
+
 def load_experiment(path: str | Path, base_dir: str | Path | None = None) -> Experiment:
     """Read and validate an experiment TOML file. ``base_dir``: where its relative data paths
-    and modules are found, when not beside it (a run directory's copy of the file)."""
+    and modules are found, when not beside it; by default the directory recorded by
+    ``record_base_dir`` beside it (a run directory's copy), else the file's own directory."""
     path = Path(path)
+    recorded = path.parent / BASE_DIR_FILE
+    if base_dir is None and recorded.is_file():
+        base_dir = recorded.read_text(encoding="utf-8").strip() or None
     if not path.is_file():
         raise ConfigError("<file>", str(path), "an existing experiment .toml file")
     try:
