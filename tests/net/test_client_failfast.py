@@ -231,7 +231,7 @@ def test_expired_certificate_exits_at_once(world: World) -> None:
                          str(key), "--data", "good.npz", "--trainer", "task.py:make_trainer")
     assert line == (f"error: your certificate expired on "
                     f"{not_after.strftime('%Y-%m-%d %H:%M')} UTC; ask the operator for a new "
-                    f"one (fedmosaic certs request here, then fedmosaic certs sign by the "
+                    f"one (fedmosaic certs request NEW-ID here, then fedmosaic certs sign by the "
                     f"operator)")
 
 

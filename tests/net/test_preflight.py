@@ -118,8 +118,8 @@ def test_expired_and_not_yet_valid(fed: FederationPaths, tmp_path: Path) -> None
     assert exc.reason == "expired"
     ends = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
     assert str(exc) == (f"your certificate expired on {ends:%Y-%m-%d %H:%M} UTC; ask the "
-                        "operator for a new one (fedmosaic certs request here, then fedmosaic "
-                        "certs sign by the operator)")
+                        "operator for a new one (fedmosaic certs request NEW-ID here, then "
+                        "fedmosaic certs sign by the operator)")
     cert, key = _leaf(fed, tmp_path / "future", not_before=dt.timedelta(days=2))
     exc = _refused(fed.ca_cert, cert, key)
     assert exc.reason == "not_yet_valid" and "check it" in str(exc)

@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 # Warn when the certificate expires within this many days (so renewal is not a surprise).
 EXPIRY_WARNING_DAYS = 14
-_RENEW = "ask the operator for a new one (fedmosaic certs request here, then fedmosaic " \
-         "certs sign by the operator)"
+# Ids are never reused (fedmosaic.net.certs), so a new credential comes with a new id.
+_RENEW = "ask the operator for a new one (fedmosaic certs request NEW-ID here, then " \
+         "fedmosaic certs sign by the operator)"
 
 
 class PreflightError(PermanentError):
