@@ -188,12 +188,13 @@ def run(
     try:
         exp = load_experiment(experiment)
         out = output or exp.output
-        if (out / "checkpoint.pt").exists() and not overwrite:
+        from fedmosaic.runtime.checkpoint import clear_run, holds_run
+
+        if holds_run(out) and not overwrite:
             _fail(f"{out} already holds a run; use 'fedmosaic resume {out}' to continue it, "
                   "--overwrite to replace it, or --output for another directory")
         if overwrite and out.exists():
-            for name in ("checkpoint.pt", "metrics.json", "model.pt", "report.png"):
-                (out / name).unlink(missing_ok=True)
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(experiment, out / CONFIG_COPY)
         _execute(exp, out, resume=False)

@@ -79,6 +79,21 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+#: Axis labels for the record keys a plot shows most; others are spelt out from their key.
+METRIC_LABELS = {
+    "test_accuracy": "test accuracy", "test_loss": "test loss",
+    "fed_test_accuracy": "test accuracy (federated)", "fed_test_loss": "test loss (federated)",
+    "train_loss": "training loss", "train_accuracy": "training accuracy",
+    "dp_epsilon": "privacy spent (epsilon)", "wall_time": "round time (s)",
+    "bytes_up": "bytes uploaded", "bytes_down": "bytes downloaded",
+}
+
+
+def metric_label(metric: str) -> str:
+    """A readable axis label for a record key ("test_accuracy" -> "test accuracy")."""
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
 def default_plot_metrics(histories: dict[str, list[dict[str, Any]]]) -> tuple[str, str]:
     """Central test accuracy and loss; the federated evaluation's (``fed_test_*``) when no
     history has central ones (a run without a central test set)."""
@@ -101,6 +116,7 @@ def plot_histories(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if metrics is None:
         metrics = default_plot_metrics(histories)
@@ -112,9 +128,11 @@ def plot_histories(
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=label)
         ax.set_xlabel("round")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric_label(metric))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 2.5
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if len(histories) > 1:  # one run needs no legend (its name is the title)
+        axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
