@@ -516,14 +516,14 @@ class FederationClient:
             bad = [k for k, v in metrics.items() if not np.isfinite(v)]
             if bad:
                 raise ValueError(f"metric {bad[0]!r} is {metrics[bad[0]]}, not finite")
-        except Exception as exc:
-            log.exception("round %d: local evaluation failed", task.round)
-            self._refuse(task, "evaluation_failed", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # reported, not a traceback: the reason names the error
+            log.debug("round %d: local evaluation failed", task.round, exc_info=True)
+            self._refuse(task, "evaluation_failed", failure_reason(exc))
             return
         reply = self.stubs.report_evaluation(
             pb.EvaluationReport(task_id=task.task_id, round=task.round,
                                 num_samples=len(self.test_data), metrics=metrics),
-            timeout=self.rpc_timeout)
+            timeout=self.backoff.timeout(self.rpc_timeout))
         log.info("round %d: %s", task.round, reply.detail)
 
     def _upload(self, task: pb.Task, delta: torch.Tensor, num_samples: int,
