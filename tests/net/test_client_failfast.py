@@ -565,3 +565,31 @@ def test_usage_and_data_file_errors_exit_with_code_2(world: World) -> None:
     assert err.strip().splitlines()[-1].startswith("error: x.npy: unsupported data file type "
                                                    "'.npy' (save x and y together with "
                                                    "numpy.savez)")
+
+
+def test_ctrl_c_while_retrying_exits_130_without_a_traceback(world: World,
+                                                             tmp_path: Path) -> None:
+    import signal
+
+    log = tmp_path / "client.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedmosaic.cli", "client", "--server",
+             f"127.0.0.1:{_free_port()}", "--retry-budget", "60", *world.creds("c1"),
+             "--data", "good.npz", "--trainer", "task.py:make_trainer"], cwd=world.root,
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}"})
+    try:
+        end = time.monotonic() + 60
+        while "server unreachable" not in log.read_text() and time.monotonic() < end:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == ExitCode.INTERRUPTED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert text.strip().splitlines()[-1] == "error: interrupted"
+    assert "Traceback" not in text
