@@ -20,17 +20,27 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedmosaic.data import ArrayDataset, ClientData, FederatedDataset
 from fedmosaic.models import build_model
 from fedmosaic.net.certs import FederationPaths, create_federation
 from fedmosaic.net.client import ClientReport, _Stubs, open_channel, run_client
 from fedmosaic.net.errors import REFUSAL_KEY
+from fedmosaic.net.monitoring import REJECT_REASONS
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.server import start_server
 from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.transport import GrpcTransport
-from fedmosaic.net.wire import iter_chunks, spec_hash
+from fedmosaic.net.wire import (
+    MAX_METRIC_MAGNITUDE,
+    MAX_METRICS,
+    WireError,
+    check_evaluation,
+    iter_chunks,
+    spec_hash,
+)
 from fedmosaic.runtime.evaluation import EvalReport
 from fedmosaic.runtime.tally import ClientFailure
 from fedmosaic.train import TorchTrainer
@@ -297,3 +307,31 @@ def test_a_silent_client_is_dropped_from_the_evaluation(live: Live) -> None:
     assert time.monotonic() - start < live.transport.settings.round_deadline / 2
     issue = live.transport.issues.get("e1")
     assert issue is not None and (issue.code, issue.round) == ("heartbeat_timeout", 2)
+
+
+_METRIC_NAMES = st.text(min_size=0, max_size=80)
+_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                    st.floats(min_value=-1e16, max_value=1e16))
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_samples=st.integers(min_value=0, max_value=2**64 - 1),
+       metrics=st.dictionaries(_METRIC_NAMES, _VALUES, max_size=70))
+def test_any_evaluation_report_is_accepted_clean_or_refused_with_a_known_label(
+        num_samples: int, metrics: dict[str, float]) -> None:
+    """Whatever a client puts in a report (it arrives through protobuf's own checks), the
+    server's check either yields a sample count in range and finite bounded metrics under
+    printable names, or refuses it with a label of the bounded metric."""
+    msg = pb.EvaluationReport(task_id=b"t" * 16, round=1, num_samples=num_samples,
+                              metrics=metrics)
+    try:
+        n, clean = check_evaluation(msg)
+    except WireError as exc:
+        assert exc.label in REJECT_REASONS and exc.label != "other"
+        assert str(exc).isprintable()
+        return
+    assert 1 <= n <= 2**40 and n == num_samples
+    assert len(clean) <= MAX_METRICS
+    assert all(k and k.isprintable() and len(k) <= 64 for k in clean)
+    assert all(math.isfinite(v) and abs(v) <= MAX_METRIC_MAGNITUDE for v in clean.values())
+    assert clean == {k: float(v) for k, v in msg.metrics.items()}

@@ -78,6 +78,7 @@ from fedmosaic.net.wire import (
     BufferPool,
     ChunkAssembler,
     WireError,
+    check_evaluation,
     check_metrics,
     check_refusal,
     fit_config_to_wire,
@@ -538,10 +539,7 @@ class GrpcTransport:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                               f"task is {task.state}: not handed out yet", "task_state")
             try:
-                if not 0 < msg.num_samples <= MAX_SAMPLES:
-                    raise WireError(f"num_samples {msg.num_samples} outside [1, {MAX_SAMPLES}]",
-                                    "invalid_evaluation")
-                metrics = check_metrics(msg.metrics)
+                num_samples, metrics = check_evaluation(msg)
             except WireError as exc:
                 self.reject_task(task, str(exc))
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.label) from exc
@@ -551,7 +549,7 @@ class GrpcTransport:
                               "arrived", "late")
             task.state = "delivered"
             self.results.put(Delivery(task, EvalReport(  # type: ignore[arg-type]
-                peer.client_id, int(msg.num_samples), metrics)))
+                peer.client_id, num_samples, metrics)))
             self.cond.notify_all()
         return pb.EvaluationReply(accepted=True,
                                   detail=f"evaluation of round {task.round} recorded")

@@ -32,6 +32,7 @@ LITTLE_F32 = np.dtype("<f4")
 # Room for a message's fields besides its tensor bytes (header, metrics map, ids).
 MESSAGE_OVERHEAD = 64 * 1024
 MAX_METRICS = 64
+MAX_SAMPLES = 2**40  # largest sample count a client may report
 MAX_METRIC_KEY = 64
 # Largest magnitude of a reported metric: far above any loss or accuracy, small enough that a
 # sample-weighted sum over 2**40 samples stays finite in float64.
@@ -206,6 +207,16 @@ def check_metrics(metrics: Any) -> dict[str, float]:
                             "oversized")
         out[key] = float(value)
     return out
+
+
+def check_evaluation(msg: pb.EvaluationReport) -> tuple[int, dict[str, float]]:
+    """The (num_samples, metrics) of a client's ``EvaluationReport``; ``WireError`` if the
+    sample count is outside ``[1, MAX_SAMPLES]`` (label ``invalid_evaluation``) or a metric
+    fails ``check_metrics``."""
+    if not 0 < msg.num_samples <= MAX_SAMPLES:
+        raise WireError(f"num_samples {msg.num_samples} outside [1, {MAX_SAMPLES}]",
+                        "invalid_evaluation")
+    return int(msg.num_samples), check_metrics(msg.metrics)
 
 
 def check_refusal(msg: pb.TaskRefusal) -> tuple[str, str]:
