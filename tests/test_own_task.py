@@ -321,3 +321,15 @@ def test_a_run_directory_copy_with_its_recorded_base_dir(tmp_path):
     exp = load_experiment(run / "experiment.toml")  # what `fedmosaic resume` loads
     assert exp.base_dir == path.parent.resolve()
     assert build_data(exp).client_ids == CLIENTS
+
+
+def test_model_builder_for_a_factory_and_for_a_kind(tmp_path):
+    from fedmosaic.build import model_builder
+    from fedmosaic.config import validate
+
+    exp = load_experiment(_project(tmp_path))
+    net = model_builder(exp, (4,), 3)()
+    assert type(net).__name__ == "GatedNet"
+    builtin = validate({"rounds": 1, "data": {"dataset": "digits"}, "model": {"hidden": [8]}})
+    assert sum(p.numel() for p in model_builder(builtin, (64,), 10)().parameters()) == \
+        64 * 8 + 8 + 8 * 10 + 10

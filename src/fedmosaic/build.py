@@ -409,9 +409,21 @@ def _user_model_fn(exp: Experiment) -> Callable[[], torch.nn.Module]:
         trainer = trainer.inner
     if not isinstance(trainer, TorchTrainer):
         raise ConfigError("model.factory", exp["model"]["factory"], "a factory of a "
-                          "TorchTrainer with a [watermark] table (WAFFLE retrains the torch "
-                          f"model on the server; got a {type(trainer).__name__})")
+                          "TorchTrainer here (the torch model itself is needed: a [watermark] "
+                          f"retrains or verifies it; got a {type(trainer).__name__})")
     return trainer.model_fn
+
+
+def model_builder(exp: Experiment, feature_shape: tuple[int, ...],
+                  num_classes: int) -> Callable[[], torch.nn.Module]:
+    """A zero-argument builder of the experiment's torch model: ``[model] kind`` for the given
+    shape and classes, or the ``model_fn`` of the ``TorchTrainer`` that ``[model] factory``
+    returns (``ConfigError`` for another kind of trainer)."""
+    m = exp["model"]
+    if "factory" in m:
+        return _user_model_fn(exp)
+    return partial(build_model, m["kind"], tuple(feature_shape), num_classes,
+                   hidden=tuple(m["hidden"]))
 
 
 def _watermark(exp: Experiment, fed: fd.FederatedDataset | None,
@@ -430,9 +442,7 @@ def _watermark(exp: Experiment, fed: fd.FederatedDataset | None,
                           "set) and num_classes")
     from fedmosaic.watermark.from_config import build_watermark
 
-    m = exp["model"]
-    model_fn = _user_model_fn(exp) if "factory" in m else partial(
-        build_model, m["kind"], shape, classes, hidden=tuple(m["hidden"]))
+    model_fn = model_builder(exp, shape, classes)
     stage, fingerprint = build_watermark(exp["watermark"], model_fn=model_fn,
                                          input_shape=shape, num_classes=classes,
                                          device=exp["runtime"]["device"])
