@@ -538,6 +538,34 @@ def skellam_section(d: dict[str, Any]) -> str:
     return "\n".join([*lines, ""])
 
 
+def cli_startup_section(d: dict[str, Any]) -> str:
+    runs = d["runs"]
+    lines = [
+        "## Command-line start-up (issue #10)",
+        "",
+        "Wall time of the installed `fedmosaic` entry points in fresh processes (median, "
+        f"minimum and maximum of {d['repeat']} runs after one warm-up run), against a budget of "
+        f"{d['budget_s']} s for `fedmosaic --help`. The command line imports no heavy module "
+        "until a command needs one. `fedmosaic --help at REV` is the same command on the source "
+        "tree of an earlier revision (with `--before REV`; cd2478f is the last one that imported "
+        "torch, scipy and scikit-learn to print its help).",
+        "",
+        f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
+        "",
+        machine_line(d["machine"]),
+        "",
+        "| command | median (s) | min (s) | max (s) |",
+        "|---|--:|--:|--:|",
+    ]
+    for name, r in runs.items():
+        lines.append(f"| `{name}` | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} |")
+    heavy = d["heavy_modules_loaded"]
+    lines += ["", "Heavy modules (torch, gRPC, cryptography, scikit-learn, scipy, matplotlib, "
+              "pandas, Opacus, numpy) loaded by importing the whole command line: "
+              + (", ".join(heavy) if heavy else "none") + ".", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = [header()]
     if (d := load("peer_compare")) is not None:
@@ -563,6 +591,8 @@ def main() -> None:
         parts.append(grpc_deploy_section(d))
     if (d := load("fmnist_fedavg")) is not None:
         parts.append(fmnist_fedavg_section(d))
+    if (d := load("cli_startup")) is not None:
+        parts.append(cli_startup_section(d))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 
