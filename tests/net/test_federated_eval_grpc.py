@@ -23,6 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmosaic.algorithms.strategy import FedAvg
 from fedmosaic.data import ArrayDataset, ClientData, FederatedDataset
 from fedmosaic.models import build_model
 from fedmosaic.net.certs import FederationPaths, create_federation
@@ -41,7 +42,8 @@ from fedmosaic.net.wire import (
     iter_chunks,
     spec_hash,
 )
-from fedmosaic.runtime.evaluation import EvalReport
+from fedmosaic.runtime.evaluation import EvalReport, FederatedEvaluation
+from fedmosaic.runtime.simulate import simulate
 from fedmosaic.runtime.tally import ClientFailure
 from fedmosaic.train import TorchTrainer
 from tests.conftest import make_blobs
@@ -335,3 +337,65 @@ def test_any_evaluation_report_is_accepted_clean_or_refused_with_a_known_label(
     assert all(k and k.isprintable() and len(k) <= 64 for k in clean)
     assert all(math.isfinite(v) and abs(v) <= MAX_METRIC_MAGNITUDE for v in clean.values())
     assert clean == {k: float(v) for k, v in msg.metrics.items()}
+
+
+_FIT_LOCK = threading.Lock()
+
+
+class _ClientThreadTrainer(TorchTrainer):
+    """Client threads share torch's global RNG, which each fit seeds: fits must not
+    interleave (separate client processes need no lock)."""
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        with _FIT_LOCK:
+            return super().fit(*args, **kwargs)
+
+
+def test_a_deployed_run_with_federated_evaluation_records_the_simulation_s_metrics(
+        credentials: Path) -> None:
+    """The server loop (``simulate`` with a ``GrpcTransport`` and ``FederatedEvaluation``)
+    over real client threads records the ``fed_test_*`` metrics of the simulation."""
+    fed = _blobs_with_tests()
+    rounds = 2
+    reference = simulate(_trainer(), fed, FedAvg(), rounds, seed=5,
+                         federated_eval=FederatedEvaluation(), central_eval=False)
+    trainer = _trainer()
+    settings = DeploySettings(credentials=credentials, address="127.0.0.1", port=0,
+                              min_clients=len(fed.clients), heartbeat_interval=1.0,
+                              round_deadline=60.0, wait_for_clients=60.0, chunk_bytes=256,
+                              max_workers=16)
+    transport = GrpcTransport(settings, numel=trainer.spec.numel,
+                              spec_hash=spec_hash(trainer.spec), experiment="blobs",
+                              rounds=rounds)
+    running = start_server(settings, transport)
+    paths = FederationPaths(credentials)
+    trainers = {c.client_id: _ClientThreadTrainer(
+        partial(build_model, "mlp", (5,), 3, hidden=(8,)), lr=0.1, batch_size=8)
+        for c in fed.clients}
+
+    def client(c: ClientData) -> None:
+        run_client(f"127.0.0.1:{running.port}", ca=paths.ca_cert,
+                   cert=paths.client_cert(c.client_id), key=paths.client_key(c.client_id),
+                   trainer=trainers[c.client_id], data=c.train, test_data=c.test,
+                   retry_budget=60, poll_seconds=1.0)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in fed.clients]
+    for t in threads:
+        t.start()
+    try:
+        result = simulate(trainer, fed, FedAvg(), rounds, seed=5, transport=transport,
+                          federated_eval=FederatedEvaluation(), central_eval=False)
+        transport.finish()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        running.stop(0)
+    assert torch.allclose(result.weights, reference.weights, atol=1e-6)
+    for got, want in zip(result.history, reference.history, strict=True):
+        assert (got["fed_eval_clients"], got["fed_eval_failures"]) == (3, 1)
+        assert (want["fed_eval_clients"], want["fed_eval_failures"]) == (3, 1)
+        assert got["fed_eval_samples"] == want["fed_eval_samples"] == 11 + 29 + 7
+        assert got["fed_test_loss"] == pytest.approx(want["fed_test_loss"], rel=1e-5)
+        assert got["fed_test_accuracy"] == pytest.approx(want["fed_test_accuracy"], abs=1e-9)
+    issue = transport.issues.get("e3")
+    assert issue is not None and (issue.code, issue.round) == ("no_test_data", rounds)
