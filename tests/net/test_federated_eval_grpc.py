@@ -288,6 +288,10 @@ def test_hostile_evaluation_reports_are_refused_with_a_label(
     assert snap["rejected_messages"]["foreign_task"] == 2
     assert snap["rejected_messages"]["non_finite"] == 1
     assert "client e3 could not run its evaluate task (no_test_data)" in caplog.text
+    # Structured fields for a JSON log pipeline: which client, which problem.
+    assert {(getattr(r, "client", None), getattr(r, "code", None)) for r in caplog.records
+            if getattr(r, "round", None) == 3} >= {("e3", "no_test_data"),
+                                                  ("e1", "rejected_evaluation")}
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks
 
 

@@ -276,7 +276,8 @@ class GrpcTransport:
         else:
             msg = f"update from client '{task.client_id}' rejected: {reason}"
             result, code = PartialAggregate(weighted_sum=None, rejected=[msg]), "rejected_update"
-        log.warning("round %d: %s", task.round, msg)
+        log.warning("round %d: %s", task.round, msg,
+                    extra={"round": task.round, "client": task.client_id, "code": code})
         self.record_issue(task.client_id, code, reason, task.round)
         self.close_task(task, result, "rejected")  # type: ignore[arg-type]
 
@@ -291,7 +292,8 @@ class GrpcTransport:
         one log line naming the client and why."""
         what = "evaluation" if task.kind == "evaluate" else "round"
         log.warning("round %d: client %s dropped from the %s (%s): %s", task.round,
-                    task.client_id, what, code, reason)
+                    task.client_id, what, code, reason,
+                    extra={"round": task.round, "client": task.client_id, "code": code})
         self.record_issue(task.client_id, code, reason, task.round)
         self.close_task(task, ClientFailure(task.client_id, reason), code)
 
@@ -514,12 +516,14 @@ class GrpcTransport:
             self.record_issue(task.client_id, code, reason, task.round)
             if task.round == self.round and task.kind == "fit":
                 self.round_refused += 1
+        # Structured fields too: a JSON log pipeline can group by client and code.
+        extra = {"round": task.round, "client": task.client_id, "code": code}
         if code in CLIENT_ERROR_CODES:
             log.warning("round %d: client %s could not run its %s task (%s): %s", task.round,
-                        task.client_id, task.kind, code, reason)
+                        task.client_id, task.kind, code, reason, extra=extra)
         else:
             log.warning("round %d: client %s refused its task (%s): %s", task.round,
-                        task.client_id, code, reason)
+                        task.client_id, code, reason, extra=extra)
         return pb.RefusalReply(detail=f"refusal of the round {task.round} task recorded")
 
     def report_evaluation(self, peer: Peer, msg: pb.EvaluationReport) -> pb.EvaluationReply:
