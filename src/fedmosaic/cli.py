@@ -165,7 +165,7 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
                       f"{dp['unit']}, {dp['accountant'].upper()} accountant, {dp['sampling']}, "
                       f"{dp['rounds']} rounds")
     if result.stopped:
-        console.print(f"[yellow]stopped early:[/] {result.stopped}")
+        console.print(f"[yellow]stopped early:[/] {escape(result.stopped)}")
     if attack := result.guarantees.get("simulated_attack"):
         console.print(f"[bold red]simulated attack:[/] {attack['name']} on "
                       f"{attack['malicious_clients']} of {attack['clients']} clients; these "
