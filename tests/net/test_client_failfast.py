@@ -180,14 +180,28 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         running.stop(0)
 
 
-def _permanent(world: World, *args: str) -> tuple[str, float]:
-    """Run a client expected to give up at once; its last stderr line and its run time."""
+def _refused_once(world: World, args: tuple[str, ...]) -> tuple[str, float]:
     code, _, err, took = world.client(*args)
     assert code == ExitCode.REFUSED, err[-3000:]
-    assert took < PERMANENT_EXIT_SECONDS, f"took {took:.1f} s\n{err[-3000:]}"
     assert "Traceback" not in err
     print(f"exited with {code} after {took:.2f} s")  # the measured figure (pytest -s)
     return err.strip().splitlines()[-1], took
+
+
+def _permanent(world: World, *args: str) -> tuple[str, float]:
+    """Run a client expected to give up at once; its last stderr line and its run time.
+
+    Most of a client's start-up is importing torch (and the model and data that need it), so
+    on a machine whose 2 cores other jobs keep busy one run can take longer than the bound
+    without any retry in it: a run over the bound is repeated once, and the second must be
+    within it (with the same line and exit code).
+    """
+    line, took = _refused_once(world, args)
+    if took >= PERMANENT_EXIT_SECONDS:
+        again, took = _refused_once(world, args)
+        assert again == line
+        assert took < PERMANENT_EXIT_SECONDS, f"took {took:.1f} s twice"
+    return line, took
 
 
 def test_foreign_ca_credentials_exit_at_once(world: World) -> None:
