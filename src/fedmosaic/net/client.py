@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,9 @@ class FederationClient:
         self._rejoins = 0  # joins asked for since the last progress
         self._training_failures = 0  # consecutive rounds whose local training failed
         self._limit = RepeatLimiter()
+        # Tasks refused lately: one the server hands out again (the refusal did not reach
+        # it) is waited on with backoff, not refused again at once in a tight loop.
+        self._refused_tasks: deque[bytes] = deque(maxlen=16)
 
     # -- connection ---------------------------------------------------------------------------
     def data_profile(self) -> DataProfile:
@@ -338,6 +342,12 @@ class FederationClient:
                     if task.kind == pb.Task.DONE:
                         log.info("the run is finished after round %d", task.round)
                         return self.report
+                    if task.task_id and bytes(task.task_id) in self._refused_tasks:
+                        self._limit.log(log, logging.INFO, "refused_again", "round %d: the "
+                                        "server sent the task this client refused again; "
+                                        "waiting", task.round)
+                        self.backoff.wait("the server keeps sending a refused task")
+                        continue
                     if task.kind == pb.Task.EVALUATE:
                         self._run_evaluation(task)
                     if task.kind == pb.Task.FIT:
@@ -398,6 +408,7 @@ class FederationClient:
         reason = printable_reason(reason)
         log.warning("round %d: refusing the task (%s): %s", task.round, code, reason)
         self.report.refused.append(task.round)
+        self._refused_tasks.append(bytes(task.task_id))
         try:
             reply = self.stubs.refuse_task(
                 pb.TaskRefusal(task_id=task.task_id, round=task.round, code=code,

@@ -181,10 +181,12 @@ def client(
 
             the_policy = PrivacyPolicy.load(policy)
         else:
-            logging.getLogger("fedmosaic.client").warning(
-                "no privacy policy (--policy FILE): this client accepts every task the server "
-                "sends, including plaintext uploads without secure aggregation and any noise "
-                "level")
+            warning = ("no privacy policy (--policy FILE): this client accepts every task the "
+                       "server sends, including plaintext uploads without secure aggregation "
+                       "and any noise level")
+            if _json_logs:
+                logging.getLogger("fedmosaic.client").warning(warning)
+            err.print(f"[bold yellow]warning:[/] {warning}")
         the_trainer, train, test = _client_setup(cert, data, label, test_data, config, trainer,
                                                  client_id)
         from fedmosaic.net.client import run_client
