@@ -5,6 +5,7 @@ logs, which training errors may recur)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import logging
@@ -228,6 +229,42 @@ def test_check_server_leaves_an_absent_or_silent_server_to_the_retries(
                             timeout=0.3) is None
 
 
+@pytest.mark.parametrize("kind", ["plain", "tls12"])
+def test_check_server_names_a_server_that_is_not_fedmosaic(fed: FederationPaths,
+                                                           kind: str) -> None:
+    """A plain TCP service (not TLS), or a TLS server that offers only TLS 1.2."""
+    import ssl
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(fed.server_cert), str(fed.server_key))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            if kind == "plain":
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+            else:
+                with contextlib.suppress(ssl.SSLError, OSError):
+                    context.wrap_socket(conn, server_side=True).close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        verdict = check_server(f"127.0.0.1:{listener.getsockname()[1]}", fed.ca_cert,
+                               fed.client_cert("c1"), fed.client_key("c1"),
+                               server_name="gen-1.server.fedmosaic.invalid")
+    finally:
+        thread.join(10)
+        listener.close()
+    assert verdict is not None
+    assert verdict.reason == ("not_tls" if kind == "plain" else "tls_version")
+
+
 # -- classify -------------------------------------------------------------------------------
 
 class FakeRpcError(grpc.RpcError):
@@ -267,6 +304,14 @@ S = grpc.StatusCode
      "handshaker.", "", "fail", "bad_credentials"),
     (S.UNAVAILABLE, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca", "", "fail",
      "foreign_ca"),
+    (S.UNAVAILABLE, "last error: UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed "
+     "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:"
+     "WRONG_VERSION_NUMBER: Invalid certificate verification context: OK", "", "fail",
+     "not_tls"),
+    (S.UNAVAILABLE, "last error: UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed "
+     "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:10000410:SSL routines:OPENSSL_internal:"
+     "SSLV3_ALERT_HANDSHAKE_FAILURE: Invalid certificate verification context: OK", "", "fail",
+     "tls_version"),
     (S.PERMISSION_DENIED, "credential of 'c2' is revoked", "", "fail", "revoked"),
     (S.UNAUTHENTICATED, "no verified client certificate", "", "fail", "unauthenticated"),
     (S.FAILED_PRECONDITION, "not joined to this server instance: join again", "", "rejoin",

@@ -141,6 +141,9 @@ LOCAL_TLS: tuple[tuple[str, str, str], ...] = (
     ("Peer name", "server_name",
      "the server's certificate does not carry the name this client dialled (use the name in "
      "the certificate, or --server-name)"),
+    ("WRONG_VERSION_NUMBER", "not_tls",
+     "the server at this address does not speak TLS: check --server (the host and port "
+     "fedmosaic server listens on)"),
     ("Failed to create security handshaker", "bad_credentials",
      "this client's TLS credentials are unusable: the key does not fit the certificate, or a "
      "file is not PEM"),
@@ -158,6 +161,13 @@ SERVER_ALERTS: tuple[tuple[str, str, str], ...] = (
      "the server requires a client certificate and none was sent"),
     ("SSLV3_ALERT_BAD_CERTIFICATE", "bad_certificate",
      "the server refused this client's certificate"),
+    # A server that offers only TLS 1.2 (fedmosaic clients speak TLS 1.3 only).
+    ("SSLV3_ALERT_HANDSHAKE_FAILURE", "tls_version",
+     "the server and this client share no TLS version or cipher: fedmosaic uses TLS 1.3 "
+     "only (FEDMOSAIC_ALLOW_TLS12=1 allows TLS 1.2; docs/deployment.md)"),
+    ("TLSV1_ALERT_PROTOCOL_VERSION", "tls_version",
+     "the server and this client share no TLS version or cipher: fedmosaic uses TLS 1.3 "
+     "only (FEDMOSAIC_ALLOW_TLS12=1 allows TLS 1.2; docs/deployment.md)"),
 )
 
 

@@ -277,10 +277,10 @@ def _handshake(server: str, ca: Path, cert: Path, key: Path, server_name: str,
                                   f"server's certificate: {exc.verify_message}"), b""
     except ssl.SSLError as exc:
         text = f"{getattr(exc, 'reason', '')} {exc}"
-        for needle, label, message in SERVER_ALERTS:
+        for needle, label, message in (*SERVER_ALERTS, *LOCAL_TLS):
             if needle.lower() in text.lower():
                 return "verdict", Verdict("fail", label, message), b""
-        return "unreachable", None, b""
+        return "unreachable", None, b""  # e.g. an EOF in the handshake: for the retries
     except (OSError, ValueError):
         return "unreachable", None, b""  # down, reset, timed out: transient
     return ("accepted" if answer else "hangup"), None, server_der
