@@ -607,3 +607,27 @@ def test_ctrl_c_while_retrying_exits_130_without_a_traceback(world: World,
     text = log.read_text()
     assert text.strip().splitlines()[-1] == "error: interrupted"
     assert "Traceback" not in text
+
+
+def test_run_client_diagnoses_a_server_hanging_up_on_its_certificate(world: World) -> None:
+    """In ``run_client`` (no start-up check there): gRPC reports only "Socket closed"; the
+    client's own handshakes find the verdict and it stops at once."""
+    from fedmosaic.data import ArrayDataset
+    from fedmosaic.net.client import run_client
+    from fedmosaic.net.client_errors import PermanentError
+
+    bundle = world.root / "bundle-inprocess"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "ca.pem").write_bytes(world.fed.ca_cert.read_bytes()
+                                    + world.foreign.ca_cert.read_bytes())
+    with np.load(world.root / "good.npz") as npz:
+        data = ArrayDataset(npz["x"], npz["y"])
+    start = time.monotonic()
+    with pytest.raises(PermanentError) as info:
+        run_client(f"127.0.0.1:{world.port}", ca=bundle / "ca.pem",
+                   cert=world.foreign.client_cert("c1"), key=world.foreign.client_key("c1"),
+                   trainer=_task_trainer(world.root), data=data, retry_budget=60)
+    assert time.monotonic() - start < 5.0
+    assert info.value.reason == "foreign_ca"
+    assert str(info.value) == ("the server does not trust this certificate: it was issued by "
+                               "another CA than the server's")
