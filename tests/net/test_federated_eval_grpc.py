@@ -31,6 +31,7 @@ from fedmosaic.net.client import ClientReport, _Stubs, open_channel, run_client
 from fedmosaic.net.errors import REFUSAL_KEY
 from fedmosaic.net.monitoring import REJECT_REASONS
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
+from fedmosaic.net.secagg import SecAggRoundDriver
 from fedmosaic.net.server import start_server
 from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.transport import GrpcTransport
@@ -347,19 +348,33 @@ _FIT_LOCK = threading.Lock()
 
 
 class _ClientThreadTrainer(TorchTrainer):
-    """Client threads share torch's global RNG, which each fit seeds: fits must not
-    interleave (separate client processes need no lock)."""
+    """Client threads share torch's global RNG, which each fit seeds and ``initial_weights``
+    saves and restores (``fork_rng``): neither may interleave with a fit (separate client
+    processes need no lock)."""
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         with _FIT_LOCK:
             return super().fit(*args, **kwargs)
 
+    def initial_weights(self, seed: int) -> torch.Tensor:
+        with _FIT_LOCK:
+            return super().initial_weights(seed)
 
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secagg"])
 def test_a_deployed_run_with_federated_evaluation_records_the_simulation_s_metrics(
-        credentials: Path) -> None:
+        credentials: Path, secure: bool) -> None:
     """The server loop (``simulate`` with a ``GrpcTransport`` and ``FederatedEvaluation``)
-    over real client threads records the ``fed_test_*`` metrics of the simulation."""
-    fed = _blobs_with_tests()
+    over real client threads records the ``fed_test_*`` metrics of the simulation, with
+    plaintext uploads or SecAgg+ rounds (whose evaluation phase is plain: reports are not
+    secret-shared)."""
+    # Six clients (SecAgg+ with its default dropout and corruption bounds needs them), five
+    # with a local test split.
+    clients = [ClientData(f"e{i}", make_blobs(n, seed=i), make_blobs(t, seed=50 + i))
+               for i, (n, t) in enumerate([(40, 11), (25, 29), (60, 7), (13, 9), (33, 14)])]
+    clients.append(ClientData("e5", make_blobs(50, seed=5)))
+    fed = FederatedDataset(name="blobs", clients=clients, test=make_blobs(40, seed=99),
+                           num_classes=3, feature_shape=(5,))
     rounds = 2
     reference = simulate(_trainer(), fed, FedAvg(), rounds, seed=5,
                          federated_eval=FederatedEvaluation(), central_eval=False)
@@ -368,9 +383,12 @@ def test_a_deployed_run_with_federated_evaluation_records_the_simulation_s_metri
                               min_clients=len(fed.clients), heartbeat_interval=1.0,
                               round_deadline=60.0, wait_for_clients=60.0, chunk_bytes=256,
                               max_workers=16)
+    secagg = SecAggRoundDriver(clip=1.0, max_weight=64.0, uniform=False) if secure else None
     transport = GrpcTransport(settings, numel=trainer.spec.numel,
                               spec_hash=spec_hash(trainer.spec), experiment="blobs",
-                              rounds=rounds)
+                              rounds=rounds, secagg=secagg)
+    if secagg is not None:
+        secagg.check_strategy(FedAvg())
     running = start_server(settings, transport)
     paths = FederationPaths(credentials)
     trainers = {c.client_id: _ClientThreadTrainer(
@@ -394,12 +412,16 @@ def test_a_deployed_run_with_federated_evaluation_records_the_simulation_s_metri
             t.join(timeout=30)
     finally:
         running.stop(0)
-    assert torch.allclose(result.weights, reference.weights, atol=1e-6)
+    # SecAgg+ sums fixed-point quantized updates: equal up to the quantization.
+    assert torch.allclose(result.weights, reference.weights, atol=1e-5 if secure else 1e-6)
     for got, want in zip(result.history, reference.history, strict=True):
-        assert (got["fed_eval_clients"], got["fed_eval_failures"]) == (3, 1)
-        assert (want["fed_eval_clients"], want["fed_eval_failures"]) == (3, 1)
-        assert got["fed_eval_samples"] == want["fed_eval_samples"] == 11 + 29 + 7
-        assert got["fed_test_loss"] == pytest.approx(want["fed_test_loss"], rel=1e-5)
-        assert got["fed_test_accuracy"] == pytest.approx(want["fed_test_accuracy"], abs=1e-9)
-    issue = transport.issues.get("e3")
+        assert got["updates"] == 6
+        assert (got["fed_eval_clients"], got["fed_eval_failures"]) == (5, 1)
+        assert (want["fed_eval_clients"], want["fed_eval_failures"]) == (5, 1)
+        assert got["fed_eval_samples"] == want["fed_eval_samples"] == 11 + 29 + 7 + 9 + 14
+        assert got["fed_test_loss"] == pytest.approx(want["fed_test_loss"],
+                                                     rel=1e-4 if secure else 1e-5)
+        assert got["fed_test_accuracy"] == pytest.approx(want["fed_test_accuracy"],
+                                                         abs=1e-9)
+    issue = transport.issues.get("e5")
     assert issue is not None and (issue.code, issue.round) == ("no_test_data", rounds)
