@@ -103,8 +103,11 @@ def server(
         metrics = _metrics(settings)
         result = serve(exp, out, settings, metrics=metrics)
         last = result.history[-1] if result.history else {}
-        console.print(f"done: {len(result.history)} rounds; test accuracy "
-                      f"{last.get('test_accuracy', float('nan')):.4f}; results in {out}")
+        which, acc = ("test accuracy", last.get("test_accuracy")) \
+            if "fed_test_accuracy" not in last or "test_accuracy" in last \
+            else ("federated test accuracy", last["fed_test_accuracy"])
+        console.print(f"done: {len(result.history)} rounds; {which} "
+                      f"{float('nan') if acc is None else acc:.4f}; results in {out}")
     except FedmosaicError as exc:
         _fail(str(exc))
 
@@ -363,7 +366,9 @@ def status(
         print(json.dumps(info))
         return
     last = info["last_round"]
-    acc = last.get("test_accuracy")
+    acc, which = last.get("test_accuracy"), "test accuracy"
+    if acc is None and last.get("fed_test_accuracy") is not None:
+        acc, which = last["fed_test_accuracy"], "federated test accuracy"
     # escape: names and reasons come from the experiment and the clients ("[model]").
     console.print(f"[bold]{escape(info['experiment'])}[/]: {info['state']}, "
                   f"{info['completed_rounds']}/{info['rounds']} rounds complete, "
@@ -371,7 +376,7 @@ def status(
                   f"{info['round_received']}/{info['round_tasks']} updates"
                   + (f" ({info['round_refused']} tasks refused by clients)"
                      if info["round_refused"] else "")
-                  + (f"; last test accuracy {acc:.4f}" if acc is not None else ""),
+                  + (f"; last {which} {acc:.4f}" if acc is not None else ""),
                   soft_wrap=True)
     for issue in info["client_issues"]:
         when = "at join" if issue["round"] == 0 else f"round {issue['round']}"

@@ -98,7 +98,7 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
     """Run ``exp`` with remote clients until all rounds are done; see the module docstring."""
     import torch
 
-    from fedmosaic.build import build_strategy, server_task
+    from fedmosaic.build import build_evaluation, build_strategy, central_evaluation, server_task
     from fedmosaic.runtime.simulate import simulate
 
     if exp[""]["threads"] > 0:
@@ -115,7 +115,10 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
     secagg = _secagg_driver(exp, task.data, settings)
     transport = GrpcTransport(settings, numel=trainer.spec.numel, spec_hash=spec_hash(trainer.spec),
                               experiment=exp.name, rounds=rounds, secagg=secagg,
-                              metrics=metrics, task_profile=task.profile)
+                              metrics=metrics, task_profile=task.profile,
+                              # Without a known input shape the join check probes the model.
+                              probe_trainer=trainer if task.profile.feature_shape is None
+                              else None)
     if secagg is not None:
         # Adopt the strategy's integer encoder (distributed Skellam) before the message
         # limit is set: its masked inputs have the padded dimension of its ring.
@@ -133,9 +136,12 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
         transport.round_completed(record)
         if metrics is not None:
             metrics.round_completed(record)
-        log.info("round %d done: %d updates, %d failures, %d rejected, test accuracy %s",
+        central = record.get("test_accuracy")
+        log.info("round %d done: %d updates, %d failures, %d rejected, %s %s",
                  record["round"], record["updates"], record["failures"], record["rejected"],
-                 record.get("test_accuracy"))
+                 "test accuracy" if central is not None or "fed_test_accuracy" not in record
+                 else "federated test accuracy",
+                 central if central is not None else record.get("fed_test_accuracy"))
 
     try:
         attempts = 0
@@ -150,7 +156,9 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
                 result = simulate(trainer, task, strategy, rounds, seed=exp[""]["seed"],
                                   transport=transport, out_dir=out, resume=resume,
                                   eval_every=exp[""]["eval_every"], identity=exp.identity(),
-                                  callbacks=[on_round])
+                                  callbacks=[on_round],
+                                  federated_eval=build_evaluation(exp, task.data),
+                                  central_eval=central_evaluation(exp, task.data))
                 break
             except RoundFailedError as exc:
                 attempts += 1
