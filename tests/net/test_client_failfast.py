@@ -5,7 +5,9 @@ with the reason in one line and a permanent exit code, and one that meets a tran
 Each permanent case is a real ``fedmosaic client`` process against a real server (the
 transport, service and mutual TLS of ``fedmosaic server``, in this process, on loopback);
 the test asserts its last stderr line exactly, its exit code and that it exited within
-``PERMANENT_EXIT_SECONDS`` of starting, process start-up included.
+``PERMANENT_EXIT_SECONDS`` of starting, process start-up included (on a machine too loaded
+to import torch in that time, within ``SLACK_SECONDS`` of the import time: see
+``_permanent``). ``pytest -s`` prints each measured time.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from fedmosaic.net.wire import spec_hash
 from tests.net.conftest import REPO
 
 PERMANENT_EXIT_SECONDS = 5.0
+SLACK_SECONDS = 2.5  # a refused client's own work after its imports (see _permanent)
 FEATURES, CLASSES = 64, 10
 
 TASK = textwrap.dedent('''
@@ -188,19 +191,29 @@ def _refused_once(world: World, args: tuple[str, ...]) -> tuple[str, float]:
     return err.strip().splitlines()[-1], took
 
 
+def _startup_seconds() -> float:
+    """How long a bare interpreter takes, now, to import what a client process imports."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import fedmosaic.net.commands, fedmosaic.net.client, "
+                    "fedmosaic.task, fedmosaic.data, fedmosaic.build, pandas"], check=True,
+                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    return time.monotonic() - start
+
+
 def _permanent(world: World, *args: str) -> tuple[str, float]:
     """Run a client expected to give up at once; its last stderr line and its run time.
 
-    Most of a client's start-up is importing torch (and the model and data that need it), so
-    on a machine whose 2 cores other jobs keep busy one run can take longer than the bound
-    without any retry in it: a run over the bound is repeated once, and the second must be
-    within it (with the same line and exit code).
+    The bound is ``PERMANENT_EXIT_SECONDS`` from the start of the process. Most of a client's
+    start-up is importing torch, pandas and fedmosaic (about 3 s of CPU), so when other jobs
+    keep the machine's 2 cores busy, importing alone can take longer than that: a run over
+    the bound must then end within ``SLACK_SECONDS`` of the time a bare interpreter takes,
+    measured right after, to import the same modules -- no retry, no wait on top.
     """
     line, took = _refused_once(world, args)
     if took >= PERMANENT_EXIT_SECONDS:
-        again, took = _refused_once(world, args)
-        assert again == line
-        assert took < PERMANENT_EXIT_SECONDS, f"took {took:.1f} s twice"
+        startup = _startup_seconds()
+        print(f"over {PERMANENT_EXIT_SECONDS} s; imports alone take {startup:.2f} s now")
+        assert took < startup + SLACK_SECONDS, f"took {took:.1f} s; imports {startup:.1f} s"
     return line, took
 
 
