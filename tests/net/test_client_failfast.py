@@ -644,3 +644,36 @@ def test_run_client_diagnoses_a_server_hanging_up_on_its_certificate(world: Worl
     assert info.value.reason == "foreign_ca"
     assert str(info.value) == ("the server does not trust this certificate: it was issued by "
                                "another CA than the server's")
+
+
+def test_the_declared_profile_and_a_test_split_of_another_shape(world: World) -> None:
+    import grpc
+
+    from fedmosaic.data import ArrayDataset
+    from fedmosaic.net.client import FederationClient
+    from fedmosaic.net.client_errors import PermanentError
+
+    def load(name: str) -> ArrayDataset:
+        with np.load(world.root / name) as npz:
+            return ArrayDataset(npz["x"], npz["y"])
+
+    channel = grpc.insecure_channel("127.0.0.1:9")  # never used: no call is made
+    try:
+        trainer = _task_trainer(world.root)
+        profile = FederationClient(channel, trainer, load("good.npz"),
+                                   test_data=load("good.npz")).data_profile()
+        assert (profile.feature_shape, profile.dtype, profile.num_samples) == \
+            ((64,), "float32", 40)
+        assert (profile.label_min, profile.label_max, profile.num_outputs,
+                profile.num_test_samples) == (0, 9, 10, 40)
+        # The model cannot run 10-feature samples: no outputs declared, the join says why.
+        assert FederationClient(channel, trainer, load("narrow.npz")).data_profile() \
+            .num_outputs == 0
+        client = FederationClient(channel, trainer, load("good.npz"),
+                                  test_data=load("narrow.npz"))
+        with pytest.raises(PermanentError) as info:
+            client.data_profile()
+    finally:
+        channel.close()
+    assert str(info.value) == ("your local test split has samples of shape (10,), your "
+                               "training data (64,)")
