@@ -17,6 +17,7 @@ benchmarks/report.py.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,9 @@ def main() -> None:
     payload = {
         "command": f"python benchmarks/cli_startup.py --repeat {args.repeat}"
                    + (f" --before {args.before}" if args.before else ""),
-        "machine": {**machine(), "date": datetime.now(timezone.utc).isoformat()},
+        "machine": {**machine(), "date": datetime.now(timezone.utc).isoformat(),
+                    # Start-up times depend on what else runs: say how busy the machine was.
+                    "load_average_1min": os.getloadavg()[0]},
         "repeat": args.repeat,
         "budget_s": BUDGET_S,
         "heavy_modules_loaded": heavy_modules_loaded(),

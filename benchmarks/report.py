@@ -552,7 +552,9 @@ def cli_startup_section(d: dict[str, Any]) -> str:
         "",
         f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
         "",
-        machine_line(d["machine"]),
+        machine_line(d["machine"])
+        + (f" Load average when it started: {d['machine']['load_average_1min']:.1f} (other jobs "
+           "on the 2 cores)." if d["machine"].get("load_average_1min") is not None else ""),
         "",
         "| command | median (s) | min (s) | max (s) |",
         "|---|--:|--:|--:|",
