@@ -295,7 +295,9 @@ class FederationClient:
             subset = getattr(self.data, "subset", None)
             sample = subset(np.arange(k)) if callable(subset) else ArrayDataset.create(
                 np.asarray(self.data.x)[:k], np.asarray(self.data.y)[:k])
-            self.trainer.evaluate(self.trainer.initial_weights(0), sample)
+            # Zero weights, not initial_weights: that reseeds torch's global RNG, which other
+            # clients' training threads in the same process may be using.
+            self.trainer.evaluate(torch.zeros(self.trainer.spec.numel), sample)
         except Exception as exc:
             return f"your model fails on your own data: {failure_reason(exc)}"
         return None

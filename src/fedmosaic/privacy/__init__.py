@@ -13,16 +13,27 @@
 - Sample-level DP-SGD inside clients: ``fedmosaic.train.dp_trainer.DPSGDTrainer`` (Opacus).
 """
 
-from fedmosaic.privacy.accountant import (
-    PrivacyAccountant,
-    PrivacyBudget,
-    calibrate_noise_multiplier,
-    epsilon_for,
-)
-from fedmosaic.privacy.distributed_skellam import DistributedSkellam
-from fedmosaic.privacy.dp_fedavg import ClippedSumAggregator, DPFedAvg
-from fedmosaic.privacy.local_dp import LocalDP, laplace_mechanism
-from fedmosaic.privacy.randomness import NoiseSource, SecureNoise, SeededNoise
+from importlib import import_module
+from typing import Any
+
+# Loaded on first use (PEP 562): a client process imports ``privacy.randomness`` for its noise
+# and must not pay for dp-accounting and scipy (about 1.5 s) that only the server needs.
+_EXPORTS = {
+    "PrivacyAccountant": "accountant", "PrivacyBudget": "accountant",
+    "calibrate_noise_multiplier": "accountant", "epsilon_for": "accountant",
+    "DistributedSkellam": "distributed_skellam",
+    "ClippedSumAggregator": "dp_fedavg", "DPFedAvg": "dp_fedavg",
+    "LocalDP": "local_dp", "laplace_mechanism": "local_dp",
+    "NoiseSource": "randomness", "SecureNoise": "randomness", "SeededNoise": "randomness",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedmosaic.privacy' has no attribute {name!r}")
+    return getattr(import_module(f"fedmosaic.privacy.{module}"), name)
+
 
 __all__ = [
     "ClippedSumAggregator",
