@@ -197,6 +197,10 @@ def run(
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(experiment, out / CONFIG_COPY)
+        from fedmosaic.config import record_base_dir
+
+        # The copy's relative paths (data files, the task module) stay the original's.
+        record_base_dir(experiment, out)
         _execute(exp, out, resume=False)
     except FedmosaicError as exc:
         _fail(str(exc))
