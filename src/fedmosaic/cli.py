@@ -180,13 +180,18 @@ def run(
     experiment: Annotated[Path, typer.Argument(help="experiment .toml file")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="output directory")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in the output")] = False,
+    trainer: Annotated[str | None, typer.Option(
+        help="module:attr (or file.py:attr) of your Trainer or a zero-argument factory of "
+             "one; replaces the experiment's [model]")] = None,
 ) -> None:
     """Run a federated experiment described by a TOML file."""
-    from fedmosaic.config import load_experiment
+    from fedmosaic.config import load_experiment, trainer_override
 
     out: Path | None = output
     try:
-        exp = load_experiment(experiment)
+        if trainer is not None:
+            trainer = trainer_override(trainer)
+        exp = load_experiment(experiment, trainer=trainer)
         out = output or exp.output
         from fedmosaic.runtime.checkpoint import clear_run, holds_run
 
@@ -201,6 +206,12 @@ def run(
 
         # The copy's relative paths (data files, the task module) stay the original's.
         record_base_dir(experiment, out)
+        from fedmosaic.config import TRAINER_FILE, record_trainer
+
+        if trainer is not None:
+            record_trainer(out, trainer)
+        else:
+            (out / TRAINER_FILE).unlink(missing_ok=True)  # a replaced run's override
         _execute(exp, out, resume=False)
     except FedmosaicError as exc:
         _fail(str(exc))

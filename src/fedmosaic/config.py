@@ -812,20 +812,57 @@ def record_base_dir(experiment: str | Path, run_dir: str | Path) -> Path:
     return target
 
 
-def load_experiment(path: str | Path, base_dir: str | Path | None = None) -> Experiment:
+# Beside a run directory's copy: the ``--trainer`` given to ``fedmosaic run`` (it replaces the
+# copy's [model] table, so that ``fedmosaic resume`` trains the same model).
+TRAINER_FILE = "trainer.txt"
+
+
+def trainer_override(spec: str, cwd: str | Path | None = None) -> str:
+    """A ``--trainer`` spec from the command line, made independent of the working directory:
+    a module or file found there becomes an absolute file spec (the experiment's own modules
+    resolve against its directory instead); an installed module stays as given."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep:
+        return spec  # validation names the problem
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        return f"{(path if path.is_absolute() else here / path).resolve()}:{attr}"
+    top = target.split(".")[0]
+    if (here / f"{top}.py").is_file() and "." not in target:
+        return f"{(here / f'{top}.py').resolve()}:{attr}"
+    return spec
+
+
+def record_trainer(run_dir: str | Path, spec: str) -> Path:
+    """Note in ``run_dir`` the ``--trainer`` its run used (see ``TRAINER_FILE``)."""
+    target = Path(run_dir) / TRAINER_FILE
+    target.write_text(spec + "\n", encoding="utf-8")
+    return target
+
+
+def load_experiment(path: str | Path, base_dir: str | Path | None = None,
+                    trainer: str | None = None) -> Experiment:
     """Read and validate an experiment TOML file. ``base_dir``: where its relative data paths
     and modules are found, when not beside it; by default the directory recorded by
-    ``record_base_dir`` beside it (a run directory's copy), else the file's own directory."""
+    ``record_base_dir`` beside it (a run directory's copy), else the file's own directory.
+    ``trainer`` (``--trainer``; by default one recorded by ``record_trainer`` beside a run
+    directory's copy) replaces the [model] table with ``factory = trainer``."""
     path = Path(path)
     recorded = path.parent / BASE_DIR_FILE
     if base_dir is None and recorded.is_file():
         base_dir = recorded.read_text(encoding="utf-8").strip() or None
+    recorded_trainer = path.parent / TRAINER_FILE
+    if trainer is None and recorded_trainer.is_file():
+        trainer = recorded_trainer.read_text(encoding="utf-8").strip() or None
     if not path.is_file():
         raise ConfigError("<file>", str(path), "an existing experiment .toml file")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("<file>", str(path), f"valid TOML ({exc})") from exc
+    if trainer is not None:
+        raw["model"] = {"factory": trainer}
     exp = validate(raw, source=path)
     exp.base_dir = Path(base_dir) if base_dir is not None else None
     return exp

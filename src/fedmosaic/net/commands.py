@@ -78,6 +78,9 @@ def server(
     min_clients: Annotated[int | None, typer.Option(
         min=1, help="connected clients needed before a round starts")] = None,
     json_logs: Annotated[bool, typer.Option(help="structured JSON log lines")] = False,
+    trainer: Annotated[str | None, typer.Option(
+        help="module:attr (or file.py:attr) of your Trainer or a zero-argument factory of "
+             "one; replaces the experiment's [model]")] = None,
 ) -> None:
     """Serve an experiment to remote clients over gRPC with mutual TLS.
 
@@ -91,7 +94,10 @@ def server(
     _setup_logging(json_logs)
     _quick_exit()
     try:
-        exp = load_experiment(experiment)
+        from fedmosaic.config import trainer_override
+
+        exp = load_experiment(experiment, trainer=trainer_override(trainer)
+                              if trainer is not None else None)
         settings = DeploySettings.from_section(
             exp["server"], port=port, address=address, metrics_port=metrics_port,
             min_clients=min_clients,
