@@ -568,6 +568,36 @@ def cli_startup_section(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def client_failfast_section(d: dict[str, Any]) -> str:
+    lines = [
+        "## Clients that cannot take part give up at once (issue #10)",
+        "",
+        "A real `fedmosaic server` (its own process, mutual TLS on loopback, a task of 64 "
+        "features and 10 classes) and real `fedmosaic client` processes that cannot take part: "
+        "wall time from process start to exit (Python start-up and imports included), median "
+        f"and maximum of {d['repeat']} runs each, the exit code and the client's last stderr "
+        "line. `import torch, pandas` and the client's modules alone take "
+        f"{d['imports']['median_s']:.2f} s (median) on the same machine: the rest is the "
+        "client's own work (credential checks, loading its data, the TLS handshake and the "
+        "join).",
+        "",
+        f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
+        "",
+        machine_line(d["machine"])
+        + (f" Load average when it started: {d['machine']['load_average_1min']:.1f}."
+           if d["machine"].get("load_average_1min") is not None else ""),
+        "",
+        "| case | median (s) | max (s) | exit code | message |",
+        "|---|--:|--:|--:|---|",
+    ]
+    for name, r in d["cases"].items():
+        codes = ", ".join(str(c) for c in r["exit_codes"])
+        lines.append(f"| {name} | {r['median_s']:.2f} | {r['max_s']:.2f} | {codes} | "
+                     f"`{r['message']}` |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = [header()]
     if (d := load("peer_compare")) is not None:
@@ -595,6 +625,8 @@ def main() -> None:
         parts.append(fmnist_fedavg_section(d))
     if (d := load("cli_startup")) is not None:
         parts.append(cli_startup_section(d))
+    if (d := load("client_failfast")) is not None:
+        parts.append(client_failfast_section(d))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 

@@ -67,7 +67,7 @@ HONEST = CLIENTS[:3]
 HOSTILE = CLIENTS[3]  # a federation member turned hostile
 STRANGER = CLIENTS[4]  # a valid member that never joins, trying the hostile's task ids
 METHOD = "/fedmosaic.v1.Federation/"
-UNARY = ("Join", "Heartbeat", "GetTask", "SecAgg", "Status", "RefuseTask")
+UNARY = ("Join", "Heartbeat", "GetTask", "SecAgg", "Status", "RefuseTask", "ReportEvaluation")
 ALL_METHODS = (*UNARY, "DownloadModel", "UploadUpdate")
 TIMEOUT = 20.0
 C = grpc.StatusCode
@@ -270,6 +270,11 @@ class Attacks:
                                      ("\x00" * 4, "reason")])
             return pb.TaskRefusal(task_id=r.randbytes(16), code=code, reason=reason
                                   ).SerializeToString(), C.INVALID_ARGUMENT
+        if method == "ReportEvaluation":  # well-formed, for a task id that does not exist
+            return pb.EvaluationReport(task_id=r.randbytes(16), round=r.randint(1, 10**6),
+                                       num_samples=r.randint(1, 10**6),
+                                       metrics={"loss": r.random(), "accuracy": r.random()}
+                                       ).SerializeToString(), C.FAILED_PRECONDITION
         if method == "DownloadModel":
             return pb.ModelRequest(task_id=r.randbytes(r.choice([0, 1, 16, 64]))
                                    ).SerializeToString(), C.FAILED_PRECONDITION

@@ -179,17 +179,17 @@ def client(
 
         # Before anything slow (torch, the data): credentials that cannot work, and a server
         # that will not have them (or that this client does not trust), say so now.
+        the_policy = None
+        if policy is not None:  # a usage error: before the credentials and the network
+            from fedmosaic.net.policy import PrivacyPolicy
+
+            the_policy = PrivacyPolicy.load(policy)
         credential = check_credentials(ca, cert, key)
         verdict = check_server(server, ca, cert, key, timeout=3.0,
                                server_name=expected_server_name(credential, server, server_name))
         if verdict is not None:
             raise PermanentError(verdict.message, reason=verdict.reason)
-        the_policy = None
-        if policy is not None:
-            from fedmosaic.net.policy import PrivacyPolicy
-
-            the_policy = PrivacyPolicy.load(policy)
-        else:
+        if the_policy is None:
             warning = ("no privacy policy (--policy FILE): this client accepts every task the "
                        "server sends, including plaintext uploads without secure aggregation "
                        "and any noise level")
