@@ -146,6 +146,17 @@ def test_non_numeric_feature_column_is_named(tmp_path):
            "numbers first", label="label")
 
 
+def test_the_example_is_the_first_value_that_is_not_a_number(tmp_path):
+    # A column of numbers with one typo is read as text: name the typo, not a number.
+    path = tmp_path / "typo.csv"
+    path.write_text("a,b,label\n1,2,0\n3,x,1\n4,5,1\n")
+    _fails(path, f"{path}: feature column 'b' is not numeric (e.g. 'x'); encode it as "
+           "numbers first", label="label")
+    path.write_text("a,b,label\n1,2,0\n3,4,1\n4,5,z\n")
+    _fails(path, f"{path}: label column 'label' is not numeric (e.g. 'z'); labels must be "
+           "class indices 0, 1, ...", label="label")
+
+
 def test_nan_and_inf_say_which_column_and_how_many_rows(tmp_path):
     frame = _frame()
     frame.loc[[2, 5, 7], "chol"] = np.nan

@@ -61,13 +61,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _non_numeric(values: list[object]) -> object:
+    """The first value that is not a number (a text column holds '2' and 'x': 'x')."""
+    for v in values:
+        if isinstance(v, (bool, int, float)):
+            continue
+        try:
+            float(str(v))
+        except ValueError:
+            return v
+    return values[0] if values else None
+
+
 def _check_labels(what: str, y: np.ndarray, column: str | None = None) -> np.ndarray:
     """Labels as int64 class indices, or a ``FedmosaicError`` saying why they are not."""
     name = f"label column '{column}'" if column is not None else "y"
     if y.dtype.kind == "b":
         return y.astype(np.int64)
     if y.dtype.kind not in "iuf":
-        example = next((v for v in y.tolist() if not isinstance(v, (int, float))), y[0])
+        example = _non_numeric(y.tolist())
         raise FedmosaicError(f"{what}: {name} is not numeric (e.g. {example!r}); labels must be "
                              "class indices 0, 1, ...")
     if y.dtype.kind == "f":
@@ -203,8 +215,7 @@ def _load_frame(path: Path, suffix: str, label: str | None,
     for name in names:
         col = frame[name]
         if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
-            example = next((v for v in col.tolist() if not isinstance(v, (int, float))),
-                           col.iloc[0])
+            example = _non_numeric(col.tolist())
             raise FedmosaicError(f"{path}: feature column '{name}' is not numeric (e.g. "
                                  f"{example!r}); encode it as numbers first")
     x = frame[names].to_numpy(dtype=np.float64)
