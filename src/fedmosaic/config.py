@@ -74,6 +74,11 @@ ROBUST_KEYS = {
     "norm_bound": {"max_norm", "noise_std"},
 }
 ROBUST_REQUIRED = {"centered_clip": "tau", "norm_bound": "max_norm"}
+# Simulated client timing (issue #11, fedmosaic.runtime.clock): defaults filled in only when
+# a [clock] table is given, so that a run without one keeps its resume identity.
+CLOCK_DEFAULTS = {"compute_median": 0.005, "compute_unit": "sample", "speed_sigma": 1.0,
+                  "jitter": 0.0, "latency": 0.0}
+CLOCK_SIGMA = ("a number in [0, 4]", lambda v: 0 <= v <= 4)
 TRANSPORT_KEYS = {
     "sequential": set(),
     "batched": {"memory_budget_mb", "max_clients_per_chunk"},
@@ -222,6 +227,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_workers": _int(8, 4096, default=128),
         "round_retries": _int(0, 1000, default=3),
         "linger": _float("a number >= 0", lambda v: v >= 0, default=15.0),
+        # Admission control (net/admission.py): per-member budgets, reserved capacity.
+        "max_inflight_per_client": _int(1, 1024, default=4),
+        "stream_idle_timeout": _float(*POSITIVE, default=30.0),
+        "reserved_rpcs": _int(2, 4095),
+        "max_queued_rpcs": _int(0, 1_000_000, default=512),
     },
     "privacy": {
         "mode": _choice(PRIVACY_MODES, default="none"),
@@ -317,6 +327,25 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "gamma": _float(*POSITIVE),
         "z": _float(*POSITIVE),
         "epsilon": _float(*POSITIVE),
+    },
+    # Simulated client timing for the virtual clock (issue #11, fedmosaic.runtime.clock); no
+    # defaults here (see CLOCK_DEFAULTS and _check_clock).
+    "clock": {
+        "seed": _int(0),
+        "compute_median": _float("a finite number > 0 (seconds per sample or per step)",
+                                 lambda v: 0 < v < math.inf),
+        "compute_unit": _choice(("sample", "step")),
+        "speed_sigma": _float(*CLOCK_SIGMA),
+        "jitter": _float(*CLOCK_SIGMA),
+        "bandwidth_mbps": _float("a finite number > 0", lambda v: 0 < v < math.inf),
+        "bandwidth_sigma": _float(*CLOCK_SIGMA),
+        "latency": _float("a finite number >= 0 (seconds)", lambda v: 0 <= v < math.inf),
+        "model_bytes": _int(1),
+        "availability_period": _float("a finite number > 0 (seconds)",
+                                      lambda v: 0 < v < math.inf),
+        "availability_fraction": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "deadline": _float("a finite number > 0 (seconds)", lambda v: 0 < v < math.inf),
+        "trace": Key((str,), "a trace CSV file path", lambda v: bool(v.strip())),
     },
     # Central and federated evaluation (fedmosaic.runtime.evaluation). No defaults here: they
     # depend on the data (a central test set, clients' local test splits) and are resolved by
@@ -464,6 +493,7 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
     _check_privacy(s)
     _check_watermark(s)
     _check_attack(s)
+    _check_clock(s, raw)
     _check_robust(s)
     _check_evaluation(s)
     opt = s["server_opt"]
@@ -663,6 +693,29 @@ def _check_attack(s: dict[str, dict[str, Any]]) -> None:
                               "both attack.source and attack.target, or neither")
         if "source" in a and a["source"] == a["target"]:
             raise ConfigError("attack.target", a["target"], "a class other than attack.source")
+
+
+def _check_clock(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
+    """``[clock]``: keys that need another, or that a trace file replaces; then defaults."""
+    c = s["clock"]
+    if "clock" not in raw:
+        return
+    if "trace" in c and "speed_sigma" in c:
+        raise ConfigError("clock.speed_sigma", c["speed_sigma"], "not with clock.trace (the "
+                          "trace gives each client's speed)")
+    for key, needs in (("availability_period", "availability_fraction"),
+                       ("availability_fraction", "availability_period")):
+        if key in c and needs not in c:
+            raise ConfigError(f"clock.{needs}", "<missing>", f"required with clock.{key}: "
+                              + SCHEMA["clock"][needs].allowed)
+    if "bandwidth_sigma" in c and "bandwidth_mbps" not in c:
+        raise ConfigError("clock.bandwidth_sigma", c["bandwidth_sigma"], "only with "
+                          "clock.bandwidth_mbps (the median bandwidth)")
+    for key, value in CLOCK_DEFAULTS.items():
+        if not (key == "speed_sigma" and "trace" in c):
+            c.setdefault(key, value)
+    if "bandwidth_mbps" in c:
+        c.setdefault("bandwidth_sigma", 1.0)
 
 
 def _check_robust(s: dict[str, dict[str, Any]]) -> None:
