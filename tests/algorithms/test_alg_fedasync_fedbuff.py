@@ -309,6 +309,21 @@ def test_a_fast_client_may_fill_two_slots_unless_distinct_clients() -> None:
         strict.merge(torch.ones(4), 3.0, 1, 0, client_ids=["fast"])
 
 
+def test_a_prepared_delta_is_summed_instead_of_the_raw_one() -> None:
+    """A per-update stage (a DP clip) runs after validation; the buffer sums its output."""
+    raw = ClientUpdate("a", torch.tensor([3.0, 4.0, 0.0, 0.0]), 2, 0)
+    clipped = raw.delta / raw.delta.norm()  # clip to norm 1
+    buffer = FedBuffBuffer(1, dim=4)
+    buffer.add(raw, 0, delta=clipped)
+    assert torch.equal(buffer.mean(), clipped)
+    other = FedBuffBuffer(1, dim=4)
+    for bad in (torch.ones(3), torch.ones(4, dtype=torch.float64),
+                torch.tensor([1.0, float("nan"), 0, 0])):
+        with pytest.raises(ValueError, match="delta for client 'a'"):
+            other.add(raw, 0, delta=bad)
+    assert other.count == 0
+
+
 @pytest.mark.parametrize(
     ("bad", "problem"),
     [

@@ -140,7 +140,8 @@ class FedBuffBuffer:
 
     # -- filling ------------------------------------------------------------------------
 
-    def add(self, update: ClientUpdate, staleness: int) -> float:
+    def add(self, update: ClientUpdate, staleness: int, *,
+            delta: torch.Tensor | None = None) -> float:
         """Validate ``update`` and add ``w * s(staleness) * update.delta`` to the buffer.
 
         Returns the effective weight ``w * s``. A bad update (``validate_update``'s rules,
@@ -148,12 +149,22 @@ class FedBuffBuffer:
         underflows to 0) raises ``InvalidUpdateError`` naming the client and leaves the
         buffer unchanged; a bad ``staleness`` (not an integer >= 0) or a full buffer is the
         caller's error and raises ``ValueError``.
+
+        ``delta``, when given, is summed instead of ``update.delta``: the output of a
+        per-update stage the caller applied after validation (an aggregator's ``prepare``,
+        e.g. DP-FedAvg's clip), checked for shape, dtype and finiteness (``ValueError``).
         """
         staleness = check_staleness(staleness)
         if self.full:
             raise ValueError(f"the buffer already holds k={self.k} updates: flush it first")
         update = validate_update(update, numel=self.dim)
         cid = str(update.client_id)
+        if delta is None:
+            delta = update.delta
+        elif (not isinstance(delta, torch.Tensor) or delta.dtype != torch.float32
+              or tuple(delta.shape) != (self.dim,) or not bool(torch.isfinite(delta).all())):
+            raise ValueError(f"delta for client '{cid}' must be a finite float32 tensor of "
+                             f"shape ({self.dim},)")
         if self.distinct_clients and cid in self._client_ids:
             raise InvalidUpdateError(cid, "second update in this buffer (distinct_clients)")
         scale = self.staleness(staleness)
@@ -163,7 +174,7 @@ class FedBuffBuffer:
             raise InvalidUpdateError(
                 cid, f"staleness weight {scale!r} at staleness {staleness} leaves the update "
                 f"no weight (underflow): bound the staleness or soften the function")
-        self._acc.add(update.delta, effective)
+        self._acc.add(delta, effective)
         self._sample_weight += weight
         self._note(staleness, scale, 1, [cid], update.num_samples, update.nbytes,
                    {k: v * update.num_samples for k, v in update.metrics.items()})
