@@ -162,6 +162,19 @@ def test_online_until_and_next_available_agree_with_available():
     assert always.online_until("x", 5.0) == math.inf and always.next_available("x", 5.0) == 5.0
 
 
+def test_availability_is_consistent_at_any_magnitude_of_time():
+    # Float rounding at large t must not make next_available return an offline time, nor an
+    # open window report that it ends at t.
+    model = ClientTimingModel(seed=3, availability_period=7.3, availability_fraction=0.37)
+    rng = np.random.default_rng(1)
+    for t in np.concatenate([rng.uniform(0, 1e3, 300), rng.uniform(1e9, 1e12, 300)]):
+        for cid in ("a", "b", "c"):
+            t = float(t)
+            nxt = model.next_available(cid, t)
+            assert nxt >= t and model.available(cid, nxt)
+            assert (model.online_until(cid, t) > t) == model.available(cid, t)
+
+
 def test_task_drops_when_the_client_goes_offline_mid_task():
     model = ClientTimingModel(seed=1, speed_sigma=0.0, compute_median=1.0, compute_unit="step",
                               availability_period=100.0, availability_fraction=0.3)

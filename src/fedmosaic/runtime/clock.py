@@ -342,7 +342,10 @@ class ClientTimingModel:
         if self.period is None:
             return math.inf
         pos = (t + c.phase) % self.period
-        return t + (self.on_time - pos) if pos < self.on_time else t
+        if pos >= self.on_time:
+            return t
+        # At least one ulp past t: a window that is open at t must say so at any magnitude.
+        return max(t + (self.on_time - pos), math.nextafter(t, math.inf))
 
     def next_available(self, client_id: str, t: float) -> float:
         """The first time >= ``t`` at which the client is online (``inf``: never again)."""
@@ -356,7 +359,15 @@ class ClientTimingModel:
         if self.period is None:
             return t
         pos = (t + c.phase) % self.period
-        return t if pos < self.on_time else t + (self.period - pos)
+        if pos < self.on_time:
+            return t
+        at = t + (self.period - pos)
+        # Rounding may leave ``at`` a few ulps short of the window's opening; step onto it.
+        for _ in range(1000):
+            if self.online_until(client_id, at) > at:
+                return at
+            at = math.nextafter(at, math.inf)
+        raise AssertionError(f"no availability window found after {t}")  # pragma: no cover
 
     def outcome(self, client_id: str, task_index: int, start: float, num_samples: int,
                 steps: int) -> TaskOutcome:
