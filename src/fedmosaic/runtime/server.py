@@ -1,5 +1,12 @@
-"""The server loop, written once for every transport:
-select -> configure -> dispatch -> collect -> aggregate -> update -> evaluate -> checkpoint."""
+"""The server core, written once for every transport and every schedule.
+
+It is event-driven: a run pops events (a round's cohort dispatched or complete, a client's
+update arriving) in simulated-time order and hands each to the run's ``Schedule``
+(``runtime/schedule.py``), which decides what to dispatch and when to aggregate. Each
+aggregation is a server step (``Server.commit``): server stages -> next model version ->
+evaluate -> record -> checkpoint -> callbacks. Synchronous rounds (``SyncSchedule``, the
+default) are one schedule among several.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,7 @@ from fedmosaic.core.errors import (
 from fedmosaic.core.params import ParamSpec
 from fedmosaic.runtime.checkpoint import describe_identity_change, load_checkpoint, save_checkpoint
 from fedmosaic.runtime.evaluation import FederatedEvaluation
-from fedmosaic.runtime.tally import RoundTally
+from fedmosaic.runtime.schedule import EventQueue, Schedule, SyncSchedule
 from fedmosaic.runtime.transport import Transport
 from fedmosaic.train.base import Dataset, Trainer
 
@@ -38,13 +45,22 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 @dataclass
 class RunState:
-    """What a checkpoint restores: the last completed round and everything after it depends on."""
+    """What a checkpoint restores: the last completed server step and everything after it
+    depends on. ``round`` is the number of completed server steps, which is also the version
+    of ``weights`` (version 0: the initial model); ``sim_time`` is the simulated time in
+    seconds (advanced by a client timing model; 0 without one)."""
 
     round: int
     weights: torch.Tensor
     rng: np.random.Generator
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None  # why the run ended before its planned rounds, if it did
+    sim_time: float = 0.0
+
+    @property
+    def version(self) -> int:
+        """The model version: completed server steps (a synchronous run's round number)."""
+        return self.round
 
 
 def fingerprint(obj: Any) -> str:
@@ -88,12 +104,15 @@ def _begin_trainer_run(trainer: Trainer) -> None:
 
 
 class Server:
-    """Runs federated rounds with a strategy over a transport.
+    """Runs a federated training with a strategy over a transport, server step by server step.
 
-    Evaluation is central (the global model on ``test_data``) and/or federated
-    (``federated_eval``: clients evaluate it on their local test splits) every ``eval_every``
-    rounds and after the last round, after the model update. With ``out_dir`` a checkpoint is
-    written atomically after every round, and ``resume=True`` continues from it.
+    ``schedule`` decides when clients are dispatched and when the server aggregates
+    (``SyncSchedule``, the default: synchronous rounds); ``rounds`` is the number of server
+    steps (model versions) to run. Evaluation is central (the global model on ``test_data``)
+    and/or federated (``federated_eval``: clients evaluate it on their local test splits)
+    every ``eval_every`` steps and after the last one, after the model update. With
+    ``out_dir`` a checkpoint is written atomically after every step, and ``resume=True``
+    continues from it.
     """
 
     def __init__(
@@ -110,6 +129,7 @@ class Server:
         identity: dict[str, Any] | None = None,
         callbacks: Sequence[RoundCallback] = (),
         federated_eval: FederatedEvaluation | None = None,
+        schedule: Schedule | None = None,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -121,6 +141,8 @@ class Server:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks = list(callbacks)
         self.federated_eval = federated_eval
+        self.schedule: Schedule = schedule if schedule is not None else SyncSchedule()
+        self._events: EventQueue | None = None
         if federated_eval is not None:
             check_federated_eval(strategy, transport)
         self.spec: ParamSpec = trainer.spec
@@ -132,6 +154,7 @@ class Server:
             raise ConfigError("dispatch_transform", repr(strategy.dispatch_transform),
                               f"a transport that applies it ({type(transport).__name__} "
                               "does not; SequentialTransport does)")
+        self.schedule.check(self)  # e.g. an asynchronous schedule refuses SecAgg+ or DP
         # Every run starts from the state the strategy (and a DP-SGD trainer's accountants)
         # had before its first run, so that an object reused across runs carries nothing
         # over; before the identity, which describes the strategy (e.g. calibrated noise).
@@ -139,8 +162,14 @@ class Server:
         _begin_trainer_run(trainer)
         # The identity's parts are saved with the checkpoint, so that a refused resume can
         # name the key that changed instead of only "something changed".
+        # The schedule joins the strategy's part unless synchronous (None), so that runs made
+        # before schedules existed keep their identity.
+        described = strategy.describe()
+        schedule_part = self.schedule.describe()
+        if schedule_part is not None:
+            described = {**described, "schedule": schedule_part}
         self.identity_detail: dict[str, Any] = json.loads(json.dumps(
-            {"user": identity or {}, "seed": seed, "strategy": strategy.describe(),
+            {"user": identity or {}, "seed": seed, "strategy": described,
              "spec": self.spec.to_json()}, sort_keys=True, default=str))
         self.identity = fingerprint(self.identity_detail)
         self._short_cohort_logged = False
@@ -199,7 +228,14 @@ class Server:
                               if hasattr(self.trainer, "accounting_state") else None),
         })
 
-    # -- the loop --------------------------------------------------------------------------
+    # -- the event loop --------------------------------------------------------------------
+    @property
+    def events(self) -> EventQueue:
+        """The pending events of the run in progress (schedules push theirs here)."""
+        if self._events is None:
+            raise RuntimeError("no run in progress: events exist only inside Server.run")
+        return self._events
+
     def run(
         self,
         *,
@@ -207,24 +243,81 @@ class Server:
         initial_weights: torch.Tensor | None = None,
         stop_after: int | None = None,
     ) -> RunState:
-        """Run until ``rounds`` (or ``stop_after``, for tests of interruption) are complete."""
+        """Run until ``rounds`` server steps (or ``stop_after``, for tests of interruption)
+        are complete: pop events in simulated-time order and hand each to the schedule."""
         if not resume:  # a second fresh run of this Server starts as clean as the first
             self.strategy.begin_run()
             _begin_trainer_run(self.trainer)
         state = self.restore() if resume else self.fresh_state(initial_weights)
         last = self.rounds if stop_after is None else min(self.rounds, stop_after)
-        while state.round < last:
-            try:
-                record = self.run_round(state)
-            except PrivacyBudgetExhausted as exc:
-                log.warning("stopping before round %d: %s", state.round + 1, exc)
-                state.stopped = str(exc)
-                break
-            state.history.append(record)
-            self.checkpoint(state)
-            for cb in self.callbacks:
-                cb(record)
+        self._events = EventQueue()
+        try:
+            if state.round < last:
+                self.schedule.start(self, state)
+            while state.round < last:
+                event = self._events.pop()
+                if event is None:
+                    raise RoundFailedError(
+                        f"the {self.schedule.name} schedule has nothing left to do after "
+                        f"{state.round} server steps: no client is training and none was "
+                        "dispatched")
+                state.sim_time = max(state.sim_time, event.time)
+                self.schedule.handle(self, state, event)
+                if state.round < last and self._events.next_time() != event.time:
+                    self.schedule.settle(self, state)  # every event of this instant is in
+        except PrivacyBudgetExhausted as exc:
+            log.warning("stopping before round %d: %s", state.round + 1, exc)
+            state.stopped = str(exc)
+        finally:
+            self._events = None
         return state
+
+    def commit(
+        self,
+        state: RunState,
+        weights: torch.Tensor,
+        *,
+        head: dict[str, Any],
+        client_metrics: dict[str, float],
+        extra: dict[str, Any],
+        start: float,
+        tail: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Take one server step: ``weights`` (the strategy's aggregate applied) become model
+        version ``state.round + 1`` after the server stages; the step is evaluated (every
+        ``eval_every`` steps and the last), recorded, checkpointed and reported to the
+        callbacks. The record is ``head``, the clients' mean metrics (unless the strategy
+        suppresses them), ``extra`` (the strategy's and the stages' metrics), ``tail``, the
+        evaluation and ``wall_time`` (seconds since ``start``, a ``perf_counter`` reading)."""
+        s = self.strategy
+        version = state.round + 1
+        for stage in s.server_stages:
+            weights, stage_metrics = stage.apply(version, weights)
+            extra = {**extra, **stage_metrics}
+        state.weights = weights
+        state.round = version
+        record: dict[str, Any] = dict(head)
+        if s.client_metrics == "record":
+            # Computed from private data without noise: a DP run may suppress them.
+            record.update(client_metrics)
+        record.update(extra)
+        if tail:
+            record.update(tail)
+        if self.test_data is not None and (
+            version % self.eval_every == 0 or version == self.rounds
+        ):
+            ev = self.trainer.evaluate(state.weights, self.test_data)
+            record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
+        if self.federated_eval is not None and (
+            version % self.eval_every == 0 or version == self.rounds
+        ):
+            record.update(self.federated_evaluate(version, state.weights))
+        record["wall_time"] = time.perf_counter() - start
+        state.history.append(record)
+        self.checkpoint(state)
+        for cb in self.callbacks:
+            cb(record)
+        return record
 
     def federated_evaluate(self, round_num: int, weights: torch.Tensor) -> dict[str, Any]:
         """Federated evaluation of ``weights``: the selected clients evaluate it on their
@@ -242,7 +335,7 @@ class Server:
 
         return fe.summarize(results(), selected, round_num, model_bytes=self.spec.nbytes)
 
-    def _cohort_shortfall(self, available: Sequence[str]) -> dict[str, Any]:
+    def cohort_shortfall(self, available: Sequence[str]) -> dict[str, Any]:
         """Fewer clients available than ``clients_per_round``: the sampler takes them all.
         Never silent: logged once per run, and every such round records how many there were
         (``clients_available``). The CLI refuses it outright when the population is known."""
@@ -255,60 +348,3 @@ class Server:
                         wanted, len(available))
             self._short_cohort_logged = True
         return {"clients_available": len(available)}
-
-    def run_round(self, state: RunState) -> dict[str, Any]:
-        round_num = state.round + 1
-        start = time.perf_counter()
-        available = self.transport.available_clients()
-        s = self.strategy
-        shortfall = self._cohort_shortfall(available)
-        s.before_round(round_num, available)  # may stop the run (privacy budget)
-        full_steps = None
-        if s.straggler_fraction > 0:
-            probe = s.fit_config(round_num, seed=0)
-            full_steps = {c: self.transport.full_steps(c, probe) for c in available}
-        tasks = s.configure_fit(round_num, available, state.rng, run_seed=self.seed,
-                                full_steps=full_steps)
-        if getattr(s, "dispatch_transform", None) is not None:
-            tasks = [replace(t, dispatch=s.dispatch_transform) for t in tasks]
-        weights = state.weights
-        tally = RoundTally(s.aggregator, self.spec.numel, round_num, device=weights.device)
-        weighting = s.aggregator if getattr(s.aggregator, "streaming", False) else None
-        for result in self.transport.fit(weights, tasks, weighting):
-            tally.add(result)
-        if tally.count < s.min_updates:
-            raise RoundFailedError(
-                f"round {round_num}: {tally.count} valid updates, strategy needs at least "
-                f"{s.min_updates} ({len(tally.failures)} clients failed, "
-                f"{len(tally.rejected)} rejected)"
-            )
-        state.weights, extra = s.finish_round(round_num, weights, tally)
-        for stage in s.server_stages:
-            state.weights, stage_metrics = stage.apply(round_num, state.weights)
-            extra = {**extra, **stage_metrics}
-        state.round = round_num
-        record: dict[str, Any] = {
-            "round": round_num,
-            "clients_selected": len(tasks),
-            "updates": tally.count,
-            "failures": len(tally.failures),
-            "rejected": len(tally.rejected),
-            "bytes_down": len(tasks) * self.spec.nbytes,
-            "bytes_up": tally.bytes_up,
-            **shortfall,
-        }
-        if s.client_metrics == "record":
-            # Computed from private data without noise: a DP run may suppress them.
-            record.update(tally.mean_metrics())
-        record.update(extra)
-        if self.test_data is not None and (
-            round_num % self.eval_every == 0 or round_num == self.rounds
-        ):
-            ev = self.trainer.evaluate(state.weights, self.test_data)
-            record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
-        if self.federated_eval is not None and (
-            round_num % self.eval_every == 0 or round_num == self.rounds
-        ):
-            record.update(self.federated_evaluate(round_num, state.weights))
-        record["wall_time"] = time.perf_counter() - start
-        return record

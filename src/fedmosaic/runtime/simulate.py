@@ -13,6 +13,7 @@ from fedmosaic.core.errors import CheckpointError
 from fedmosaic.runtime.checkpoint import clear_run, holds_run
 from fedmosaic.runtime.evaluation import FederatedEvaluation, evaluation_guarantee
 from fedmosaic.runtime.result import RunResult
+from fedmosaic.runtime.schedule import Schedule
 from fedmosaic.runtime.server import RoundCallback, Server
 from fedmosaic.runtime.transport import SequentialTransport, Transport
 from fedmosaic.train.base import Trainer
@@ -36,6 +37,7 @@ def simulate(
     stop_after: int | None = None,
     federated_eval: FederatedEvaluation | None = None,
     central_eval: bool = True,
+    schedule: Schedule | None = None,
 ) -> RunResult:
     """Run federated training over ``federated_data`` (a ``fedmosaic.data.FederatedDataset``).
 
@@ -48,6 +50,8 @@ def simulate(
     continues it or ``overwrite=True`` replaces it (as ``fedmosaic run`` does).
     The strategy (and a DP-SGD trainer's accounting) start each fresh run from the state
     they had before their first one, so one object can serve several runs.
+    ``schedule`` (``fedmosaic.runtime.schedule``) decides when clients train and when the
+    server aggregates; by default synchronous rounds, and ``rounds`` counts server steps.
     """
     server = Server(
         trainer=trainer,
@@ -61,6 +65,7 @@ def simulate(
         identity=identity,
         callbacks=callbacks,
         federated_eval=federated_eval,
+        schedule=schedule,
     )
     if out_dir is not None and not resume and holds_run(out_dir):
         if not overwrite:

@@ -1,0 +1,316 @@
+"""A frozen copy of fedmosaic/runtime/server.py as of commit ee650d1, before the event-driven
+core (issue #11): the reference that tests/runtime/test_schedules.py compares the synchronous
+schedule with, bit for bit. Not a test module; do not edit (except this docstring)."""
+# ruff: noqa
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.strategy import FedAvg
+from fedmosaic.core.errors import (
+    CheckpointError,
+    ConfigError,
+    PrivacyBudgetExhausted,
+    RoundFailedError,
+)
+from fedmosaic.core.params import ParamSpec
+from fedmosaic.runtime.checkpoint import describe_identity_change, load_checkpoint, save_checkpoint
+from fedmosaic.runtime.evaluation import FederatedEvaluation
+from fedmosaic.runtime.tally import RoundTally
+from fedmosaic.runtime.transport import Transport
+from fedmosaic.train.base import Dataset, Trainer
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: the last completed round and everything after it depends on."""
+
+    round: int
+    weights: torch.Tensor
+    rng: np.random.Generator
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None  # why the run ended before its planned rounds, if it did
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able description (guards resume against a changed run)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_federated_eval(strategy: Any, transport: Any) -> None:
+    """Refuse federated evaluation where it would break a guarantee or cannot run.
+
+    Clients' evaluation metrics are computed from their private test data without noise, so
+    they are outside any DP accounting: refused when the strategy gives a DP guarantee.
+    """
+    if not callable(getattr(transport, "evaluate", None)):
+        raise ConfigError("federated_eval", "on", f"a transport with evaluate() "
+                          f"({type(transport).__name__} has none)")
+    if strategy.guarantees().get("differential_privacy"):
+        raise ConfigError("federated_eval", "on", "off under central or distributed DP: each "
+                          "client's evaluation metrics and test sample count would reach the "
+                          "server without noise, outside the DP accounting; evaluate on a "
+                          "central test set instead")
+
+
+# A trainer's per-client accounting state before its first run (DPSGDTrainer's accountants),
+# keyed weakly by the trainer: restored at the start of every fresh run, as the strategy's is.
+_TRAINER_START: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _begin_trainer_run(trainer: Trainer) -> None:
+    """Reset a trainer's accounting (``accounting_state`` / ``load_accounting_state``, the
+    optional part of the Trainer interface a checkpoint saves) to its state before its first
+    run: per-client DP-SGD spends of one run must not be counted into the next."""
+    if not hasattr(trainer, "accounting_state"):
+        return
+    start = _TRAINER_START.get(trainer)
+    if start is None:
+        _TRAINER_START[trainer] = copy.deepcopy(trainer.accounting_state())
+    else:
+        trainer.load_accounting_state(copy.deepcopy(start))  # type: ignore[attr-defined]
+
+
+class Server:
+    """Runs federated rounds with a strategy over a transport.
+
+    Evaluation is central (the global model on ``test_data``) and/or federated
+    (``federated_eval``: clients evaluate it on their local test splits) every ``eval_every``
+    rounds and after the last round, after the model update. With ``out_dir`` a checkpoint is
+    written atomically after every round, and ``resume=True`` continues from it.
+    """
+
+    def __init__(
+        self,
+        *,
+        trainer: Trainer,
+        strategy: FedAvg,
+        transport: Transport,
+        rounds: int,
+        seed: int = 0,
+        test_data: Dataset | None = None,
+        eval_every: int = 1,
+        out_dir: str | Path | None = None,
+        identity: dict[str, Any] | None = None,
+        callbacks: Sequence[RoundCallback] = (),
+        federated_eval: FederatedEvaluation | None = None,
+    ) -> None:
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        self.trainer, self.strategy, self.transport = trainer, strategy, transport
+        self.rounds, self.seed, self.test_data = rounds, seed, test_data
+        self.eval_every = eval_every
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.callbacks = list(callbacks)
+        self.federated_eval = federated_eval
+        if federated_eval is not None:
+            check_federated_eval(strategy, transport)
+        self.spec: ParamSpec = trainer.spec
+        check = getattr(transport, "check_strategy", None)
+        if check is not None:
+            check(strategy)  # e.g. SecAgg+ refuses aggregators that need individual updates
+        if getattr(strategy, "dispatch_transform", None) is not None and \
+                not getattr(transport, "supports_dispatch", False):
+            raise ConfigError("dispatch_transform", repr(strategy.dispatch_transform),
+                              f"a transport that applies it ({type(transport).__name__} "
+                              "does not; SequentialTransport does)")
+        # Every run starts from the state the strategy (and a DP-SGD trainer's accountants)
+        # had before its first run, so that an object reused across runs carries nothing
+        # over; before the identity, which describes the strategy (e.g. calibrated noise).
+        strategy.begin_run()
+        _begin_trainer_run(trainer)
+        # The identity's parts are saved with the checkpoint, so that a refused resume can
+        # name the key that changed instead of only "something changed".
+        self.identity_detail: dict[str, Any] = json.loads(json.dumps(
+            {"user": identity or {}, "seed": seed, "strategy": strategy.describe(),
+             "spec": self.spec.to_json()}, sort_keys=True, default=str))
+        self.identity = fingerprint(self.identity_detail)
+        self._short_cohort_logged = False
+
+    # -- state -----------------------------------------------------------------------------
+    def fresh_state(self, initial_weights: torch.Tensor | None = None) -> RunState:
+        weights = initial_weights if initial_weights is not None else \
+            self.trainer.initial_weights(self.seed)
+        self.spec.check_vector(weights)
+        return RunState(round=0, weights=weights.clone(), rng=np.random.default_rng(self.seed))
+
+    def restore(self) -> RunState:
+        if self.out_dir is None:
+            raise CheckpointError("resume needs an output directory")
+        ckpt = load_checkpoint(self.out_dir)
+        if ckpt.get("identity") != self.identity:
+            saved = ckpt.get("identity_detail")  # absent in checkpoints of earlier versions
+            change = (describe_identity_change(saved, self.identity_detail)
+                      if isinstance(saved, dict) else None)
+            raise CheckpointError(
+                f"cannot resume the run in {self.out_dir}: "
+                + (f"{change} (a different experiment)" if change else
+                   "it belongs to a different experiment (seed, strategy, model or config "
+                   "changed)"))
+        if int(ckpt["round"]) > self.rounds:
+            raise CheckpointError(
+                f"the run in {self.out_dir} already completed {int(ckpt['round'])} rounds; "
+                f"rounds = {self.rounds} is fewer")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = ckpt["rng_state"]
+        self.strategy.load_state_dict(ckpt["strategy"])
+        weights = ckpt["weights"]
+        self.spec.check_vector(weights)
+        if ckpt.get("trainer_state") is not None and hasattr(self.trainer,
+                                                              "load_accounting_state"):
+            self.trainer.load_accounting_state(ckpt["trainer_state"])  # type: ignore[attr-defined]
+        return RunState(round=int(ckpt["round"]), weights=weights, rng=rng,
+                        history=list(ckpt["history"]))
+
+    def checkpoint(self, state: RunState) -> None:
+        if self.out_dir is None:
+            return
+        save_checkpoint(self.out_dir, {
+            "identity": self.identity,
+            "identity_detail": self.identity_detail,
+            "round": state.round,
+            "rounds": self.rounds,
+            "weights": state.weights,
+            "spec": self.spec.to_json(),
+            "strategy": self.strategy.state_dict(),
+            "rng_state": state.rng.bit_generator.state,
+            "history": state.history,
+            # Trainers that keep per-client state across rounds (DP-SGD accountants) save it
+            # with the round it belongs to, so a resumed run remembers every client's spend.
+            "trainer_state": (self.trainer.accounting_state()  # type: ignore[attr-defined]
+                              if hasattr(self.trainer, "accounting_state") else None),
+        })
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        resume: bool = False,
+        initial_weights: torch.Tensor | None = None,
+        stop_after: int | None = None,
+    ) -> RunState:
+        """Run until ``rounds`` (or ``stop_after``, for tests of interruption) are complete."""
+        if not resume:  # a second fresh run of this Server starts as clean as the first
+            self.strategy.begin_run()
+            _begin_trainer_run(self.trainer)
+        state = self.restore() if resume else self.fresh_state(initial_weights)
+        last = self.rounds if stop_after is None else min(self.rounds, stop_after)
+        while state.round < last:
+            try:
+                record = self.run_round(state)
+            except PrivacyBudgetExhausted as exc:
+                log.warning("stopping before round %d: %s", state.round + 1, exc)
+                state.stopped = str(exc)
+                break
+            state.history.append(record)
+            self.checkpoint(state)
+            for cb in self.callbacks:
+                cb(record)
+        return state
+
+    def federated_evaluate(self, round_num: int, weights: torch.Tensor) -> dict[str, Any]:
+        """Federated evaluation of ``weights``: the selected clients evaluate it on their
+        local test splits; the record entries of ``FederatedEvaluation.summarize``."""
+        fe = self.federated_eval
+        assert fe is not None
+        selected = fe.select(self.transport.available_clients(), seed=self.seed,
+                             round_num=round_num)
+
+        def results() -> Any:  # a generator of EvalReport | ClientFailure
+            # Called lazily, inside summarize: a transport that raises, even on the call
+            # itself, costs this round's evaluation reports, never the trained round.
+            if selected:
+                yield from self.transport.evaluate(weights, selected, round_num)
+
+        return fe.summarize(results(), selected, round_num, model_bytes=self.spec.nbytes)
+
+    def _cohort_shortfall(self, available: Sequence[str]) -> dict[str, Any]:
+        """Fewer clients available than ``clients_per_round``: the sampler takes them all.
+        Never silent: logged once per run, and every such round records how many there were
+        (``clients_available``). The CLI refuses it outright when the population is known."""
+        wanted = self.strategy.clients_per_round
+        if wanted is None or wanted <= len(available):
+            return {}
+        if not self._short_cohort_logged:
+            log.warning("clients_per_round = %d but only %d clients are available: the round "
+                        "takes all of them (recorded as clients_available in each such round)",
+                        wanted, len(available))
+            self._short_cohort_logged = True
+        return {"clients_available": len(available)}
+
+    def run_round(self, state: RunState) -> dict[str, Any]:
+        round_num = state.round + 1
+        start = time.perf_counter()
+        available = self.transport.available_clients()
+        s = self.strategy
+        shortfall = self._cohort_shortfall(available)
+        s.before_round(round_num, available)  # may stop the run (privacy budget)
+        full_steps = None
+        if s.straggler_fraction > 0:
+            probe = s.fit_config(round_num, seed=0)
+            full_steps = {c: self.transport.full_steps(c, probe) for c in available}
+        tasks = s.configure_fit(round_num, available, state.rng, run_seed=self.seed,
+                                full_steps=full_steps)
+        if getattr(s, "dispatch_transform", None) is not None:
+            tasks = [replace(t, dispatch=s.dispatch_transform) for t in tasks]
+        weights = state.weights
+        tally = RoundTally(s.aggregator, self.spec.numel, round_num, device=weights.device)
+        weighting = s.aggregator if getattr(s.aggregator, "streaming", False) else None
+        for result in self.transport.fit(weights, tasks, weighting):
+            tally.add(result)
+        if tally.count < s.min_updates:
+            raise RoundFailedError(
+                f"round {round_num}: {tally.count} valid updates, strategy needs at least "
+                f"{s.min_updates} ({len(tally.failures)} clients failed, "
+                f"{len(tally.rejected)} rejected)"
+            )
+        state.weights, extra = s.finish_round(round_num, weights, tally)
+        for stage in s.server_stages:
+            state.weights, stage_metrics = stage.apply(round_num, state.weights)
+            extra = {**extra, **stage_metrics}
+        state.round = round_num
+        record: dict[str, Any] = {
+            "round": round_num,
+            "clients_selected": len(tasks),
+            "updates": tally.count,
+            "failures": len(tally.failures),
+            "rejected": len(tally.rejected),
+            "bytes_down": len(tasks) * self.spec.nbytes,
+            "bytes_up": tally.bytes_up,
+            **shortfall,
+        }
+        if s.client_metrics == "record":
+            # Computed from private data without noise: a DP run may suppress them.
+            record.update(tally.mean_metrics())
+        record.update(extra)
+        if self.test_data is not None and (
+            round_num % self.eval_every == 0 or round_num == self.rounds
+        ):
+            ev = self.trainer.evaluate(state.weights, self.test_data)
+            record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
+        if self.federated_eval is not None and (
+            round_num % self.eval_every == 0 or round_num == self.rounds
+        ):
+            record.update(self.federated_evaluate(round_num, state.weights))
+        record["wall_time"] = time.perf_counter() - start
+        return record
