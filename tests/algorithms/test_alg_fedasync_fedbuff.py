@@ -307,6 +307,13 @@ def test_a_fast_client_may_fill_two_slots_unless_distinct_clients() -> None:
     assert strict.count == 1
     with pytest.raises(ValueError, match="already in this buffer"):
         strict.merge(torch.ones(4), 3.0, 1, 0, client_ids=["fast"])
+    # the rule holds across a checkpoint, and a flush starts a fresh buffer
+    resumed = FedBuffBuffer(3, dim=4, distinct_clients=True)
+    resumed.load_state_dict(strict.state_dict())
+    with pytest.raises(InvalidUpdateError, match="second update in this buffer"):
+        resumed.add(upd("fast"), 0)
+    resumed.flush()
+    resumed.add(upd("fast"), 0)
 
 
 def test_a_prepared_delta_is_summed_instead_of_the_raw_one() -> None:

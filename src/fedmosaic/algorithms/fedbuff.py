@@ -30,10 +30,11 @@ buffered clients' ids: O(model), not O(K * model).
 
 **A client twice in one buffer.** Allowed by default: in FedBuff a fast client can finish a
 second task before the buffer fills, and both updates are real work from different base
-models (the paper's analysis counts updates, not clients). Replays of one upload are the
-server's concern (task ids), not the buffer's. ``distinct_clients=True`` refuses a second
-update from a client already in the buffer, for client-level DP, where one client's
-contribution to a server step must be bounded by one clipped update.
+models; nothing in the buffer's arithmetic needs distinct clients. Replays of one upload
+are the server's concern (task ids), not the buffer's. ``distinct_clients=True`` refuses a
+second update from a client already in the buffer: for client-level DP, where one client's
+contribution to a server step must be bounded by one clipped update, and for deployments
+that want at most one contribution per client and buffer.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class FedBuffBuffer:
         self._bytes_up = 0
         self._metric_sums: dict[str, float] = {}
         self._client_ids: list[str] = []
+        self._seen: set[str] = set()  # O(1) membership for distinct_clients
 
     # -- state --------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class FedBuffBuffer:
               or tuple(delta.shape) != (self.dim,) or not bool(torch.isfinite(delta).all())):
             raise ValueError(f"delta for client '{cid}' must be a finite float32 tensor of "
                              f"shape ({self.dim},)")
-        if self.distinct_clients and cid in self._client_ids:
+        if self.distinct_clients and cid in self._seen:
             raise InvalidUpdateError(cid, "second update in this buffer (distinct_clients)")
         scale = self.staleness(staleness)
         weight = self.weight_of(update)
@@ -217,7 +219,7 @@ class FedBuffBuffer:
             raise ValueError("weighted_sum has non-finite values (NaN or inf)")
         ids = [str(c) for c in client_ids]
         if self.distinct_clients:
-            dup = sorted(set(ids) & set(self._client_ids)) + sorted(
+            dup = sorted(set(ids) & self._seen) + sorted(
                 {c for c in ids if ids.count(c) > 1})
             if dup:
                 raise ValueError(f"clients {dup[:5]} are already in this buffer "
@@ -241,6 +243,7 @@ class FedBuffBuffer:
                                else min(self._staleness_min, staleness))
         self._scale_sum += scale * count
         self._client_ids.extend(ids)
+        self._seen.update(ids)
         self._num_samples += num_samples
         self._bytes_up += nbytes
         for key, value in metric_sums.items():
@@ -358,6 +361,7 @@ class FedBuffBuffer:
         self._bytes_up = int(state["bytes_up"])
         self._metric_sums = {str(k): float(v) for k, v in dict(state["metric_sums"]).items()}
         self._client_ids = [str(c) for c in state["client_ids"]]
+        self._seen = set(self._client_ids)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, dim: int,
