@@ -35,8 +35,14 @@ from fedmosaic.net.service import FederationService
 from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.transport import GrpcTransport
 from fedmosaic.net.wire import grpc_options, spec_hash
-from fedmosaic.runtime.checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint
-from fedmosaic.runtime.result import RunResult
+from fedmosaic.runtime.checkpoint import (
+    CHECKPOINT_NAME,
+    RUN_FILES,
+    atomic_write_bytes,
+    load_checkpoint,
+    remove_stale_temporaries,
+)
+from fedmosaic.runtime.result import RunResult, write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +83,13 @@ def start_server(settings: DeploySettings, transport: GrpcTransport,
                             transport.secagg.max_message_bytes(transport.numel))
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                           thread_name_prefix="fedmosaic-rpc")
+    # Admission control (net/admission.py) budgets the max_workers threads and refuses, with
+    # a count and a log line, what would overrun them; calls wait for a thread only while
+    # one is refused or served (microseconds to milliseconds). gRPC's own limit is the last
+    # line against a flood, and what it refuses fedmosaic never sees.
     server = grpc.server(executor, handlers=[service.handler()],
                          options=grpc_options(message_limit),
-                         maximum_concurrent_rpcs=settings.max_workers)
+                         maximum_concurrent_rpcs=settings.max_workers + settings.max_queued_rpcs)
     address = f"{settings.address}:{settings.port}"
     try:
         port = server.add_secure_port(address, server_credentials(paths))
@@ -125,6 +135,12 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
         secagg.check_strategy(strategy)
     running = start_server(settings, transport, traffic=metrics)
     out.mkdir(parents=True, exist_ok=True)
+    # A server killed while writing a checkpoint (or metrics.json, model.pt, endpoint.json)
+    # leaves the temporary file of that write behind; the file it replaces is intact.
+    stale = remove_stale_temporaries(out, (*RUN_FILES, ENDPOINT_FILE))
+    if stale:
+        log.info("removed %d temporary file%s left in %s by an interrupted write (%s)",
+                 len(stale), "s" * (len(stale) > 1), out, ", ".join(p.name for p in stale[:5]))
     atomic_write_bytes(out / ENDPOINT_FILE, json.dumps({
         "address": settings.address, "port": running.port, "pid": os.getpid(),
         "instance": transport.instance,
@@ -144,11 +160,11 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
                  central if central is not None else record.get("fed_test_accuracy"))
 
     try:
-        attempts = 0
+        retries = RoundRetries(settings.round_retries)
         while True:
             resume = (out / CHECKPOINT_NAME).is_file()
+            done = int(load_checkpoint(out)["round"]) if resume else 0
             if resume:
-                done = int(load_checkpoint(out)["round"])
                 transport.resumed_at(done)
                 log.info("resuming %s after round %d from %s", exp.name, done, out)
             try:
@@ -161,24 +177,72 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
                                   central_eval=central_evaluation(exp, task.data))
                 break
             except RoundFailedError as exc:
-                attempts += 1
-                if attempts > settings.round_retries:
-                    raise
-                log.warning("round failed (%s); retry %d of %d from the last checkpoint", exc,
-                            attempts, settings.round_retries)
+                # The round that failed is the one after the last completed round (the
+                # callbacks have advanced the transport past every completed one).
+                retries.failed(max(done, transport.completed_rounds) + 1, exc)
+        if retries.annotate(result.history):
+            write_json(out / "metrics.json", result.history)
         transport.finish()
-        log.info("%s finished: %d rounds", exp.name, len(result.history))
-        _linger(transport, settings.linger)
+        if done >= rounds:
+            # Restarted on a finished run: the clients that had not heard DONE when the
+            # server stopped are retrying; none has joined this instance yet, so wait the
+            # whole ``linger`` for them instead of ending at once with nobody told.
+            log.info("%s had already finished all %d rounds: serving DONE for %gs", exp.name,
+                     rounds, settings.linger)
+            _linger(transport, settings.linger, until_all_told=False)
+        else:
+            log.info("%s finished: %d rounds", exp.name, len(result.history))
+            _linger(transport, settings.linger)
         return result
     finally:
         running.stop()
 
 
-def _linger(transport: GrpcTransport, seconds: float) -> None:
-    """Keep answering DONE until every connected client has heard it (or ``seconds``)."""
+def _linger(transport: GrpcTransport, seconds: float, until_all_told: bool = True) -> None:
+    """Keep answering DONE for ``seconds``; with ``until_all_told``, stop as soon as every
+    connected client has heard it (at the end of a run, when the clients are all joined)."""
     end = time.monotonic() + seconds
-    while time.monotonic() < end and not transport.all_told_done():
+    while time.monotonic() < end and not (until_all_told and transport.all_told_done()):
         time.sleep(0.1)
+
+
+class RoundRetries:
+    """The retry budget of ``serve``: up to ``limit`` retries of the SAME round, each from
+    the last checkpoint; a later round starts with a fresh budget (docs/deployment.md,
+    "Faults and limits"). Each retry is logged (round, attempt, reason); ``annotate`` lists
+    them in the records of the rounds that completed after them (``retries``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reasons: dict[int, list[str]] = {}  # round -> why each failed attempt failed
+
+    def failed(self, round_num: int, exc: RoundFailedError) -> None:
+        """Round ``round_num`` failed with ``exc``: re-raise it once the round has used its
+        budget, else log the retry."""
+        reasons = self.reasons.setdefault(round_num, [])
+        if len(reasons) >= self.limit:
+            log.error("round %d failed %d times (round_retries = %d): giving up", round_num,
+                      len(reasons) + 1, self.limit,
+                      extra={"round": round_num, "attempt": len(reasons) + 1})
+            raise exc
+        reasons.append(str(exc))
+        log.warning("round %d failed (%s); retry %d of %d for this round, from the last "
+                    "checkpoint", round_num, exc, len(reasons), self.limit,
+                    extra={"round": round_num, "attempt": len(reasons) + 1,
+                           "code": "round_retry"})
+
+    def annotate(self, history: list[dict[str, Any]]) -> bool:
+        """Add ``retries`` (the reasons, in order) to the records of rounds that were
+        retried; whether any record changed. A resume reloads the history from the
+        checkpoint, which is written before the round is known to be final, so this runs on
+        the finished run's history."""
+        changed = False
+        for record in history:
+            reasons = self.reasons.get(record.get("round", -1))
+            if reasons and record.get("retries") != reasons:
+                record["retries"] = list(reasons)
+                changed = True
+        return changed
 
 
 def _secagg_driver(exp: Experiment, fed: Any, settings: DeploySettings) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,34 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _temporary_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    """The names ``atomic_write_bytes`` gives its temporary files for ``names``: exactly
+    ``tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp")``, whose random part is 8 characters
+    of ``[a-z0-9_]`` (CPython's ``tempfile._RandomNameSequence``)."""
+    alternatives = "|".join(re.escape(n) for n in names)
+    return re.compile(rf"\.(?:{alternatives})\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temporaries(directory: str | Path,
+                             names: tuple[str, ...] = RUN_FILES) -> list[Path]:
+    """Remove the temporary files that a process killed inside ``atomic_write_bytes`` left in
+    ``directory`` for the files ``names`` (``.checkpoint.pt.x8abc_2q.tmp`` and the like), and
+    return them. Only those exact names are touched, never the user's files, and only call
+    this where no other process is writing into ``directory`` (a server owns its output
+    directory): a temporary file being written at that moment would be removed too."""
+    pattern = _temporary_pattern(tuple(names))
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except FileNotFoundError:
+        return removed
+    for path in sorted(entries):
+        if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
