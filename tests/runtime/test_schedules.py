@@ -26,7 +26,12 @@ from fedmosaic.runtime import SequentialTransport
 from fedmosaic.runtime.batched import BatchedTransport
 from fedmosaic.runtime.checkpoint import load_checkpoint
 from fedmosaic.runtime.evaluation import FederatedEvaluation
-from fedmosaic.runtime.schedule import EventQueue, SyncSchedule
+from fedmosaic.runtime.schedule import (
+    EventQueue,
+    FedAsyncSchedule,
+    FedBuffSchedule,
+    SyncSchedule,
+)
 from tests.conftest import make_blobs
 
 
@@ -161,3 +166,142 @@ def test_a_schedule_that_stops_dispatching_fails_the_run_with_a_reason(blobs_fed
                        transport=SequentialTransport(trainer, blobs_fed), schedule=Idle())
     with pytest.raises(fm.core.RoundFailedError, match="idle schedule has nothing left"):
         server.run()
+
+
+# -- asynchronous schedules (issue #11 items 2 and 3) -----------------------------------------
+class ConstantClock:
+    """A timing model where every task takes ``seconds``: clients dispatched together arrive
+    together, before any aggregation (zero staleness)."""
+
+    deadline = None
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def available(self, client_id: str, t: float) -> bool:
+        return True
+
+    def next_available(self, client_id: str, t: float) -> float:
+        return t
+
+    def outcome(self, client_id, task_index, start, num_samples, steps):
+        from fedmosaic.runtime.clock import TaskOutcome
+
+        return TaskOutcome(start + self.seconds, True)
+
+
+def _run(fed, strategy, rounds=4, schedule=None, seed=3, **kw):
+    return fm.simulate(_trainer(), fed, strategy, rounds=rounds, seed=seed, schedule=schedule,
+                       **kw)
+
+
+@pytest.mark.parametrize("clock", [None, ConstantClock(5.0)])
+@pytest.mark.parametrize("opt", ["sgd", "fedadam"])
+def test_fedbuff_with_k_the_cohort_and_zero_staleness_is_fedavg_bit_for_bit(blobs_fed, clock,
+                                                                           opt):
+    def strategy():
+        server_opt = fm.FedAdam(lr=0.05) if opt == "fedadam" else None
+        return fm.FedAvg(clients_per_round=3, server_opt=server_opt)
+
+    sync = _run(blobs_fed, strategy())
+    buff = _run(blobs_fed, strategy(),
+                schedule=FedBuffSchedule(buffer_size=3, concurrency=3, clock=clock))
+    assert torch.equal(sync.weights, buff.weights)
+    assert sync.metric("test_accuracy") == buff.metric("test_accuracy")
+    assert sync.metric("train_loss") == buff.metric("train_loss")
+    for step, rec in enumerate(buff.history, start=1):
+        assert rec["version"] == rec["round"] == step
+        assert rec["updates"] == 3 and rec["staleness_mean"] == 0 and rec["wall_time"] > 0
+        assert rec["sim_time"] == (5.0 * step if clock is not None else 0.0)
+
+
+def test_fedbuff_under_lognormal_speeds_keeps_clients_busy_and_has_stale_updates(blobs_fed):
+    from fedmosaic.runtime.clock import ClientTimingModel
+
+    clock = ClientTimingModel(seed=2, speed_sigma=1.0)
+    res = _run(blobs_fed, fm.FedAvg(), rounds=12,
+               schedule=FedBuffSchedule(buffer_size=2, concurrency=4, clock=clock))
+    assert [r["version"] for r in res.history] == list(range(1, 13))
+    times = [r["sim_time"] for r in res.history]
+    assert times == sorted(times) and times[0] > 0
+    assert max(r["staleness_max"] for r in res.history) >= 1
+    # Arrivals at distinct times: each one's place is refilled at once, so when the second
+    # update of a buffer arrives the other three clients are still training.
+    assert all(r["updates"] == 2 and r["in_flight"] == 3 for r in res.history)
+    assert res.final["test_accuracy"] > 0.6
+
+
+def test_fedbuff_k1_equals_fedasync_apply_delta_direction_via_the_buffer(blobs_fed):
+    """One client, K = 1 and zero staleness: every FedBuff step is the client's full update,
+    as FedAsync with alpha = 1 is (up to the rounding of base + delta)."""
+    one = FederatedDataset(name="one", clients=[blobs_fed.clients[0]], test=blobs_fed.test,
+                           num_classes=3, feature_shape=(5,))
+    buff = _run(one, fm.FedAvg(), rounds=3,
+                schedule=FedBuffSchedule(buffer_size=1, concurrency=1))
+    fa = _run(one, fm.FedAvg(), rounds=3, schedule=FedAsyncSchedule(alpha=1.0, concurrency=1))
+    assert torch.allclose(buff.weights, fa.weights, rtol=0, atol=1e-6)
+
+
+def test_fedasync_alpha_one_one_client_zero_staleness_is_sequential_training(blobs_fed):
+    from fedmosaic.algorithms.strategy import client_seed
+    from fedmosaic.train import FitConfig
+
+    one = FederatedDataset(name="one", clients=[blobs_fed.clients[2]], test=blobs_fed.test,
+                           num_classes=3, feature_shape=(5,))
+    res = _run(one, fm.FedAvg(), rounds=4, seed=5,
+               schedule=FedAsyncSchedule(alpha=1.0, concurrency=1))
+    trainer = _trainer()
+    w = trainer.initial_weights(5)
+    for step in range(1, 5):
+        cfg = FitConfig(round=step, seed=client_seed(5, step, "c2"))
+        w = trainer.fit(w, one.clients[0].train, cfg).weights
+    # The server rebuilds the client's model as base + delta: equal up to that rounding.
+    assert torch.allclose(res.weights, w, rtol=0, atol=1e-6)
+    assert [r["alpha_t"] for r in res.history] == [1.0] * 4
+    assert all(r["updates"] == 1 and r["staleness_mean"] == 0 for r in res.history)
+
+
+def test_fedasync_mixes_stale_updates_with_a_damped_weight(blobs_fed):
+    from fedmosaic.algorithms.staleness import PolynomialStaleness
+    from fedmosaic.runtime.clock import ClientTimingModel
+
+    sched = FedAsyncSchedule(alpha=0.6, concurrency=3, staleness=PolynomialStaleness(0.5),
+                             clock=ClientTimingModel(seed=1, speed_sigma=1.0))
+    res = _run(blobs_fed, fm.FedAvg(), rounds=15, schedule=sched)
+    for rec in res.history:
+        assert rec["alpha_t"] == pytest.approx(0.6 * (rec["staleness_mean"] + 1) ** -0.5)
+    assert any(r["staleness_mean"] > 0 for r in res.history)
+    assert res.final["test_accuracy"] > 0.6
+
+
+def test_a_client_trained_twice_from_one_version_gets_a_new_seed():
+    from fedmosaic.algorithms.strategy import client_seed
+    from fedmosaic.runtime.schedule import task_seed
+
+    assert task_seed(1, 3, "a", 0) == client_seed(1, 3, "a")
+    assert len({task_seed(1, 3, "a", r) for r in range(5)}) == 5
+
+
+# -- the synchronous schedule under the clock (item 4) -----------------------------------------
+def test_sync_under_the_clock_waits_for_the_slowest_or_drops_past_the_deadline(blobs_fed):
+    from fedmosaic.runtime.clock import ClientTimingModel
+
+    clock = ClientTimingModel(seed=4, speed_sigma=1.0)
+    plain = _run(blobs_fed, fm.FedAvg(clients_per_round=3))
+    timed = _run(blobs_fed, fm.FedAvg(clients_per_round=3), schedule=SyncSchedule(clock=clock))
+    # Same cohorts and the same model: the clock only adds time (all clients always online).
+    assert torch.allclose(plain.weights, timed.weights, rtol=0, atol=1e-6)
+    times = [r["sim_time"] for r in timed.history]
+    assert all(b > a for a, b in zip([0.0, *times], times, strict=False))
+    durations = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+    deadline = sorted(durations)[1]  # some rounds must drop their slowest clients
+    strict = ClientTimingModel(seed=4, speed_sigma=1.0, deadline=deadline)
+    cut = _run(blobs_fed, fm.FedAvg(clients_per_round=3), schedule=SyncSchedule(clock=strict))
+    assert any(r["dropped_late"] > 0 for r in cut.history)
+    for rec in cut.history:
+        assert rec["updates"] + rec["failures"] == 3
+        assert rec["failures"] == rec["dropped_late"]
+    prev = 0.0
+    for rec in cut.history:
+        assert rec["sim_time"] - prev <= deadline + 1e-9
+        prev = rec["sim_time"]

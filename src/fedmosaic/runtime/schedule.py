@@ -15,17 +15,32 @@ records and checkpoints; ``tests/runtime/test_schedules.py`` compares it with a 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fedmosaic.core.errors import RoundFailedError
-from fedmosaic.runtime.tally import RoundTally
+import numpy as np
+import torch
+
+from fedmosaic.algorithms.fedasync import FedAsyncMixer
+from fedmosaic.algorithms.fedbuff import FedBuffBuffer
+from fedmosaic.algorithms.staleness import InverseSqrtStaleness, staleness_of
+from fedmosaic.algorithms.strategy import ClientTask, client_seed
+from fedmosaic.core.errors import ConfigError, InvalidUpdateError, RoundFailedError
+from fedmosaic.core.update import ClientUpdate
+from fedmosaic.runtime.clock import round_duration
+from fedmosaic.runtime.tally import ClientFailure, RoundTally
 
 if TYPE_CHECKING:
     from fedmosaic.runtime.server import RunState, Server
 
-__all__ = ["Event", "EventQueue", "Schedule", "SyncSchedule"]
+__all__ = ["Event", "EventQueue", "FedAsyncSchedule", "FedBuffSchedule", "Schedule",
+           "SyncSchedule"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(order=True)
@@ -110,17 +125,29 @@ class SyncSchedule:
     One round is two events: ``round`` (the strategy samples and configures the cohort and the
     transport trains it; results stream into a ``RoundTally``) and ``round_done`` (the strategy
     finishes the round and the server commits the step). The round's model version is the
-    number of completed rounds, so ``ClientUpdate.base_round`` is the round a client trained
-    in (its base model is version ``base_round - 1``).
+    number of completed rounds; a synchronous task's ``FitConfig.round`` (and its update's
+    ``base_round``) is the round it trains in, so its base model is version ``round - 1``.
+
+    With a ``clock`` (a ``ClientTimingModel``, or a factory of one taking the model's size in
+    bytes) the round happens in simulated time, so that it compares fairly with the
+    asynchronous schedules: only clients online at the round's start are sampled, the round
+    lasts until its slowest client reports (``round_duration``), and with the clock's
+    ``deadline`` clients later than that, or that went offline, are dropped (failures); the
+    record gets ``sim_time`` (at the end of the round) and ``dropped_late``. The cohort then
+    trains without partial sums (each client's duration needs its own sample count and steps),
+    which changes the model only by float rounding on transports that sum where they train.
     """
 
     name = "sync"
 
+    def __init__(self, clock: ClockLike = None) -> None:
+        self.clock = clock
+
     def describe(self) -> dict[str, Any] | None:
-        return None
+        return None  # the clock is in the identity through the experiment's [clock] table
 
     def check(self, server: Server) -> None:
-        return None
+        self.clock = _bind_clock(self.clock, server.spec.nbytes)
 
     def start(self, server: Server, state: RunState) -> None:
         server.events.push(state.sim_time, "round")
@@ -140,6 +167,15 @@ class SyncSchedule:
         round_num = state.round + 1
         start = time.perf_counter()
         available = server.transport.available_clients()
+        clock = self.clock
+        if clock is not None:
+            everyone = available
+            available = [c for c in everyone if clock.available(c, state.sim_time)]
+            if not available and everyone:  # nobody online: the round starts when one is
+                wake = min(clock.next_available(c, state.sim_time) for c in everyone)
+                if wake < float("inf"):
+                    server.events.push(wake, "round")
+                    return
         s = server.strategy
         shortfall = server.cohort_shortfall(available)
         s.before_round(round_num, available)  # may stop the run (privacy budget)
@@ -154,10 +190,36 @@ class SyncSchedule:
         weights = state.weights
         tally = RoundTally(s.aggregator, server.spec.numel, round_num, device=weights.device)
         weighting = s.aggregator if getattr(s.aggregator, "streaming", False) else None
-        for result in server.transport.fit(weights, tasks, weighting):
-            tally.add(result)
-        cohort = _Cohort(round_num, start, len(tasks), tally, shortfall)
-        server.events.push(state.sim_time, "round_done", cohort)
+        results = server.transport.fit(weights, tasks, weighting if clock is None else None)
+        if clock is None:
+            for result in results:
+                tally.add(result)
+            cohort = _Cohort(round_num, start, len(tasks), tally, shortfall)
+            server.events.push(state.sim_time, "round_done", cohort)
+            return
+        # Under the clock: each client's arrival time, then the round waits for the slowest
+        # (or its deadline) and only the clients back in time count.
+        configs = {t.client_id: t.config for t in tasks}
+        arrived, durations = [], {}
+        for result in results:
+            arrived.append(result)
+            cid = getattr(result, "client_id", None)
+            if isinstance(result, ClientUpdate) and cid in configs:
+                samples, steps = task_work(result, configs[cid], server.trainer)
+                out = clock.outcome(cid, round_num, state.sim_time, samples, steps)
+                durations[cid] = out.end - state.sim_time if out.completed else float("inf")
+        seconds, dropped = round_duration(durations, clock.deadline)
+        late = set(dropped)
+        for result in arrived:
+            cid = getattr(result, "client_id", None)
+            if cid in late and isinstance(result, ClientUpdate):
+                tally.add(ClientFailure(cid, "missed the round deadline"
+                                        if durations[cid] < float("inf") else "went offline"))
+            else:
+                tally.add(result)
+        cohort = _Cohort(round_num, start, len(tasks), tally, shortfall,
+                         {"sim_time": state.sim_time + seconds, "dropped_late": len(late)})
+        server.events.push(state.sim_time + seconds, "round_done", cohort)
 
     def _finish(self, server: Server, state: RunState, cohort: _Cohort) -> None:
         s, tally, round_num = server.strategy, cohort.tally, cohort.round_num
@@ -181,3 +243,283 @@ class SyncSchedule:
         server.commit(state, weights, head=head, client_metrics=tally.mean_metrics(),
                       extra=extra, tail=cohort.extra_record, start=cohort.start)
         server.events.push(state.sim_time, "round")
+
+
+# -- asynchronous schedules -------------------------------------------------------------------
+def task_seed(run_seed: int, round_num: int, client_id: str, repeat: int) -> int:
+    """A client's training seed for a task from base version ``round_num - 1``: the
+    synchronous ``client_seed`` for its first such task (so that an asynchronous run without
+    staleness trains exactly as synchronous rounds do), a distinct one for each later task of
+    the same client from the same version (else it would repeat its update bit for bit)."""
+    if repeat == 0:
+        return client_seed(run_seed, round_num, client_id)
+    entropy = [run_seed, round_num, zlib.crc32(client_id.encode()), repeat]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _sample(available: Sequence[str], k: int, rng: np.random.Generator) -> list[str]:
+    """``k`` of ``available`` uniformly without replacement, sorted: the same draw as
+    ``ClientSampler.sample`` (sorted ids, ``rng.choice``, sorted result)."""
+    ids = sorted(available)
+    picked = rng.choice(len(ids), size=k, replace=False)
+    return [ids[i] for i in np.sort(picked)]
+
+
+@dataclass
+class _Task:
+    """A dispatched task: its result is computed at dispatch (a client's fit is a pure
+    function of weights, data and config) and delivered at its simulated arrival time."""
+
+    seq: int
+    client_id: str
+    base_version: int
+    result: Any  # ClientUpdate | ClientFailure
+    dispatched: float
+    completed: bool = True
+    base_weights: torch.Tensor | None = None  # FedAsync mixes x_base + delta
+
+
+ClockLike = Any  # a fedmosaic.runtime.clock.ClientTimingModel, or a factory model_bytes -> one
+
+
+def _bind_clock(clock: ClockLike, model_bytes: int) -> Any:
+    """A timing model given as a factory (``build_schedule``'s, which needs the model size)
+    is built once the server knows the model."""
+    if clock is None or hasattr(clock, "outcome"):
+        return clock
+    return clock(model_bytes)
+
+
+def task_work(update: Any, config: Any, trainer: Any) -> tuple[int, int]:
+    """(samples processed, optimizer steps) of a finished task, for the timing model: the
+    client's sample count times its epochs (the task's, else the trainer's), and the steps it
+    reported."""
+    epochs = config.epochs if config.epochs is not None else getattr(trainer, "epochs", 1)
+    steps = int(update.metrics.get("steps", 1)) if hasattr(update, "metrics") else 1
+    return int(update.num_samples) * int(epochs or 1), max(steps, 1)
+
+
+def refuse_async(server: Server, schedule: str) -> None:
+    """Refuse, with the reason, what an asynchronous schedule cannot run soundly yet."""
+    s, transport = server.strategy, server.transport
+    guarantees = getattr(transport, "guarantees", None)
+    if guarantees is not None and guarantees().get("secure_aggregation"):
+        raise ConfigError("strategy.schedule", schedule, "'sync' with secure aggregation: "
+                          "SecAgg+ over each FedBuff buffer is not yet supported (the server "
+                          "would see every update)")
+    if s.guarantees().get("differential_privacy"):
+        raise ConfigError("strategy.schedule", schedule, "'sync' under central or distributed "
+                          "DP: accounting each asynchronous server step is not yet supported")
+    if s.defence is not None:
+        raise ConfigError("strategy.schedule", schedule, "'sync' with a robust aggregator or "
+                          "anomaly detection: they compare a whole cohort of updates, which an "
+                          "asynchronous step does not have (not yet supported)")
+    if s.straggler_fraction > 0:
+        raise ConfigError("strategy.stragglers", s.straggler_fraction, "0 with an asynchronous "
+                          "schedule: slow clients come from the clock ([clock]), not from "
+                          "truncated local work")
+
+
+class _AsyncSchedule:
+    """Keeps ``concurrency`` clients training; each arrival goes to ``_arrive``.
+
+    Dispatch happens when every event of a simulated instant has been handled (``settle``),
+    from the model current then: clients that finish together are all aggregated before
+    anyone is sent the next model. Clients are drawn uniformly from the available ones not
+    training (the clock's availability windows apply) with the run's generator; a batch of
+    clients dispatched together trains in one ``Transport.fit`` call (batched transports
+    vmap it). Without a clock every task takes no simulated time.
+    """
+
+    name = "async"
+
+    def __init__(self, concurrency: int, clock: ClockLike = None) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        self.concurrency = concurrency
+        self.clock = clock
+        self._reset()
+
+    def _reset(self) -> None:
+        self._inflight: dict[int, _Task] = {}
+        self._seq = 0
+        self._tasks_of: dict[str, int] = {}  # tasks dispatched per client (clock task index)
+        self._repeat: dict[str, tuple[int, int]] = {}  # client -> (version, tasks from it)
+        self._new_step()
+
+    def _new_step(self) -> None:
+        self._step_start = time.perf_counter()
+        self._dispatched = 0
+        self._failures = 0
+        self._rejected = 0
+
+    def describe(self) -> dict[str, Any] | None:
+        return {"name": self.name, "concurrency": self.concurrency}
+
+    def check(self, server: Server) -> None:
+        refuse_async(server, self.name)
+        self.clock = _bind_clock(self.clock, server.spec.nbytes)
+
+    def start(self, server: Server, state: RunState) -> None:
+        self._reset()
+        self._dispatch(server, state)
+
+    def settle(self, server: Server, state: RunState) -> None:
+        self._dispatch(server, state)
+
+    def handle(self, server: Server, state: RunState, event: Event) -> None:
+        if event.kind == "wake":  # a client came online
+            return
+        task = self._inflight.pop(event.payload)
+        if not task.completed or isinstance(task.result, ClientFailure):
+            self._failures += 1
+            return
+        if not isinstance(task.result, ClientUpdate):
+            log.warning("version %d: client %s sent a %s, not an update", state.round,
+                        task.client_id, type(task.result).__name__)
+            self._rejected += 1
+            return
+        update = replace(task.result, base_round=task.base_version)  # the server's record
+        try:
+            staleness = staleness_of(update, state.round)
+            self._arrive(server, state, task, update, staleness)
+        except InvalidUpdateError as exc:
+            log.warning("version %d: %s", state.round, exc)
+            self._rejected += 1
+
+    def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
+                staleness: int) -> None:
+        raise NotImplementedError
+
+    def _dispatch(self, server: Server, state: RunState) -> None:
+        want = self.concurrency - len(self._inflight)
+        if want <= 0:
+            return
+        now, clock = state.sim_time, self.clock
+        busy = {t.client_id for t in self._inflight.values()}
+        free = [c for c in server.transport.available_clients() if c not in busy]
+        online = [c for c in free if clock is None or clock.available(c, now)]
+        if not online:
+            if not self._inflight and clock is not None and free:
+                wake = min(clock.next_available(c, now) for c in free)
+                if wake < float("inf"):
+                    server.events.push(wake, "wake")
+            return
+        picked = _sample(online, min(want, len(online)), state.rng)
+        s, version = server.strategy, state.round
+        tasks = []
+        for cid in picked:
+            last_version, repeat = self._repeat.get(cid, (-1, 0))
+            repeat = repeat + 1 if last_version == version else 0
+            self._repeat[cid] = (version, repeat)
+            cfg = s.fit_config(version + 1, seed=task_seed(server.seed, version + 1, cid,
+                                                           repeat))
+            tasks.append(ClientTask(cid, cfg, s.client_stages, s.dispatch_transform))
+        results = {r.client_id: r for r in server.transport.fit(state.weights, tasks, None)}
+        base = state.weights.clone() if self.needs_base else None
+        for task in tasks:
+            cid = task.client_id
+            result = results.get(cid, ClientFailure(cid, "the transport returned no result"))
+            index = self._tasks_of.get(cid, 0)
+            self._tasks_of[cid] = index + 1
+            arrive, completed = now, True
+            if clock is not None and not isinstance(result, ClientFailure):
+                samples, steps = task_work(result, task.config, server.trainer)
+                outcome = clock.outcome(cid, index, now, samples, steps)
+                arrive, completed = outcome.end, outcome.completed
+            self._inflight[self._seq] = _Task(self._seq, cid, version, result, now, completed,
+                                              base)
+            server.events.push(arrive, "arrival", self._seq)
+            self._seq += 1
+        self._dispatched += len(tasks)
+
+    needs_base = False
+
+    def _head(self, server: Server, state: RunState, updates: int,
+              bytes_up: int) -> dict[str, Any]:
+        version = state.round + 1
+        return {"round": version, "version": version, "sim_time": state.sim_time,
+                "updates": updates, "clients_dispatched": self._dispatched,
+                "failures": self._failures, "rejected": self._rejected,
+                "bytes_down": self._dispatched * server.spec.nbytes, "bytes_up": bytes_up,
+                "in_flight": len(self._inflight)}
+
+
+class FedBuffSchedule(_AsyncSchedule):
+    """FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous
+    Aggregation", AISTATS): ``concurrency`` clients train at once; each arriving update is
+    added to a ``FedBuffBuffer`` with its staleness weight (by default ``1/sqrt(1 +
+    staleness)``); when ``buffer_size`` are held the server optimizer steps on their mean
+    (as ``FedAvg.finish_round`` does), then the freed clients' places are refilled.
+
+    With ``buffer_size = concurrency =`` the cohort and every client arriving before the
+    step (zero staleness), it is synchronous FedAvg bit for bit.
+    """
+
+    name = "fedbuff"
+
+    def __init__(self, buffer_size: int, concurrency: int, *, staleness: Any = None,
+                 clock: ClockLike = None) -> None:
+        super().__init__(concurrency, clock)
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be an integer >= 1, got {buffer_size!r}")
+        self.buffer_size = buffer_size
+        self.staleness = staleness if staleness is not None else InverseSqrtStaleness()
+        self.buffer: FedBuffBuffer | None = None
+
+    def describe(self) -> dict[str, Any] | None:
+        return {**(super().describe() or {}), "buffer_size": self.buffer_size,
+                "staleness": self.staleness.describe()}
+
+    def start(self, server: Server, state: RunState) -> None:
+        s = server.strategy
+        self.buffer = FedBuffBuffer(self.buffer_size, self.staleness, s.weighting,
+                                    dim=server.spec.numel, device=state.weights.device)
+        super().start(server, state)
+
+    def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
+                staleness: int) -> None:
+        assert self.buffer is not None
+        self.buffer.add(update, staleness)
+        if not self.buffer.full:
+            return
+        mean, stats = self.buffer.flush()
+        weights = server.strategy.apply(state.weights, mean.to(state.weights.device))
+        head = {**self._head(server, state, stats["count"], stats["bytes_up"]),
+                "staleness_mean": stats["staleness_mean"],
+                "staleness_max": stats["staleness_max"]}
+        server.commit(state, weights, head=head, client_metrics=stats["metrics"], extra={},
+                      start=self._step_start)
+        self._new_step()
+
+
+class FedAsyncSchedule(_AsyncSchedule):
+    """FedAsync (Xie et al. 2019, "Asynchronous Federated Optimization"): every arriving
+    update is one server step, ``x <- (1 - a_t) x + a_t (x_base + delta)`` with ``a_t = alpha
+    * s(staleness)`` (``FedAsyncMixer``); ``concurrency`` clients train at once. The proximal
+    term of FedProx reaches the clients through the strategy's ``proximal_mu`` as usual. The
+    server optimizer is not used (the mixing is the server update).
+    """
+
+    name = "fedasync"
+    needs_base = True
+
+    def __init__(self, alpha: float, concurrency: int, *, staleness: Any = None,
+                 clock: ClockLike = None) -> None:
+        super().__init__(concurrency, clock)
+        self.mixer = FedAsyncMixer(alpha, staleness)
+
+    def describe(self) -> dict[str, Any] | None:
+        return {**(super().describe() or {}), **self.mixer.describe(), "name": self.name}
+
+    def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
+                staleness: int) -> None:
+        assert task.base_weights is not None
+        weights, metrics = self.mixer.mix_update(state.weights, task.base_weights, update,
+                                                 staleness)
+        head = {**self._head(server, state, 1, update.nbytes), "staleness_mean": staleness,
+                "staleness_max": staleness}
+        server.commit(state, weights, head=head,
+                      client_metrics={k: float(v) for k, v in update.metrics.items()},
+                      extra={"alpha_t": metrics["alpha_t"]}, start=self._step_start)
+        self._new_step()
