@@ -35,6 +35,17 @@ SPEC_ALLOWED = "'module:attribute' or 'path/to/file.py:attribute' (e.g. 'task:ma
 PARTITIONS = ("iid", "dirichlet", "shards")
 MODELS = ("logreg", "mlp", "cnn")
 STRATEGIES = ("fedavg", "fedprox")
+# When the server dispatches and aggregates (issue #11, fedmosaic.runtime.schedule); the keys
+# each asynchronous schedule takes besides ``schedule``.
+SCHEDULES = ("sync", "fedbuff", "fedasync")
+SCHEDULE_KEYS = {
+    "sync": set(),
+    "fedbuff": {"buffer_size", "concurrency", "staleness", "staleness_a", "staleness_b"},
+    "fedasync": {"alpha", "concurrency", "staleness", "staleness_a", "staleness_b"},
+}
+SCHEDULE_REQUIRED = {"fedbuff": ("buffer_size", "concurrency"),
+                     "fedasync": ("alpha", "concurrency")}
+STALENESS = ("constant", "polynomial", "hinge", "inverse_sqrt")
 SERVER_OPTS = ("sgd", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTINGS = ("samples", "uniform")
@@ -191,6 +202,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "mu": _float("a number >= 0", lambda v: v >= 0),
         "stragglers": _float(*UNIT, default=0.0),
         "drop_stragglers": Key((bool,), "true or false", default=False),
+        # Asynchronous schedules (issue #11): no defaults, so that a run without them keeps
+        # its resume identity (and "sync" is left out of the identity, see identity()).
+        "schedule": _choice(SCHEDULES),
+        "concurrency": _int(1, 1_000_000),
+        "buffer_size": _int(1, 1_000_000),
+        "alpha": _float("a number in (0, 1]", lambda v: 0 < v <= 1),
+        "staleness": _choice(STALENESS),
+        "staleness_a": _float("a finite number >= 0", lambda v: 0 <= v < math.inf),
+        "staleness_b": _float("a finite number >= 0", lambda v: 0 <= v < math.inf),
     },
     "runtime": {
         "transport": _choice(TRANSPORTS, default="sequential"),
@@ -406,7 +426,11 @@ class Experiment:
         # model up to float rounding.
         top = {k: v for k, v in self.sections[""].items()
                if k not in ("rounds", "output", "threads")}
-        return {**{s: v for s, v in self.sections.items()
+        sections = dict(self.sections)
+        if sections["strategy"].get("schedule") == "sync":  # the default, said explicitly
+            sections["strategy"] = {k: v for k, v in sections["strategy"].items()
+                                    if k != "schedule"}
+        return {**{s: v for s, v in sections.items()
                    if s and s not in ("runtime", "server", "evaluation") and v},  # empty: absent
                 "": top}
 
@@ -485,6 +509,7 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         allowed = ", ".join(sorted(TRANSPORT_KEYS[rt["transport"]])) or "no extra keys"
         raise ConfigError(f"runtime.{key}", rt[key],
                           f"for transport '{rt['transport']}' only: {allowed}")
+    _check_schedule(s, raw)  # before privacy: an async DP run is refused for its schedule
     _check_privacy(s)
     _check_watermark(s)
     _check_attack(s)
@@ -502,6 +527,52 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
         raise ConfigError("model.kind", "cnn", "'cnn' needs image data (dataset 'fashion_mnist')")
     if s["train"].get("momentum") and s["train"]["optimizer"] != "sgd":
         raise ConfigError("train.momentum", s["train"]["momentum"], "only with optimizer 'sgd'")
+
+
+def _check_schedule(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
+    """``[strategy] schedule``: each schedule's keys, and what asynchronous schedules cannot
+    run yet (refused here with the reason, before any data is loaded)."""
+    strat = s["strategy"]
+    kind = strat.get("schedule", "sync")
+    keys = set().union(*SCHEDULE_KEYS.values())
+    for key in sorted((keys - SCHEDULE_KEYS[kind]) & set(strat)):
+        users = [k for k, v in SCHEDULE_KEYS.items() if key in v]
+        raise ConfigError(f"strategy.{key}", strat[key], "only with strategy.schedule = "
+                          + " or ".join(repr(u) for u in users))
+    if kind == "sync":
+        return
+    for key in SCHEDULE_REQUIRED[kind]:
+        if key not in strat:
+            raise ConfigError(f"strategy.{key}", "<missing>",
+                              f"required with strategy.schedule = '{kind}': "
+                              + SCHEMA["strategy"][key].allowed)
+    func = strat.get("staleness", "inverse_sqrt" if kind == "fedbuff" else "constant")
+    takes = {"polynomial": {"staleness_a"}, "hinge": {"staleness_a", "staleness_b"}}.get(func,
+                                                                                         set())
+    for key in sorted({"staleness_a", "staleness_b"} - takes):
+        if key in strat:
+            raise ConfigError(f"strategy.{key}", strat[key], "only with strategy.staleness = "
+                              + ("'hinge'" if key == "staleness_b" else "'polynomial' or "
+                                 "'hinge'"))
+    given = raw.get("strategy", {})
+    for key in ("clients_per_round", "fraction", "min_updates", "min_available"):
+        if key in given:
+            raise ConfigError(f"strategy.{key}", given[key], f"not with strategy.schedule = "
+                              f"'{kind}': strategy.concurrency sets how many clients train at "
+                              "once, and every arriving update counts")
+    if strat["stragglers"] > 0:
+        raise ConfigError("strategy.stragglers", strat["stragglers"], f"0 with strategy."
+                          f"schedule = '{kind}': slow clients come from the [clock] table")
+    if s["runtime"]["secure_aggregation"]:
+        raise ConfigError("strategy.schedule", kind, "'sync' with secure aggregation: SecAgg+ "
+                          "over each buffer of updates is not yet supported")
+    if s["privacy"]["mode"] in ("central", "distributed"):
+        raise ConfigError("strategy.schedule", kind, f"'sync' under {s['privacy']['mode']} DP: "
+                          "accounting each asynchronous server step is not yet supported")
+    if s["robust"] or s["anomaly"].get("enabled", False):
+        raise ConfigError("strategy.schedule", kind, "'sync' with [robust] or [anomaly]: they "
+                          "compare a whole cohort of updates, which an asynchronous server "
+                          "step does not have (not yet supported)")
 
 
 def _check_user_data(d: dict[str, Any]) -> None:
