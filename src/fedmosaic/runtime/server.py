@@ -141,7 +141,9 @@ class Server:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks = list(callbacks)
         self.federated_eval = federated_eval
-        self.schedule: Schedule = schedule if schedule is not None else SyncSchedule()
+        # build_strategy attaches the experiment's schedule to the strategy it builds.
+        self.schedule: Schedule = (schedule if schedule is not None else
+                                   getattr(strategy, "schedule", None) or SyncSchedule())
         self._events: EventQueue | None = None
         if federated_eval is not None:
             check_federated_eval(strategy, transport)
