@@ -247,6 +247,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_workers": _int(8, 4096, default=128),
         "round_retries": _int(0, 1000, default=3),
         "linger": _float("a number >= 0", lambda v: v >= 0, default=15.0),
+        # Admission control (net/admission.py): per-member budgets, reserved capacity.
+        "max_inflight_per_client": _int(1, 1024, default=4),
+        "stream_idle_timeout": _float(*POSITIVE, default=30.0),
+        "reserved_rpcs": _int(2, 4095),
+        "max_queued_rpcs": _int(0, 1_000_000, default=512),
     },
     "privacy": {
         "mode": _choice(PRIVACY_MODES, default="none"),

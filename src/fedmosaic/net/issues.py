@@ -30,6 +30,7 @@ SERVER_ISSUE_CODES: tuple[str, ...] = (
     "deadline",             # missed the round's (or evaluation's) deadline
     "heartbeat_timeout",    # went silent during a task
     "disconnected",         # rejoined during a task (restarted or reconnected)
+    "stalled",              # its upload waited too long for its next message (cut)
 )
 ISSUE_CODES: tuple[str, ...] = tuple(dict.fromkeys(
     (*INCOMPATIBILITY_CODES, *REFUSAL_CODES, *SERVER_ISSUE_CODES)))
@@ -37,7 +38,7 @@ ISSUE_CODES: tuple[str, ...] = tuple(dict.fromkeys(
 # in ``clients_refused_total``; drops (deadline, heartbeat, reconnection) are counted in
 # ``clients_dropped_total`` instead.
 REFUSAL_ISSUE_CODES: tuple[str, ...] = tuple(c for c in ISSUE_CODES if c not in (
-    "deadline", "heartbeat_timeout", "disconnected"))
+    "deadline", "heartbeat_timeout", "disconnected", "stalled"))
 MAX_ISSUES = 1000
 
 

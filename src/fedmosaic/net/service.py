@@ -11,6 +11,14 @@ caller's id (``RefusalLog`` keeps a flooding caller from flooding the log), and 
 code, and whether it is permanent, as trailing metadata (``fedmosaic.net.errors``). Only an
 unexpected exception in a handler, i.e. a server bug, is logged with its traceback and
 answered as INTERNAL, without touching server state, so no client can crash the server.
+
+Admission control (``fedmosaic.net.admission``) runs first in every handler, right after the
+caller is identified and before any blocking work: a member over its budget (calls in
+flight, one open upload) or a call that would eat into the capacity reserved for others is
+refused at once with RESOURCE_EXHAUSTED (``over_budget``, ``busy``). Streams are watched:
+a thread (``_StreamWatchdog``) cuts those that wait for their client longer than
+``stream_idle_timeout`` (``stalled``; an upload's task fails as a stalled upload), and the
+transport's round close cuts those still waiting (``late``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
+from fedmosaic.net.admission import AdmissionControl, AdmissionRefused, StreamCut, Ticket
 from fedmosaic.net.auth import Peer, RevocationList, peer_of
 from fedmosaic.net.errors import Refused
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
@@ -127,19 +136,99 @@ class RefusalLog:
                              "by reason: %s)", total, caller, now - win.start, reasons)
 
 
+class _StreamWatchdog:
+    """The threaded service's driver of ``AdmissionControl.expire``: one daemon thread, started
+    with the first watched stream, that wakes when the next stream would be idle too long
+    (at least every ``period`` seconds) and cuts it. An asyncio service drives ``expire``
+    from a task instead."""
+
+    def __init__(self, admission: AdmissionControl, period: float = 0.5) -> None:
+        self.admission, self.period = admission, period
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="fedmosaic-stream-watchdog")
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            due = self.admission.next_expiry()
+            delay = self.period if due is None else \
+                min(max(due - self.admission.clock(), 0.0) + 0.01, self.period)
+            if self._stop.wait(delay):
+                return
+            try:
+                self.admission.expire()
+            except Exception:  # never let the watchdog die: streams would stall unseen
+                log.exception("stream watchdog failed")
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)
+
+
+STREAMS = ("UploadUpdate", "DownloadModel")
+
+
 class FederationService:
-    """The handlers of the ``Federation`` service."""
+    """The handlers of the ``Federation`` service. ``admission`` (default: from the
+    transport's settings) budgets the calls; see the module docstring."""
 
     def __init__(self, transport: GrpcTransport, revocations: RevocationList,
                  traffic: TrafficSink | None = None,
-                 refusal_log: RefusalLog | None = None) -> None:
+                 refusal_log: RefusalLog | None = None,
+                 admission: AdmissionControl | None = None) -> None:
         self.transport, self.revocations, self.traffic = transport, revocations, traffic
         self.refusal_log = refusal_log or RefusalLog()
+        self.admission = admission or AdmissionControl(transport.settings.admission_limits())
+        self._watchdog = _StreamWatchdog(self.admission)
+        # A closed round accepts nothing more: cut the streams still waiting for a client.
+        transport.round_closed_hooks.append(self._round_closed)
+
+    def _round_closed(self, round_num: int) -> None:
+        self.admission.cut_waiting(f"round {round_num} closed while the stream was waiting "
+                                   "for the client", STREAMS)
+
+    # -- admission --------------------------------------------------------------------------
+    def _admit(self, context: grpc.ServicerContext, method: str, peer: Peer,
+               upload: bool = False) -> Ticket:
+        """A ticket for the call, released when the RPC ends whatever happens (its handler's
+        ``finally`` releases it sooner); ``Refused`` (RESOURCE_EXHAUSTED) if over budget."""
+        member = peer.client_id if peer.role == "client" else f"{peer.role}:{peer.client_id}"
+        try:
+            ticket = self.admission.admit(member, method, operator=peer.role == "operator",
+                                          upload=upload)
+        except AdmissionRefused as exc:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason, exc.label) from None
+        if not context.add_callback(lambda: self.admission.release(ticket)):
+            self.admission.release(ticket)  # the RPC has already ended
+            raise Refused(grpc.StatusCode.CANCELLED, "the call ended before it started",
+                          "interrupted")
+        return ticket
+
+    def _watch(self, ticket: Ticket, context: grpc.ServicerContext) -> None:
+        self.admission.watch(ticket, context.cancel)
+        self._watchdog.ensure_running()
 
     # -- plumbing ---------------------------------------------------------------------------
-
     def _refuse(self, context: grpc.ServicerContext, method: str, peer: Peer | None,
                 exc: Refused) -> None:
+        self._record(context, method, peer, exc)
+        # Sent with the status: the client acts on the code, not on the text.
+        context.set_trailing_metadata(exc.trailing_metadata())
+        context.abort(exc.code, exc.reason)
+
+    def _record(self, context: grpc.ServicerContext, method: str, peer: Peer | None,
+                exc: Refused) -> None:
+        """Log (rate-limited per caller) and count a refusal."""
         address = context.peer()
         # Grouped by certified identity; without one, by host (each connection has a port).
         caller = peer.client_id if peer is not None else address.rpartition(":")[0] or address
@@ -149,9 +238,6 @@ class FederationService:
         self.refusal_log.refused(caller, method, line, exc.label, who=who)
         if self.traffic is not None:
             self.traffic.refused(exc.label)
-        # Sent with the status: the client acts on the code, not on the text.
-        context.set_trailing_metadata(exc.trailing_metadata())
-        context.abort(exc.code, exc.reason)
 
     def _bug(self, context: grpc.ServicerContext, method: str, peer: Peer | None) -> None:
         log.exception("%s from %s failed", method, peer.client_id if peer else "?")
@@ -160,9 +246,10 @@ class FederationService:
     def _unary(self, method: str, body: Callable[[Peer, Any], Any],
                request_type: Any) -> Callable[[bytes, grpc.ServicerContext], Any]:
         def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
-            peer = None
+            peer = ticket = None
             try:
                 peer = peer_of(context)
+                ticket = self._admit(context, method, peer)
                 self.revocations.check(peer)
                 if self.traffic is not None:
                     self.traffic.bytes_in(len(raw))
@@ -176,6 +263,9 @@ class FederationService:
                 self._refuse(context, method, peer, exc)
             except Exception:  # a bug must cost one call, never the server
                 self._bug(context, method, peer)
+            finally:
+                if ticket is not None:
+                    self.admission.release(ticket)
             return None  # unreachable: abort raises
         return handler
 
@@ -210,44 +300,80 @@ class FederationService:
         return self.transport.status()
 
     def download(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
-        peer = None
+        peer = ticket = None
         try:
             peer = peer_of(context)
+            ticket = self._admit(context, "DownloadModel", peer)
             self.revocations.check(peer)
             if self.traffic is not None:
                 self.traffic.bytes_in(len(raw))
             request = decode(pb.ModelRequest, raw, "DownloadModel request")
             chunks = self.transport.model_chunks(peer, request.task_id)
-        except WireError as exc:
-            self._refuse(context, "DownloadModel", peer, _invalid(exc))
+        except Exception as exc:  # refusals and bugs alike end the call here
+            if ticket is not None:
+                self.admission.release(ticket)
+            if isinstance(exc, WireError):
+                self._refuse(context, "DownloadModel", peer, _invalid(exc))
+            elif isinstance(exc, Refused):
+                self._refuse(context, "DownloadModel", peer, exc)
+            else:
+                self._bug(context, "DownloadModel", peer)
             return
-        except Refused as exc:
-            self._refuse(context, "DownloadModel", peer, exc)
-            return
-        except Exception:
-            self._bug(context, "DownloadModel", peer)
-            return
-        for chunk in chunks:
-            if self.traffic is not None:
-                self.traffic.bytes_out(len(chunk.data))
-            yield chunk
+        self._watch(ticket, context)
+        try:
+            for chunk in chunks:
+                if self.traffic is not None:
+                    self.traffic.bytes_out(len(chunk.data))
+                # gRPC sends the chunk between the yield and the next resumption: that wait
+                # is the client's (flow control), and a client that stops reading stalls it.
+                self.admission.awaiting_client(ticket)
+                yield chunk
+                self.admission.heard_from_client(ticket)
+        except StreamCut as exc:  # cut at the resumption after the send
+            self._record(context, "DownloadModel", peer, _cut(exc))
+        except GeneratorExit:  # gRPC stopped sending: the client left, or the stream was cut
+            if ticket.cut_label is not None:
+                self._record(context, "DownloadModel", peer,
+                             _cut(StreamCut(ticket.cut_label, ticket.cut_reason)))
+            raise
+        finally:
+            self.admission.release(ticket)
 
     def upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.UploadReply:
-        peer = None
+        peer = ticket = None
         try:
             peer = peer_of(context)
+            ticket = self._admit(context, "UploadUpdate", peer, upload=True)
             self.revocations.check(peer)
-            return self.transport.receive_upload(peer, self._decoded(requests))
+            self._watch(ticket, context)
+            return self.transport.receive_upload(peer, self._decoded(requests, ticket))
         except Refused as exc:
             self._refuse(context, "UploadUpdate", peer, exc)
         except Exception:
             self._bug(context, "UploadUpdate", peer)
+        finally:
+            if ticket is not None:
+                self.admission.release(ticket)
         return pb.UploadReply()  # unreachable: abort raises
 
-    def _decoded(self, requests: Iterator[bytes]) -> Iterator[pb.UploadMessage]:
+    def _decoded(self, requests: Iterator[bytes], ticket: Ticket) -> Iterator[pb.UploadMessage]:
         """The stream's messages, counted and decoded one by one as they arrive; an
-        undecodable one raises ``WireError`` where the transport reads it."""
-        for raw in requests:
+        undecodable one raises ``WireError`` where the transport reads it, a stream cut by
+        admission control (idle too long, round closed) ``StreamCut``. Only the time spent
+        waiting here for the client's next message counts as idle: not the wait for an
+        upload buffer, nor for the aggregation."""
+        stream = iter(requests)
+        while True:
+            self.admission.awaiting_client(ticket)
+            try:
+                raw = next(stream)
+            except StopIteration:
+                self.admission.heard_from_client(ticket)  # StreamCut if that is why it ended
+                return
+            except grpc.RpcError:
+                ticket.check()  # StreamCut if we cut it, else the client went away
+                raise
+            self.admission.heard_from_client(ticket)
             if self.traffic is not None:
                 self.traffic.bytes_in(len(raw))
             yield decode(pb.UploadMessage, raw, "UploadUpdate message")
@@ -280,9 +406,16 @@ class FederationService:
         })
 
     def close(self) -> None:
-        """The server has stopped: write the summaries of refusals not logged one by one."""
+        """The server has stopped: stop the stream watchdog and write the summaries of
+        refusals not logged one by one."""
+        self._watchdog.stop()
         self.refusal_log.flush()
 
 
 def _invalid(exc: WireError) -> Refused:
     return Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.label)
+
+
+def _cut(exc: StreamCut) -> Refused:
+    """A stream cut by admission control, as the refusal it is counted and logged as."""
+    return Refused(grpc.StatusCode.CANCELLED, exc.reason, exc.label)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmosaic.core.errors import ConfigError
+from fedmosaic.net.admission import AdmissionLimits
 from fedmosaic.net.wire import MESSAGE_OVERHEAD
 
 
@@ -21,6 +22,13 @@ class DeploySettings:
     ``upload_slots`` bounds how many uploads are buffered at once; ``round_retries`` is how
     often a failed round (too few updates) is retried from the last checkpoint; ``linger``
     is how long the finished server keeps telling clients that the run is done.
+
+    Admission control (``fedmosaic.net.admission``): ``max_workers`` handler threads run
+    calls, ``reserved_rpcs`` of them (default: an eighth, at least 2) only for members with
+    nothing in flight and the operator; a member may have ``max_inflight_per_client`` calls
+    in flight and one open upload; a stream waiting longer than ``stream_idle_timeout``
+    seconds for its client is cut; up to ``max_queued_rpcs`` calls may wait for a thread
+    (beyond ``max_workers + max_queued_rpcs`` gRPC itself refuses, uncounted).
     """
 
     credentials: Path
@@ -36,6 +44,26 @@ class DeploySettings:
     max_workers: int = 128
     round_retries: int = 3
     linger: float = 15.0
+    max_inflight_per_client: int = 4
+    stream_idle_timeout: float = 30.0
+    reserved_rpcs: int | None = None
+    max_queued_rpcs: int = 512
+
+    def __post_init__(self) -> None:
+        if self.reserved_rpcs is not None and not 2 <= self.reserved_rpcs < self.max_workers:
+            raise ConfigError("server.reserved_rpcs", self.reserved_rpcs,
+                              f"an integer >= 2 and < max_workers ({self.max_workers})")
+        if self.max_workers < 3:
+            raise ConfigError("server.max_workers", self.max_workers, "an integer >= 3")
+        if self.max_inflight_per_client < 1:
+            raise ConfigError("server.max_inflight_per_client", self.max_inflight_per_client,
+                              "an integer >= 1")
+        if not self.stream_idle_timeout > 0:
+            raise ConfigError("server.stream_idle_timeout", self.stream_idle_timeout,
+                              "a number of seconds > 0")
+        if self.max_queued_rpcs < 0:
+            raise ConfigError("server.max_queued_rpcs", self.max_queued_rpcs,
+                              "an integer >= 0")
 
     @classmethod
     def from_section(cls, section: dict[str, Any], **overrides: Any) -> DeploySettings:
@@ -59,6 +87,18 @@ class DeploySettings:
     def max_message_bytes(self) -> int:
         """The gRPC message size limit on both sides: one chunk plus its envelope."""
         return self.chunk_bytes + MESSAGE_OVERHEAD
+
+    @property
+    def reserved(self) -> int:
+        """Handler threads kept for members with nothing in flight and the operator."""
+        if self.reserved_rpcs is not None:
+            return self.reserved_rpcs
+        return max(2, self.max_workers // 8)
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(capacity=self.max_workers, reserved=self.reserved,
+                               per_member=self.max_inflight_per_client,
+                               stream_idle=self.stream_idle_timeout)
 
     @property
     def liveness_timeout(self) -> float:
