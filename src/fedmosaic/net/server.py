@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,12 @@ import grpc
 
 from fedmosaic.config import Experiment
 from fedmosaic.core.errors import ConfigError, RoundFailedError
-from fedmosaic.net.auth import RevocationList, server_credentials
+from fedmosaic.net.auth import RevocationList, peer_of, server_credentials
 from fedmosaic.net.certs import FederationPaths
+from fedmosaic.net.errors import Refused
 from fedmosaic.net.service import FederationService
 from fedmosaic.net.settings import DeploySettings
-from fedmosaic.net.transport import GrpcTransport
+from fedmosaic.net.transport import GrpcTransport, MessageTooLarge
 from fedmosaic.net.wire import grpc_options, spec_hash
 from fedmosaic.runtime.checkpoint import (
     CHECKPOINT_NAME,
@@ -71,6 +73,76 @@ class RunningServer:
             self.service.close()
 
 
+#: gRPC's own ceiling on a received message, as a multiple of the server's message limit.
+#: Up to it, a message over the limit reaches ``MessageLimit`` and is refused, counted and
+#: logged as ``oversized``; past it, gRPC answers RESOURCE_EXHAUSTED before fedmosaic sees the
+#: call (an upload stream then ends as ``interrupted``). Memory: gRPC buffers a message
+#: whole, so each call in flight can hold up to this many times the limit.
+GRPC_CEILING_FACTOR = 2
+
+
+def _server_options(message_limit: int) -> list[tuple[str, Any]]:
+    """``grpc_options`` with the receive ceiling raised to ``GRPC_CEILING_FACTOR`` times
+    the limit, so that ``MessageLimit`` sees (and counts) moderately oversized messages."""
+    ceiling = GRPC_CEILING_FACTOR * message_limit
+    return [(k, ceiling if k == "grpc.max_receive_message_length" else v)
+            for k, v in grpc_options(message_limit)]
+
+
+class MessageLimit(grpc.ServerInterceptor):
+    """Refuses every request message over ``limit`` bytes before it is decoded: a unary call
+    at once (RESOURCE_EXHAUSTED, through the service's refusal path: counted as
+    ``oversized`` in ``rejected_messages`` and logged with the caller), a message of an
+    upload stream where the transport reads it (``MessageTooLarge``: the task is rejected,
+    the upload refused RESOURCE_EXHAUSTED and counted the same way). gRPC's own ceiling is
+    set higher (``GRPC_CEILING_FACTOR``): what it refuses, the service never sees."""
+
+    def __init__(self, limit: int, service: FederationService) -> None:
+        self.limit, self.service = limit, service
+
+    def _too_large(self, raw: Any) -> bool:
+        return isinstance(raw, bytes | bytearray) and len(raw) > self.limit
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = str(handler_call_details.method).rpartition("/")[2]
+        wrap = {"request_deserializer": handler.request_deserializer,
+                "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary), **wrap)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary(method, handler.unary_stream), **wrap)
+        if handler.stream_unary is not None:
+            inner = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda requests, context: inner(self._bounded(requests), context), **wrap)
+        return handler  # stream-stream: the service has none
+
+    def _unary(self, method: str, inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        def call(raw: Any, context: grpc.ServicerContext) -> Any:
+            if self._too_large(raw):
+                exc = MessageTooLarge(len(raw), self.limit)
+                try:
+                    peer = peer_of(context)
+                except Refused:
+                    peer = None  # logged by address
+                self.service._refuse(context, method, peer, Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc.label))
+            return inner(raw, context)
+        return call
+
+    def _bounded(self, requests: Iterator[Any]) -> Iterator[Any]:
+        for raw in requests:
+            if self._too_large(raw):
+                raise MessageTooLarge(len(raw), self.limit)
+            yield raw
+
+
 def start_server(settings: DeploySettings, transport: GrpcTransport,
                  traffic: Any = None) -> RunningServer:
     """Start listening (TLS with required client certificates) and return the server."""
@@ -83,13 +155,10 @@ def start_server(settings: DeploySettings, transport: GrpcTransport,
                             transport.secagg.max_message_bytes(transport.numel))
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                           thread_name_prefix="fedmosaic-rpc")
-    # Admission control (net/admission.py) budgets the max_workers threads and refuses, with
-    # a count and a log line, what would overrun them; calls wait for a thread only while
-    # one is refused or served (microseconds to milliseconds). gRPC's own limit is the last
-    # line against a flood, and what it refuses fedmosaic never sees.
     server = grpc.server(executor, handlers=[service.handler()],
-                         options=grpc_options(message_limit),
-                         maximum_concurrent_rpcs=settings.max_workers + settings.max_queued_rpcs)
+                         options=_server_options(message_limit),
+                         interceptors=[MessageLimit(message_limit, service)],
+                         maximum_concurrent_rpcs=settings.max_workers)
     address = f"{settings.address}:{settings.port}"
     try:
         port = server.add_secure_port(address, server_credentials(paths))

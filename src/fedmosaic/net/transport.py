@@ -50,7 +50,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,6 @@ from fedmosaic.compat import (
 )
 from fedmosaic.core.errors import InvalidUpdateError, RoundFailedError
 from fedmosaic.core.update import ClientUpdate, validate_update
-from fedmosaic.net.admission import STALLED, StreamCut
 from fedmosaic.net.auth import Peer
 from fedmosaic.net.errors import Refused
 from fedmosaic.net.issues import REFUSAL_ISSUE_CODES, IssueBoard
@@ -112,6 +111,21 @@ POLICY_CODES = tuple(c for c in REFUSAL_CODES if c not in CLIENT_ERROR_CODES)
 # Issues found at join: cleared when the client later joins with a compatible setup.
 JOIN_ISSUE_CODES = ("model_layout", "feature_shape", "dtype", "labels", "num_classes",
                     "no_data", "bad_profile")
+
+
+class MessageTooLarge(WireError):
+    """A message over the server's message limit, refused before it is decoded
+    (``fedmosaic.net.server.MessageLimit``): answered RESOURCE_EXHAUSTED, as gRPC answers one
+    over its own ceiling, and counted as ``oversized``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message of {size} bytes is over the limit of {limit} bytes",
+                         "oversized")
+
+
+def _wire_status(exc: WireError) -> grpc.StatusCode:
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, MessageTooLarge) \
+        else grpc.StatusCode.INVALID_ARGUMENT
 
 
 @dataclass
@@ -217,9 +231,6 @@ class GrpcTransport:
         self._probe_lock = threading.Lock()
         self._probe_cache: dict[tuple[Any, ...], Incompatibility | None] = {}
         self._dispatch: Any = None  # the last fit round's dispatch transform (fingerprints)
-        # Called with the round number once a round (or its evaluation) has closed; the
-        # service cuts the streams still waiting for a client (net/admission.py).
-        self.round_closed_hooks: list[Callable[[int], None]] = []
 
     # -- helpers (call with self.cond held) ---------------------------------------------
     def _alive(self, session: Session, now: float) -> bool:
@@ -446,9 +457,7 @@ class GrpcTransport:
         try:
             first = next(messages, None)
         except WireError as exc:  # the first message does not decode: no task is touched
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.label) from exc
-        except StreamCut as exc:  # no header within the idle timeout: no task is touched
-            raise Refused(grpc.StatusCode.CANCELLED, exc.reason, exc.label) from exc
+            raise Refused(_wire_status(exc), str(exc), exc.label) from exc
         except grpc.RpcError as exc:  # the client went away before its header arrived
             raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted",
                           "interrupted") from exc
@@ -492,16 +501,13 @@ class GrpcTransport:
             with self.cond:
                 self.reject_task(task, str(exc))
             label = exc.label if isinstance(exc, WireError) else "invalid_update"
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), label) from exc
+            status = _wire_status(exc) if isinstance(exc, WireError) \
+                else grpc.StatusCode.INVALID_ARGUMENT
+            raise Refused(status, str(exc), label) from exc
         except TimeoutError as exc:
             with self.cond:
                 self._drop(task, "deadline", str(exc))
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline") from exc
-        except StreamCut as exc:  # admission control cut it: idle too long, or round closed
-            if exc.label == STALLED:
-                with self.cond:
-                    self._drop(task, "stalled", f"stalled upload: {exc.reason}")
-            raise Refused(grpc.StatusCode.CANCELLED, exc.reason, exc.label) from exc
         except grpc.RpcError as exc:  # the client went away mid-stream
             with self.cond:
                 self._drop(task, "disconnected", "upload interrupted")
@@ -802,9 +808,6 @@ class GrpcTransport:
                 if delivery.done is not None:
                     delivery.done.set()
             self.cond.notify_all()
-            closed = self.round
-        for hook in self.round_closed_hooks:
-            hook(closed)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def round_completed(self, record: dict[str, Any]) -> None:
