@@ -512,7 +512,12 @@ def build_schedule(exp: Experiment) -> Any:
     if "staleness" in s:
         params = {k.removeprefix("staleness_"): s[k] for k in ("staleness_a", "staleness_b")
                   if k in s}
-        staleness = make_staleness(s["staleness"], **params)
+        try:
+            staleness = make_staleness(s["staleness"], **params)
+        except ValueError as exc:  # e.g. hinge's slope a must be > 0
+            raise ConfigError("strategy.staleness_a", s.get("staleness_a"),
+                              f"parameters the '{s['staleness']}' staleness function accepts "
+                              f"({exc})") from exc
     if kind == "fedbuff":
         return FedBuffSchedule(s["buffer_size"], s["concurrency"], staleness=staleness,
                                clock=clock)

@@ -134,3 +134,10 @@ speed_sigma = 1.0
     records = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [r["version"] for r in records] == [1, 2, 3, 4]
     assert all(r["updates"] == 2 and r["sim_time"] > 0 for r in records)
+
+
+def test_a_hinge_without_slope_is_a_config_error_naming_the_key():
+    exp = validate(_base({**FEDASYNC, "staleness": "hinge", "staleness_a": 0.0}))
+    with pytest.raises(ConfigError) as info:
+        build_schedule(exp)
+    assert info.value.key == "strategy.staleness_a"
