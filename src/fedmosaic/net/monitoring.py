@@ -72,6 +72,10 @@ REJECT_REASONS: tuple[str, ...] = (
     "no_secagg",        # a secure-aggregation message to a federation without it
     "secagg_state",     # a secure-aggregation call that does not fit the round's stage
     "secagg_message",   # a secure-aggregation message the protocol refuses
+    # admission control (fedmosaic.net.admission)
+    "over_budget",      # the member's own budget: calls in flight, one open upload
+    "busy",             # the capacity left is reserved (members with nothing in flight)
+    "stalled",          # a stream cut after waiting too long for its client
     OTHER,
 )
 # Why a client left a round without an accepted update.
@@ -80,6 +84,7 @@ DROP_REASONS: tuple[str, ...] = (
     "disconnected",       # rejoined or left during the round
     "heartbeat_timeout",  # went silent
     "interrupted",        # upload stream cut off
+    "stalled",            # upload cut: no message within stream_idle_timeout
     "rejected",           # its update failed validation
     "failed",             # reported or suffered another failure
     "refused_by_client",  # the client's privacy policy refused the task (net/policy.py)

@@ -155,10 +155,14 @@ def start_server(settings: DeploySettings, transport: GrpcTransport,
                             transport.secagg.max_message_bytes(transport.numel))
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                           thread_name_prefix="fedmosaic-rpc")
+    # Admission control (net/admission.py) budgets the max_workers threads and refuses, with
+    # a count and a log line, what would overrun them; calls wait for a thread only while
+    # one is refused or served (microseconds to milliseconds). gRPC's own limit is the last
+    # line against a flood, and what it refuses fedmosaic never sees.
     server = grpc.server(executor, handlers=[service.handler()],
                          options=_server_options(message_limit),
                          interceptors=[MessageLimit(message_limit, service)],
-                         maximum_concurrent_rpcs=settings.max_workers)
+                         maximum_concurrent_rpcs=settings.max_workers + settings.max_queued_rpcs)
     address = f"{settings.address}:{settings.port}"
     try:
         port = server.add_secure_port(address, server_credentials(paths))

@@ -50,7 +50,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,7 @@ from fedmosaic.compat import (
 )
 from fedmosaic.core.errors import InvalidUpdateError, RoundFailedError
 from fedmosaic.core.update import ClientUpdate, validate_update
+from fedmosaic.net.admission import STALLED, StreamCut
 from fedmosaic.net.auth import Peer
 from fedmosaic.net.errors import Refused
 from fedmosaic.net.issues import REFUSAL_ISSUE_CODES, IssueBoard
@@ -231,6 +232,9 @@ class GrpcTransport:
         self._probe_lock = threading.Lock()
         self._probe_cache: dict[tuple[Any, ...], Incompatibility | None] = {}
         self._dispatch: Any = None  # the last fit round's dispatch transform (fingerprints)
+        # Called with the round number once a round (or its evaluation) has closed; the
+        # service cuts the streams still waiting for a client (net/admission.py).
+        self.round_closed_hooks: list[Callable[[int], None]] = []
 
     # -- helpers (call with self.cond held) ---------------------------------------------
     def _alive(self, session: Session, now: float) -> bool:
@@ -458,6 +462,8 @@ class GrpcTransport:
             first = next(messages, None)
         except WireError as exc:  # the first message does not decode: no task is touched
             raise Refused(_wire_status(exc), str(exc), exc.label) from exc
+        except StreamCut as exc:  # no header within the idle timeout: no task is touched
+            raise Refused(grpc.StatusCode.CANCELLED, exc.reason, exc.label) from exc
         except grpc.RpcError as exc:  # the client went away before its header arrived
             raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted",
                           "interrupted") from exc
@@ -508,6 +514,11 @@ class GrpcTransport:
             with self.cond:
                 self._drop(task, "deadline", str(exc))
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline") from exc
+        except StreamCut as exc:  # admission control cut it: idle too long, or round closed
+            if exc.label == STALLED:
+                with self.cond:
+                    self._drop(task, "stalled", f"stalled upload: {exc.reason}")
+            raise Refused(grpc.StatusCode.CANCELLED, exc.reason, exc.label) from exc
         except grpc.RpcError as exc:  # the client went away mid-stream
             with self.cond:
                 self._drop(task, "disconnected", "upload interrupted")
@@ -808,6 +819,9 @@ class GrpcTransport:
                 if delivery.done is not None:
                     delivery.done.set()
             self.cond.notify_all()
+            closed = self.round
+        for hook in self.round_closed_hooks:
+            hook(closed)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def round_completed(self, record: dict[str, Any]) -> None:
