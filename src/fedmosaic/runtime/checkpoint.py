@@ -97,7 +97,11 @@ _MISSING = object()
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write a file so that a crash at any moment leaves either the old or the new file."""
+    """Write a file so that a crash at any moment leaves either the old or the new file.
+
+    The data is fsynced before the rename, and the directory after it (POSIX), so that after
+    a power loss too the file found is a complete one; a process killed before the rename
+    leaves its temporary file (``remove_stale_temporaries`` clears it at the next start)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -109,6 +113,22 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; a no-op where directories cannot be opened or
+    synced (Windows, some network file systems): the rename is still atomic there."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _temporary_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
