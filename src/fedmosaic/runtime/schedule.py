@@ -29,7 +29,12 @@ from fedmosaic.algorithms.fedasync import FedAsyncMixer
 from fedmosaic.algorithms.fedbuff import FedBuffBuffer
 from fedmosaic.algorithms.staleness import InverseSqrtStaleness, staleness_of
 from fedmosaic.algorithms.strategy import ClientTask, client_seed
-from fedmosaic.core.errors import ConfigError, InvalidUpdateError, RoundFailedError
+from fedmosaic.core.errors import (
+    CheckpointError,
+    ConfigError,
+    InvalidUpdateError,
+    RoundFailedError,
+)
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.runtime.clock import round_duration
 from fedmosaic.runtime.tally import ClientFailure, RoundTally
@@ -276,7 +281,11 @@ class _Task:
     result: Any  # ClientUpdate | ClientFailure
     dispatched: float
     completed: bool = True
-    base_weights: torch.Tensor | None = None  # FedAsync mixes x_base + delta
+    # The model it was dispatched with: FedAsync mixes x_base + delta, and a checkpoint
+    # keeps it so that a resumed run can recompute the task.
+    base_weights: torch.Tensor | None = None
+    config_round: int = 0
+    seed: int | None = None
 
 
 ClockLike = Any  # a fedmosaic.runtime.clock.ClientTimingModel, or a factory model_bytes -> one
@@ -362,10 +371,67 @@ class _AsyncSchedule:
 
     def start(self, server: Server, state: RunState) -> None:
         self._reset()
-        self._dispatch(server, state)
+        saved, state.schedule_state = state.schedule_state, None
+        if saved is not None:
+            self._restore(server, state, saved)
+        # As after the event whose step was checkpointed: dispatch once every event of this
+        # instant has been handled.
+        if server.events.next_time() != state.sim_time:
+            self._dispatch(server, state)
 
     def settle(self, server: Server, state: RunState) -> None:
         self._dispatch(server, state)
+
+    # -- resume --------------------------------------------------------------------------------
+    def state_dict(self, server: Server) -> dict[str, Any]:
+        """The tasks in flight (client, base version, config, arrival time), the base models
+        they were dispatched with (one per version in flight), pending wake-ups and the
+        per-client task counters: plain data and tensors, for the checkpoint of a step. The
+        tasks' results are not saved; a resumed run recomputes them (a fit is a pure function
+        of weights, data and config)."""
+        tasks, wakes, bases = [], [], {}
+        for event in server.events.pending():
+            if event.kind == "wake":
+                wakes.append(event.time)
+                continue
+            t = self._inflight[event.payload]
+            tasks.append({"client": t.client_id, "base": t.base_version, "at": event.time,
+                          "dispatched": t.dispatched, "completed": t.completed,
+                          "round": t.config_round, "seed": t.seed})
+            bases[str(t.base_version)] = t.base_weights
+        return {"name": self.name, "tasks": tasks, "wakes": wakes, "bases": bases,
+                "tasks_of": dict(self._tasks_of),
+                "repeat": {c: list(v) for c, v in self._repeat.items()}}
+
+    def _restore(self, server: Server, state: RunState, saved: dict[str, Any]) -> None:
+        if saved.get("name") != self.name:
+            raise CheckpointError(f"the checkpoint's schedule state is {saved.get('name')!r}'s, "
+                                  f"not {self.name!r}'s")
+        self._tasks_of = {str(c): int(n) for c, n in saved["tasks_of"].items()}
+        self._repeat = {str(c): (int(v[0]), int(v[1])) for c, v in saved["repeat"].items()}
+        s = server.strategy
+        by_base: dict[int, list[ClientTask]] = {}
+        for row in saved["tasks"]:
+            cfg = s.fit_config(int(row["round"]), seed=row["seed"])
+            by_base.setdefault(int(row["base"]), []).append(
+                ClientTask(str(row["client"]), cfg, s.client_stages, s.dispatch_transform))
+        results: dict[str, Any] = {}
+        for base, group in by_base.items():
+            weights = saved["bases"][str(base)]
+            server.spec.check_vector(weights)
+            for r in server.transport.fit(weights, group, None):
+                results[r.client_id] = r
+        for row in saved["tasks"]:  # in the order they were pending
+            cid = str(row["client"])
+            result = results.get(cid, ClientFailure(cid, "the transport returned no result"))
+            self._inflight[self._seq] = _Task(
+                self._seq, cid, int(row["base"]), result, float(row["dispatched"]),
+                bool(row["completed"]), saved["bases"][str(row["base"])], int(row["round"]),
+                row["seed"])
+            server.events.push(float(row["at"]), "arrival", self._seq)
+            self._seq += 1
+        for at in saved["wakes"]:
+            server.events.push(float(at), "wake")
 
     def handle(self, server: Server, state: RunState, event: Event) -> None:
         if event.kind == "wake":  # a client came online
@@ -416,7 +482,7 @@ class _AsyncSchedule:
                                                            repeat))
             tasks.append(ClientTask(cid, cfg, s.client_stages, s.dispatch_transform))
         results = {r.client_id: r for r in server.transport.fit(state.weights, tasks, None)}
-        base = state.weights.clone() if self.needs_base else None
+        base = state.weights.clone()  # one copy per dispatched batch, immune to in-place edits
         for task in tasks:
             cid = task.client_id
             result = results.get(cid, ClientFailure(cid, "the transport returned no result"))
@@ -428,12 +494,10 @@ class _AsyncSchedule:
                 outcome = clock.outcome(cid, index, now, samples, steps)
                 arrive, completed = outcome.end, outcome.completed
             self._inflight[self._seq] = _Task(self._seq, cid, version, result, now, completed,
-                                              base)
+                                              base, task.config.round, task.config.seed)
             server.events.push(arrive, "arrival", self._seq)
             self._seq += 1
         self._dispatched += len(tasks)
-
-    needs_base = False
 
     def _head(self, server: Server, state: RunState, updates: int,
               bytes_up: int) -> dict[str, Any]:
@@ -475,7 +539,14 @@ class FedBuffSchedule(_AsyncSchedule):
         s = server.strategy
         self.buffer = FedBuffBuffer(self.buffer_size, self.staleness, s.weighting,
                                     dim=server.spec.numel, device=state.weights.device)
+        saved = state.schedule_state
+        if saved is not None and saved.get("buffer") is not None:
+            self.buffer.load_state_dict(saved["buffer"])
         super().start(server, state)
+
+    def state_dict(self, server: Server) -> dict[str, Any]:
+        assert self.buffer is not None
+        return {**super().state_dict(server), "buffer": self.buffer.state_dict()}
 
     def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
                 staleness: int) -> None:
@@ -502,7 +573,6 @@ class FedAsyncSchedule(_AsyncSchedule):
     """
 
     name = "fedasync"
-    needs_base = True
 
     def __init__(self, alpha: float, concurrency: int, *, staleness: Any = None,
                  clock: ClockLike = None) -> None:

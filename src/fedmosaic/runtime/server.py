@@ -56,6 +56,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None  # why the run ended before its planned rounds, if it did
     sim_time: float = 0.0
+    # A resumed asynchronous schedule's saved state (tasks in flight...), until it restores it.
+    schedule_state: dict[str, Any] | None = None
 
     @property
     def version(self) -> int:
@@ -209,7 +211,8 @@ class Server:
                                                               "load_accounting_state"):
             self.trainer.load_accounting_state(ckpt["trainer_state"])  # type: ignore[attr-defined]
         return RunState(round=int(ckpt["round"]), weights=weights, rng=rng,
-                        history=list(ckpt["history"]))
+                        history=list(ckpt["history"]), sim_time=float(ckpt.get("sim_time", 0.0)),
+                        schedule_state=ckpt.get("schedule"))
 
     def checkpoint(self, state: RunState) -> None:
         if self.out_dir is None:
@@ -228,7 +231,17 @@ class Server:
             # with the round it belongs to, so a resumed run remembers every client's spend.
             "trainer_state": (self.trainer.accounting_state()  # type: ignore[attr-defined]
                               if hasattr(self.trainer, "accounting_state") else None),
+            # Only where there is something to keep, so that synchronous runs without a clock
+            # write exactly the checkpoints they wrote before schedules existed.
+            **({"sim_time": state.sim_time} if state.sim_time else {}),
+            **({"schedule": schedule_state} if (schedule_state := self._schedule_state())
+               is not None else {}),
         })
+
+    def _schedule_state(self) -> dict[str, Any] | None:
+        """The schedule's resumable state (tasks in flight...), if it keeps any."""
+        get = getattr(self.schedule, "state_dict", None)
+        return get(self) if get is not None and self._events is not None else None
 
     # -- the event loop --------------------------------------------------------------------
     @property
