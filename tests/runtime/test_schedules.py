@@ -353,3 +353,23 @@ def test_sync_under_a_clock_resumes_its_simulated_time(blobs_fed, tmp_path):
                    out_dir=tmp_path, resume=True)
     assert torch.equal(whole.weights, resumed.weights)
     assert _records(whole.history) == _records(resumed.history)
+
+
+def test_fedbuff_under_availability_windows_waits_for_clients_and_resumes_exactly(blobs_fed,
+                                                                                  tmp_path):
+    from fedmosaic.runtime.clock import ClientTimingModel
+
+    def sched():
+        return FedBuffSchedule(buffer_size=2, concurrency=4, clock=ClientTimingModel(
+            seed=6, speed_sigma=1.0, compute_median=0.5, availability_period=100.0,
+            availability_fraction=0.3))
+
+    whole = _run(blobs_fed, fm.FedAvg(), rounds=6, schedule=sched())
+    assert [r["version"] for r in whole.history] == list(range(1, 7))
+    # Clients go offline mid-task (failures) and the server waits for others to come online.
+    assert sum(r["failures"] for r in whole.history) > 0
+    _run(blobs_fed, fm.FedAvg(), rounds=6, schedule=sched(), out_dir=tmp_path, stop_after=3)
+    resumed = _run(blobs_fed, fm.FedAvg(), rounds=6, schedule=sched(), out_dir=tmp_path,
+                   resume=True)
+    assert torch.equal(whole.weights, resumed.weights)
+    assert _records(whole.history) == _records(resumed.history)

@@ -353,6 +353,7 @@ class _AsyncSchedule:
         self._inflight: dict[int, _Task] = {}
         self._seq = 0
         self._tasks_of: dict[str, int] = {}  # tasks dispatched per client (clock task index)
+        self._wake_at: float | None = None  # the earliest pending wake-up
         self._repeat: dict[str, tuple[int, int]] = {}  # client -> (version, tasks from it)
         self._new_step()
 
@@ -432,9 +433,12 @@ class _AsyncSchedule:
             self._seq += 1
         for at in saved["wakes"]:
             server.events.push(float(at), "wake")
+        self._wake_at = min((float(a) for a in saved["wakes"]), default=None)
 
     def handle(self, server: Server, state: RunState, event: Event) -> None:
-        if event.kind == "wake":  # a client came online
+        if event.kind == "wake":  # a client came online: settle dispatches
+            if self._wake_at is not None and event.time >= self._wake_at:
+                self._wake_at = None
             return
         task = self._inflight.pop(event.payload)
         if not task.completed or isinstance(task.result, ClientFailure):
@@ -465,11 +469,15 @@ class _AsyncSchedule:
         busy = {t.client_id for t in self._inflight.values()}
         free = [c for c in server.transport.available_clients() if c not in busy]
         online = [c for c in free if clock is None or clock.available(c, now)]
+        if len(online) < want and clock is not None and len(free) > len(online):
+            # Too few clients online to keep ``concurrency`` busy: come back when the next
+            # offline one comes online (one pending wake-up at a time).
+            offline = set(free) - set(online)
+            wake = min(clock.next_available(c, now) for c in offline)
+            if wake < float("inf") and (self._wake_at is None or wake < self._wake_at):
+                server.events.push(wake, "wake")
+                self._wake_at = wake
         if not online:
-            if not self._inflight and clock is not None and free:
-                wake = min(clock.next_available(c, now) for c in free)
-                if wake < float("inf"):
-                    server.events.push(wake, "wake")
             return
         picked = _sample(online, min(want, len(online)), state.rng)
         s, version = server.strategy, state.round
