@@ -373,3 +373,33 @@ def test_fedbuff_under_availability_windows_waits_for_clients_and_resumes_exactl
                    resume=True)
     assert torch.equal(whole.weights, resumed.weights)
     assert _records(whole.history) == _records(resumed.history)
+
+
+def test_fedbuff_on_the_batched_transport_matches_sequential_up_to_rounding(blobs_fed):
+    def run(transport):
+        trainer = _trainer()
+        tp = BatchedTransport(trainer, blobs_fed) if transport == "batched" else None
+        return fm.simulate(trainer, blobs_fed, fm.FedAvg(), rounds=4, seed=3, transport=tp,
+                           schedule=FedBuffSchedule(buffer_size=3, concurrency=5))
+
+    seq, batched = run("sequential"), run("batched")
+    assert torch.allclose(seq.weights, batched.weights, rtol=0, atol=1e-5)
+    assert [r["updates"] for r in seq.history] == [r["updates"] for r in batched.history]
+
+
+def test_batchnorm_statistics_are_aggregated_by_the_async_schedules(blobs_fed):
+    import torch.nn as nn
+
+    def model():
+        return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    for schedule in (FedBuffSchedule(buffer_size=2, concurrency=3),
+                     FedAsyncSchedule(alpha=0.5, concurrency=2)):
+        trainer = fm.TorchTrainer(model, lr=0.1, batch_size=8)
+        w0 = trainer.initial_weights(3)
+        res = fm.simulate(trainer, blobs_fed, fm.FedAvg(), rounds=2, seed=3,
+                          schedule=schedule, initial_weights=w0)
+        start, end = trainer.spec.unflatten(w0), trainer.spec.unflatten(res.weights)
+        assert "1.running_mean" in end
+        assert not torch.equal(start["1.running_mean"], end["1.running_mean"])
+        assert not torch.equal(start["1.running_var"], end["1.running_var"])
