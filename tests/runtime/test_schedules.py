@@ -403,3 +403,16 @@ def test_batchnorm_statistics_are_aggregated_by_the_async_schedules(blobs_fed):
         assert "1.running_mean" in end
         assert not torch.equal(start["1.running_mean"], end["1.running_mean"])
         assert not torch.equal(start["1.running_var"], end["1.running_var"])
+
+
+@pytest.mark.parametrize("schedule", [lambda: FedBuffSchedule(buffer_size=2, concurrency=3),
+                                      lambda: FedAsyncSchedule(alpha=0.5, concurrency=3)])
+def test_an_async_run_whose_clients_all_fail_stops_with_the_reason(blobs_fed, schedule):
+    class Broken(fm.TorchTrainer):
+        def fit(self, weights, data, config):
+            raise RuntimeError("disk full")
+
+    trainer = Broken(lambda: MLP(5, [8], 3), lr=0.1, batch_size=8)
+    with pytest.raises(fm.core.RoundFailedError, match=r"in a row brought no usable update.*"
+                       r"disk full"):
+        fm.simulate(trainer, blobs_fed, fm.FedAvg(), rounds=2, schedule=schedule())

@@ -354,6 +354,7 @@ class _AsyncSchedule:
         self._seq = 0
         self._tasks_of: dict[str, int] = {}  # tasks dispatched per client (clock task index)
         self._wake_at: float | None = None  # the earliest pending wake-up
+        self._bad_in_a_row = 0  # tasks without a usable update since the last good one
         self._repeat: dict[str, tuple[int, int]] = {}  # client -> (version, tasks from it)
         self._new_step()
 
@@ -443,19 +444,36 @@ class _AsyncSchedule:
         task = self._inflight.pop(event.payload)
         if not task.completed or isinstance(task.result, ClientFailure):
             self._failures += 1
+            reason = task.result.reason if isinstance(task.result, ClientFailure) else \
+                "went offline before finishing"
+            self._unusable(state, task.client_id, reason)
             return
         if not isinstance(task.result, ClientUpdate):
-            log.warning("version %d: client %s sent a %s, not an update", state.round,
-                        task.client_id, type(task.result).__name__)
             self._rejected += 1
+            self._unusable(state, task.client_id,
+                           f"sent a {type(task.result).__name__}, not an update")
             return
         update = replace(task.result, base_round=task.base_version)  # the server's record
         try:
             staleness = staleness_of(update, state.round)
             self._arrive(server, state, task, update, staleness)
         except InvalidUpdateError as exc:
-            log.warning("version %d: %s", state.round, exc)
             self._rejected += 1
+            self._unusable(state, task.client_id, str(exc))
+            return
+        self._bad_in_a_row = 0
+
+    def _unusable(self, state: RunState, client_id: str, reason: str) -> None:
+        """A task that brought no usable update. Many in a row (every client failing) fail the
+        run, as a synchronous round without enough updates does, instead of redispatching
+        forever."""
+        log.warning("version %d: client %s: %s", state.round, client_id, reason)
+        self._bad_in_a_row += 1
+        limit = 10 * self.concurrency + 10
+        if self._bad_in_a_row >= limit:
+            raise RoundFailedError(
+                f"{self.name}: {self._bad_in_a_row} tasks in a row brought no usable update "
+                f"at version {state.round} (last: client {client_id}: {reason})")
 
     def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
                 staleness: int) -> None:
