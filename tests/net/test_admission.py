@@ -95,6 +95,7 @@ def test_the_reserve_is_for_members_with_nothing_in_flight_and_the_operator() ->
     held = [ctl.admit(m, "GetTask") for m in ("a", "b") for _ in range(3)]  # 6
     held.append(ctl.admit("c", "GetTask"))  # 7 = capacity - reserved
     assert refused(ctl, "a") == BUSY  # a member with calls in flight: general pool only
+    ctl.release(ctl.admit("a", "Heartbeat", quick=True))  # unless the call never waits
     held += [ctl.admit("d", "Join"), ctl.admit("e", "Join")]  # nothing in flight: 9
     assert refused(ctl, "f") == BUSY  # the last call is the operator's alone
     assert ctl.admit("operator", "Status", operator=True) is not None  # 10

@@ -8,11 +8,11 @@ before any blocking work, whether a call may run:
 - a member (one certificate) has at most ``per_member`` calls in flight and at most one open
   upload; a call over that budget is refused at once (label ``over_budget``), never queued;
 - of the server's ``capacity`` concurrent calls (its handler threads), the last ``reserved``
-  are kept for members with nothing in flight (a newly arriving honest client) and the last
-  one for the operator (``Status``), so a flood from others leaves room for them (refused
-  otherwise: label ``busy``). This is the trunk-reservation rule of loss networks: admit a
-  low-priority arrival only while more than ``reserved`` circuits are free (Key, "Optimal
-  control and trunk reservation in loss networks", Probab. Eng. Inf. Sci. 4(2), 1990);
+  are kept for members with nothing in flight (a newly arriving honest client) and for quick
+  calls that never wait (a heartbeat), and the last one for the operator (``Status``), so a
+  flood from others leaves room for them (refused otherwise: label ``busy``). This is trunk
+  reservation in loss networks: admit a low-priority arrival only while more than
+  ``reserved`` circuits are free (Kelly, "Loss networks", Ann. Appl. Probab. 1(3), 1991);
 - a stream whose handler has waited longer than ``stream_idle`` seconds for the client (its
   next upload message, or the client taking the next download chunk) is cut (``stalled``),
   and the streams still waiting for their client are cut when the round closes (``late``).
@@ -123,8 +123,10 @@ class AdmissionControl:
 
     # -- admission ------------------------------------------------------------------------
     def admit(self, member: str, method: str, *, operator: bool = False,
-              upload: bool = False) -> Ticket:
-        """A ticket for ``member``'s call to ``method``, or ``AdmissionRefused``."""
+              upload: bool = False, quick: bool = False) -> Ticket:
+        """A ticket for ``member``'s call to ``method``, or ``AdmissionRefused``. ``quick``:
+        the call never waits (for a round, a stage or the client), so it may use the reserve
+        like a member with nothing in flight."""
         lim = self.limits
         with self._lock:
             m = self._members.get(member)
@@ -136,10 +138,10 @@ class AdmissionControl:
                 raise AdmissionRefused(OVER_BUDGET, "an upload from this member is already "
                                        "open (at most one at a time)")
             # Trunk reservation: the general pool ends ``reserved`` calls short of capacity;
-            # a member with nothing in flight may use all but the last call, the operator
-            # all of it.
+            # a member with nothing in flight, or a quick call, may use all but the last
+            # call, the operator all of it.
             limit = lim.capacity if operator else \
-                lim.capacity - 1 if mine == 0 else lim.capacity - lim.reserved
+                lim.capacity - 1 if mine == 0 or quick else lim.capacity - lim.reserved
             if self._total >= limit:
                 raise AdmissionRefused(BUSY, f"server busy: {self._total} of {lim.capacity} "
                                        "calls in flight, the rest reserved for members with "

@@ -176,6 +176,10 @@ class _StreamWatchdog:
 
 
 STREAMS = ("UploadUpdate", "DownloadModel")
+# Calls that never wait (for a round, a SecAgg stage or the client): they may use the
+# reserved capacity even from a member with a call in flight, e.g. the heartbeat of a client
+# waiting in a long poll.
+QUICK = frozenset({"Heartbeat", "Status", "RefuseTask", "ReportEvaluation"})
 
 
 class FederationService:
@@ -205,7 +209,7 @@ class FederationService:
         member = peer.client_id if peer.role == "client" else f"{peer.role}:{peer.client_id}"
         try:
             ticket = self.admission.admit(member, method, operator=peer.role == "operator",
-                                          upload=upload)
+                                          upload=upload, quick=method in QUICK)
         except AdmissionRefused as exc:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason, exc.label) from None
         if not context.add_callback(lambda: self.admission.release(ticket)):
