@@ -7,6 +7,7 @@ and the operator must be answered, and the counters must equal the refusals prov
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -233,6 +234,7 @@ class Live:
         self.paths = FederationPaths(federation)
         self.transport, self.port, self.metrics = transport, port, metrics
         self.channels: list[grpc.Channel] = []
+        self.service: Any = None
 
     def channel(self, cid: str) -> grpc.Channel:
         p = self.paths
@@ -264,17 +266,19 @@ class Live:
         return {k: v for k, v in self.metrics.snapshot()["rejected_messages"].items() if v}
 
 
-@pytest.fixture
-def live(federation: Path) -> Iterator[Live]:
-    settings = DeploySettings(credentials=federation, address="127.0.0.1", port=0,
-                              heartbeat_interval=5.0, round_deadline=20.0, min_clients=1,
-                              wait_for_clients=5.0, chunk_bytes=CHUNK, max_workers=16,
-                              upload_slots=2, stream_idle_timeout=IDLE)
+@contextlib.contextmanager
+def serving(federation: Path, **overrides: Any) -> Iterator[Live]:
+    values: dict[str, Any] = dict(
+        credentials=federation, address="127.0.0.1", port=0, heartbeat_interval=5.0,
+        round_deadline=20.0, min_clients=1, wait_for_clients=5.0, chunk_bytes=CHUNK,
+        max_workers=16, upload_slots=2, stream_idle_timeout=IDLE)
+    settings = DeploySettings(**{**values, **overrides})
     metrics = ServerMetrics()
     transport = GrpcTransport(settings, numel=NUMEL, spec_hash="spec", experiment="test",
                               rounds=1, metrics=metrics)
     running = start_server(settings, transport, traffic=metrics)
     srv = Live(federation, transport, running.port, metrics)
+    srv.service = running.service
     try:
         yield srv
     finally:
@@ -282,6 +286,12 @@ def live(federation: Path) -> Iterator[Live]:
         running.stop(0)
         for ch in srv.channels:
             ch.close()
+
+
+@pytest.fixture
+def live(federation: Path) -> Iterator[Live]:
+    with serving(federation) as srv:
+        yield srv
 
 
 def _task(stubs: _Stubs, instance: str) -> pb.Task:
@@ -417,3 +427,36 @@ def test_a_long_poll_flood_from_one_member_leaves_room_for_the_others(
     lines = [r.getMessage() for r in records if r.levelno == logging.WARNING and
              r.getMessage().startswith("refused GetTask from client_09 (ipv4:127.0.0.1:")]
     assert 1 <= len(lines) <= 20 and "calls already in flight" in lines[0]
+
+
+def test_an_upload_still_waiting_when_its_round_closes_is_cut(federation: Path) -> None:
+    # An idle timeout longer than the round: only the round's close can end the stream.
+    with serving(federation, stream_idle_timeout=60.0, round_deadline=2.0) as live:
+        stubs, instance = live.joined("client_09")
+        thread, tally, seen = live.start_round(["client_09"])
+        task = _task(stubs, instance)
+        release = threading.Event()
+
+        def stall() -> Iterator[pb.UploadMessage]:
+            yield _header(task)
+            release.wait(30)
+
+        try:
+            opened = time.monotonic()
+            fut = _watch_end(stubs.upload.future(stall(), timeout=30))
+            thread.join(timeout=10)
+            code = _ended(fut, 3)
+        finally:
+            release.set()
+        assert not thread.is_alive() and tally.count == 0
+        assert [f.reason for f in seen if isinstance(f, ClientFailure)] == [
+            "missed the round deadline (2s): straggler dropped"]
+        # Cut when the round closed (not left open until the client gives up), its thread
+        # and upload slot free for the next round.
+        assert code == grpc.StatusCode.CANCELLED
+        assert _ended_at[fut] - opened < 2.0 + 2.0
+        assert live.rejected() == {"late": 1}
+        end = time.monotonic() + 2
+        while time.monotonic() < end and live.service.admission.in_flight():
+            time.sleep(0.02)
+        assert live.service.admission.in_flight() == 0
