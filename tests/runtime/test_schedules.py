@@ -416,3 +416,30 @@ def test_an_async_run_whose_clients_all_fail_stops_with_the_reason(blobs_fed, sc
     with pytest.raises(fm.core.RoundFailedError, match=r"in a row brought no usable update.*"
                        r"disk full"):
         fm.simulate(trainer, blobs_fed, fm.FedAvg(), rounds=2, schedule=schedule())
+
+
+@pytest.mark.parametrize("method", ["FedAvg", "FedProx", "FedAdam"])
+def test_sync_schedule_equals_the_pre_event_server_on_the_demo(method):
+    """The demo's federation (UCI Heart Disease, four hospitals) and methods, at its settings
+    for 6 of its 30 rounds: the same model and records as the server before schedules."""
+    from fedmosaic.data import load_heart_disease
+    from fedmosaic.demo import DemoSettings
+
+    cfg, fed = DemoSettings(), load_heart_disease(seed=0)
+    common = dict(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+    strategies = {"FedAvg": lambda: fm.FedAvg(**common),
+                  "FedProx": lambda: fm.FedProx(mu=cfg.fedprox_mu, **common),
+                  "FedAdam": lambda: fm.FedAvg(server_opt=fm.FedAdam(lr=cfg.fedadam_lr),
+                                               **common)}
+
+    def run(module):
+        trainer = fm.TorchTrainer(lambda: MLP(fed.feature_shape[0], [cfg.hidden],
+                                              fed.num_classes),
+                                  lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+        return module.Server(trainer=trainer, strategy=strategies[method](), rounds=6,
+                             transport=SequentialTransport(trainer, fed),
+                             test_data=fed.test).run()
+
+    old, new = run(LEGACY), run(fm.runtime.server)
+    assert torch.equal(old.weights, new.weights)
+    assert _records(old.history) == _records(new.history)
