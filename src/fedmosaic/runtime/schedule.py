@@ -314,8 +314,8 @@ def refuse_async(server: Server, schedule: str) -> None:
     guarantees = getattr(transport, "guarantees", None)
     if guarantees is not None and guarantees().get("secure_aggregation"):
         raise ConfigError("strategy.schedule", schedule, "'sync' with secure aggregation: "
-                          "SecAgg+ over each FedBuff buffer is not yet supported (the server "
-                          "would see every update)")
+                          "SecAgg+ over each FedBuff buffer is not yet supported (an "
+                          "asynchronous schedule needs each client's update as it arrives)")
     if s.guarantees().get("differential_privacy"):
         raise ConfigError("strategy.schedule", schedule, "'sync' under central or distributed "
                           "DP: accounting each asynchronous server step is not yet supported")
