@@ -443,3 +443,38 @@ def test_sync_schedule_equals_the_pre_event_server_on_the_demo(method):
     old, new = run(LEGACY), run(fm.runtime.server)
     assert torch.equal(old.weights, new.weights)
     assert _records(old.history) == _records(new.history)
+
+
+def test_resumed_in_flight_tasks_do_not_count_a_dp_sgd_clients_spend_twice(blobs_fed,
+                                                                           tmp_path):
+    pytest.importorskip("opacus")
+    from fedmosaic.train.dp_trainer import DPSGDTrainer
+
+    def trainer():
+        return DPSGDTrainer(lambda: MLP(5, [8], 3), lr=0.5, batch_size=16,
+                            noise_multiplier=1.0, max_grad_norm=1.0, noise="seeded")
+
+    def run(tr, **kw):
+        return fm.simulate(tr, blobs_fed, fm.FedAvg(), rounds=5, seed=2, **kw,
+                           schedule=FedBuffSchedule(buffer_size=2, concurrency=4,
+                                                    clock=ConstantClockBySize()))
+
+    whole_trainer = trainer()
+    whole = run(whole_trainer)
+    run(trainer(), out_dir=tmp_path, stop_after=2)
+    resumed_trainer = trainer()
+    resumed = run(resumed_trainer, out_dir=tmp_path, resume=True)
+    assert torch.equal(whole.weights, resumed.weights)
+    assert resumed_trainer.client_epsilons() == pytest.approx(whole_trainer.client_epsilons())
+
+
+class ConstantClockBySize(ConstantClock):
+    """Each task takes as many seconds as its client has samples: distinct arrival times."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def outcome(self, client_id, task_index, start, num_samples, steps):
+        from fedmosaic.runtime.clock import TaskOutcome
+
+        return TaskOutcome(start + float(num_samples), True)

@@ -14,6 +14,7 @@ records and checkpoints; ``tests/runtime/test_schedules.py`` compares it with a 
 
 from __future__ import annotations
 
+import copy
 import heapq
 import logging
 import time
@@ -418,11 +419,18 @@ class _AsyncSchedule:
             by_base.setdefault(int(row["base"]), []).append(
                 ClientTask(str(row["client"]), cfg, s.client_stages, s.dispatch_transform))
         results: dict[str, Any] = {}
+        # The checkpoint's trainer state already counts these tasks' fits (a DP-SGD trainer's
+        # per-client spend): recomputing them must not count them twice.
+        trainer = server.trainer
+        accounting = (copy.deepcopy(trainer.accounting_state())  # type: ignore[attr-defined]
+                      if hasattr(trainer, "accounting_state") else None)
         for base, group in by_base.items():
             weights = saved["bases"][str(base)]
             server.spec.check_vector(weights)
             for r in server.transport.fit(weights, group, None):
                 results[r.client_id] = r
+        if accounting is not None:
+            trainer.load_accounting_state(accounting)  # type: ignore[attr-defined]
         for row in saved["tasks"]:  # in the order they were pending
             cid = str(row["client"])
             result = results.get(cid, ClientFailure(cid, "the transport returned no result"))
