@@ -113,7 +113,8 @@ def test_unknown_table_is_named_with_its_brackets_on_one_line(tmp_path):
     proc = _cli("run", str(path), cwd=tmp_path)  # a real pipe: rich would wrap at 80 columns
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: config key 'dataa': got {'dataset': 'digits'}; "
-                                  "allowed: one of the known keys: [anomaly], [attack], [data], ")
+                                  "allowed: one of the known keys: [anomaly], [attack], [clock], "
+                                  "[data], ")
     assert proc.stderr.endswith(", [train], [watermark], eval_every, name, output, rounds, "
                                 "seed, threads\n")
     assert proc.stderr.count("\n") == 1 and len(proc.stderr) > 200

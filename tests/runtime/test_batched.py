@@ -79,7 +79,9 @@ def test_each_client_update_equals_its_sequential_update(sizes, batch, epochs, c
     got = _updates(BatchedTransport(tr, fed, max_clients_per_chunk=4), w, tasks)
     assert want.keys() == got.keys()
     for cid, u in want.items():
-        assert torch.allclose(u.delta, got[cid].delta, atol=1e-5), cid
+        # Float32 sums in another order: up to 3 epochs at lr 0.3 drift by a few ulps per
+        # step, so the tolerance is relative to the delta's size as well as absolute.
+        assert torch.allclose(u.delta, got[cid].delta, rtol=1e-4, atol=2e-5), cid
         assert u.num_samples == got[cid].num_samples
         assert u.metrics["steps"] == got[cid].metrics["steps"]
         assert u.metrics["train_loss"] == pytest.approx(got[cid].metrics["train_loss"], rel=1e-4)
