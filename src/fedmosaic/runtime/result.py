@@ -50,7 +50,8 @@ class RunResult:
     def plot(self, path: str | Path, metrics: Sequence[str] | None = None,
              title: str | None = None) -> Path:
         """Write a PNG with one panel per metric against rounds (by default test accuracy and
-        loss: central, or federated evaluation's without a central test set)."""
+        loss: central, or federated evaluation's without a central test set), and a second
+        row against simulated time when the records carry ``sim_time``."""
         return plot_histories({"run": self.history}, path, metrics=metrics, title=title)
 
     def save(self, out_dir: str | Path) -> None:
@@ -104,6 +105,19 @@ def default_plot_metrics(histories: dict[str, list[dict[str, Any]]]) -> tuple[st
     return ("test_accuracy", "test_loss")
 
 
+def has_sim_time(histories: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether any record carries simulated time (a run under a ``[clock]``; without one an
+    asynchronous run records ``sim_time`` 0 throughout, which a time axis could not show)."""
+    return any(r.get("sim_time") for h in histories.values() for r in h)
+
+
+def step_label(histories: dict[str, list[dict[str, Any]]]) -> str:
+    """The x label for record ``round``: "server step" when asynchronous records (``version``)
+    are shown, where a step is one aggregation, not a round of the same clients."""
+    return ("server step" if any("version" in r for h in histories.values() for r in h)
+            else "round")
+
+
 def plot_histories(
     histories: dict[str, list[dict[str, Any]]],
     path: str | Path,
@@ -111,7 +125,12 @@ def plot_histories(
     metrics: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """One panel per metric, one line per named history; written as PNG."""
+    """One panel per metric, one line per named history; written as PNG.
+
+    When the records carry simulated time (``sim_time``, issue #11) a second row shows the
+    same metrics against it: schedules that take different numbers of steps for the same time
+    (FedBuff, FedAsync, synchronous rounds waiting for their slowest client) are compared
+    there. Histories without ``sim_time`` are left out of that row only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,17 +139,32 @@ def plot_histories(
 
     if metrics is None:
         metrics = default_plot_metrics(histories)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    timed = has_sim_time(histories)
+    rows = 2 if timed else 1
+    fig, axes = plt.subplots(rows, len(metrics), figsize=(5 * len(metrics), 3.6 * rows),
+                             squeeze=False)
+    xlabel = step_label(histories)
     for ax, metric in zip(axes[0], metrics):
         for label, hist in histories.items():
             pts = [(r["round"], r[metric]) for r in hist if metric in r]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=label)
-        ax.set_xlabel("round")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric_label(metric))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 2.5
         ax.grid(alpha=0.3)
+    if timed:
+        for ax, metric in zip(axes[1], metrics):
+            for label, hist in histories.items():
+                pts = [(r["sim_time"], r[metric]) for r in hist
+                       if metric in r and "sim_time" in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=label)
+            ax.set_xlabel("simulated time (s)")  # seconds are continuous: default ticks
+            ax.set_ylabel(metric_label(metric))
+            ax.grid(alpha=0.3)
     if len(histories) > 1:  # one run needs no legend (its name is the title)
         axes[0][0].legend(fontsize=8)
     if title:
