@@ -273,20 +273,25 @@ def _sample(available: Sequence[str], k: int, rng: np.random.Generator) -> list[
 
 @dataclass
 class _Task:
-    """A dispatched task: its result is computed at dispatch (a client's fit is a pure
-    function of weights, data and config) and delivered at its simulated arrival time."""
+    """A dispatched task, delivered at its simulated arrival time. A client's fit is a pure
+    function of (base weights, data, config), so its result is computed either at dispatch
+    (eager) or, with lazy batching, only when the first task of its base version is about to
+    arrive (``result`` is None until then; ``client_task`` is what to train)."""
 
     seq: int
     client_id: str
     base_version: int
-    result: Any  # ClientUpdate | ClientFailure
+    result: Any  # ClientUpdate | ClientFailure | None (not trained yet)
     dispatched: float
     completed: bool = True
-    # The model it was dispatched with: FedAsync mixes x_base + delta, and a checkpoint
-    # keeps it so that a resumed run can recompute the task.
+    # The model it was dispatched with: FedAsync mixes x_base + delta, lazy batching trains
+    # from it, and a checkpoint keeps it so that a resumed run can recompute the task.
     base_weights: torch.Tensor | None = None
     config_round: int = 0
     seed: int | None = None
+    client_task: ClientTask | None = None  # set while the result is not computed
+    arrive: float = 0.0
+    work: tuple[int, int] | None = None  # predicted (samples, steps) its arrival came from
 
 
 ClockLike = Any  # a fedmosaic.runtime.clock.ClientTimingModel, or a factory model_bytes -> one
@@ -304,9 +309,39 @@ def task_work(update: Any, config: Any, trainer: Any) -> tuple[int, int]:
     """(samples processed, optimizer steps) of a finished task, for the timing model: the
     client's sample count times its epochs (the task's, else the trainer's), and the steps it
     reported."""
-    epochs = config.epochs if config.epochs is not None else getattr(trainer, "epochs", 1)
     steps = int(update.metrics.get("steps", 1)) if hasattr(update, "metrics") else 1
-    return int(update.num_samples) * int(epochs or 1), max(steps, 1)
+    return _work(int(update.num_samples), steps, config, trainer)
+
+
+def _work(num_samples: int, steps: int, config: Any, trainer: Any) -> tuple[int, int]:
+    """(samples processed, optimizer steps) for the timing model, as ``task_work``."""
+    epochs = config.epochs if config.epochs is not None else getattr(trainer, "epochs", 1)
+    return int(num_samples) * int(epochs or 1), max(int(steps), 1)
+
+
+def predicted_work(server: Server, task: ClientTask) -> tuple[int, int] | None:
+    """(samples, steps) that ``task_work`` will give for ``task``'s result, known before
+    training: the client's training-set size (``Transport.num_samples`` if the transport has
+    it, else the size of its in-process data) and ``Transport.full_steps`` capped by the
+    task's ``max_steps``. None where the transport cannot tell (a real network: clients
+    straggle for real) or the client cannot train at all (unknown, no data: it fails at once,
+    as an eager task does)."""
+    transport, cid, cfg = server.transport, task.client_id, task.config
+    try:
+        steps = transport.full_steps(cid, cfg)
+        count = getattr(transport, "num_samples", None)
+        if callable(count):
+            n = count(cid)
+        else:
+            data = getattr(transport, "data", None)
+            n = len(data.client(cid).train) if data is not None else None
+    except Exception:  # an unknown client: trained eagerly, and fails there, at dispatch
+        return None
+    if steps is None or n is None or n < 1:
+        return None
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    return _work(n, steps, cfg, server.trainer)
 
 
 def refuse_async(server: Server, schedule: str) -> None:
@@ -336,18 +371,42 @@ class _AsyncSchedule:
     Dispatch happens when every event of a simulated instant has been handled (``settle``),
     from the model current then: clients that finish together are all aggregated before
     anyone is sent the next model. Clients are drawn uniformly from the available ones not
-    training (the clock's availability windows apply) with the run's generator; a batch of
-    clients dispatched together trains in one ``Transport.fit`` call (batched transports
-    vmap it). Without a clock every task takes no simulated time.
+    training (the clock's availability windows apply) with the run's generator. Without a
+    clock every task takes no simulated time.
+
+    **Lazy batching** (``lazy=True``, the default). A task's arrival time needs only its
+    sample count and steps (``predicted_work``), known before training, so a dispatch only
+    schedules the arrival. When a task is about to be delivered, every pending task with the
+    same base version (up to ``lazy_chunk``, soonest arrivals first) trains in one
+    ``Transport.fit`` call (batched transports vmap it) and the results wait for their own
+    arrival times. Between two FedBuff steps every refill shares one base version, so batches
+    of about ``buffer_size`` form where eager dispatch trained one client at a time; tasks
+    that drop off-line before finishing are never trained. Each fit is a pure function of
+    (base weights, data, config) and training draws nothing from the run's generator, so the
+    results are the eager ones bit for bit on ``SequentialTransport`` (on a batched transport,
+    up to the float rounding of another cohort composition). Two exceptions, both eager:
+    a stateful trainer (``accounting_state``: a DP-SGD trainer's per-client spend follows the
+    order of fits) and a task whose work the transport cannot predict (``full_steps`` None,
+    unknown client). One difference remains under a clock: a client whose training *raises*
+    is reported at its predicted arrival time instead of at dispatch (eager: the failure is
+    known when it is computed). If a fit reports other work than predicted (a trainer whose
+    ``full_steps`` disagrees with its ``fit``), lazy batching is switched off for the rest of
+    the run with a warning, since that task's arrival time came from the prediction.
+    ``lazy=False`` trains every dispatch at once (the behaviour before lazy batching).
     """
 
     name = "async"
 
-    def __init__(self, concurrency: int, clock: ClockLike = None) -> None:
+    def __init__(self, concurrency: int, clock: ClockLike = None, *, lazy: bool = True,
+                 lazy_chunk: int = 256) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        if isinstance(lazy_chunk, bool) or not isinstance(lazy_chunk, int) or lazy_chunk < 1:
+            raise ValueError(f"lazy_chunk must be an integer >= 1, got {lazy_chunk!r}")
         self.concurrency = concurrency
         self.clock = clock
+        self.lazy = bool(lazy)
+        self.lazy_chunk = lazy_chunk
         self._reset()
 
     def _reset(self) -> None:
@@ -357,6 +416,9 @@ class _AsyncSchedule:
         self._wake_at: float | None = None  # the earliest pending wake-up
         self._bad_in_a_row = 0  # tasks without a usable update since the last good one
         self._repeat: dict[str, tuple[int, int]] = {}  # client -> (version, tasks from it)
+        self._base: tuple[int, torch.Tensor] | None = None  # (version, its model), shared
+        self._lazy_off: str | None = None  # why lazy batching was switched off in this run
+        self.fits = 0  # Transport.fit calls that trained tasks (batching diagnostics)
         self._new_step()
 
     def _new_step(self) -> None:
@@ -418,6 +480,26 @@ class _AsyncSchedule:
             cfg = s.fit_config(int(row["round"]), seed=row["seed"])
             by_base.setdefault(int(row["base"]), []).append(
                 ClientTask(str(row["client"]), cfg, s.client_stages, s.dispatch_transform))
+        if self._lazy_ok(server):
+            # The saved arrival times stand: the tasks train when the first of their base
+            # version is delivered, exactly as in the run that wrote the checkpoint.
+            lazy = {t.client_id: t for group in by_base.values() for t in group}
+            for row in saved["tasks"]:
+                task = lazy[str(row["client"])]
+                self._inflight[self._seq] = _Task(
+                    self._seq, task.client_id, int(row["base"]), None,
+                    float(row["dispatched"]), bool(row["completed"]),
+                    saved["bases"][str(row["base"])], int(row["round"]), row["seed"],
+                    client_task=task, arrive=float(row["at"]),
+                    work=predicted_work(server, task))
+                server.events.push(float(row["at"]), "arrival", self._seq)
+                self._seq += 1
+            for weights in saved["bases"].values():
+                server.spec.check_vector(weights)
+            for at in saved["wakes"]:
+                server.events.push(float(at), "wake")
+            self._wake_at = min((float(a) for a in saved["wakes"]), default=None)
+            return
         results: dict[str, Any] = {}
         # The checkpoint's trainer state already counts these tasks' fits (a DP-SGD trainer's
         # per-client spend): recomputing them must not count them twice.
@@ -450,6 +532,8 @@ class _AsyncSchedule:
                 self._wake_at = None
             return
         task = self._inflight.pop(event.payload)
+        if task.result is None and task.completed:
+            self._train_pending(server, task)
         if not task.completed or isinstance(task.result, ClientFailure):
             self._failures += 1
             reason = task.result.reason if isinstance(task.result, ClientFailure) else \
@@ -487,6 +571,49 @@ class _AsyncSchedule:
                 staleness: int) -> None:
         raise NotImplementedError
 
+    # -- lazy batching -------------------------------------------------------------------------
+    def _lazy_ok(self, server: Server) -> bool:
+        """Whether tasks may train lazily now: switched on, not switched off by a wrong
+        prediction, and a stateless trainer (a DP-SGD trainer's accounting follows the order
+        of its fits, which lazy batching changes)."""
+        return (self.lazy and self._lazy_off is None
+                and not hasattr(server.trainer, "accounting_state"))
+
+    def _train_pending(self, server: Server, first: _Task) -> None:
+        """Train ``first`` with every other untrained task of its base version (soonest
+        arrivals first, ``lazy_chunk`` at most) in one ``Transport.fit`` call, and keep each
+        result with its task until its arrival."""
+        same = sorted((t for t in self._inflight.values()
+                       if t.result is None and t.completed
+                       and t.base_version == first.base_version),
+                      key=lambda t: (t.arrive, t.seq))
+        group = [first, *same[: self.lazy_chunk - 1]]
+        tasks = [t.client_task for t in group]
+        assert first.base_weights is not None and all(t is not None for t in tasks)
+        results = {r.client_id: r for r in server.transport.fit(first.base_weights, tasks,
+                                                                 None)}
+        self.fits += 1
+        for t, ct in zip(group, tasks, strict=True):
+            assert ct is not None
+            cid = t.client_id
+            t.result = results.get(cid, ClientFailure(cid, "the transport returned no result"))
+            t.client_task = None
+            if isinstance(t.result, ClientUpdate) and t.work is not None:
+                got = task_work(t.result, ct.config, server.trainer)
+                if got != t.work and self._lazy_off is None:
+                    self._lazy_off = (f"client {cid}'s fit did (samples, steps) = {got}, not "
+                                      f"the {t.work} predicted from full_steps")
+                    log.warning("%s: lazy batching off for the rest of the run: %s (its "
+                                "arrival time came from the prediction)", self.name,
+                                self._lazy_off)
+
+    def _base_weights(self, state: RunState) -> torch.Tensor:
+        """The current model, copied once per version (immune to in-place edits of
+        ``state.weights``) and shared by every task dispatched from it."""
+        if self._base is None or self._base[0] != state.round:
+            self._base = (state.round, state.weights.clone())
+        return self._base[1]
+
     def _dispatch(self, server: Server, state: RunState) -> None:
         want = self.concurrency - len(self._inflight)
         if want <= 0:
@@ -515,20 +642,35 @@ class _AsyncSchedule:
             cfg = s.fit_config(version + 1, seed=task_seed(server.seed, version + 1, cid,
                                                            repeat))
             tasks.append(ClientTask(cid, cfg, s.client_stages, s.dispatch_transform))
-        results = {r.client_id: r for r in server.transport.fit(state.weights, tasks, None)}
-        base = state.weights.clone()  # one copy per dispatched batch, immune to in-place edits
+        predicted: dict[str, tuple[int, int]] = {}
+        if self._lazy_ok(server):
+            for task in tasks:
+                work = predicted_work(server, task)
+                if work is not None:
+                    predicted[task.client_id] = work
+        eager = [t for t in tasks if t.client_id not in predicted]
+        results = ({r.client_id: r for r in server.transport.fit(state.weights, eager, None)}
+                   if eager else {})
+        if eager:
+            self.fits += 1
+        base = self._base_weights(state)
         for task in tasks:
             cid = task.client_id
-            result = results.get(cid, ClientFailure(cid, "the transport returned no result"))
+            work = predicted.get(cid)
+            result = None if work is not None else \
+                results.get(cid, ClientFailure(cid, "the transport returned no result"))
             index = self._tasks_of.get(cid, 0)
             self._tasks_of[cid] = index + 1
             arrive, completed = now, True
             if clock is not None and not isinstance(result, ClientFailure):
-                samples, steps = task_work(result, task.config, server.trainer)
+                samples, steps = work if work is not None else \
+                    task_work(result, task.config, server.trainer)
                 outcome = clock.outcome(cid, index, now, samples, steps)
                 arrive, completed = outcome.end, outcome.completed
             self._inflight[self._seq] = _Task(self._seq, cid, version, result, now, completed,
-                                              base, task.config.round, task.config.seed)
+                                              base, task.config.round, task.config.seed,
+                                              client_task=task if work is not None else None,
+                                              arrive=arrive, work=work)
             server.events.push(arrive, "arrival", self._seq)
             self._seq += 1
         self._dispatched += len(tasks)
@@ -557,8 +699,8 @@ class FedBuffSchedule(_AsyncSchedule):
     name = "fedbuff"
 
     def __init__(self, buffer_size: int, concurrency: int, *, staleness: Any = None,
-                 clock: ClockLike = None) -> None:
-        super().__init__(concurrency, clock)
+                 clock: ClockLike = None, lazy: bool = True, lazy_chunk: int = 256) -> None:
+        super().__init__(concurrency, clock, lazy=lazy, lazy_chunk=lazy_chunk)
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be an integer >= 1, got {buffer_size!r}")
         self.buffer_size = buffer_size
@@ -609,8 +751,8 @@ class FedAsyncSchedule(_AsyncSchedule):
     name = "fedasync"
 
     def __init__(self, alpha: float, concurrency: int, *, staleness: Any = None,
-                 clock: ClockLike = None) -> None:
-        super().__init__(concurrency, clock)
+                 clock: ClockLike = None, lazy: bool = True, lazy_chunk: int = 256) -> None:
+        super().__init__(concurrency, clock, lazy=lazy, lazy_chunk=lazy_chunk)
         self.mixer = FedAsyncMixer(alpha, staleness)
 
     def describe(self) -> dict[str, Any] | None:
