@@ -452,8 +452,9 @@ class _AsyncSchedule:
         """The tasks in flight (client, base version, config, arrival time), the base models
         they were dispatched with (one per version in flight), pending wake-ups and the
         per-client task counters: plain data and tensors, for the checkpoint of a step. The
-        tasks' results are not saved; a resumed run recomputes them (a fit is a pure function
-        of weights, data and config)."""
+        tasks' results are not saved, whether computed yet or not (lazy batching): a resumed
+        run recomputes them (a fit is a pure function of weights, data and config), lazily
+        at their saved arrival times, or at once when lazy batching is off."""
         tasks, wakes, bases = [], [], {}
         for event in server.events.pending():
             if event.kind == "wake":
