@@ -81,3 +81,25 @@ def test_histories_without_time_are_left_out_of_the_time_row_only(tmp_path, save
     (fig,) = saved
     assert set(_lines(fig.axes[0])) == {"plain", "timed"}
     assert set(_lines(fig.axes[2])) == {"timed"}
+
+
+def test_a_fedbuff_run_under_a_clock_is_plotted_against_simulated_time(tmp_path, saved):
+    from fedmosaic.build import build_data, build_strategy, build_trainer
+    from fedmosaic.config import load_experiment
+    from fedmosaic.runtime.simulate import simulate
+
+    path = tmp_path / "e.toml"
+    path.write_text('rounds = 4\n[data]\ndataset = "synthetic"\nnum_devices = 12\n'
+                    '[model]\nkind = "logreg"\n[strategy]\nschedule = "fedbuff"\n'
+                    'buffer_size = 3\nconcurrency = 6\n[clock]\nspeed_sigma = 1.0\n')
+    exp = load_experiment(path)
+    fed = build_data(exp)
+    result = simulate(build_trainer(exp, fed), fed, build_strategy(exp, fed), 4, seed=0)
+    times = result.metric("sim_time")
+    assert len(times) == 4 and times == sorted(times) and times[0] > 0
+    result.plot(tmp_path / "run.png")
+    (fig,) = saved
+    assert [ax.get_xlabel() for ax in fig.axes] == ["server step"] * 2 + ["simulated time (s)"] * 2
+    (line,) = fig.axes[2].get_lines()
+    np.testing.assert_allclose(line.get_xdata(), times)
+    np.testing.assert_allclose(line.get_ydata(), result.metric("test_accuracy"))
