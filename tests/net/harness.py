@@ -9,9 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from fedmosaic.net.certs import FederationPaths
-from fedmosaic.net.client import ClientReport, run_client
+from fedmosaic.net.client import ClientReport, _Stubs, open_channel, run_client
 from fedmosaic.net.monitoring import ServerMetrics
+from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.server import start_server
 from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.transport import GrpcTransport
@@ -37,6 +40,47 @@ def live_server(credentials: Path, *, numel: int,
     finally:
         transport.finish()
         running.stop(0)
+
+
+class LiveClients:
+    """Raw client calls against a ``live_server``: one channel per member (or ``"operator"``)
+    with its own credentials; ``close`` closes them all."""
+
+    def __init__(self, credentials: Path, transport: GrpcTransport, port: int,
+                 metrics: ServerMetrics) -> None:
+        self.paths = FederationPaths(credentials)
+        self.transport, self.port, self.metrics = transport, port, metrics
+        self.channels: list[grpc.Channel] = []
+
+    def channel(self, cid: str) -> grpc.Channel:
+        p = self.paths
+        cert, key = ((p.operator_cert, p.operator_key) if cid == "operator"
+                     else (p.client_cert(cid), p.client_key(cid)))
+        channel = open_channel(f"127.0.0.1:{self.port}", p.ca_cert, cert, key)
+        self.channels.append(channel)
+        return channel
+
+    def joined(self, cid: str) -> tuple[_Stubs, str]:
+        """Join as ``cid`` (the live server's model layout is ``"spec"``): stubs, instance."""
+        stubs = _Stubs(self.channel(cid))
+        return stubs, stubs.join(pb.JoinRequest(spec_hash="spec"), timeout=10).server_instance
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
+@contextmanager
+def live_clients(cls: type[LiveClients], credentials: Path, *, numel: int,
+                 chunk_bytes: int) -> Iterator[Any]:
+    """A ``live_server`` on ``credentials`` and a ``cls`` (a ``LiveClients``) to call it."""
+    with live_server(credentials, numel=numel, chunk_bytes=chunk_bytes) as (transport, port,
+                                                                              metrics):
+        clients = cls(credentials, transport, port, metrics)
+        try:
+            yield clients
+        finally:
+            clients.close()
 
 
 def deploy_in_process(

@@ -27,7 +27,7 @@ from fedmosaic.algorithms.strategy import FedAvg
 from fedmosaic.data import ArrayDataset, ClientData, FederatedDataset
 from fedmosaic.models import build_model
 from fedmosaic.net.certs import FederationPaths, create_federation
-from fedmosaic.net.client import ClientReport, _Stubs, open_channel, run_client
+from fedmosaic.net.client import ClientReport, _Stubs, run_client
 from fedmosaic.net.errors import REFUSAL_KEY
 from fedmosaic.net.monitoring import REJECT_REASONS
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
@@ -48,7 +48,7 @@ from fedmosaic.runtime.simulate import simulate
 from fedmosaic.runtime.tally import ClientFailure
 from fedmosaic.train import TorchTrainer
 from tests.conftest import make_blobs
-from tests.net.harness import live_server
+from tests.net.harness import LiveClients, live_clients
 
 CLIENTS = ["e0", "e1", "e2", "e3", "e4", "e5"]
 NUMEL = 1000
@@ -142,26 +142,8 @@ def test_evaluate_over_grpc_gives_the_simulation_s_weighted_mean(credentials: Pa
     assert all(reports[c].joins == 1 for c in ids)
 
 
-class Live:
+class Live(LiveClients):
     """Raw client calls against a live server whose loop runs one evaluation phase."""
-
-    def __init__(self, credentials: Path, transport: GrpcTransport, port: int,
-                 metrics: Any) -> None:
-        self.paths = FederationPaths(credentials)
-        self.transport, self.port, self.metrics = transport, port, metrics
-        self.channels: list[grpc.Channel] = []
-
-    def channel(self, cid: str) -> grpc.Channel:
-        p = self.paths
-        cert, key = ((p.operator_cert, p.operator_key) if cid == "operator"
-                     else (p.client_cert(cid), p.client_key(cid)))
-        channel = open_channel(f"127.0.0.1:{self.port}", p.ca_cert, cert, key)
-        self.channels.append(channel)
-        return channel
-
-    def joined(self, cid: str) -> tuple[_Stubs, str]:
-        stubs = _Stubs(self.channel(cid))
-        return stubs, stubs.join(pb.JoinRequest(spec_hash="spec"), timeout=10).server_instance
 
     def start_evaluation(self, clients: list[str], weights: torch.Tensor,
                          round_num: int = 1) -> tuple[threading.Thread, list[Any]]:
@@ -178,13 +160,8 @@ class Live:
 @pytest.fixture
 def live(credentials: Path, tmp_path: Path) -> Iterator[Live]:
     fed = Path(shutil.copytree(credentials, tmp_path / "fed"))
-    with live_server(fed, numel=NUMEL, chunk_bytes=CHUNK) as (transport, port, metrics):
-        srv = Live(fed, transport, port, metrics)
-        try:
-            yield srv
-        finally:
-            for ch in srv.channels:
-                ch.close()
+    with live_clients(Live, fed, numel=NUMEL, chunk_bytes=CHUNK) as srv:
+        yield srv
 
 
 def _task(stubs: _Stubs, instance: str) -> pb.Task:

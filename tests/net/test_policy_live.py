@@ -22,7 +22,7 @@ from fedmosaic.algorithms.strategy import ClientTask, FedAvg
 from fedmosaic.data import FederatedDataset
 from fedmosaic.models import build_model
 from fedmosaic.net.certs import FederationPaths, create_federation
-from fedmosaic.net.client import _Stubs, open_channel, run_client
+from fedmosaic.net.client import _Stubs, run_client
 from fedmosaic.net.monitoring import ServerMetrics
 from fedmosaic.net.policy import PrivacyLedger, PrivacyPolicy, default_ledger_path
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
@@ -35,7 +35,7 @@ from fedmosaic.runtime.simulate import simulate
 from fedmosaic.runtime.tally import ClientFailure, RoundTally
 from fedmosaic.train import TorchTrainer
 from fedmosaic.train.base import FitConfig
-from tests.net.harness import live_server
+from tests.net.harness import LiveClients, live_clients
 
 NUMEL = 1000
 CHUNK = 1024
@@ -49,28 +49,8 @@ def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-class Live:
+class Live(LiveClients):
     """A running server (real transport, service and TLS) and raw client calls."""
-
-    def __init__(self, credentials: Path, transport: GrpcTransport, port: int,
-                 metrics: ServerMetrics) -> None:
-        self.paths = FederationPaths(credentials)
-        self.transport, self.port, self.metrics = transport, port, metrics
-        self.channels: list[grpc.Channel] = []
-
-    def channel(self, cid: str) -> grpc.Channel:
-        p = self.paths
-        cert, key = ((p.operator_cert, p.operator_key) if cid == "operator"
-                     else (p.client_cert(cid), p.client_key(cid)))
-        channel = open_channel(f"127.0.0.1:{self.port}", p.ca_cert, cert, key)
-        self.channels.append(channel)
-        return channel
-
-    def joined(self, cid: str) -> tuple[_Stubs, pb.Task]:
-        """Join as ``cid`` and wait for its task (a round must be running)."""
-        stubs = _Stubs(self.channel(cid))
-        instance = stubs.join(pb.JoinRequest(spec_hash="spec"), timeout=10).server_instance
-        return stubs, instance
 
     def task(self, stubs: _Stubs, instance: str) -> pb.Task:
         task = stubs.get_task(pb.TaskRequest(server_instance=instance, wait_seconds=10),
@@ -94,13 +74,8 @@ class Live:
 @pytest.fixture
 def live(credentials: Path, tmp_path: Path) -> Iterator[Live]:
     fed = Path(shutil.copytree(credentials, tmp_path / "fed"))
-    with live_server(fed, numel=NUMEL, chunk_bytes=CHUNK) as (transport, port, metrics):
-        srv = Live(fed, transport, port, metrics)
-        try:
-            yield srv
-        finally:
-            for ch in srv.channels:
-                ch.close()
+    with live_clients(Live, fed, numel=NUMEL, chunk_bytes=CHUNK) as srv:
+        yield srv
 
 
 def _upload(stubs: _Stubs, task: pb.Task) -> pb.UploadReply:
