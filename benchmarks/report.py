@@ -598,6 +598,111 @@ def client_failfast_section(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reach_cell(hit: dict[str, Any] | None) -> tuple[str, str]:
+    if hit is None:
+        return "not reached", "not reached"
+    return f"{hit['updates']:,}", f"{hit['sim_time']:,.1f}"
+
+
+def _speedup_sentence(name: str, summary: dict[str, Any]) -> str:
+    hits = summary["to_target"]
+    target = f"{summary['target_accuracy']:.2f}"
+    if hits.get("sync") is None:
+        return f"{name}, target {target}: synchronous FedAvg does not reach it within its cap."
+    if hits.get("fedbuff") is None:
+        return (f"{name}, target {target}: FedBuff does not reach it within its cap "
+                f"(synchronous FedAvg does, after {hits['sync']['sim_time']:,.1f} simulated s); "
+                "no speed-up can be claimed.")
+    text = (f"{name}, target {target}: FedBuff takes "
+            f"{summary['speedup_fedbuff_vs_sync_sim_time']:.1f}x less simulated time than "
+            f"synchronous FedAvg, with {summary['update_ratio_fedbuff_vs_sync']:.1f}x the client "
+            "updates")
+    if "speedup_fedbuff_vs_fedasync_sim_time" in summary:
+        text += (f"; {summary['speedup_fedbuff_vs_fedasync_sim_time']:.1f}x less than "
+                 "FedAsync")
+    elif hits.get("fedasync") is None:
+        text += "; FedAsync does not reach it within its cap"
+    return text + "."
+
+
+def async_schedules_section(d: dict[str, Any]) -> str:
+    names = {"synthetic": "FedProx synthetic(0.5, 0.5), 100 devices, logistic regression",
+             "fmnist": "Fashion-MNIST, 100 clients, Dirichlet(0.5), MLP (64 hidden)"}
+    lines = [
+        "## Asynchronous schedules: FedBuff vs synchronous FedAvg vs FedAsync (issue #11, "
+        "first version)",
+        "",
+        "The same federation, model, local training (1 epoch), seed and virtual clock for "
+        "three `[strategy] schedule`s: synchronous FedAvg with 10 clients per round (each round "
+        "waits for its slowest client), FedBuff (K = 10, concurrency 100, staleness weight "
+        "1/sqrt(1 + s), the same plain FedAvg server step) and FedAsync (alpha 0.6, polynomial "
+        "staleness a = 0.5, concurrency 100). `[clock] speed_sigma = 1`: each client's "
+        "slowness is lognormal (sigma 1, median 1) and its compute time is proportional to "
+        "the samples it trains on (`compute_median = 0.005` s per sample for the median "
+        "client), no network time. Runs are capped in client updates (the caps are in the "
+        "tables); the global model is evaluated on the central test set every 10 client "
+        "updates. \"To target\" is the first evaluation at or above the target accuracy: the "
+        "task's fixed target (a level synchronous FedAvg reaches early) and the common target "
+        "(the largest multiple of 0.01 at or below 0.95 x the lowest of the three best "
+        "accuracies, reached by all three within their caps). Simulated time is the virtual "
+        "clock's; real time is this machine's wall time for the whole run.",
+        "",
+        f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
+        "",
+        machine_line(d["machine"])
+        + (f" Load average when it started: {d['machine']['load_average_1min']:.1f} (other jobs "
+           "on the 2 cores)." if d["machine"].get("load_average_1min") is not None else ""),
+        "",
+    ]
+    for task, t in d["tasks"].items():
+        lines += [f"### {names.get(task, task)}", "",
+                  "| schedule | cap (updates) | server steps | client updates | simulated time "
+                  "(s) | best accuracy | final accuracy | mean staleness | max staleness | "
+                  "real time (s) | updates per real s |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for name, r in t["runs"].items():
+            cap = t["caps"]["sync" if name == "sync" else "async"]
+            lines.append(
+                f"| {name} | {cap:,} | {r['steps']:,} | {r['updates']:,} | "
+                f"{r['sim_time']:,.1f} | {r['best_accuracy']:.4f} | {r['final_accuracy']:.4f} | "
+                f"{r['mean_staleness']:.1f} | {r['max_staleness']} | {r['real_seconds']:.1f} | "
+                f"{r['updates_per_real_second']:.0f} |")
+        lines += ["", "| target accuracy | schedule | client updates to target | simulated "
+                  "time to target (s) |", "|--:|---|--:|--:|"]
+        for key in ("fixed", "common"):
+            summary = t[key]
+            for name, hit in summary["to_target"].items():
+                ups, sim = _reach_cell(hit)
+                lines.append(f"| {summary['target_accuracy']:.2f} ({key}) | {name} | {ups} | "
+                             f"{sim} |")
+        lines += ["", " ".join(_speedup_sentence(k, t[k]) for k in ("fixed", "common")), ""]
+    for task, why in d.get("skipped", {}).items():
+        lines += [f"{names.get(task, task)}: not run ({why}).", ""]
+    lines += [
+        "How to read this. With 100 clients and concurrency 100, every client is always "
+        "training under FedBuff and FedAsync: the updates that arrive first come from the "
+        "fastest clients and those holding few samples (compute time grows with a client's "
+        "samples), again and again, while the slow clients' updates arrive hundreds of steps "
+        "late (max staleness above). A synchronous round waits for the slowest of 10 random "
+        "clients; a FedBuff step needs only the 10 earliest arrivals among the 100 in flight. "
+        "Under lognormal (sigma 1) slowness times the spread of the clients' sample counts "
+        "that gap alone is an order of magnitude, which is why the speed-ups at reachable "
+        "targets are far above the 3.3x of FedBuff's paper (whose client times do not grow "
+        "with their data, and whose population is far larger than its concurrency, so each "
+        "dispatch draws a fresh client). The price shows where a schedule does not reach the "
+        "fixed target within its cap: the model the asynchronous schedules train is pulled "
+        "toward the fast, small clients' data; whether more updates would get them there "
+        "sooner than synchronous FedAvg in simulated time is not measured (the caps keep each "
+        "run to about a minute of real time). First version: one seed, one clock seed, no "
+        "tuning of the server learning rate, alpha or local work per schedule. \"Updates per "
+        "real s\" is the whole run's rate (sequential transport, evaluation every 10 updates "
+        "included); the issue's simulator goal (2,000 client updates per real second for the "
+        "digits MLP) is not what this script measures.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def async_throughput_section(d: dict[str, Any]) -> str:
     """Simulator throughput of the asynchronous schedules, lazy batching off and on."""
     m = d["machine"]
@@ -689,6 +794,8 @@ def main() -> None:
         parts.append(cli_startup_section(d))
     if (d := load("client_failfast")) is not None:
         parts.append(client_failfast_section(d))
+    if (d := load("async_schedules")) is not None:
+        parts.append(async_schedules_section(d))
     if (d := load("async_throughput")) is not None:
         parts.append(async_throughput_section(d))
     OUT.write_text("\n".join(parts))
