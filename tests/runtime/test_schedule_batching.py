@@ -157,3 +157,31 @@ def test_a_stateful_trainer_trains_eagerly(blobs_fed):
 def test_lazy_chunk_is_validated():
     with pytest.raises(ValueError, match="lazy_chunk"):
         FedBuffSchedule(2, 3, lazy_chunk=0)
+
+
+def test_concurrency_above_the_population_is_said_once(caplog):
+    import logging
+
+    import fedmosaic as fm
+    from fedmosaic.data import IID, load_digits, partition
+    from fedmosaic.models import MLP
+    from fedmosaic.runtime.schedule import FedBuffSchedule
+
+    train, test = load_digits(seed=0)
+    fed = partition(train, IID(), 6, 0, test=test)
+    trainer = fm.TorchTrainer(lambda: MLP(64, [8], 10), lr=0.1)
+    logger = logging.getLogger("fedmosaic.runtime.schedule")
+    # Attached directly: structured logging, once configured in this process by another
+    # test, stops the "fedmosaic" logger from propagating to caplog's root handler.
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fedmosaic.runtime.schedule"):
+            fm.simulate(trainer, fed, fm.FedAvg(), 3, seed=0,
+                        schedule=FedBuffSchedule(buffer_size=2, concurrency=50))
+    finally:
+        logger.removeHandler(caplog.handler)
+    # One record (it may reach caplog through both handlers: counted once by identity).
+    said = list({id(r): r.getMessage() for r in caplog.records
+                 if "concurrency = 50 but only 6 clients" in r.getMessage()}.values())
+    assert said == ["concurrency = 50 but only 6 clients are available: all of them train "
+                    "at once"]

@@ -419,6 +419,7 @@ class _AsyncSchedule:
         self._base: tuple[int, torch.Tensor] | None = None  # (version, its model), shared
         self._lazy_off: str | None = None  # why lazy batching was switched off in this run
         self.fits = 0  # Transport.fit calls that trained tasks (batching diagnostics)
+        self._small_population_told = False  # concurrency above the population: said once
         self._new_step()
 
     def _new_step(self) -> None:
@@ -621,7 +622,13 @@ class _AsyncSchedule:
             return
         now, clock = state.sim_time, self.clock
         busy = {t.client_id for t in self._inflight.values()}
-        free = [c for c in server.transport.available_clients() if c not in busy]
+        population = server.transport.available_clients()
+        if len(population) < self.concurrency and not self._small_population_told:
+            # Never silent (as clients_per_round): the run keeps every client busy instead.
+            log.warning("concurrency = %d but only %d clients are available: all of them "
+                        "train at once", self.concurrency, len(population))
+            self._small_population_told = True
+        free = [c for c in population if c not in busy]
         online = [c for c in free if clock is None or clock.available(c, now)]
         if len(online) < want and clock is not None and len(free) > len(online):
             # Too few clients online to keep ``concurrency`` busy: come back when the next
