@@ -19,6 +19,7 @@ import heapq
 import logging
 import time
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -365,7 +366,7 @@ def refuse_async(server: Server, schedule: str) -> None:
                           "truncated local work")
 
 
-class _AsyncSchedule:
+class _AsyncSchedule(ABC):
     """Keeps ``concurrency`` clients training; each arrival goes to ``_arrive``.
 
     Dispatch happens when every event of a simulated instant has been handled (``settle``),
@@ -569,9 +570,10 @@ class _AsyncSchedule:
                 f"{self.name}: {self._bad_in_a_row} tasks in a row brought no usable update "
                 f"at version {state.round} (last: client {client_id}: {reason})")
 
+    @abstractmethod
     def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
                 staleness: int) -> None:
-        raise NotImplementedError
+        """Take one arrived update (FedBuff buffers it, FedAsync mixes it in)."""
 
     # -- lazy batching -------------------------------------------------------------------------
     def _lazy_ok(self, server: Server) -> bool:
