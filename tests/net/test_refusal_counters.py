@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,17 @@ def _counts(metrics: Any) -> dict[str, int]:
         f"dropped.{k}": v for k, v in snap["clients_dropped"].items() if v}
 
 
+def _settled_counts(metrics: Any, expected: dict[str, int], seconds: float = 10.0
+                    ) -> dict[str, int]:
+    """The counters once they equal ``expected`` (or after ``seconds``): a handler thread
+    counts its refusal just after the task is closed, and a client that saw its stream
+    cancelled may look before it has."""
+    end = time.monotonic() + seconds
+    while _counts(metrics) != expected and time.monotonic() < end:
+        time.sleep(0.02)
+    return _counts(metrics)
+
+
 def test_messages_over_the_limit_are_counted_as_oversized(live: Any) -> None:
     transport, _, metrics, channel = live
     # Unary calls of every size just over the limit are refused as oversized, counted once.
@@ -102,17 +114,20 @@ def test_messages_over_the_limit_are_counted_as_oversized(live: Any) -> None:
     assert not loop.is_alive()  # the round ended at once: its one task was rejected
     assert tally.count == 0 and len(tally.rejected) == 1
     assert "over the limit" in tally.rejected[0]
-    assert _counts(metrics) == {"rejected.oversized": sent + 1, "dropped.rejected": 1}
+    expected = {"rejected.oversized": sent + 1, "dropped.rejected": 1}
+    assert _settled_counts(metrics, expected) == expected
 
     # An oversized first message (no header can be read): refused, no task touched.
     assert _raw_upload(channel, [b"\x0a" * (LIMIT + 1)]) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _counts(metrics) == {"rejected.oversized": sent + 2, "dropped.rejected": 1}
+    expected = {"rejected.oversized": sent + 2, "dropped.rejected": 1}
+    assert _settled_counts(metrics, expected) == expected
 
     # Past gRPC's own ceiling the call is refused before fedmosaic sees it: not counted
     # (documented in docs/deployment.md, "Faults and limits").
     over = GRPC_CEILING_FACTOR * LIMIT + 1
     assert _raw_unary(channel, "Join", b"\x0a" * over) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _counts(metrics) == {"rejected.oversized": sent + 2, "dropped.rejected": 1}
+    expected = {"rejected.oversized": sent + 2, "dropped.rejected": 1}
+    assert _settled_counts(metrics, expected) == expected
 
 
 def test_every_exported_refusal_reason_can_be_counted() -> None:
