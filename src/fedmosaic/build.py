@@ -663,3 +663,25 @@ def central_evaluation(exp: Experiment, fed: fd.FederatedDataset | None = None) 
     """Whether the server evaluates on the central test set (``simulate(...,
     central_eval=)``): ``evaluation.central``, by default whenever there is one."""
     return _evaluation_plan(exp, fed)[0]
+
+
+def simulate_experiment(exp: Experiment, fed: fd.FederatedDataset, trainer: Trainer,
+                        strategy: FedAvg, *, out_dir: Path | None = None, resume: bool = False,
+                        callbacks: Any = ()) -> Any:
+    """``simulate`` with everything else the experiment decides: its rounds, seed, evaluation
+    (central and federated, every ``eval_every``), resume identity and transport (built here,
+    closed afterwards). ``fedmosaic run``/``resume`` and the benchmarks run experiments
+    through this one function, so none of them can forget a setting."""
+    from fedmosaic.runtime.simulate import simulate
+
+    transport = build_transport(exp, fed, trainer, strategy)
+    try:
+        return simulate(trainer, fed, strategy, exp[""]["rounds"], seed=exp[""]["seed"],
+                        out_dir=out_dir, resume=resume, eval_every=exp[""]["eval_every"],
+                        callbacks=callbacks, identity=exp.identity(), transport=transport,
+                        federated_eval=build_evaluation(exp, fed),
+                        central_eval=central_evaluation(exp, fed))
+    finally:
+        close = getattr(transport, "close", None)
+        if close is not None:
+            close()

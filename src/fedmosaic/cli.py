@@ -108,16 +108,8 @@ class RoundProgress:
 def _execute(exp: Any, out: Path, resume: bool) -> None:
     import torch
 
-    from fedmosaic.build import (
-        build_data,
-        build_evaluation,
-        build_strategy,
-        build_trainer,
-        build_transport,
-        central_evaluation,
-    )
+    from fedmosaic.build import build_data, build_strategy, build_trainer, simulate_experiment
     from fedmosaic.runtime.checkpoint import load_checkpoint
-    from fedmosaic.runtime.simulate import simulate
 
     t0 = time.perf_counter()
     if exp[""]["threads"] > 0:
@@ -145,19 +137,9 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
                   f"server optimizer {strategy.server_opt.name}, "
                   f"transport {exp['runtime']['transport']}"
                   + (f"; resuming after round {done}" if resume else ""))
-    transport = build_transport(exp, fed, trainer, strategy)
-    try:
-        with RoundProgress(rounds, done, exp.name) as progress:
-            result = simulate(trainer, fed, strategy, rounds, seed=exp[""]["seed"],
-                              out_dir=out, resume=resume, eval_every=exp[""]["eval_every"],
-                              callbacks=[progress], identity=exp.identity(),
-                              transport=transport,
-                              federated_eval=build_evaluation(exp, fed),
-                              central_eval=central_evaluation(exp, fed))
-    finally:
-        close = getattr(transport, "close", None)
-        if close is not None:
-            close()
+    with RoundProgress(rounds, done, exp.name) as progress:
+        result = simulate_experiment(exp, fed, trainer, strategy, out_dir=out, resume=resume,
+                                     callbacks=[progress])
     _print_table(result.history[-10:], title=f"{exp.name}: last rounds")
     dp = result.guarantees.get("differential_privacy")
     if dp:

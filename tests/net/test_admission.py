@@ -34,8 +34,7 @@ from fedmosaic.net.admission import (
     StreamCut,
     Ticket,
 )
-from fedmosaic.net.certs import FederationPaths
-from fedmosaic.net.client import _Stubs, open_channel
+from fedmosaic.net.client import _Stubs
 from fedmosaic.net.monitoring import ServerMetrics
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.net.server import start_server
@@ -44,6 +43,7 @@ from fedmosaic.net.transport import GrpcTransport
 from fedmosaic.net.wire import iter_chunks
 from fedmosaic.runtime.tally import ClientFailure, RoundTally
 from fedmosaic.train.base import FitConfig
+from tests.net.harness import LiveClients
 
 NUMEL = 1000
 CHUNK = 1024
@@ -228,25 +228,10 @@ def test_concurrent_admit_and_release_from_threads_balance() -> None:
 
 # -- one hostile member on a live server ----------------------------------------------------
 
-class Live:
-    def __init__(self, federation: Path, transport: GrpcTransport, port: int,
-                 metrics: ServerMetrics) -> None:
-        self.paths = FederationPaths(federation)
-        self.transport, self.port, self.metrics = transport, port, metrics
-        self.channels: list[grpc.Channel] = []
-        self.service: Any = None
+class Live(LiveClients):
+    """The live server's clients, and its service (whose admission control is tested)."""
 
-    def channel(self, cid: str) -> grpc.Channel:
-        p = self.paths
-        cert, key = ((p.operator_cert, p.operator_key) if cid == "operator"
-                     else (p.client_cert(cid), p.client_key(cid)))
-        ch = open_channel(f"127.0.0.1:{self.port}", p.ca_cert, cert, key)
-        self.channels.append(ch)
-        return ch
-
-    def joined(self, cid: str) -> tuple[_Stubs, str]:
-        stubs = _Stubs(self.channel(cid))
-        return stubs, stubs.join(pb.JoinRequest(spec_hash="spec"), timeout=10).server_instance
+    service: Any = None
 
     def start_round(self, clients: list[str]) -> tuple[threading.Thread, RoundTally, list[Any]]:
         tasks = [ClientTask(c, FitConfig(round=1, seed=i)) for i, c in enumerate(clients)]
@@ -284,8 +269,7 @@ def serving(federation: Path, **overrides: Any) -> Iterator[Live]:
     finally:
         transport.finish()
         running.stop(0)
-        for ch in srv.channels:
-            ch.close()
+        srv.close()
 
 
 @pytest.fixture
