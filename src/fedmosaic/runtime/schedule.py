@@ -20,7 +20,8 @@ import logging
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,6 +41,7 @@ from fedmosaic.core.errors import (
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.runtime.clock import round_duration
 from fedmosaic.runtime.tally import ClientFailure, RoundTally
+from fedmosaic.runtime.transport import LiveTransport
 
 if TYPE_CHECKING:
     from fedmosaic.runtime.server import RunState, Server
@@ -394,20 +396,55 @@ class _AsyncSchedule(ABC):
     ``full_steps`` disagrees with its ``fit``), lazy batching is switched off for the rest of
     the run with a warning, since that task's arrival time came from the prediction.
     ``lazy=False`` trains every dispatch at once (the behaviour before lazy batching).
+
+    **Live mode** (``live=True``: ``fedmosaic server``, real clients over a ``LiveTransport``).
+    Results arrive in real time, so nothing is trained or timed here: a dispatch *submits*
+    each task (``LiveTransport.submit``, base weights the current version, one copy per
+    version shared by its tasks) and returns at once. Arrivals come through the same
+    ``Server.run`` loop: while tasks are open, one ``await`` event is pending; handling it
+    blocks on ``next_result(poll)`` (``poll`` seconds at most, so the loop never spins and
+    never waits on one client), then collects without waiting whatever else has already
+    ended, and pushes each as a ``result`` event of one instant; once they are handled,
+    ``settle`` refills the free places (a client that finishes gets new work at once) and
+    pushes the next ``await``. A result is matched to its open task by client id (one task
+    per client at a time); its staleness is the current version minus the version the task
+    was submitted with (the server's record, never the client's); then it is taken as in
+    simulation (``_arrive``; failures and rejected updates free the place and count in the
+    step's record). ``sim_time`` in the records is the run's real elapsed time in seconds
+    (from ``time.monotonic``), summed over restarts: a resumed run continues from the
+    checkpoint's value and the time the server was down is not counted. When the last step
+    is taken, or anything raises out of the schedule, every open task is ended with
+    ``LiveTransport.cancel_all``. (``Server.run``'s ``stop_after``, a test hook for
+    interruptions, leaves them open, as a kill does.) A live schedule takes no ``[clock]``
+    and needs a ``LiveTransport`` (``check`` refuses anything else).
+
+    Checkpoints in live mode hold no task in flight: its update would be computed on a
+    remote machine after the checkpoint, and cannot be recomputed. FedBuff's buffer is
+    empty at every checkpoint (a step is checkpointed right after its buffer is flushed).
+    A run resumed from a checkpoint (a restarted server) therefore submits fresh tasks from
+    the checkpoint's version: the work in flight when the server stopped, and the updates
+    buffered since the last step, are lost (clients' time, never an applied update), and no
+    update is applied twice, since a task of the previous server instance is unknown to
+    the new one (``LiveTransport``: task ids are per server instance).
     """
 
     name = "async"
 
     def __init__(self, concurrency: int, clock: ClockLike = None, *, lazy: bool = True,
-                 lazy_chunk: int = 256) -> None:
+                 lazy_chunk: int = 256, live: bool = False, poll: float = 0.5) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
         if isinstance(lazy_chunk, bool) or not isinstance(lazy_chunk, int) or lazy_chunk < 1:
             raise ValueError(f"lazy_chunk must be an integer >= 1, got {lazy_chunk!r}")
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or \
+                not 0 < poll < float("inf"):
+            raise ValueError(f"poll must be a number of seconds > 0, got {poll!r}")
         self.concurrency = concurrency
         self.clock = clock
         self.lazy = bool(lazy)
         self.lazy_chunk = lazy_chunk
+        self.live = bool(live)
+        self.poll = float(poll)
         self._reset()
 
     def _reset(self) -> None:
@@ -421,6 +458,11 @@ class _AsyncSchedule(ABC):
         self._lazy_off: str | None = None  # why lazy batching was switched off in this run
         self.fits = 0  # Transport.fit calls that trained tasks (batching diagnostics)
         self._small_population_told = False  # concurrency above the population: said once
+        # Live mode: client -> its open task's seq; the real-time origin of sim_time.
+        self._live_of: dict[str, int] = {}
+        self._t0 = time.monotonic()
+        self._elapsed0 = 0.0
+        self._cancelled = False
         self._new_step()
 
     def _new_step(self) -> None:
@@ -430,15 +472,36 @@ class _AsyncSchedule(ABC):
         self._rejected = 0
 
     def describe(self) -> dict[str, Any] | None:
-        return {"name": self.name, "concurrency": self.concurrency}
+        # "live" only when set, so that simulated runs keep their identity; a checkpoint of
+        # a simulated run (tasks to recompute) and a live one (none) never resume each other.
+        return {"name": self.name, "concurrency": self.concurrency,
+                **({"live": True} if self.live else {})}
 
     def check(self, server: Server) -> None:
-        refuse_async(server, self.name)
+        refuse_async(server, self.name)  # the same refusals in live mode
+        if self.live:
+            if self.clock is not None:
+                raise ConfigError("clock", type(self.clock).__name__, "no [clock] with a live "
+                                  f"{self.name} schedule (real clients, fedmosaic server): "
+                                  "their time is real, and a simulated clock would contradict "
+                                  "it; [clock] is for simulation")
+            if not isinstance(server.transport, LiveTransport):
+                raise ConfigError("transport", type(server.transport).__name__,
+                                  f"a LiveTransport (submit, next_result, cancel_all) for a "
+                                  f"live {self.name} schedule; in simulation build the "
+                                  "schedule with live=False")
         self.clock = _bind_clock(self.clock, server.spec.nbytes)
 
     def start(self, server: Server, state: RunState) -> None:
         self._reset()
         saved, state.schedule_state = state.schedule_state, None
+        if self.live:
+            self._t0, self._elapsed0 = time.monotonic(), state.sim_time
+            with self._cancel_on_error(server):
+                if saved is not None:
+                    self._restore_live(saved)
+                self._settle_live(server, state)
+            return
         if saved is not None:
             self._restore(server, state, saved)
         # As after the event whose step was checkpointed: dispatch once every event of this
@@ -447,7 +510,113 @@ class _AsyncSchedule(ABC):
             self._dispatch(server, state)
 
     def settle(self, server: Server, state: RunState) -> None:
+        if self.live:
+            with self._cancel_on_error(server):
+                self._settle_live(server, state)
+            return
         self._dispatch(server, state)
+
+    # -- live mode -----------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        """Real seconds this run has been served (``sim_time`` in live mode)."""
+        return self._elapsed0 + (time.monotonic() - self._t0)
+
+    @contextmanager
+    def _cancel_on_error(self, server: Server) -> Iterator[None]:
+        """Anything raising out of the live schedule ends the run: end the open tasks."""
+        try:
+            yield
+        except BaseException as exc:
+            self._cancel(server, f"the run stopped: {type(exc).__name__}: {exc}")
+            raise
+
+    def _cancel(self, server: Server, reason: str) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._inflight.clear()
+        self._live_of.clear()
+        try:
+            server.transport.cancel_all(reason)  # type: ignore[attr-defined]
+        except Exception:  # never hide the error that ended the run
+            log.exception("%s: cancel_all failed", self.name)
+
+    def _settle_live(self, server: Server, state: RunState) -> None:
+        """Refill the free places, then wait for the next result (one ``await`` pending)."""
+        while True:
+            failed_at_once = self._dispatch(server, state)
+            # Everything refused at once (clients gone since available_clients): try others;
+            # _unusable fails the run if that goes on.
+            if self._inflight or not failed_at_once:
+                break
+        if self._inflight:  # else Server.run says nothing is left to do
+            server.events.push(self._elapsed(), "await")
+
+    def _await(self, server: Server) -> None:
+        """Block up to ``poll`` seconds for a result; take, without waiting, the others that
+        have ended too; push them all as ``result`` events of one instant."""
+        transport: Any = server.transport
+        got = transport.next_result(self.poll)
+        if got is None:
+            return  # settle pushes the next await
+        arrived = [got]
+        while len(arrived) < len(self._inflight):
+            more = transport.next_result(0.0)
+            if more is None:
+                break
+            arrived.append(more)
+        now = self._elapsed()
+        for cid, result in arrived:
+            server.events.push(now, "result", (str(cid), result))
+
+    def _handle_live(self, server: Server, state: RunState, event: Event) -> None:
+        if event.kind == "await":
+            self._await(server)
+            return
+        if event.kind != "result":  # pragma: no cover - only this schedule pushes its events
+            raise ValueError(f"the live {self.name} schedule has no event {event.kind!r}")
+        cid, result = event.payload
+        seq = self._live_of.pop(cid, None)
+        if seq is None:  # the transport broke its contract: never apply what was not asked
+            log.warning("version %d: a result from client %s, which has no open task: "
+                        "ignored", state.round, cid)
+            return
+        task = self._inflight.pop(seq)
+        if isinstance(result, ClientUpdate) and str(result.client_id) != cid:
+            result = ClientFailure(cid, f"its task's result names client "
+                                        f"{result.client_id!r}")
+        task.result = result
+        self._take(server, state, task)
+        if state.round >= server.rounds:
+            self._cancel(server, "the run finished")
+
+    def _submit(self, server: Server, state: RunState, tasks: list[ClientTask]) -> int:
+        """Submit ``tasks`` from the current version; the number refused at once."""
+        base, version = self._base_weights(state), state.round
+        failed = server.transport.submit(base, version, tasks)  # type: ignore[attr-defined]
+        refused = {f.client_id for f in failed}
+        for task in tasks:
+            cid = task.client_id
+            if cid in refused:
+                continue
+            self._inflight[self._seq] = _Task(self._seq, cid, version, None, state.sim_time,
+                                              True, base, task.config.round, task.config.seed)
+            self._live_of[cid] = self._seq
+            self._seq += 1
+            self._dispatched += 1
+        for f in failed:
+            self._failures += 1
+            self._unusable(state, f.client_id, f.reason)
+        return len(failed)
+
+    def _restore_live(self, saved: dict[str, Any]) -> None:
+        if saved.get("name") != self.name:
+            raise CheckpointError(f"the checkpoint's schedule state is {saved.get('name')!r}'s, "
+                                  f"not {self.name!r}'s")
+        if saved.get("tasks") or not saved.get("live"):
+            raise CheckpointError("the checkpoint was written by a simulated asynchronous run; "
+                                  "a live schedule cannot resume its tasks in flight")
+        self._repeat = {str(c): (int(v[0]), int(v[1])) for c, v in saved["repeat"].items()}
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self, server: Server) -> dict[str, Any]:
@@ -456,7 +625,12 @@ class _AsyncSchedule(ABC):
         per-client task counters: plain data and tensors, for the checkpoint of a step. The
         tasks' results are not saved, whether computed yet or not (lazy batching): a resumed
         run recomputes them (a fit is a pure function of weights, data and config), lazily
-        at their saved arrival times, or at once when lazy batching is off."""
+        at their saved arrival times, or at once when lazy batching is off.
+
+        Live mode saves no task (see the class docstring): only the per-client counters."""
+        if self.live:
+            return {"name": self.name, "live": True, "tasks": [], "wakes": [], "bases": {},
+                    "tasks_of": {}, "repeat": {c: list(v) for c, v in self._repeat.items()}}
         tasks, wakes, bases = [], [], {}
         for event in server.events.pending():
             if event.kind == "wake":
@@ -530,6 +704,10 @@ class _AsyncSchedule(ABC):
         self._wake_at = min((float(a) for a in saved["wakes"]), default=None)
 
     def handle(self, server: Server, state: RunState, event: Event) -> None:
+        if self.live:
+            with self._cancel_on_error(server):
+                self._handle_live(server, state, event)
+            return
         if event.kind == "wake":  # a client came online: settle dispatches
             if self._wake_at is not None and event.time >= self._wake_at:
                 self._wake_at = None
@@ -537,6 +715,11 @@ class _AsyncSchedule(ABC):
         task = self._inflight.pop(event.payload)
         if task.result is None and task.completed:
             self._train_pending(server, task)
+        self._take(server, state, task)
+
+    def _take(self, server: Server, state: RunState, task: _Task) -> None:
+        """One task ended: its update arrives (``_arrive``), or it counts as a failure or a
+        rejection and frees its place."""
         if not task.completed or isinstance(task.result, ClientFailure):
             self._failures += 1
             reason = task.result.reason if isinstance(task.result, ClientFailure) else \
@@ -545,8 +728,10 @@ class _AsyncSchedule(ABC):
             return
         if not isinstance(task.result, ClientUpdate):
             self._rejected += 1
-            self._unusable(state, task.client_id,
-                           f"sent a {type(task.result).__name__}, not an update")
+            # A PartialAggregate with only ``rejected``: the transport refused the update.
+            rejected = getattr(task.result, "rejected", None)
+            self._unusable(state, task.client_id, "; ".join(map(str, rejected)) if rejected
+                           else f"sent a {type(task.result).__name__}, not an update")
             return
         update = replace(task.result, base_round=task.base_version)  # the server's record
         try:
@@ -580,7 +765,7 @@ class _AsyncSchedule(ABC):
         """Whether tasks may train lazily now: switched on, not switched off by a wrong
         prediction, and a stateless trainer (a DP-SGD trainer's accounting follows the order
         of its fits, which lazy batching changes)."""
-        return (self.lazy and self._lazy_off is None
+        return (self.lazy and not self.live and self._lazy_off is None
                 and not hasattr(server.trainer, "accounting_state"))
 
     def _train_pending(self, server: Server, first: _Task) -> None:
@@ -618,10 +803,23 @@ class _AsyncSchedule(ABC):
             self._base = (state.round, state.weights.clone())
         return self._base[1]
 
-    def _dispatch(self, server: Server, state: RunState) -> None:
+    def _dispatch(self, server: Server, state: RunState) -> int:
+        """Fill the free places: train (or schedule lazily) in simulation, submit in live
+        mode. Returns the number of tasks a live transport refused at once (0 otherwise)."""
+        tasks = self._next_tasks(server, state)
+        if not tasks:
+            return 0
+        if self.live:
+            return self._submit(server, state, tasks)
+        self._simulate_tasks(server, state, tasks)
+        return 0
+
+    def _next_tasks(self, server: Server, state: RunState) -> list[ClientTask]:
+        """The tasks for the free places: clients drawn from the available ones not training
+        (and online, under a clock), each with its config and seed."""
         want = self.concurrency - len(self._inflight)
         if want <= 0:
-            return
+            return []
         now, clock = state.sim_time, self.clock
         busy = {t.client_id for t in self._inflight.values()}
         population = server.transport.available_clients()
@@ -641,7 +839,7 @@ class _AsyncSchedule(ABC):
                 server.events.push(wake, "wake")
                 self._wake_at = wake
         if not online:
-            return
+            return []
         picked = _sample(online, min(want, len(online)), state.rng)
         s, version = server.strategy, state.round
         tasks = []
@@ -652,6 +850,12 @@ class _AsyncSchedule(ABC):
             cfg = s.fit_config(version + 1, seed=task_seed(server.seed, version + 1, cid,
                                                            repeat))
             tasks.append(ClientTask(cid, cfg, s.client_stages, s.dispatch_transform))
+        return tasks
+
+    def _simulate_tasks(self, server: Server, state: RunState, tasks: list[ClientTask]) -> None:
+        """Train the tasks (or predict their work, lazily) and schedule their arrivals."""
+        now, clock = state.sim_time, self.clock
+        version = state.round
         predicted: dict[str, tuple[int, int]] = {}
         if self._lazy_ok(server):
             for task in tasks:
@@ -704,13 +908,18 @@ class FedBuffSchedule(_AsyncSchedule):
 
     With ``buffer_size = concurrency =`` the cohort and every client arriving before the
     step (zero staleness), it is synchronous FedAvg bit for bit.
+
+    ``live=True`` runs it over real clients (a ``LiveTransport``; see ``_AsyncSchedule``),
+    ``poll`` seconds at most per wait for a result.
     """
 
     name = "fedbuff"
 
     def __init__(self, buffer_size: int, concurrency: int, *, staleness: Any = None,
-                 clock: ClockLike = None, lazy: bool = True, lazy_chunk: int = 256) -> None:
-        super().__init__(concurrency, clock, lazy=lazy, lazy_chunk=lazy_chunk)
+                 clock: ClockLike = None, lazy: bool = True, lazy_chunk: int = 256,
+                 live: bool = False, poll: float = 0.5) -> None:
+        super().__init__(concurrency, clock, lazy=lazy, lazy_chunk=lazy_chunk, live=live,
+                         poll=poll)
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be an integer >= 1, got {buffer_size!r}")
         self.buffer_size = buffer_size
@@ -732,6 +941,11 @@ class FedBuffSchedule(_AsyncSchedule):
 
     def state_dict(self, server: Server) -> dict[str, Any]:
         assert self.buffer is not None
+        if self.live:
+            # Checkpoints are written by Server.commit, right after the buffer was flushed:
+            # nothing buffered is ever left out of a live checkpoint.
+            assert self.buffer.count == 0, "a live FedBuff checkpoint with a non-empty buffer"
+            return {**super().state_dict(server), "buffer": None}
         return {**super().state_dict(server), "buffer": self.buffer.state_dict()}
 
     def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
@@ -755,14 +969,17 @@ class FedAsyncSchedule(_AsyncSchedule):
     update is one server step, ``x <- (1 - a_t) x + a_t (x_base + delta)`` with ``a_t = alpha
     * s(staleness)`` (``FedAsyncMixer``); ``concurrency`` clients train at once. The proximal
     term of FedProx reaches the clients through the strategy's ``proximal_mu`` as usual. The
-    server optimizer is not used (the mixing is the server update).
+    server optimizer is not used (the mixing is the server update). ``live=True`` runs it
+    over real clients (a ``LiveTransport``; see ``_AsyncSchedule``).
     """
 
     name = "fedasync"
 
     def __init__(self, alpha: float, concurrency: int, *, staleness: Any = None,
-                 clock: ClockLike = None, lazy: bool = True, lazy_chunk: int = 256) -> None:
-        super().__init__(concurrency, clock, lazy=lazy, lazy_chunk=lazy_chunk)
+                 clock: ClockLike = None, lazy: bool = True, lazy_chunk: int = 256,
+                 live: bool = False, poll: float = 0.5) -> None:
+        super().__init__(concurrency, clock, lazy=lazy, lazy_chunk=lazy_chunk, live=live,
+                         poll=poll)
         self.mixer = FedAsyncMixer(alpha, staleness)
 
     def describe(self) -> dict[str, Any] | None:

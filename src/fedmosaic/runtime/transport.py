@@ -53,6 +53,58 @@ class Transport(Protocol):
     ) -> Iterator[EvalResult]: ...
 
 
+@runtime_checkable
+class LiveTransport(Protocol):
+    """A transport whose results arrive in real time (real clients): tasks are submitted
+    without waiting, and results are collected one at a time as they come.
+
+    The asynchronous schedules run over it in *live* mode (``FedBuffSchedule(...,
+    live=True)``, ``runtime/schedule.py``): the server loop submits a task whenever a client
+    is free and blocks on ``next_result`` with a short timeout between events, so slow or
+    silent clients never block the federation. The schedule keeps at most one open task per
+    client and matches each result to its task by client id; the task's base version (hence
+    its staleness) is the server's own record, never the client's word.
+
+    Contract, besides the methods' own:
+
+    - **Task ids are per server instance.** A task submitted by one transport instance can
+      only be answered to that instance; after a restart (``kill -9`` and resume from the
+      last checkpoint) the tasks of the previous instance are unknown, and their late uploads
+      must be refused by the transport, never delivered. A resumed run submits fresh tasks
+      from the checkpoint's version, so no update is ever applied twice.
+    - **Every open task ends.** A task that is neither answered nor failed at once yields
+      exactly one result, eventually: the transport's deadline and liveness checks turn a
+      silent client into a ``ClientFailure``; ``cancel_all`` ends the rest without results.
+    - **Evaluation leaves tasks open.** ``Server`` may call the transport's ``evaluate``
+      (federated evaluation) between steps while fit tasks are open; that must not end them.
+    """
+
+    def available_clients(self) -> list[str]:
+        """Connected clients (blocks until the minimum is connected, or raises
+        ``RoundFailedError``, as ``Transport.available_clients``)."""
+        ...
+
+    def submit(self, weights: torch.Tensor, version: int,
+               tasks: Sequence[ClientTask]) -> list[ClientFailure]:
+        """Hand each task to its client (non-blocking); ``weights`` is model version
+        ``version``, the base of every task (the caller must not modify it afterwards).
+        Returns the tasks that failed at once (client not connected); every other task later
+        yields exactly one result from ``next_result``."""
+        ...
+
+    def next_result(self, timeout: float) -> tuple[str, TransportResult] | None:
+        """(client_id, result) of the next task that ended: a ``ClientUpdate`` (its tensors
+        owned by the caller), a ``ClientFailure`` (dropped, deadline, refused, training
+        failed) or a ``PartialAggregate`` with only ``rejected`` (an invalid update); None if
+        none ended within ``timeout`` seconds."""
+        ...
+
+    def cancel_all(self, reason: str) -> None:
+        """End every open task now (run finished or stopped); their results are never
+        delivered."""
+        ...
+
+
 class SequentialTransport:
     """In-process simulation: one reused model trains the selected clients one after another.
 
