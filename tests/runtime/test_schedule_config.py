@@ -67,10 +67,12 @@ def test_config_refusals_name_the_key_and_the_reason(strategy, sections, key, fr
     assert info.value.key == key and fragment in str(info.value)
 
 
-def test_the_grpc_deployment_refuses_asynchronous_schedules():
-    exp = validate(_base(FEDBUFF))
-    with pytest.raises(ConfigError, match="asynchronous schedules run in simulation only"):
-        build_strategy(exp, deployment=True)
+def test_the_grpc_deployment_gets_the_live_schedule_and_no_clock():
+    # Live mode itself: tests/runtime/test_live_schedules.py.
+    buff = build_strategy(validate(_base(FEDBUFF)), deployment=True)
+    assert isinstance(buff.schedule, FedBuffSchedule) and buff.schedule.live
+    with pytest.raises(ConfigError, match=r"no \[clock\] table with fedmosaic server"):
+        build_strategy(validate(_base(FEDBUFF, clock={"speed_sigma": 0.5})), deployment=True)
     assert not hasattr(build_strategy(validate(_base()), deployment=True), "schedule")
 
 
