@@ -463,6 +463,7 @@ class _AsyncSchedule(ABC):
         self._t0 = time.monotonic()
         self._elapsed0 = 0.0
         self._cancelled = False
+        self._awaiting = False  # an "await" event is pending (never two)
         self._new_step()
 
     def _new_step(self) -> None:
@@ -549,8 +550,9 @@ class _AsyncSchedule(ABC):
             # _unusable fails the run if that goes on.
             if self._inflight or not failed_at_once:
                 break
-        if self._inflight:  # else Server.run says nothing is left to do
+        if self._inflight and not self._awaiting:  # no task: Server.run says nothing is left
             server.events.push(self._elapsed(), "await")
+            self._awaiting = True
 
     def _await(self, server: Server) -> None:
         """Block up to ``poll`` seconds for a result; take, without waiting, the others that
@@ -560,17 +562,22 @@ class _AsyncSchedule(ABC):
         if got is None:
             return  # settle pushes the next await
         arrived = [got]
-        while len(arrived) < len(self._inflight):
+        # Until every open task has ended (a stray result for a client without an open task
+        # does not count) or nothing else has.
+        ended = {str(got[0])} & self._live_of.keys()
+        while len(ended) < len(self._live_of):
             more = transport.next_result(0.0)
             if more is None:
                 break
             arrived.append(more)
+            ended |= {str(more[0])} & self._live_of.keys()
         now = self._elapsed()
         for cid, result in arrived:
             server.events.push(now, "result", (str(cid), result))
 
     def _handle_live(self, server: Server, state: RunState, event: Event) -> None:
         if event.kind == "await":
+            self._awaiting = False
             self._await(server)
             return
         if event.kind != "result":  # pragma: no cover - only this schedule pushes its events
