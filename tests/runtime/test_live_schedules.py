@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fedmosaic as fm
 from fedmosaic.core import CheckpointError, ConfigError, RoundFailedError
@@ -276,3 +278,55 @@ def test_the_deployments_schedule_runs_over_a_live_transport(blobs_fed):
     state = server.run()
     assert state.round == 3 and [r["version"] for r in state.history] == [1, 2, 3]
     assert fake.cancelled and fake.cancelled[0][0] == "the run finished"
+
+
+def _replay(delivered, kind: str, k: int, rounds: int, reject: set[str]):
+    """Each step's (updates, failures, rejected, staleness mean, staleness max), replayed
+    from the results the fake delivered, in order, with the versions their tasks were
+    submitted with: what the schedule must have recorded."""
+    version, steps = 0, []
+    stale: list[int] = []
+    failures = rejected = 0
+    for cid, base, result_kind in delivered:
+        if version == rounds:
+            break  # delivered with the last step's results, after it: never taken
+        if result_kind == "ClientFailure":
+            failures += 1
+            continue
+        if cid in reject:
+            rejected += 1
+            continue
+        stale.append(version - base)
+        if len(stale) == (k if kind == "fedbuff" else 1):
+            steps.append((len(stale), failures, rejected, sum(stale) / len(stale), max(stale)))
+            version, stale, failures, rejected = version + 1, [], 0, 0
+    return steps
+
+
+@settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["fedbuff", "fedasync"]), k=st.integers(1, 3),
+       concurrency=st.integers(1, 4),
+       delays=st.lists(st.integers(0, 4), min_size=6, max_size=6),
+       growth=st.integers(0, 3),
+       bad=st.lists(st.sampled_from(["fail", "reject", None]), min_size=3, max_size=3))
+def test_live_steps_equal_a_replay_of_the_delivered_results(blobs_fed, kind, k, concurrency,
+                                                             delays, growth, bad):
+    """Whatever the delays, failures and refusals: every step takes exactly its updates,
+    each counted once, with the staleness of the server's record, and the failures and
+    rejections delivered since the previous step; no client ever holds two tasks (the fake
+    refuses that); c0, c2 and c4 always train well."""
+    fail = {f"c{2 * i + 1}": "dropped" for i, b in enumerate(bad) if b == "fail"}
+    reject = {f"c{2 * i + 1}" for i, b in enumerate(bad) if b == "reject"}
+    trainer, fake = _fake(blobs_fed, delay=lambda cid, j: delays[int(cid[1:])] + growth * j,
+                          fail=fail, reject=reject)
+    schedule = (FedBuffSchedule(k, concurrency, live=True, poll=POLL) if kind == "fedbuff"
+                else FedAsyncSchedule(0.5, concurrency, live=True, poll=POLL))
+    res = _run(trainer, fake, blobs_fed, fm.FedAvg(), schedule, rounds=3)
+    recorded = [(r["updates"], r["failures"], r["rejected"], r["staleness_mean"],
+                 r["staleness_max"]) for r in res.history]
+    assert recorded == _replay(fake.delivered, kind, k, 3, reject)
+    assert all(r["in_flight"] < concurrency for r in res.history)
+    times = [r["sim_time"] for r in res.history]
+    assert times == sorted(times)
+    assert fake.cancelled and fake.cancelled[0][0] == "the run finished" and not fake.open
