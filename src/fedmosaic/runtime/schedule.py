@@ -10,6 +10,11 @@ evaluation, the record, the checkpoint and the callbacks are per step, whatever 
 cohort, waits for all of it and aggregates. It reproduces the synchronous loop the server had
 before the core became event-driven, bit for bit (same generator draws in the same order, same
 records and checkpoints; ``tests/runtime/test_schedules.py`` compares it with a frozen copy).
+
+``FedBuffSchedule`` and ``FedAsyncSchedule`` run in simulation (results computed here, arrival
+times from a virtual clock) or, with ``live=True``, over real clients through a
+``LiveTransport``: then their events are stamped with the run's real elapsed time, and the
+loop blocks, briefly, on the transport for the next result (see ``_AsyncSchedule``).
 """
 
 from __future__ import annotations
