@@ -244,13 +244,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "metrics_port": _int(0, 65535),
         "chunk_bytes": _int(1024, 64 * 1024 * 1024, default=1024 * 1024),
         "upload_slots": _int(1, 64, default=2),
-        "max_workers": _int(8, 4096, default=128),
+        "max_workers": _int(1, 4096, default=128),
+        "max_calls": _int(3, 1_000_000, default=16384),
         "round_retries": _int(0, 1000, default=3),
         "linger": _float("a number >= 0", lambda v: v >= 0, default=15.0),
         # Admission control (net/admission.py): per-member budgets, reserved capacity.
         "max_inflight_per_client": _int(1, 1024, default=4),
         "stream_idle_timeout": _float(*POSITIVE, default=30.0),
-        "reserved_rpcs": _int(2, 4095),
+        "reserved_rpcs": _int(2, 999_999),
         "max_queued_rpcs": _int(0, 1_000_000, default=512),
     },
     "privacy": {

@@ -256,7 +256,7 @@ def serving(federation: Path, **overrides: Any) -> Iterator[Live]:
     values: dict[str, Any] = dict(
         credentials=federation, address="127.0.0.1", port=0, heartbeat_interval=5.0,
         round_deadline=20.0, min_clients=1, wait_for_clients=5.0, chunk_bytes=CHUNK,
-        max_workers=16, upload_slots=2, stream_idle_timeout=IDLE)
+        max_workers=16, max_calls=16, upload_slots=2, stream_idle_timeout=IDLE)
     settings = DeploySettings(**{**values, **overrides})
     metrics = ServerMetrics()
     transport = GrpcTransport(settings, numel=NUMEL, spec_hash="spec", experiment="test",

@@ -16,11 +16,12 @@ directory tells scripts where the server listens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,11 @@ import grpc
 
 from fedmosaic.config import Experiment
 from fedmosaic.core.errors import ConfigError, RoundFailedError
-from fedmosaic.net.auth import RevocationList, peer_of, server_credentials
+from fedmosaic.net.auth import RevocationList, server_credentials
 from fedmosaic.net.certs import FederationPaths
-from fedmosaic.net.errors import Refused
 from fedmosaic.net.service import FederationService
 from fedmosaic.net.settings import DeploySettings
-from fedmosaic.net.transport import GrpcTransport, MessageTooLarge
+from fedmosaic.net.transport import GrpcTransport
 from fedmosaic.net.wire import grpc_options, spec_hash
 from fedmosaic.runtime.checkpoint import (
     CHECKPOINT_NAME,
@@ -51,30 +51,60 @@ log = logging.getLogger(__name__)
 ENDPOINT_FILE = "endpoint.json"
 
 
+class _LoopThread:
+    """The process's event loop for ``grpc.aio`` servers: one daemon thread, started with the
+    first server and shared by every server of the process (gRPC's asyncio layer is bound to
+    one loop per process), so the caller's thread (the server loop) never runs asyncio."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, daemon=True,
+                                 name="fedmosaic-grpc-aio").start()
+                cls._loop = loop
+            return cls._loop
+
+    @classmethod
+    def run(cls, coro: Any, timeout: float | None = None) -> Any:
+        """Run ``coro`` on the loop and wait for its result from this (another) thread."""
+        return asyncio.run_coroutine_threadsafe(coro, cls.get()).result(timeout)
+
+
 @dataclass
 class RunningServer:
     """A started gRPC server and its transport (``serve`` drives rounds on it)."""
 
-    grpc_server: grpc.Server
+    grpc_server: grpc.aio.Server
     transport: GrpcTransport
     port: int
     service: FederationService | None = None
     executor: futures.ThreadPoolExecutor | None = None
 
     def stop(self, grace: float = 1.0) -> None:
-        """Stop listening, end the calls in flight (after ``grace`` seconds) and join the
-        handler threads: ``grpc.Server.stop`` leaves the executor it was given running."""
-        stopped = self.grpc_server.stop(grace)
-        self.transport.stop()
-        stopped.wait()
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        """Stop listening, end the calls in flight (after ``grace`` seconds), then the
+        handler threads of blocking work."""
+        self.transport.stop()  # long polls answer at once
+        try:
+            _LoopThread.run(self._stop(grace), timeout=grace + 30.0)
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+            if self.service is not None:
+                self.service.close()
+
+    async def _stop(self, grace: float) -> None:
+        await self.grpc_server.stop(grace)
         if self.service is not None:
-            self.service.close()
+            await self.service.aclose()
 
 
 #: gRPC's own ceiling on a received message, as a multiple of the server's message limit.
-#: Up to it, a message over the limit reaches ``MessageLimit`` and is refused, counted and
+#: Up to it, a message over the limit reaches the service and is refused, counted and
 #: logged as ``oversized``; past it, gRPC answers RESOURCE_EXHAUSTED before fedmosaic sees the
 #: call (an upload stream then ends as ``interrupted``). Memory: gRPC buffers a message
 #: whole, so each call in flight can hold up to this many times the limit.
@@ -83,96 +113,58 @@ GRPC_CEILING_FACTOR = 2
 
 def _server_options(message_limit: int) -> list[tuple[str, Any]]:
     """``grpc_options`` with the receive ceiling raised to ``GRPC_CEILING_FACTOR`` times
-    the limit, so that ``MessageLimit`` sees (and counts) moderately oversized messages."""
+    the limit, so that the service sees (and counts) moderately oversized messages."""
     ceiling = GRPC_CEILING_FACTOR * message_limit
     return [(k, ceiling if k == "grpc.max_receive_message_length" else v)
             for k, v in grpc_options(message_limit)]
 
 
-class MessageLimit(grpc.ServerInterceptor):
-    """Refuses every request message over ``limit`` bytes before it is decoded: a unary call
-    at once (RESOURCE_EXHAUSTED, through the service's refusal path: counted as
-    ``oversized`` in ``rejected_messages`` and logged with the caller), a message of an
-    upload stream where the transport reads it (``MessageTooLarge``: the task is rejected,
-    the upload refused RESOURCE_EXHAUSTED and counted the same way). gRPC's own ceiling is
-    set higher (``GRPC_CEILING_FACTOR``): what it refuses, the service never sees."""
-
-    def __init__(self, limit: int, service: FederationService) -> None:
-        self.limit, self.service = limit, service
-
-    def _too_large(self, raw: Any) -> bool:
-        return isinstance(raw, bytes | bytearray) and len(raw) > self.limit
-
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = str(handler_call_details.method).rpartition("/")[2]
-        wrap = {"request_deserializer": handler.request_deserializer,
-                "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), **wrap)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._unary(method, handler.unary_stream), **wrap)
-        if handler.stream_unary is not None:
-            inner = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(
-                lambda requests, context: inner(self._bounded(requests), context), **wrap)
-        return handler  # stream-stream: the service has none
-
-    def _unary(self, method: str, inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        def call(raw: Any, context: grpc.ServicerContext) -> Any:
-            if self._too_large(raw):
-                exc = MessageTooLarge(len(raw), self.limit)
-                try:
-                    peer = peer_of(context)
-                except Refused:
-                    peer = None  # logged by address
-                self.service._refuse(context, method, peer, Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc.label))
-            return inner(raw, context)
-        return call
-
-    def _bounded(self, requests: Iterator[Any]) -> Iterator[Any]:
-        for raw in requests:
-            if self._too_large(raw):
-                raise MessageTooLarge(len(raw), self.limit)
-            yield raw
-
-
 def start_server(settings: DeploySettings, transport: GrpcTransport,
                  traffic: Any = None) -> RunningServer:
-    """Start listening (TLS with required client certificates) and return the server."""
+    """Start listening (TLS with required client certificates) and return the server.
+
+    The service is ``grpc.aio``: a call costs a coroutine, not a thread, while it waits (a
+    long poll, a stream waiting for its client), so thousands of connected clients cost
+    memory, not threads. ``max_workers`` threads run the blocking work (joins, uploads being
+    assembled, SecAgg+ stages); admission control (net/admission.py) bounds the calls in
+    flight (``max_calls``) and refuses, with a count and a log line, what would overrun them.
+    """
     paths = FederationPaths(settings.credentials)
     revocations = RevocationList(paths.crl, paths.ca_cert)
-    service = FederationService(transport, revocations, traffic)
     message_limit = settings.max_message_bytes
     if transport.secagg is not None:
         message_limit = max(message_limit,
                             transport.secagg.max_message_bytes(transport.numel))
     executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                           thread_name_prefix="fedmosaic-rpc")
-    # Admission control (net/admission.py) budgets the max_workers threads and refuses, with
-    # a count and a log line, what would overrun them; calls wait for a thread only while
-    # one is refused or served (microseconds to milliseconds). gRPC's own limit is the last
-    # line against a flood, and what it refuses fedmosaic never sees.
-    server = grpc.server(executor, handlers=[service.handler()],
-                         options=_server_options(message_limit),
-                         interceptors=[MessageLimit(message_limit, service)],
-                         maximum_concurrent_rpcs=settings.max_workers + settings.max_queued_rpcs)
+    service = FederationService(transport, revocations, traffic, executor=executor,
+                                message_limit=message_limit)
     address = f"{settings.address}:{settings.port}"
+    credentials = server_credentials(paths)
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        # gRPC's own limit is the last line against a flood: what it refuses fedmosaic
+        # never sees.
+        server = grpc.aio.server(handlers=[service.handler()],
+                                 options=_server_options(message_limit),
+                                 maximum_concurrent_rpcs=settings.max_calls
+                                 + settings.max_queued_rpcs)
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise ConfigError("server.port", settings.port, f"a free port ({exc})") from exc
+        if port == 0:
+            raise ConfigError("server.port", settings.port,
+                              f"a port this host can bind ({address})")
+        await service.bind()
+        await server.start()
+        return server, port
+
     try:
-        port = server.add_secure_port(address, server_credentials(paths))
-    except RuntimeError as exc:
+        server, port = _LoopThread.run(start(), timeout=60.0)
+    except BaseException:
         executor.shutdown()
-        raise ConfigError("server.port", settings.port, f"a free port ({exc})") from exc
-    if port == 0:
-        executor.shutdown()
-        raise ConfigError("server.port", settings.port, f"a port this host can bind ({address})")
-    server.start()
+        raise
     return RunningServer(server, transport, port, service, executor)
 
 
@@ -195,6 +187,13 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
                           "0 with real clients: stragglers are real, and the round deadline "
                           "(server.round_deadline) drops them")
     rounds = exp[""]["rounds"]
+    kind = exp["strategy"].get("schedule", "sync")  # fedbuff/fedasync run live here
+    federated_eval = build_evaluation(exp, task.data)
+    if kind != "sync" and federated_eval is not None:
+        raise ConfigError("evaluation", "<table>", "no federated [evaluation] with an "
+                          f"asynchronous schedule ('{kind}') over gRPC yet: its "
+                          "evaluation tasks would share the clients' single task slot with "
+                          "their training tasks (use a central test set, [data] test)")
     secagg = _secagg_driver(exp, task.data, settings)
     transport = GrpcTransport(settings, numel=trainer.spec.numel, spec_hash=spec_hash(trainer.spec),
                               experiment=exp.name, rounds=rounds, secagg=secagg,
@@ -246,7 +245,7 @@ def serve(exp: Experiment, out: Path, settings: DeploySettings,
                                   transport=transport, out_dir=out, resume=resume,
                                   eval_every=exp[""]["eval_every"], identity=exp.identity(),
                                   callbacks=[on_round],
-                                  federated_eval=build_evaluation(exp, task.data),
+                                  federated_eval=federated_eval,
                                   central_eval=central_evaluation(exp, task.data))
                 break
             except RoundFailedError as exc:

@@ -23,12 +23,14 @@ class DeploySettings:
     often a failed round (too few updates) is retried from the last checkpoint; ``linger``
     is how long the finished server keeps telling clients that the run is done.
 
-    Admission control (``fedmosaic.net.admission``): ``max_workers`` handler threads run
-    calls, ``reserved_rpcs`` of them (default: an eighth, at least 2) only for members with
+    The service is asyncio (``grpc.aio``): a waiting call costs a coroutine, not a thread.
+    ``max_workers`` threads run blocking work (joins, uploads being assembled, SecAgg+
+    stages). Admission control (``fedmosaic.net.admission``): at most ``max_calls`` calls in
+    flight, ``reserved_rpcs`` of them (default: an eighth, at least 2) only for members with
     nothing in flight and the operator; a member may have ``max_inflight_per_client`` calls
     in flight and one open upload; a stream waiting longer than ``stream_idle_timeout``
-    seconds for its client is cut; up to ``max_queued_rpcs`` calls may wait for a thread
-    (beyond ``max_workers + max_queued_rpcs`` gRPC itself refuses, uncounted).
+    seconds for its client is cut; beyond ``max_calls + max_queued_rpcs`` concurrent calls
+    gRPC itself refuses, uncounted.
     """
 
     credentials: Path
@@ -42,6 +44,7 @@ class DeploySettings:
     chunk_bytes: int = 1024 * 1024
     upload_slots: int = 2
     max_workers: int = 128
+    max_calls: int = 16384
     round_retries: int = 3
     linger: float = 15.0
     max_inflight_per_client: int = 4
@@ -50,11 +53,13 @@ class DeploySettings:
     max_queued_rpcs: int = 512
 
     def __post_init__(self) -> None:
-        if self.reserved_rpcs is not None and not 2 <= self.reserved_rpcs < self.max_workers:
+        if self.max_calls < 3:
+            raise ConfigError("server.max_calls", self.max_calls, "an integer >= 3")
+        if self.reserved_rpcs is not None and not 2 <= self.reserved_rpcs < self.max_calls:
             raise ConfigError("server.reserved_rpcs", self.reserved_rpcs,
-                              f"an integer >= 2 and < max_workers ({self.max_workers})")
-        if self.max_workers < 3:
-            raise ConfigError("server.max_workers", self.max_workers, "an integer >= 3")
+                              f"an integer >= 2 and < max_calls ({self.max_calls})")
+        if self.max_workers < 1:
+            raise ConfigError("server.max_workers", self.max_workers, "an integer >= 1")
         if self.max_inflight_per_client < 1:
             raise ConfigError("server.max_inflight_per_client", self.max_inflight_per_client,
                               "an integer >= 1")
@@ -90,13 +95,13 @@ class DeploySettings:
 
     @property
     def reserved(self) -> int:
-        """Handler threads kept for members with nothing in flight and the operator."""
+        """Calls kept for members with nothing in flight and the operator."""
         if self.reserved_rpcs is not None:
             return self.reserved_rpcs
-        return max(2, self.max_workers // 8)
+        return max(2, self.max_calls // 8)
 
     def admission_limits(self) -> AdmissionLimits:
-        return AdmissionLimits(capacity=self.max_workers, reserved=self.reserved,
+        return AdmissionLimits(capacity=self.max_calls, reserved=self.reserved,
                                per_member=self.max_inflight_per_client,
                                stream_idle=self.stream_idle_timeout)
 

@@ -51,7 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -114,6 +114,11 @@ JOIN_ISSUE_CODES = ("model_layout", "feature_shape", "dtype", "labels", "num_cla
                     "no_data", "bad_profile")
 
 
+def poll_seconds(wait: float) -> float:
+    """A client's requested long-poll wait, clamped to [0, ``MAX_POLL_SECONDS``]."""
+    return min(max(wait, 0.0), MAX_POLL_SECONDS) if math.isfinite(wait) else 0.0
+
+
 class MessageTooLarge(WireError):
     """A message over the server's message limit, refused before it is decoded
     (``fedmosaic.net.server.MessageLimit``): answered RESOURCE_EXHAUSTED, as gRPC answers one
@@ -124,7 +129,7 @@ class MessageTooLarge(WireError):
                          "oversized")
 
 
-def _wire_status(exc: WireError) -> grpc.StatusCode:
+def wire_status(exc: WireError) -> grpc.StatusCode:
     return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, MessageTooLarge) \
         else grpc.StatusCode.INVALID_ARGUMENT
 
@@ -144,6 +149,8 @@ class PendingTask:
     downloads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # used by the SecAgg+ round
     kind: str = "fit"  # or "evaluate"
+    deadline: float = 0.0  # time.monotonic() after which the task is given up (straggler)
+    weights: torch.Tensor | None = None  # its base model (live schedules); else the round's
 
 
 @dataclass
@@ -214,6 +221,7 @@ class GrpcTransport:
         self.done = False
         self.stopping = False  # the gRPC server is stopping: long polls return at once
         self.round_open = False
+        self.live = False  # tasks come from a live (asynchronous) schedule: ``submit``
         self.weights: torch.Tensor | None = None
         self.results: queue.Queue[Delivery] = queue.Queue()
         self.pool = BufferPool(numel, settings.upload_slots)
@@ -235,8 +243,18 @@ class GrpcTransport:
         # Called with the round number once a round (or its evaluation) has closed; the
         # service cuts the streams still waiting for a client (net/admission.py).
         self.round_closed_hooks: list[Callable[[int], None]] = []
+        # Called (from any thread, with ``cond`` held) with the clients whose long poll may
+        # now have an answer, or None for every client (the run ended, the server stops):
+        # the asyncio service wakes those polls, which wait without a thread.
+        self.wakers: list[Callable[[Sequence[str] | None], None]] = []
 
     # -- helpers (call with self.cond held) ---------------------------------------------
+    def _wake(self, clients: Sequence[str] | None) -> None:
+        """Wake blocked threads and the long polls of ``clients`` (None: everyone's)."""
+        self.cond.notify_all()
+        for wake in self.wakers:
+            wake(clients)
+
     def _alive(self, session: Session, now: float) -> bool:
         return now - session.last_seen <= self.settings.liveness_timeout
 
@@ -409,33 +427,49 @@ class GrpcTransport:
                 session.seen_done = True
             return pb.HeartbeatReply(round=self.round, done=self.done)
 
+    def poll_task(self, peer: Peer, instance: str) -> pb.Task | None:
+        """A task for this client, or DONE (or WAIT while the server stops), if there is one
+        now; None: nothing yet (the caller waits for a wake-up, see ``wakers``)."""
+        with self.cond:
+            return self._poll_unlocked(self.session_of(peer, instance))
+
+    def _poll_unlocked(self, session: Session) -> pb.Task | None:
+        if self.done:
+            session.seen_done = True
+            return pb.Task(kind=pb.Task.DONE, round=self.completed_rounds)
+        if self.stopping:
+            return pb.Task(kind=pb.Task.WAIT, round=self.round)
+        task = session.task
+        # An issued task is handed out again: the reply may have been lost, or the download
+        # broken off (downloads stay capped, the upload single-use).
+        if task is not None and task.state in ("pending", "issued") \
+                and task.downloads < MAX_DOWNLOADS_PER_TASK:
+            task.state = "issued"
+            msg = pb.Task()
+            msg.CopyFrom(task.wire)
+            msg.deadline_seconds = max(0.0, task.deadline - time.monotonic())
+            return msg
+        return None
+
+    def idle_reply(self) -> pb.Task:
+        """What a long poll that found nothing before its wait ended is told."""
+        with self.cond:
+            return pb.Task(kind=pb.Task.WAIT, round=self.round)
+
     def next_task(self, peer: Peer, instance: str, wait: float) -> pb.Task:
-        """Long-poll: a task for this client, DONE, or WAIT after ``wait`` seconds."""
-        wait = min(max(wait, 0.0), MAX_POLL_SECONDS) if math.isfinite(wait) else 0.0
+        """Long-poll, blocking this thread: a task for this client, DONE, or WAIT after
+        ``wait`` seconds (the asyncio service waits without a thread: ``poll_task``)."""
+        wait = poll_seconds(wait)
         deadline = time.monotonic() + wait
         with self.cond:
-            session = self.session_of(peer, instance)
             while True:
-                if self.done:
-                    session.seen_done = True
-                    return pb.Task(kind=pb.Task.DONE, round=self.completed_rounds)
-                if self.stopping:
-                    return pb.Task(kind=pb.Task.WAIT, round=self.round)
-                task = session.task
-                # An issued task is handed out again: the reply may have been lost, or the
-                # download broken off (downloads stay capped, the upload single-use).
-                if task is not None and task.state in ("pending", "issued") \
-                        and task.downloads < MAX_DOWNLOADS_PER_TASK:
-                    task.state = "issued"
-                    msg = pb.Task()
-                    msg.CopyFrom(task.wire)
-                    msg.deadline_seconds = max(0.0, self._round_deadline - time.monotonic())
-                    return msg
+                reply = self._poll_unlocked(self.session_of(peer, instance))
+                if reply is not None:
+                    return reply
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return pb.Task(kind=pb.Task.WAIT, round=self.round)
                 self.cond.wait(left)
-                session = self.session_of(peer, instance)
 
     def model_chunks(self, peer: Peer, task_id: bytes) -> Iterator[pb.TensorChunk]:
         with self.cond:
@@ -449,7 +483,7 @@ class GrpcTransport:
                               f"model already downloaded {task.downloads} times for this task",
                               "download_limit")
             task.downloads += 1
-            weights = self.weights
+            weights = task.weights if task.weights is not None else self.weights
             assert weights is not None  # a task is open only while its round is
         # The task's dispatch transform (a per-client fingerprint), if any: the client trains
         # from what it received and uploads its delta relative to that, so aggregation is
@@ -461,12 +495,19 @@ class GrpcTransport:
         try:
             first = next(messages, None)
         except WireError as exc:  # the first message does not decode: no task is touched
-            raise Refused(_wire_status(exc), str(exc), exc.label) from exc
+            raise Refused(wire_status(exc), str(exc), exc.label) from exc
         except StreamCut as exc:  # no header within the idle timeout: no task is touched
             raise Refused(grpc.StatusCode.CANCELLED, exc.reason, exc.label) from exc
         except grpc.RpcError as exc:  # the client went away before its header arrived
             raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted",
                           "interrupted") from exc
+        task = self.open_upload(peer, first)
+        return self.finish_upload(peer, task, first.header, messages)
+
+    def open_upload(self, peer: Peer, first: pb.UploadMessage | None) -> PendingTask:
+        """Check an upload's first message (its header) and claim its task (state
+        ``uploading``): the part of an upload that needs no buffer; ``Refused`` if the
+        header is missing or wrong, the task unknown, not the caller's or already used."""
         if first is None or first.WhichOneof("part") != "header":
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           "an upload must start with its header", "malformed")
@@ -489,7 +530,13 @@ class GrpcTransport:
                 self.reject_task(task, problem)
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem, "malformed")
             task.state = "uploading"
-            left = self._round_deadline - time.monotonic()
+        return task
+
+    def finish_upload(self, peer: Peer, task: PendingTask, header: pb.UploadHeader,
+                      messages: Iterator[pb.UploadMessage]) -> pb.UploadReply:
+        """Receive the chunks after the header into an upload buffer (waiting for one, up to
+        the task's deadline), validate the update and deliver it to the server loop."""
+        left = task.deadline - time.monotonic()
         try:
             with self.pool.slot(timeout=left) as buffer:
                 assembler = ChunkAssembler(buffer, self.numel, self.settings.chunk_bytes)
@@ -507,7 +554,7 @@ class GrpcTransport:
             with self.cond:
                 self.reject_task(task, str(exc))
             label = exc.label if isinstance(exc, WireError) else "invalid_update"
-            status = _wire_status(exc) if isinstance(exc, WireError) \
+            status = wire_status(exc) if isinstance(exc, WireError) \
                 else grpc.StatusCode.INVALID_ARGUMENT
             raise Refused(status, str(exc), label) from exc
         except TimeoutError as exc:
@@ -609,7 +656,7 @@ class GrpcTransport:
             task.state = "delivered"
             self.results.put(delivery)
         # The loop consumes deliveries as they come; the deadline bounds the wait.
-        done.wait(max(self._round_deadline - time.monotonic(), 0.0) + 30.0)
+        done.wait(max(task.deadline - time.monotonic(), 0.0) + 30.0)
         if not delivery.accepted:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"round {task.round} closed before the update was aggregated", "late")
@@ -691,11 +738,12 @@ class GrpcTransport:
                     failures.append(ClientFailure(t.client_id, "not connected"))
                     continue
                 pending = self._new_task(t, weighting)
+                pending.deadline = self._round_deadline
                 self.tasks[pending.task_id] = pending
                 session.task = pending
                 outstanding[pending.task_id] = pending
             self._gauge_connected()
-            self.cond.notify_all()
+            self._wake([t.client_id for t in outstanding.values()])
         if self.metrics is not None:
             self.metrics.round_started(round_num)
         log.info("round %d: %d tasks sent%s", round_num, len(outstanding), _not_connected(failures))
@@ -739,11 +787,12 @@ class GrpcTransport:
                 if session.task is not None:  # a leftover of the fit phase: void now
                     self.close_task(session.task, None, "failed")
                 pending = self._new_eval_task(cid, round_num)
+                pending.deadline = self._round_deadline
                 self.tasks[pending.task_id] = pending
                 session.task = pending
                 outstanding[pending.task_id] = pending
             self._gauge_connected()
-            self.cond.notify_all()
+            self._wake([t.client_id for t in outstanding.values()])
         log.info("round %d: %d evaluation tasks sent%s", round_num, len(outstanding),
                  _not_connected(failures))
         try:
@@ -792,7 +841,7 @@ class GrpcTransport:
                     continue
                 session = self.sessions.get(task.client_id)
                 what = "evaluation" if task.kind == "evaluate" else "round"
-                if now >= self._round_deadline:
+                if now >= task.deadline:
                     self._drop(task, "deadline", f"missed the {what} deadline "
                                f"({self.settings.round_deadline:g}s): straggler dropped")
                 elif session is None or session.task is not task or not self._alive(session, now):
@@ -823,6 +872,86 @@ class GrpcTransport:
         for hook in self.round_closed_hooks:
             hook(closed)
 
+    # -- live schedules (runtime.transport.LiveTransport) -------------------------------------
+    def submit(self, weights: torch.Tensor, version: int,
+               tasks: Sequence[ClientTask]) -> list[ClientFailure]:
+        """Hand each task to its client now, without waiting (FedBuff, FedAsync): the model
+        they download is ``weights`` (version ``version``); each task has the round deadline
+        as its own. Every task not failed here (client not connected) later yields exactly one
+        result from ``next_result``. Task ids are single-use and belong to this server
+        instance: after a restart, uploads for tasks of the previous instance are refused
+        (``unknown_task``), so no update is applied twice."""
+        if self.secagg is not None:
+            raise RoundFailedError("secure aggregation runs synchronous rounds only")
+        now = time.monotonic()
+        base = weights.detach()
+        failures: list[ClientFailure] = []
+        sent: list[str] = []
+        with self.cond:
+            if not self.live:
+                self.live, self.round_open, self.phase = True, True, "fit"
+                self.results = queue.Queue()
+            self.round = max(self.round, version + 1)
+            for t in tasks:
+                session = self.sessions.get(t.client_id)
+                if session is None or not self._alive(session, now):
+                    failures.append(ClientFailure(t.client_id, "not connected"))
+                    continue
+                if session.task is not None:  # one task per client at a time
+                    failures.append(ClientFailure(t.client_id, "already has a task"))
+                    continue
+                pending = self._new_task(t, None)
+                pending.deadline = now + self.settings.round_deadline
+                pending.weights = base
+                self.tasks[pending.task_id] = pending
+                session.task = pending
+                sent.append(t.client_id)
+            self._gauge_connected()
+            self._wake(sent)
+        if sent:
+            log.info("version %d: %d tasks sent%s", version, len(sent),
+                     _not_connected(failures))
+        return failures
+
+    def next_result(self, timeout: float) -> tuple[str, TransportResult] | None:
+        """(client id, result) of the next task that ended, or None after ``timeout``
+        seconds; tasks past their deadline or whose client went silent end here (as
+        failures). An update's tensors are copied out of the upload buffer (the caller owns
+        them)."""
+        try:
+            delivery = self.results.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            with self.cond:
+                open_tasks = [t for t in self.tasks.values()
+                              if t.state not in ("closed", "delivered")]
+            self.expire(open_tasks)
+            return None
+        task, result = delivery.task, delivery.result
+        try:
+            if isinstance(result, ClientUpdate):
+                result = replace(result, delta=result.delta.clone())
+                delivery.accepted = True
+                self.round_received += 1
+        finally:
+            if delivery.done is not None:
+                delivery.done.set()
+        with self.cond:
+            self.tasks.pop(task.task_id, None)
+            session = self.sessions.get(task.client_id)
+            if session is not None and session.task is task:
+                session.task = None
+        return task.client_id, result
+
+    def cancel_all(self, reason: str) -> None:
+        """End every open task (the run finished or stopped): their results are never
+        delivered; streams still waiting for a client are cut."""
+        with self.cond:
+            if not self.live:
+                return
+            self.live = False
+        log.info("live tasks cancelled: %s", reason)
+        self._close_round()
+
     # -- lifecycle ---------------------------------------------------------------------------
     def round_completed(self, record: dict[str, Any]) -> None:
         with self.cond:
@@ -837,7 +966,7 @@ class GrpcTransport:
         """The run is over: every client asking from now on is told DONE."""
         with self.cond:
             self.done = True
-            self.cond.notify_all()
+            self._wake(None)
 
     def stop(self) -> None:
         """The server is stopping (finished or not): wake every long poll now, so that the
@@ -845,7 +974,7 @@ class GrpcTransport:
         server gone, retries until it comes back (a restart resumes the run)."""
         with self.cond:
             self.stopping = True
-            self.cond.notify_all()
+            self._wake(None)
 
     def all_told_done(self) -> bool:
         with self.cond:
