@@ -1,0 +1,683 @@
+"""Thousands of connected clients (issue #18, item 2): a real server under many members.
+
+Run with the project's venv:
+
+    .venv/bin/python benchmarks/load.py --clients 100,1000,5000 --rounds 3 --procs 4
+    .venv/bin/python benchmarks/load.py --clients 150 --rounds 2 --per-round 50 --procs 1 \\
+        --no-save   # a quick look, results printed only
+
+For each size N: a federation with N client certificates (``create_federation``, the API
+behind ``fedmosaic certs init``; issued once per count and cached under
+``benchmarks/.cache/``, about 1 ms per certificate, re-issued when the cached CA expires
+within a day); a real ``fedmosaic server`` process (``python -m fedmosaic server``) on
+127.0.0.1 with mutual TLS, the digits task with the tests' MLP (one hidden layer of 16,
+1,210 parameters), ``clients_per_round`` = ``--per-round`` (100), ``min_clients`` = N (the
+first round starts once all N are connected), a 300 s round deadline and otherwise the
+``[server]`` defaults (``--set KEY=VALUE`` overrides one, recorded); and N lightweight
+members (``benchmarks/load_client.py``) spread over ``--procs`` load-generator processes,
+each running its members on one asyncio event loop with one ``grpc.aio`` channel and one
+client certificate per member. A member joins, heartbeats at the server's interval,
+long-polls for tasks, downloads the model and uploads a small random finite update for each
+FIT task, exactly as the real client frames these calls, and stops at DONE.
+
+Measured per size:
+
+- **connect**: seconds from the first member's first ``Join`` to the last member's (all N
+  joined), and from the load generators' start (process start-up included);
+- **rounds**: each round's wall time as the server records it (``wall_time`` in
+  ``metrics.json``: selection, dispatch, N-member polling, 100 downloads and uploads,
+  aggregation, central evaluation), median and max;
+- **server**: the ``fedmosaic server`` process sampled every 0.25 s with psutil: peak RSS,
+  RSS with all members connected, CPU (user + system) as a share of one core while members
+  connect and while rounds run, and its peak thread count;
+- **status**: the operator's ``Status`` call over a fresh mutual-TLS channel (what
+  ``fedmosaic status`` does: connect, handshake, call) every ``--status-every`` seconds from
+  the moment the server listens, median and max while the rounds run; and the whole
+  ``fedmosaic status --json`` command (a new Python process) every ``--cli-every`` seconds;
+- **refusals**: every failed call of every member, by method, gRPC status and the server's
+  refusal code, and the server's own counters scraped from ``/metrics``
+  (``fedmosaic_rejected_messages_total`` and ``fedmosaic_clients_dropped_total`` by reason)
+  plus the ``refused`` lines of its log. Honest members should see none.
+
+A size that fails (the server does not start, members give up, the run does not finish in
+``--timeout`` seconds) is recorded with its error and whatever was measured, and the next
+size runs. The machine is shared by the server and the load generators (2 cores here): the
+members' own CPU time is recorded too.
+
+Results: ``benchmarks/results/load.json``; the section "Thousands of connected clients
+(issue #18)" of docs/benchmarks.md is generated from it (``markdown`` below, called by
+``benchmarks/report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import psutil  # noqa: E402
+
+CACHE = HERE / ".cache"
+RESULTS_NAME = "load"
+SAMPLE_S = 0.25
+START_TIMEOUT_S = 120.0
+# The [server] settings the benchmark sets (everything else is the default, or --set).
+ROUND_DEADLINE_S = 300.0
+# After the members stop, how long the server may take to exit (its linger is 15 s).
+SERVER_EXIT_S = 30.0
+CLIENT_ID_FORMAT = "m{:05d}"
+REFUSED_LINE = re.compile(r"\brefused (\w+) from ")
+METRIC_LINE = re.compile(r'^fedmosaic_(rejected_messages|clients_dropped|clients_refused)_total'
+                         r'\{reason="([^"]+)"\} ([0-9.e+]+)$')
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def member_ids(count: int) -> list[str]:
+    return [CLIENT_ID_FORMAT.format(i) for i in range(count)]
+
+
+def provision(count: int, cache: Path = CACHE) -> tuple[Path, float]:
+    """A federation directory with at least ``count`` member credentials (``m00000``...):
+    the cached one for the smallest cached count >= ``count`` whose CA is valid for another
+    day, else a new one issued now. Returns (directory, seconds spent issuing: 0 if
+    cached)."""
+    from cryptography import x509
+
+    from fedmosaic.net.certs import create_federation
+
+    cache.mkdir(parents=True, exist_ok=True)
+    ignore = cache / ".gitignore"
+    if not ignore.is_file():
+        ignore.write_text("*\n")  # certificates and keys never enter the repository
+    soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+    for folder in sorted(cache.glob("federation-*"), key=lambda p: int(p.name.split("-")[1])):
+        have = int(folder.name.split("-")[1])
+        ca = folder / "ca.pem"
+        if have < count or not ca.is_file() or not (folder / "federation.json").is_file():
+            continue
+        cert = x509.load_pem_x509_certificate(ca.read_bytes())
+        if cert.not_valid_after_utc > soon and (folder / "clients" /
+                                                f"{member_ids(count)[-1]}.pem").is_file():
+            return folder, 0.0
+    folder = cache / f"federation-{count}"
+    start = time.perf_counter()
+    create_federation(folder, clients=member_ids(count), ca_passphrase=None, overwrite=True)
+    return folder, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def write_experiment(workdir: Path, *, clients: int, rounds: int, per_round: int,
+                     credentials: Path, overrides: dict[str, Any]) -> Path:
+    """The digits task with the tests' MLP, served to ``clients`` members."""
+    server: dict[str, Any] = {"address": "127.0.0.1", "port": 0,
+                              "credentials": str(credentials), "min_clients": clients,
+                              "wait_for_clients": 600.0, "round_deadline": ROUND_DEADLINE_S,
+                              "round_retries": 0, **overrides}
+    lines = [f'name = "load-{clients}"', "seed = 1", f"rounds = {rounds}", "threads = 1", "",
+             "[data]", 'dataset = "digits"', "", "[partition]", 'method = "iid"',
+             "clients = 10", "", "[model]", 'kind = "mlp"', "hidden = [16]", "", "[train]",
+             "lr = 0.1", "", "[strategy]", f"clients_per_round = {per_round}",
+             "", "[server]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
+    path = workdir / "experiment.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def model_layout(experiment: Path) -> dict[str, Any]:
+    """What a member declares: the server task's layout hash, size, sample shape, classes."""
+    from fedmosaic.build import server_task
+    from fedmosaic.config import load_experiment
+    from fedmosaic.net.wire import spec_hash
+
+    task = server_task(load_experiment(experiment))
+    return {"spec_hash": spec_hash(task.trainer.spec), "numel": task.trainer.spec.numel,
+            "feature_shape": list(task.profile.feature_shape or ()),
+            "num_classes": int(task.profile.num_classes or 2)}
+
+
+# --------------------------------------------------------------------------- probes
+
+
+class ServerSampler(threading.Thread):
+    """The server process every ``SAMPLE_S`` s: (monotonic, RSS bytes, CPU s, threads)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.samples: list[tuple[float, int, float, int]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                with self.proc.oneshot():
+                    cpu = self.proc.cpu_times()
+                    self.samples.append((time.monotonic(), self.proc.memory_info().rss,
+                                         cpu.user + cpu.system, self.proc.num_threads()))
+            except psutil.Error:
+                return
+            self._stop_event.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def cpu_share(self, start: float, end: float) -> float | None:
+        """CPU seconds per wall second between ``start`` and ``end`` (1.0 = one core)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] <= 0:
+            return None
+        return (inside[-1][2] - inside[0][2]) / (inside[-1][0] - inside[0][0])
+
+    def rss_at(self, when: float) -> int | None:
+        before = [s for s in self.samples if s[0] <= when]
+        return before[-1][1] if before else None
+
+
+def parse_metrics(text: str) -> dict[str, dict[str, float]]:
+    """The refusal and drop counters of a ``/metrics`` page, by reason."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = METRIC_LINE.match(line.strip())
+        if m:
+            out.setdefault(m.group(1), {})[m.group(2)] = float(m.group(3))
+    return out
+
+
+class StatusProbe(threading.Thread):
+    """The operator's view while the size runs: a ``Status`` call over a fresh channel every
+    ``every`` s, the ``/metrics`` counters after each, and the ``fedmosaic status --json``
+    command every ``cli_every`` s (0: never)."""
+
+    def __init__(self, target: str, credentials: Path, metrics_port: int | None,
+                 every: float, cli_every: float) -> None:
+        super().__init__(daemon=True)
+        self.target, self.credentials = target, credentials
+        self.metrics_port, self.every, self.cli_every = metrics_port, every, cli_every
+        # (monotonic at the call's start, seconds or None, connected, completed, state, error)
+        self.calls: list[tuple[float, float | None, int, int, str, str]] = []
+        self.cli: list[tuple[float, float, int]] = []  # (start, seconds, exit status)
+        self.cli_errors: list[str] = []
+        self.call_errors: list[tuple[float, str]] = []  # the first few failed Status calls
+        self.counters: dict[str, dict[str, float]] = {}
+        self.scrape_error = ""
+        self._stop_event = threading.Event()
+
+    def _status(self) -> None:
+        import grpc
+
+        from fedmosaic.net.certs import FederationPaths
+        from fedmosaic.net.client import _Stubs, open_channel
+        from fedmosaic.net.proto import fedmosaic_pb2 as pb
+
+        paths = FederationPaths(self.credentials)
+        start = time.monotonic()
+        channel = open_channel(self.target, paths.ca_cert, paths.operator_cert,
+                               paths.operator_key)
+        try:
+            reply = _Stubs(channel).status(pb.StatusRequest(), timeout=10)
+            self.calls.append((start, time.monotonic() - start, reply.connected_clients,
+                               reply.completed_rounds, reply.state, ""))
+        except grpc.RpcError as exc:
+            self.calls.append((start, None, -1, -1, "", exc.code().name))
+            if len(self.call_errors) < 5:
+                self.call_errors.append((start, f"{exc.code().name}: {exc.details()}"[:300]))
+        finally:
+            channel.close()
+
+    def scrape(self) -> None:
+        if self.metrics_port is None:
+            return
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as page:
+                self.counters = parse_metrics(page.read().decode())
+        except OSError as exc:
+            self.scrape_error = str(exc)
+
+    def _cli(self) -> None:
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "fedmosaic", "status", "--server",
+                               self.target, "--credentials", str(self.credentials), "--json"],
+                              cwd=ROOT, capture_output=True, timeout=60, check=False)
+        self.cli.append((start, time.monotonic() - start, done.returncode))
+        if done.returncode != 0:
+            self.cli_errors.append(done.stderr.decode(errors="replace")[-300:])
+
+    def _cli_loop(self) -> None:
+        while True:
+            self._cli()
+            if self._stop_event.wait(self.cli_every):
+                return
+
+    def run(self) -> None:
+        cli = None
+        if self.cli_every > 0:  # a thread of its own: the command takes seconds to start
+            cli = threading.Thread(target=self._cli_loop, daemon=True)
+            cli.start()
+        while not self._stop_event.is_set():
+            began = time.monotonic()
+            self._status()
+            self.scrape()
+            self._stop_event.wait(max(self.every - (time.monotonic() - began), 0.05))
+        if cli is not None:
+            cli.join()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def finished_at(self, rounds: int) -> float | None:
+        """When the probe first saw every round completed."""
+        return next((c[0] for c in self.calls if c[3] >= rounds), None)
+
+
+# --------------------------------------------------------------------------- one size
+
+
+def _summary(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "median": None, "max": None}
+    return {"n": len(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _merge(tallies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The load generators' tallies as one."""
+    total: dict[str, Any] = {}
+    for key in ("members", "joined", "joins", "done", "unfinished", "heartbeats", "polls",
+                "fits", "uploads_accepted", "uploads_not_accepted", "evaluations"):
+        total[key] = sum(t[key] for t in tallies)
+    for key in ("gave_up", "errors", "fit_rounds"):
+        merged: Counter[str] = Counter()
+        for t in tallies:
+            merged.update(t[key])
+        total[key] = dict(sorted(merged.items()))
+    examples: dict[str, str] = {}
+    for t in tallies:
+        for k, v in t["error_examples"].items():
+            examples.setdefault(k, v)
+    total["error_examples"] = examples
+    for key in ("join_latency_s", "joined_at", "done_at", "download_s", "upload_s",
+                "fit_events"):
+        total[key] = [v for t in tallies for v in t[key]]
+    starts = [t["first_join_start"] for t in tallies if t["first_join_start"] is not None]
+    total["first_join_start"] = min(starts) if starts else None
+    total["started"] = min(t["started"] for t in tallies)
+    total["cpu_s"] = sum(t["cpu_s"] for t in tallies)
+    total["ru_maxrss_mb"] = [t["ru_maxrss_mb"] for t in tallies]
+    return total
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> int | None:
+    """Wait up to ``grace`` s, then SIGTERM, then SIGKILL; the exit status (None: killed)."""
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return None
+
+
+def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: Path,
+             credentials: Path | None = None, overrides: dict[str, Any] | None = None,
+             timeout: float = 900.0, status_every: float = 0.25, cli_every: float = 15.0,
+             poll_seconds: float = 10.0, join_concurrency: int = 64,
+             connect_timeout_ms: int | None = None) -> dict[str, Any]:
+    """One size: server, ``procs`` load generators, the probes; the row of results."""
+    from load_client import Plan
+
+    overrides = dict(overrides or {})
+    row: dict[str, Any] = {"clients": clients, "procs": procs, "rounds": rounds,
+                           "per_round": per_round, "server_overrides": overrides,
+                           "join_concurrency": join_concurrency, "poll_seconds": poll_seconds,
+                           "connect_timeout_ms": connect_timeout_ms, "error": None}
+    issued = 0.0
+    if credentials is None:
+        credentials, issued = provision(clients)
+    row["certificates_issued_s"] = issued
+    workdir.mkdir(parents=True, exist_ok=True)
+    experiment = write_experiment(workdir, clients=clients, rounds=rounds, per_round=per_round,
+                                  credentials=credentials, overrides=overrides)
+    layout = model_layout(experiment)
+    row["numel"] = layout["numel"]
+    out = workdir / "out"
+    server = _spawn([sys.executable, "-m", "fedmosaic", "server", str(experiment), "--output",
+                     str(out), "--metrics-port", "0"], workdir / "server.log")
+    sampler = ServerSampler(server.pid)
+    sampler.start()
+    probe: StatusProbe | None = None
+    loaders: list[subprocess.Popen[bytes]] = []
+    spawned = time.monotonic()
+    try:
+        end = time.monotonic() + START_TIMEOUT_S
+        while not (out / "endpoint.json").is_file():
+            if server.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("the server did not start: " + _tail(workdir / "server.log"))
+            time.sleep(0.1)
+        endpoint = json.loads((out / "endpoint.json").read_text())
+        target = f"127.0.0.1:{endpoint['port']}"
+        probe = StatusProbe(target, credentials, endpoint.get("metrics_port"), status_every,
+                            cli_every)
+        probe.start()
+        ids = member_ids(clients)
+        spawned = time.monotonic()
+        for i in range(procs):
+            group = ids[i::procs]
+            if not group:
+                continue
+            plan = Plan(target=target, credentials=str(credentials), ids=group,
+                        out=str(workdir / f"load-{i}.json"), poll_seconds=poll_seconds,
+                        join_concurrency=join_concurrency, deadline=timeout, seed=i,
+                        connect_timeout_ms=connect_timeout_ms, **layout)
+            plan_path = workdir / f"plan-{i}.json"
+            plan_path.write_text(json.dumps(asdict(plan)))
+            loaders.append(_spawn([sys.executable, str(HERE / "load_client.py"),
+                                   str(plan_path)], workdir / f"load-{i}.log"))
+        deadline = spawned + timeout + 30
+        for proc in loaders:
+            _stop(proc, max(deadline - time.monotonic(), 1.0))
+        server_rc = _stop(server, SERVER_EXIT_S)
+        row["server_exit"] = server_rc
+        if server_rc != 0:
+            row["error"] = f"the server exited with {server_rc}: " + _tail(
+                workdir / "server.log")
+    except Exception as exc:  # recorded: the benchmark goes on with the next size
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for proc in loaders:
+            if proc.poll() is None:
+                _stop(proc, 0)
+        if probe is not None:
+            probe.scrape()
+            probe.stop()
+        if server.poll() is None:
+            _stop(server, 0)
+        sampler.stop()
+    tallies = [json.loads(p.read_text()) for p in sorted(workdir.glob("load-*.json"))]
+    row.update(_results(row, tallies, sampler, probe, out, workdir, spawned))
+    return row
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: ServerSampler,
+             probe: StatusProbe | None, out: Path, workdir: Path,
+             spawned: float) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    members = _merge(tallies) if tallies else None
+    if members is None and row["error"] is None:
+        row["error"] = "no load generator wrote its results"
+    records: list[dict[str, Any]] = []
+    if (out / "metrics.json").is_file():
+        records = json.loads((out / "metrics.json").read_text())
+    res["round_records"] = [{k: r.get(k) for k in ("round", "updates", "failures", "rejected",
+                                                   "wall_time", "test_accuracy")}
+                            for r in records]
+    res["rounds_completed"] = len(records)
+    # Round 1's wall time includes waiting for all N members (min_clients = N): left out.
+    walls = [float(r["wall_time"]) for r in records[1:] if r.get("wall_time") is not None]
+    res["round_s"] = _summary(walls)
+    res["round1_s"] = records[0].get("wall_time") if records else None
+    connected = finished = None
+    if members is not None:
+        joined_at = members["joined_at"]
+        connected = max(joined_at) if len(joined_at) == row["clients"] else None
+        first = members["first_join_start"]
+        res["connect"] = {
+            "joined": members["joined"],
+            "all_joined_s": connected - first if connected and first else None,
+            "from_spawn_s": connected - spawned if connected else None,
+            "join_latency_s": _summary(members["join_latency_s"]),
+        }
+        res["members"] = {k: members[k] for k in (
+            "members", "joined", "joins", "done", "gave_up", "unfinished", "heartbeats",
+            "polls", "fits", "uploads_accepted", "uploads_not_accepted", "evaluations",
+            "fit_rounds", "cpu_s", "ru_maxrss_mb")}
+        spans: dict[int, list[tuple[float, float]]] = {}
+        for rnd, arrived, answered, _ in members["fit_events"]:
+            spans.setdefault(int(rnd), []).append((arrived, answered))
+        # Per round, from the first FIT task a member received to the last upload answered.
+        res["member_round_span_s"] = {
+            str(k): max(a for _, a in v) - min(t for t, _ in v) for k, v in sorted(spans.items())}
+        res["members"]["download_s"] = _summary(members["download_s"])
+        res["members"]["upload_s"] = _summary(members["upload_s"])
+        res["client_errors"] = members["errors"]
+        res["client_error_examples"] = members["error_examples"]
+        res["client_errors_total"] = sum(members["errors"].values())
+        # A call the server refused carries its refusal code; one without ("-") failed
+        # before the server saw it (connection attempt, TLS handshake, deadline).
+        res["client_errors_refused"] = sum(v for k, v in members["errors"].items()
+                                           if not k.endswith(" -"))
+        res["client_errors_transport"] = res["client_errors_total"] - \
+            res["client_errors_refused"]
+    if members is not None and members["done_at"]:
+        finished = min(members["done_at"])  # the first member told DONE: rounds are over
+    if probe is not None:
+        finished = finished or probe.finished_at(row["rounds"])
+        during = [c for c in probe.calls
+                  if connected is not None and c[0] >= connected
+                  and (finished is None or c[0] <= finished)]
+        connecting = [c for c in probe.calls if c[0] >= spawned
+                      and (connected is None or c[0] < connected)]
+        res["status"] = {
+            "calls": len(probe.calls),
+            # Calls after the last round may meet a server that is exiting: not counted.
+            "failed": dict(Counter(c[5] for c in probe.calls if c[5] and (
+                finished is None or c[0] < finished))),
+            "all_s": _summary([c[1] for c in probe.calls if c[1] is not None]),
+            "during_rounds_s": _summary([c[1] for c in during if c[1] is not None]),
+            "while_connecting_s": _summary([c[1] for c in connecting if c[1] is not None]),
+            "cli_s": _summary([c[1] for c in probe.cli if c[2] == 0]),
+            "cli_failed": sum(1 for c in probe.cli if c[2] != 0),
+            "cli_errors": probe.cli_errors[:5],
+            "call_errors": [{"at_s": round(t - spawned, 2), "error": e}
+                            for t, e in probe.call_errors],
+            "max_connected_seen": max((c[2] for c in probe.calls), default=0),
+        }
+        res["server_counters"] = {k: {r: v for r, v in sorted(d.items()) if v}
+                                  for k, d in sorted(probe.counters.items())}
+        res["server_refusals_total"] = sum(
+            probe.counters.get("rejected_messages", {}).values())
+        if probe.scrape_error and not probe.counters:
+            res["server_counters_error"] = probe.scrape_error
+    log = _tail(workdir / "server.log", 10**8)
+    refused = Counter(m.group(1) for m in REFUSED_LINE.finditer(log))
+    res["server_log_refused_lines"] = dict(refused)
+    samples = sampler.samples
+    res["server"] = {
+        "peak_rss_mb": max((s[1] for s in samples), default=0) / 2**20,
+        "rss_connected_mb": (sampler.rss_at(connected) or 0) / 2**20 if connected else None,
+        "peak_threads": max((s[3] for s in samples), default=0),
+        "cpu_connect": sampler.cpu_share(spawned, connected) if connected else None,
+        "cpu_rounds": sampler.cpu_share(connected, finished) if connected and finished
+        else None,
+        "cpu_s_total": samples[-1][2] if samples else None,
+    }
+    res["rounds_wall_s"] = finished - connected if connected and finished else None
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown(d: dict[str, Any]) -> str:
+    """The section of docs/benchmarks.md (called by benchmarks/report.py)."""
+    from report import machine_line
+
+    lines = ["## Thousands of connected clients (issue #18)", "",
+             f"Command: `{d['command']}`", "", machine_line(d["machine"]),
+             f"Server: `{d.get('server_kind', 'fedmosaic server')}` at commit "
+             f"`{d.get('commit', '?')}`.", "",
+             "One `fedmosaic server` process (digits, MLP of 1,210 parameters, "
+             f"{d['per_round']} clients selected per round, `min_clients` = N, "
+             "the `[server]` defaults otherwise"
+             + (f"; set: {', '.join(f'`{k} = {v}`' for k, v in d['overrides'].items())}"
+                if d.get("overrides") else "")
+             + f") and N lightweight members in {d['procs']} load-generator processes "
+             "(`benchmarks/load_client.py`: one `grpc.aio` channel, TLS 1.3 session and client "
+             "certificate per member, the real protocol: join, heartbeats, long polls, model "
+             "download, update upload). All processes share the machine's cores. Rounds: the "
+             "server's `wall_time` per round. Server CPU: share of one core (1.00 = one core "
+             "busy). Status: the operator's `Status` over a fresh mutual-TLS channel (what "
+             "`fedmosaic status` does after start-up), every second while the rounds ran; "
+             "`fedmosaic status` command: the whole CLI process. Refused: failed calls seen "
+             "by the members / the server's `fedmosaic_rejected_messages_total`.", "",
+             "| connected | all joined (s) | rounds done | round median / max (s) | server RSS "
+             "peak (MB) | server CPU connect / rounds | server threads | Status median / max "
+             "(s) | `fedmosaic status` median / max (s) | refused (members / server) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    breaks = []
+    for r in d["rows"]:
+        rs, st = r.get("round_s", {}), r.get("status", {})
+        during = st.get("during_rounds_s", {}) if st else {}
+        cli = st.get("cli_s", {}) if st else {}
+        srv = r.get("server", {})
+        conn = r.get("connect", {}) or {}
+        lines.append(
+            f"| {r['clients']:,} | {_fmt(conn.get('all_joined_s'), '.1f')} "
+            f"| {r.get('rounds_completed', 0)}/{r['rounds']} "
+            f"| {_fmt(rs.get('median'))} / {_fmt(rs.get('max'))} "
+            f"| {_fmt(srv.get('peak_rss_mb'), '.0f')} "
+            f"| {_fmt(srv.get('cpu_connect'))} / {_fmt(srv.get('cpu_rounds'))} "
+            f"| {srv.get('peak_threads', '-')} "
+            f"| {_fmt(during.get('median'), '.3f')} / {_fmt(during.get('max'), '.3f')} "
+            f"| {_fmt(cli.get('median'))} / {_fmt(cli.get('max'))} "
+            f"| {r.get('client_errors_total', '-')} / "
+            f"{_fmt(r.get('server_refusals_total'), '.0f')} |")
+        if r.get("error") or r.get("client_errors_total") or r.get("server_refusals_total"):
+            what = []
+            if r.get("error"):
+                what.append("error: " + r["error"].splitlines()[0][:300])
+            if r.get("client_errors"):
+                top = sorted(r["client_errors"].items(), key=lambda kv: -kv[1])[:4]
+                what.append("member errors " + ", ".join(f"`{k}` {v}" for k, v in top))
+            refusals = r.get("server_counters", {}).get("rejected_messages")
+            if refusals:
+                what.append("server refusals " + ", ".join(f"`{k}` {v:.0f}"
+                                                            for k, v in refusals.items()))
+            gave_up = (r.get("members") or {}).get("gave_up")
+            if gave_up:
+                what.append("members gave up: " + ", ".join(f"`{k}` {v}"
+                                                            for k, v in gave_up.items()))
+            breaks.append(f"- {r['clients']:,} connected: " + "; ".join(what) + ".")
+    lines.append("")
+    if breaks:
+        lines += ["Where it breaks:", "", *breaks, ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _git_commit() -> str:
+    done = subprocess.run(["git", "log", "-1", "--format=%h %s"], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip()[:100]
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="100,1000,5000",
+                        help="comma-separated sizes (connected members)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-round", type=int, default=100, help="clients_per_round")
+    parser.add_argument("--procs", type=int, default=4, help="load-generator processes")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per size")
+    parser.add_argument("--status-every", type=float, default=0.25,
+                        help="seconds between the operator's Status calls")
+    parser.add_argument("--connect-timeout-ms", type=int, default=None,
+                        help="members' grpc.min_reconnect_backoff_ms (default: the real "
+                             "client's 200)")
+    parser.add_argument("--cli-every", type=float, default=15.0,
+                        help="seconds between `fedmosaic status` commands (0: none)")
+    parser.add_argument("--set", dest="overrides", type=_setting, action="append", default=[],
+                        metavar="KEY=VALUE", help="a [server] setting (JSON value)")
+    parser.add_argument("--no-save", action="store_true", help="print, do not write results")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.clients.split(",") if s.strip()]
+    if not sizes or min(sizes) < 1 or args.per_round < 1 or args.procs < 1:
+        parser.error("--clients, --per-round and --procs must be positive")
+    from common import machine, save
+
+    overrides = dict(args.overrides)
+    info = machine()
+    info["date"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    info["load_average_1min"] = os.getloadavg()[0]
+    command = "python benchmarks/load.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    rows = []
+    for n in sizes:
+        print(f"--- {n} connected", flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"load-{n}-") as tmp:
+            row = run_size(n, rounds=args.rounds, per_round=min(args.per_round, n),
+                           procs=args.procs, workdir=Path(tmp), overrides=overrides,
+                           timeout=args.timeout, status_every=args.status_every,
+                           cli_every=args.cli_every,
+                           connect_timeout_ms=args.connect_timeout_ms)
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in (
+            "clients", "error", "rounds_completed", "connect", "round_s", "server", "status",
+            "client_errors", "server_counters")}, indent=1, default=str), flush=True)
+    payload = {"command": command, "machine": info, "commit": _git_commit(),
+               "per_round": args.per_round, "procs": args.procs, "rounds": args.rounds,
+               "overrides": overrides, "rows": rows}
+    if not args.no_save:
+        print(f"wrote {save(RESULTS_NAME, payload)}")
+
+
+if __name__ == "__main__":
+    main()
