@@ -3,6 +3,7 @@
 Run with the project's venv:
 
     .venv/bin/python benchmarks/load.py --clients 100,1000,5000 --rounds 3 --procs 4
+    .venv/bin/python benchmarks/load.py --clients 1000 --connect-timeout-ms 20000 --append
     .venv/bin/python benchmarks/load.py --clients 150 --rounds 2 --per-round 50 --procs 1 \\
         --no-save   # a quick look, results printed only
 
@@ -25,19 +26,29 @@ Measured per size:
 - **connect**: seconds from the first member's first ``Join`` to the last member's (all N
   joined), and from the load generators' start (process start-up included);
 - **rounds**: each round's wall time as the server records it (``wall_time`` in
-  ``metrics.json``: selection, dispatch, N-member polling, 100 downloads and uploads,
-  aggregation, central evaluation), median and max;
-- **server**: the ``fedmosaic server`` process sampled every 0.25 s with psutil: peak RSS,
-  RSS with all members connected, CPU (user + system) as a share of one core while members
-  connect and while rounds run, and its peak thread count;
+  ``metrics.json``: selection, dispatch, long polls answered, 100 downloads and uploads,
+  aggregation, central evaluation), median and max over rounds 2 and later (round 1 also
+  waits for all N members to connect); and per round, from the first FIT task a member
+  received to the last upload answered;
+- **server**: the ``fedmosaic server`` process sampled every 0.1 s with psutil: peak RSS,
+  RSS with all members connected, CPU (user + system) per wall second (1.0 = one core)
+  while members connect and while rounds run, and its peak thread count;
 - **status**: the operator's ``Status`` call over a fresh mutual-TLS channel (what
-  ``fedmosaic status`` does: connect, handshake, call) every ``--status-every`` seconds from
-  the moment the server listens, median and max while the rounds run; and the whole
-  ``fedmosaic status --json`` command (a new Python process) every ``--cli-every`` seconds;
+  ``fedmosaic status`` does once started: connect, handshake, call) every
+  ``--status-every`` seconds from the moment the server listens, median and max while the
+  members connect and while the rounds run; and the whole ``fedmosaic status --json``
+  command (a new Python process) every ``--cli-every`` seconds;
 - **refusals**: every failed call of every member, by method, gRPC status and the server's
-  refusal code, and the server's own counters scraped from ``/metrics``
-  (``fedmosaic_rejected_messages_total`` and ``fedmosaic_clients_dropped_total`` by reason)
-  plus the ``refused`` lines of its log. Honest members should see none.
+  refusal code (a call without one failed before the server saw it: connection attempt,
+  TLS handshake, deadline), and the server's own counters scraped from ``/metrics``
+  (``fedmosaic_rejected_messages_total``, ``fedmosaic_clients_dropped_total`` and
+  ``fedmosaic_clients_refused_total`` by reason) plus the ``refused`` lines of its log.
+  Honest members should see none.
+
+Members use the real client's channel options, including ``grpc.min_reconnect_backoff_ms``
+= 200, which gRPC core also takes as the shortest deadline of a connection attempt;
+``--connect-timeout-ms`` sets another value (recorded with the row), to tell connection
+attempts that time out on the member's side from refusals.
 
 A size that fails (the server does not start, members give up, the run does not finish in
 ``--timeout`` seconds) is recorded with its error and whatever was measured, and the next
@@ -78,7 +89,7 @@ import psutil  # noqa: E402
 
 CACHE = HERE / ".cache"
 RESULTS_NAME = "load"
-SAMPLE_S = 0.25
+SAMPLE_S = 0.1
 START_TIMEOUT_S = 120.0
 # The [server] settings the benchmark sets (everything else is the default, or --set).
 ROUND_DEADLINE_S = 300.0
@@ -214,8 +225,9 @@ class StatusProbe(threading.Thread):
     command every ``cli_every`` s (0: never)."""
 
     def __init__(self, target: str, credentials: Path, metrics_port: int | None,
-                 every: float, cli_every: float) -> None:
+                 every: float, cli_every: float, connect_timeout_ms: int | None = None) -> None:
         super().__init__(daemon=True)
+        self.connect_timeout_ms = connect_timeout_ms
         self.target, self.credentials = target, credentials
         self.metrics_port, self.every, self.cli_every = metrics_port, every, cli_every
         # (monotonic at the call's start, seconds or None, connected, completed, state, error)
@@ -236,8 +248,21 @@ class StatusProbe(threading.Thread):
 
         paths = FederationPaths(self.credentials)
         start = time.monotonic()
-        channel = open_channel(self.target, paths.ca_cert, paths.operator_cert,
-                               paths.operator_key)
+        if self.connect_timeout_ms is None:  # exactly as `fedmosaic status`
+            channel = open_channel(self.target, paths.ca_cert, paths.operator_cert,
+                                   paths.operator_key)
+        else:  # its options with the members' connection deadline
+            from load_client import channel_options
+
+            from fedmosaic.net.auth import channel_credentials, pinned_server_name
+            from fedmosaic.net.wire import MESSAGE_OVERHEAD
+
+            channel = grpc.secure_channel(
+                self.target, channel_credentials(paths.ca_cert, paths.operator_cert,
+                                                 paths.operator_key),
+                options=channel_options(64 * 1024 * 1024 + MESSAGE_OVERHEAD,
+                                        pinned_server_name(paths.ca_cert),
+                                        self.connect_timeout_ms))
         try:
             reply = _Stubs(channel).status(pb.StatusRequest(), timeout=10)
             self.calls.append((start, time.monotonic() - start, reply.connected_clients,
@@ -391,7 +416,7 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
         endpoint = json.loads((out / "endpoint.json").read_text())
         target = f"127.0.0.1:{endpoint['port']}"
         probe = StatusProbe(target, credentials, endpoint.get("metrics_port"), status_every,
-                            cli_every)
+                            cli_every, connect_timeout_ms)
         probe.start()
         ids = member_ids(clients)
         spawned = time.monotonic()
@@ -457,14 +482,14 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: Server
     walls = [float(r["wall_time"]) for r in records[1:] if r.get("wall_time") is not None]
     res["round_s"] = _summary(walls)
     res["round1_s"] = records[0].get("wall_time") if records else None
-    connected = finished = None
+    connected = finished = first_join = None
     if members is not None:
         joined_at = members["joined_at"]
         connected = max(joined_at) if len(joined_at) == row["clients"] else None
-        first = members["first_join_start"]
+        first_join = members["first_join_start"]
         res["connect"] = {
             "joined": members["joined"],
-            "all_joined_s": connected - first if connected and first else None,
+            "all_joined_s": connected - first_join if connected and first_join else None,
             "from_spawn_s": connected - spawned if connected else None,
             "join_latency_s": _summary(members["join_latency_s"]),
         }
@@ -527,7 +552,8 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: Server
         "peak_rss_mb": max((s[1] for s in samples), default=0) / 2**20,
         "rss_connected_mb": (sampler.rss_at(connected) or 0) / 2**20 if connected else None,
         "peak_threads": max((s[3] for s in samples), default=0),
-        "cpu_connect": sampler.cpu_share(spawned, connected) if connected else None,
+        "cpu_connect": sampler.cpu_share(first_join, connected) if connected and first_join
+        else None,
         "cpu_rounds": sampler.cpu_share(connected, finished) if connected and finished
         else None,
         "cpu_s_total": samples[-1][2] if samples else None,
@@ -543,69 +569,111 @@ def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
+def _row_cells(r: dict[str, Any]) -> str:
+    rs, st, srv = r.get("round_s") or {}, r.get("status") or {}, r.get("server") or {}
+    during, cli = st.get("during_rounds_s") or {}, st.get("cli_s") or {}
+    connecting = st.get("while_connecting_s") or {}
+    conn = r.get("connect") or {}
+    joined = conn.get("joined")
+    joined_cell = _fmt(conn.get("all_joined_s"), ".1f") if joined == r["clients"] \
+        else f"{joined or 0:,} joined"
+    size = f"{r['clients']:,}"
+    if r.get("connect_timeout_ms") is not None:
+        size += f" (members allow {r['connect_timeout_ms'] / 1000:g} s to connect)"
+    return (f"| {size} | {joined_cell} "
+            f"| {r.get('rounds_completed', 0)}/{r['rounds']} "
+            f"| {_fmt(rs.get('median'))} / {_fmt(rs.get('max'))} "
+            f"| {_fmt(srv.get('rss_connected_mb'), '.0f')} / {_fmt(srv.get('peak_rss_mb'), '.0f')} "
+            f"| {_fmt(srv.get('cpu_connect'))} / {_fmt(srv.get('cpu_rounds'))} "
+            f"| {srv.get('peak_threads', '-')} "
+            f"| {_fmt(connecting.get('median'), '.3f')} / {_fmt(connecting.get('max'), '.3f')} "
+            f"| {_fmt(during.get('median'), '.3f')} / {_fmt(during.get('max'), '.3f')} "
+            f"| {_fmt(cli.get('median'), '.1f')} / {_fmt(cli.get('max'), '.1f')} "
+            f"| {r.get('client_errors_refused', '-')} / {r.get('client_errors_transport', '-')} "
+            f"| {_fmt(r.get('server_refusals_total'), '.0f')} |")
+
+
+def _row_notes(r: dict[str, Any]) -> str | None:
+    """What went wrong at this size, in one line (None: nothing)."""
+    what = []
+    if r.get("error"):
+        what.append("error: " + r["error"].strip().splitlines()[0][:300])
+    if r.get("client_errors"):
+        top = sorted(r["client_errors"].items(), key=lambda kv: -kv[1])[:4]
+        what.append("failed member calls (method, status, refusal code) "
+                    + ", ".join(f"`{k}` {v}" for k, v in top))
+        example = next(iter((r.get("client_error_examples") or {}).values()), "")
+        if example:
+            what.append(f"e.g. \"{example[:160]}\"")
+    refusals = (r.get("server_counters") or {}).get("rejected_messages")
+    if refusals:
+        what.append("server refusals " + ", ".join(f"`{k}` {v:.0f}"
+                                                    for k, v in refusals.items()))
+    drops = (r.get("server_counters") or {}).get("clients_dropped")
+    if drops:
+        what.append("members dropped from rounds " + ", ".join(f"`{k}` {v:.0f}"
+                                                               for k, v in drops.items()))
+    gave_up = (r.get("members") or {}).get("gave_up")
+    if gave_up:
+        what.append("members gave up: " + ", ".join(f"`{k}` {v}" for k, v in gave_up.items()))
+    failed = (r.get("status") or {}).get("failed")
+    if failed:
+        what.append("operator Status failed " + ", ".join(f"{k} {v}" for k, v in failed.items()))
+    if not what:
+        return None
+    return f"- {r['clients']:,} connected: " + "; ".join(what) + "."
+
+
 def markdown(d: dict[str, Any]) -> str:
     """The section of docs/benchmarks.md (called by benchmarks/report.py)."""
     from report import machine_line
 
-    lines = ["## Thousands of connected clients (issue #18)", "",
-             f"Command: `{d['command']}`", "", machine_line(d["machine"]),
-             f"Server: `{d.get('server_kind', 'fedmosaic server')}` at commit "
-             f"`{d.get('commit', '?')}`.", "",
-             "One `fedmosaic server` process (digits, MLP of 1,210 parameters, "
-             f"{d['per_round']} clients selected per round, `min_clients` = N, "
-             "the `[server]` defaults otherwise"
-             + (f"; set: {', '.join(f'`{k} = {v}`' for k, v in d['overrides'].items())}"
-                if d.get("overrides") else "")
-             + f") and N lightweight members in {d['procs']} load-generator processes "
-             "(`benchmarks/load_client.py`: one `grpc.aio` channel, TLS 1.3 session and client "
-             "certificate per member, the real protocol: join, heartbeats, long polls, model "
-             "download, update upload). All processes share the machine's cores. Rounds: the "
-             "server's `wall_time` per round. Server CPU: share of one core (1.00 = one core "
-             "busy). Status: the operator's `Status` over a fresh mutual-TLS channel (what "
-             "`fedmosaic status` does after start-up), every second while the rounds ran; "
-             "`fedmosaic status` command: the whole CLI process. Refused: failed calls seen "
-             "by the members / the server's `fedmosaic_rejected_messages_total`.", "",
-             "| connected | all joined (s) | rounds done | round median / max (s) | server RSS "
-             "peak (MB) | server CPU connect / rounds | server threads | Status median / max "
-             "(s) | `fedmosaic status` median / max (s) | refused (members / server) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    breaks = []
-    for r in d["rows"]:
-        rs, st = r.get("round_s", {}), r.get("status", {})
-        during = st.get("during_rounds_s", {}) if st else {}
-        cli = st.get("cli_s", {}) if st else {}
-        srv = r.get("server", {})
-        conn = r.get("connect", {}) or {}
-        lines.append(
-            f"| {r['clients']:,} | {_fmt(conn.get('all_joined_s'), '.1f')} "
-            f"| {r.get('rounds_completed', 0)}/{r['rounds']} "
-            f"| {_fmt(rs.get('median'))} / {_fmt(rs.get('max'))} "
-            f"| {_fmt(srv.get('peak_rss_mb'), '.0f')} "
-            f"| {_fmt(srv.get('cpu_connect'))} / {_fmt(srv.get('cpu_rounds'))} "
-            f"| {srv.get('peak_threads', '-')} "
-            f"| {_fmt(during.get('median'), '.3f')} / {_fmt(during.get('max'), '.3f')} "
-            f"| {_fmt(cli.get('median'))} / {_fmt(cli.get('max'))} "
-            f"| {r.get('client_errors_total', '-')} / "
-            f"{_fmt(r.get('server_refusals_total'), '.0f')} |")
-        if r.get("error") or r.get("client_errors_total") or r.get("server_refusals_total"):
-            what = []
-            if r.get("error"):
-                what.append("error: " + r["error"].splitlines()[0][:300])
-            if r.get("client_errors"):
-                top = sorted(r["client_errors"].items(), key=lambda kv: -kv[1])[:4]
-                what.append("member errors " + ", ".join(f"`{k}` {v}" for k, v in top))
-            refusals = r.get("server_counters", {}).get("rejected_messages")
-            if refusals:
-                what.append("server refusals " + ", ".join(f"`{k}` {v:.0f}"
-                                                            for k, v in refusals.items()))
-            gave_up = (r.get("members") or {}).get("gave_up")
-            if gave_up:
-                what.append("members gave up: " + ", ".join(f"`{k}` {v}"
-                                                            for k, v in gave_up.items()))
-            breaks.append(f"- {r['clients']:,} connected: " + "; ".join(what) + ".")
+    overrides = d.get("overrides") or {}
+    lines = [
+        "## Thousands of connected clients (issue #18)", "",
+        *[f"Command: `{c}`" for c in dict.fromkeys(r.get("command", d["command"])
+                                                   for r in d["rows"])],
+        "", machine_line(d["machine"]) + " Code: commit "
+        f"`{d.get('commit', '?')}`"
+        + (" with local changes in `src/fedmosaic/net`" if d.get("net_dirty") else "") + ".",
+        "",
+        "One `fedmosaic server` process (the `grpc.aio` service; digits, the MLP of "
+        f"{d['rows'][0].get('numel', '?'):,} parameters, {d['per_round']} clients selected per "
+        "round, `min_clients` = N so the first round starts when all N are connected, "
+        f"`round_deadline` = {ROUND_DEADLINE_S:g} s, `round_retries` = 0, the other `[server]` "
+        "settings at their defaults"
+        + (", and " + ", ".join(f"`{k} = {v}`" for k, v in overrides.items())
+           if overrides else "")
+        + f") and N lightweight members in {d['procs']} load-generator processes "
+        "(`benchmarks/load_client.py`: each member has its own `grpc.aio` channel, TLS 1.3 "
+        "session and client certificate, and speaks the real protocol: join, heartbeats at "
+        "the server's interval, 10 s long polls, model download, a small random update "
+        "uploaded as the real client frames it). Server, members and probes share the "
+        "machine's cores.", "",
+        "- *all joined*: seconds from the first member's `Join` to the last one's.",
+        "- *round*: the server's `wall_time` of rounds 2 and later (round 1 includes the "
+        "wait for all N members, so it is left out; it is in the JSON).",
+        "- *server RSS*: with all N connected / peak; *CPU*: the server process's user + "
+        "system time per wall second (1.00 = one core busy) while the members connect and "
+        "while the rounds run; *threads*: its peak thread count.",
+        "- *Status*: the operator's `Status` call over a fresh mutual-TLS channel (what "
+        "`fedmosaic status` does once started), every 0.25 s, while the members connect and "
+        "while the rounds run; *`fedmosaic status`*: the whole command (a new Python "
+        "process), every 15 s.",
+        "- *failed member calls*: refused by the server (the call carries a refusal code) / "
+        "failed before the server saw a call (connection attempt, TLS handshake; the member "
+        "retried it, as the real client does); *server refusals*: "
+        "`fedmosaic_rejected_messages_total`, all reasons.", "",
+        "| connected | all joined (s) | rounds | round median / max (s) | server RSS (MB) "
+        "| server CPU connect / rounds | server threads | Status while connecting, median / "
+        "max (s) | Status during rounds, median / max (s) | `fedmosaic status` median / max "
+        "(s) | failed member calls: refused / connection | server refusals |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row_cells(r) for r in d["rows"]]
+    notes = [n for n in (_row_notes(r) for r in d["rows"]) if n]
     lines.append("")
-    if breaks:
-        lines += ["Where it breaks:", "", *breaks, ""]
+    if notes:
+        lines += ["What failed, by size:", "", *notes, ""]
     return "\n".join(lines)
 
 
@@ -613,9 +681,16 @@ def markdown(d: dict[str, Any]) -> str:
 
 
 def _git_commit() -> str:
-    done = subprocess.run(["git", "log", "-1", "--format=%h %s"], cwd=ROOT,
+    done = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=ROOT,
                           capture_output=True, text=True, check=False)
-    return done.stdout.strip()[:100]
+    return done.stdout.strip()
+
+
+def _net_dirty() -> bool:
+    """Whether src/fedmosaic/net holds changes not committed (the figures are then of those)."""
+    done = subprocess.run(["git", "status", "--porcelain", "--", "src/fedmosaic/net"], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    return bool(done.stdout.strip())
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -647,11 +722,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", type=_setting, action="append", default=[],
                         metavar="KEY=VALUE", help="a [server] setting (JSON value)")
     parser.add_argument("--no-save", action="store_true", help="print, do not write results")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to benchmarks/results/load.json instead of "
+                             "replacing it (each row keeps its command)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.clients.split(",") if s.strip()]
     if not sizes or min(sizes) < 1 or args.per_round < 1 or args.procs < 1:
         parser.error("--clients, --per-round and --procs must be positive")
-    from common import machine, save
+    from common import RESULTS, machine, save
 
     overrides = dict(args.overrides)
     info = machine()
@@ -668,13 +746,18 @@ def main(argv: list[str] | None = None) -> None:
                            timeout=args.timeout, status_every=args.status_every,
                            cli_every=args.cli_every,
                            connect_timeout_ms=args.connect_timeout_ms)
+        row["command"] = command
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in (
             "clients", "error", "rounds_completed", "connect", "round_s", "server", "status",
             "client_errors", "server_counters")}, indent=1, default=str), flush=True)
     payload = {"command": command, "machine": info, "commit": _git_commit(),
+               "net_dirty": _net_dirty(),
                "per_round": args.per_round, "procs": args.procs, "rounds": args.rounds,
                "overrides": overrides, "rows": rows}
+    previous = RESULTS / f"{RESULTS_NAME}.json"
+    if args.append and previous.is_file():
+        payload["rows"] = json.loads(previous.read_text())["rows"] + rows
     if not args.no_save:
         print(f"wrote {save(RESULTS_NAME, payload)}")
 

@@ -804,6 +804,10 @@ def main() -> None:
         parts.append(async_schedules_section(d))
     if (d := load("async_throughput")) is not None:
         parts.append(async_throughput_section(d))
+    if (d := load("load")) is not None:
+        from load import markdown as load_markdown  # benchmarks/load.py
+
+        parts.append(load_markdown(d))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 
