@@ -389,7 +389,9 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
     row: dict[str, Any] = {"clients": clients, "procs": procs, "rounds": rounds,
                            "per_round": per_round, "server_overrides": overrides,
                            "join_concurrency": join_concurrency, "poll_seconds": poll_seconds,
-                           "connect_timeout_ms": connect_timeout_ms, "error": None}
+                           "connect_timeout_ms": connect_timeout_ms, "error": None,
+                           # Other work on the machine competes for its cores too.
+                           "load_average_1min_before": os.getloadavg()[0]}
     issued = 0.0
     if credentials is None:
         credentials, issued = provision(clients)
@@ -454,6 +456,7 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
         sampler.stop()
     tallies = [json.loads(p.read_text()) for p in sorted(workdir.glob("load-*.json"))]
     row.update(_results(row, tallies, sampler, probe, out, workdir, spawned))
+    row["load_average_1min_after"] = os.getloadavg()[0]
     return row
 
 
@@ -590,7 +593,9 @@ def _row_cells(r: dict[str, Any]) -> str:
             f"| {_fmt(during.get('median'), '.3f')} / {_fmt(during.get('max'), '.3f')} "
             f"| {_fmt(cli.get('median'), '.1f')} / {_fmt(cli.get('max'), '.1f')} "
             f"| {r.get('client_errors_refused', '-')} / {r.get('client_errors_transport', '-')} "
-            f"| {_fmt(r.get('server_refusals_total'), '.0f')} |")
+            f"| {_fmt(r.get('server_refusals_total'), '.0f')} "
+            f"| {_fmt(r.get('load_average_1min_before'), '.1f')} / "
+            f"{_fmt(r.get('load_average_1min_after'), '.1f')} |")
 
 
 def _row_notes(r: dict[str, Any]) -> str | None:
@@ -660,6 +665,8 @@ def markdown(d: dict[str, Any]) -> str:
         "`fedmosaic status` does once started), every 0.25 s, while the members connect and "
         "while the rounds run; *`fedmosaic status`*: the whole command (a new Python "
         "process), every 15 s.",
+        "- *load*: the machine's 1-minute load average before / after the size ran "
+        "(other jobs on the machine included).",
         "- *failed member calls*: refused by the server (the call carries a refusal code) / "
         "failed before the server saw a call (connection attempt, TLS handshake; the member "
         "retried it, as the real client does); *server refusals*: "
@@ -667,8 +674,8 @@ def markdown(d: dict[str, Any]) -> str:
         "| connected | all joined (s) | rounds | round median / max (s) | server RSS (MB) "
         "| server CPU connect / rounds | server threads | Status while connecting, median / "
         "max (s) | Status during rounds, median / max (s) | `fedmosaic status` median / max "
-        "(s) | failed member calls: refused / connection | server refusals |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "(s) | failed member calls: refused / connection | server refusals | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row_cells(r) for r in d["rows"]]
     notes = [n for n in (_row_notes(r) for r in d["rows"]) if n]
     lines.append("")
