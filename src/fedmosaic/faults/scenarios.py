@@ -223,6 +223,12 @@ def settled(fed: Federation, expected: dict[str, float], timeout: float) -> dict
         time.sleep(0.1)
 
 
+def _label(sample: str) -> str:
+    """``rejected.stalled`` for ``fedmosaic_rejected_messages_total{reason="stalled"}``."""
+    kind = "rejected" if sample.startswith("fedmosaic_rejected") else "dropped"
+    return f"{kind}.{sample.split(chr(34))[1]}"
+
+
 def _federation(run: Run, **kwargs: Any) -> Federation:
     return Federation.create(run.root, **kwargs)
 
@@ -238,14 +244,15 @@ _EVERY_UPDATE = {"min_updates": 3}  # a round that loses an update is retried, n
           "client, each round once, the model equals the simulation")
 def client_sigkill_restart(run: Run) -> None:
     with _federation(run, rounds=3, server=_KILL_SERVER, strategy=_EVERY_UPDATE) as fed:
+        victim = fed.ids[1]
         fed.server()
         for cid in fed.ids:
-            fed.client(cid, fit_delay=1.0)
+            # The victim trains slowly, so the kill certainly lands inside its round-2 fit.
+            fed.client(cid, fit_delay=2.0 if cid == victim else 0.3)
         fed.wait_endpoint()
-        victim = fed.ids[1]
         fed.wait_until(lambda: fed.round_open(2), run.left(60), "round 2")
         fed.kill(victim)
-        fed.client(victim, fit_delay=1.0)
+        fed.client(victim, fit_delay=0.3)
         check_server_done(run, fed, run.left(90))
         history = check_rounds_once(run, fed, 3, updates=3)
         run.check(len(history[1].get("retries", [])) >= 1, "round 2 was retried",
@@ -429,8 +436,7 @@ def _hostile_run(run: Run, attack: Callable[[Any, Any, int], dict[str, float]], 
             got = settled(fed, want, 10.0)
             run.check(got == want, "the refusal counters in /metrics equal what was provoked",
                       {k: (got[k] - baseline.get(k, 0.0), expected[k]) for k in expected})
-            run.counts["provoked"] = {k.split('"')[1] if '"' in k else k: v
-                                      for k, v in expected.items()}
+            run.counts["provoked"] = {_label(k): v for k, v in expected.items()}
             status = fed.status_cli()
             run.check(status.get("state") in ("training", "waiting", "evaluating"),
                       "fedmosaic status answers while the hostile member acts", status)
