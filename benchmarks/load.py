@@ -269,7 +269,7 @@ class StatusProbe(threading.Thread):
                                reply.completed_rounds, reply.state, ""))
         except grpc.RpcError as exc:
             self.calls.append((start, None, -1, -1, "", exc.code().name))
-            if len(self.call_errors) < 5:
+            if len(self.call_errors) < 100:
                 self.call_errors.append((start, f"{exc.code().name}: {exc.details()}"[:300]))
         finally:
             channel.close()
@@ -315,6 +315,10 @@ class StatusProbe(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
+
+    def connected(self) -> int:
+        """Members connected, as the last answered Status said (0 before any)."""
+        return next((c[2] for c in reversed(self.calls) if c[1] is not None), 0)
 
     def finished_at(self, rounds: int) -> float | None:
         """When the probe first saw every round completed."""
@@ -381,24 +385,30 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
              credentials: Path | None = None, overrides: dict[str, Any] | None = None,
              timeout: float = 900.0, status_every: float = 0.25, cli_every: float = 15.0,
              poll_seconds: float = 10.0, join_concurrency: int = 64,
-             connect_timeout_ms: int | None = None) -> dict[str, Any]:
-    """One size: server, ``procs`` load generators, the probes; the row of results."""
+             connect_timeout_ms: int | None = None, hold: float = 0.0) -> dict[str, Any]:
+    """One size: server, ``procs`` load generators, the probes; the row of results.
+
+    ``hold`` > 0: once the N members are connected the server idles with them for ``hold``
+    seconds (``min_clients`` = N + 1), then one more member (a load generator of its own,
+    the latecomer) joins and the rounds start; the idle window is measured on its own."""
     from load_client import Plan
 
     overrides = dict(overrides or {})
     row: dict[str, Any] = {"clients": clients, "procs": procs, "rounds": rounds,
                            "per_round": per_round, "server_overrides": overrides,
                            "join_concurrency": join_concurrency, "poll_seconds": poll_seconds,
-                           "connect_timeout_ms": connect_timeout_ms, "error": None,
+                           "connect_timeout_ms": connect_timeout_ms, "hold_s": hold,
+                           "error": None,
                            # Other work on the machine competes for its cores too.
                            "load_average_1min_before": os.getloadavg()[0]}
     issued = 0.0
     if credentials is None:
-        credentials, issued = provision(clients)
+        credentials, issued = provision(clients + 1)
     row["certificates_issued_s"] = issued
     workdir.mkdir(parents=True, exist_ok=True)
-    experiment = write_experiment(workdir, clients=clients, rounds=rounds, per_round=per_round,
-                                  credentials=credentials, overrides=overrides)
+    experiment = write_experiment(workdir, clients=clients + (hold > 0), rounds=rounds,
+                                  per_round=per_round, credentials=credentials,
+                                  overrides=overrides)
     layout = model_layout(experiment)
     row["numel"] = layout["numel"]
     out = workdir / "out"
@@ -409,6 +419,7 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
     probe: StatusProbe | None = None
     loaders: list[subprocess.Popen[bytes]] = []
     spawned = time.monotonic()
+    late_spawned: float | None = None
     try:
         end = time.monotonic() + START_TIMEOUT_S
         while not (out / "endpoint.json").is_file():
@@ -420,21 +431,33 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
         probe = StatusProbe(target, credentials, endpoint.get("metrics_port"), status_every,
                             cli_every, connect_timeout_ms)
         probe.start()
-        ids = member_ids(clients)
+        ids = member_ids(clients + 1)
+
+        def loader(name: str, group: list[str], seed: int) -> subprocess.Popen[bytes]:
+            plan = Plan(target=target, credentials=str(credentials), ids=group,
+                        out=str(workdir / f"{name}.json"), poll_seconds=poll_seconds,
+                        join_concurrency=join_concurrency, deadline=timeout, seed=seed,
+                        connect_timeout_ms=connect_timeout_ms, **layout)
+            plan_path = workdir / f"plan-{name}.json"
+            plan_path.write_text(json.dumps(asdict(plan)))
+            return _spawn([sys.executable, str(HERE / "load_client.py"), str(plan_path)],
+                          workdir / f"{name}.log")
+
         spawned = time.monotonic()
         for i in range(procs):
-            group = ids[i::procs]
-            if not group:
-                continue
-            plan = Plan(target=target, credentials=str(credentials), ids=group,
-                        out=str(workdir / f"load-{i}.json"), poll_seconds=poll_seconds,
-                        join_concurrency=join_concurrency, deadline=timeout, seed=i,
-                        connect_timeout_ms=connect_timeout_ms, **layout)
-            plan_path = workdir / f"plan-{i}.json"
-            plan_path.write_text(json.dumps(asdict(plan)))
-            loaders.append(_spawn([sys.executable, str(HERE / "load_client.py"),
-                                   str(plan_path)], workdir / f"load-{i}.log"))
+            group = ids[:clients][i::procs]
+            if group:
+                loaders.append(loader(f"load-{i}", group, i))
         deadline = spawned + timeout + 30
+        if hold > 0:
+            while probe.connected() < clients:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in loaders):
+                    raise RuntimeError(f"{probe.connected()} of {clients} members connected")
+                time.sleep(0.1)
+            time.sleep(hold)
+            row["late_spawned"] = time.monotonic() - spawned
+            late_spawned = time.monotonic()
+            loaders.append(loader("latecomer", ids[clients:], procs))
         for proc in loaders:
             _stop(proc, max(deadline - time.monotonic(), 1.0))
         server_rc = _stop(server, SERVER_EXIT_S)
@@ -455,7 +478,10 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
             _stop(server, 0)
         sampler.stop()
     tallies = [json.loads(p.read_text()) for p in sorted(workdir.glob("load-*.json"))]
-    row.update(_results(row, tallies, sampler, probe, out, workdir, spawned))
+    late = workdir / "latecomer.json"
+    latecomer = json.loads(late.read_text()) if late.is_file() else None
+    row.update(_results(row, tallies, latecomer, sampler, probe, out, workdir, spawned,
+                        late_spawned))
     row["load_average_1min_after"] = os.getloadavg()[0]
     return row
 
@@ -467,11 +493,14 @@ def _tail(path: Path, chars: int = 1500) -> str:
         return ""
 
 
-def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: ServerSampler,
-             probe: StatusProbe | None, out: Path, workdir: Path,
-             spawned: float) -> dict[str, Any]:
+def _results(row: dict[str, Any], tallies: list[dict[str, Any]],
+             latecomer: dict[str, Any] | None, sampler: ServerSampler,
+             probe: StatusProbe | None, out: Path, workdir: Path, spawned: float,
+             late_spawned: float | None) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    members = _merge(tallies) if tallies else None
+    # The N members' connection figures; the latecomer counts for everything else.
+    main = _merge(tallies) if tallies else None
+    members = _merge([*tallies, latecomer]) if tallies and latecomer else main
     if members is None and row["error"] is None:
         row["error"] = "no load generator wrote its results"
     records: list[dict[str, Any]] = []
@@ -486,15 +515,20 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: Server
     res["round_s"] = _summary(walls)
     res["round1_s"] = records[0].get("wall_time") if records else None
     connected = finished = first_join = None
-    if members is not None:
-        joined_at = members["joined_at"]
+    rounds_from = None  # when the rounds could start: all N (and the latecomer) joined
+    if members is not None and main is not None:
+        joined_at = main["joined_at"]
         connected = max(joined_at) if len(joined_at) == row["clients"] else None
-        first_join = members["first_join_start"]
+        first_join = main["first_join_start"]
+        rounds_from = connected
+        if row.get("hold_s"):
+            rounds_from = latecomer["joined_at"][0] if latecomer and \
+                latecomer["joined_at"] else None
         res["connect"] = {
-            "joined": members["joined"],
+            "joined": main["joined"],
             "all_joined_s": connected - first_join if connected and first_join else None,
             "from_spawn_s": connected - spawned if connected else None,
-            "join_latency_s": _summary(members["join_latency_s"]),
+            "join_latency_s": _summary(main["join_latency_s"]),
         }
         res["members"] = {k: members[k] for k in (
             "members", "joined", "joins", "done", "gave_up", "unfinished", "heartbeats",
@@ -522,10 +556,12 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: Server
     if probe is not None:
         finished = finished or probe.finished_at(row["rounds"])
         during = [c for c in probe.calls
-                  if connected is not None and c[0] >= connected
+                  if rounds_from is not None and c[0] >= rounds_from
                   and (finished is None or c[0] <= finished)]
         connecting = [c for c in probe.calls if c[0] >= spawned
                       and (connected is None or c[0] < connected)]
+        idle = [c for c in probe.calls if connected is not None and late_spawned is not None
+                and connected <= c[0] <= late_spawned]
         res["status"] = {
             "calls": len(probe.calls),
             # Calls after the last round may meet a server that is exiting: not counted.
@@ -534,11 +570,13 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: Server
             "all_s": _summary([c[1] for c in probe.calls if c[1] is not None]),
             "during_rounds_s": _summary([c[1] for c in during if c[1] is not None]),
             "while_connecting_s": _summary([c[1] for c in connecting if c[1] is not None]),
+            "idle_s": _summary([c[1] for c in idle if c[1] is not None]),
             "cli_s": _summary([c[1] for c in probe.cli if c[2] == 0]),
             "cli_failed": sum(1 for c in probe.cli if c[2] != 0),
             "cli_errors": probe.cli_errors[:5],
             "call_errors": [{"at_s": round(t - spawned, 2), "error": e}
-                            for t, e in probe.call_errors],
+                            for t, e in probe.call_errors
+                            if finished is None or t < finished][:5],
             "max_connected_seen": max((c[2] for c in probe.calls), default=0),
         }
         res["server_counters"] = {k: {r: v for r, v in sorted(d.items()) if v}
@@ -557,11 +595,15 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]], sampler: Server
         "peak_threads": max((s[3] for s in samples), default=0),
         "cpu_connect": sampler.cpu_share(first_join, connected) if connected and first_join
         else None,
-        "cpu_rounds": sampler.cpu_share(connected, finished) if connected and finished
+        "cpu_idle": sampler.cpu_share(connected, late_spawned)
+        if connected and late_spawned else None,
+        "cpu_rounds": sampler.cpu_share(rounds_from, finished) if rounds_from and finished
         else None,
         "cpu_s_total": samples[-1][2] if samples else None,
     }
-    res["rounds_wall_s"] = finished - connected if connected and finished else None
+    res["rounds_wall_s"] = finished - rounds_from if rounds_from and finished else None
+    if members is not None and latecomer is None and row.get("hold_s"):
+        row["error"] = row["error"] or "the latecomer wrote no results"
     return res
 
 
@@ -572,30 +614,42 @@ def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def _row_cells(r: dict[str, Any]) -> str:
-    rs, st, srv = r.get("round_s") or {}, r.get("status") or {}, r.get("server") or {}
-    during, cli = st.get("during_rounds_s") or {}, st.get("cli_s") or {}
-    connecting = st.get("while_connecting_s") or {}
+def _size(r: dict[str, Any]) -> str:
+    size = f"{r['clients']:,}"
+    if r.get("connect_timeout_ms") is not None:
+        size += f" (members allow {r['connect_timeout_ms'] / 1000:g} s to connect)"
+    return size
+
+
+def _pair(s: dict[str, Any] | None, spec: str = ".2f") -> str:
+    s = s or {}
+    return f"{_fmt(s.get('median'), spec)} / {_fmt(s.get('max'), spec)}"
+
+
+def _rounds_cells(r: dict[str, Any]) -> str:
     conn = r.get("connect") or {}
     joined = conn.get("joined")
     joined_cell = _fmt(conn.get("all_joined_s"), ".1f") if joined == r["clients"] \
         else f"{joined or 0:,} joined"
-    size = f"{r['clients']:,}"
-    if r.get("connect_timeout_ms") is not None:
-        size += f" (members allow {r['connect_timeout_ms'] / 1000:g} s to connect)"
-    return (f"| {size} | {joined_cell} "
-            f"| {r.get('rounds_completed', 0)}/{r['rounds']} "
-            f"| {_fmt(rs.get('median'))} / {_fmt(rs.get('max'))} "
-            f"| {_fmt(srv.get('rss_connected_mb'), '.0f')} / {_fmt(srv.get('peak_rss_mb'), '.0f')} "
-            f"| {_fmt(srv.get('cpu_connect'))} / {_fmt(srv.get('cpu_rounds'))} "
-            f"| {srv.get('peak_threads', '-')} "
-            f"| {_fmt(connecting.get('median'), '.3f')} / {_fmt(connecting.get('max'), '.3f')} "
-            f"| {_fmt(during.get('median'), '.3f')} / {_fmt(during.get('max'), '.3f')} "
-            f"| {_fmt(cli.get('median'), '.1f')} / {_fmt(cli.get('max'), '.1f')} "
+    return (f"| {_size(r)} | {joined_cell} | {r.get('rounds_completed', 0)}/{r['rounds']} "
+            f"| {_pair(r.get('round_s'))} "
             f"| {r.get('client_errors_refused', '-')} / {r.get('client_errors_transport', '-')} "
             f"| {_fmt(r.get('server_refusals_total'), '.0f')} "
             f"| {_fmt(r.get('load_average_1min_before'), '.1f')} / "
             f"{_fmt(r.get('load_average_1min_after'), '.1f')} |")
+
+
+def _server_cells(r: dict[str, Any]) -> str:
+    srv, st = r.get("server") or {}, r.get("status") or {}
+    return (f"| {_size(r)} "
+            f"| {_fmt(srv.get('rss_connected_mb'), '.0f')} / {_fmt(srv.get('peak_rss_mb'), '.0f')} "
+            f"| {_fmt(srv.get('cpu_connect'))} / {_fmt(srv.get('cpu_idle'))} / "
+            f"{_fmt(srv.get('cpu_rounds'))} "
+            f"| {srv.get('peak_threads', '-')} "
+            f"| {_pair(st.get('while_connecting_s'), '.3f')} "
+            f"| {_pair(st.get('idle_s'), '.3f')} "
+            f"| {_pair(st.get('during_rounds_s'), '.3f')} "
+            f"| {_pair(st.get('cli_s'), '.1f')} |")
 
 
 def _row_notes(r: dict[str, Any]) -> str | None:
@@ -634,6 +688,8 @@ def markdown(d: dict[str, Any]) -> str:
     from report import machine_line
 
     overrides = d.get("overrides") or {}
+    holds = ", ".join(sorted({f"{r.get('hold_s', 0):g} s, then one more member joins and "
+                              "the rounds start" for r in d["rows"]}))
     lines = [
         "## Thousands of connected clients (issue #18)", "",
         *[f"Command: `{c}`" for c in dict.fromkeys(r.get("command", d["command"])
@@ -644,7 +700,8 @@ def markdown(d: dict[str, Any]) -> str:
         "",
         "One `fedmosaic server` process (the `grpc.aio` service; digits, the MLP of "
         f"{d['rows'][0].get('numel', '?'):,} parameters, {d['per_round']} clients selected per "
-        "round, `min_clients` = N so the first round starts when all N are connected, "
+        "round, `min_clients` = N + 1: the N members connect, the server idles with them, "
+        "then one more member joins and the rounds start, "
         f"`round_deadline` = {ROUND_DEADLINE_S:g} s, `round_retries` = 0, the other `[server]` "
         "settings at their defaults"
         + (", and " + ", ".join(f"`{k} = {v}`" for k, v in overrides.items())
@@ -657,26 +714,32 @@ def markdown(d: dict[str, Any]) -> str:
         "machine's cores.", "",
         "- *all joined*: seconds from the first member's `Join` to the last one's.",
         "- *round*: the server's `wall_time` of rounds 2 and later (round 1 includes the "
-        "wait for all N members, so it is left out; it is in the JSON).",
-        "- *server RSS*: with all N connected / peak; *CPU*: the server process's user + "
-        "system time per wall second (1.00 = one core busy) while the members connect and "
-        "while the rounds run; *threads*: its peak thread count.",
-        "- *Status*: the operator's `Status` call over a fresh mutual-TLS channel (what "
-        "`fedmosaic status` does once started), every 0.25 s, while the members connect and "
-        "while the rounds run; *`fedmosaic status`*: the whole command (a new Python "
-        "process), every 15 s.",
-        "- *load*: the machine's 1-minute load average before / after the size ran "
-        "(other jobs on the machine included).",
+        "wait for all members, so it is left out; it is in the JSON).",
         "- *failed member calls*: refused by the server (the call carries a refusal code) / "
         "failed before the server saw a call (connection attempt, TLS handshake; the member "
         "retried it, as the real client does); *server refusals*: "
-        "`fedmosaic_rejected_messages_total`, all reasons.", "",
-        "| connected | all joined (s) | rounds | round median / max (s) | server RSS (MB) "
-        "| server CPU connect / rounds | server threads | Status while connecting, median / "
-        "max (s) | Status during rounds, median / max (s) | `fedmosaic status` median / max "
-        "(s) | failed member calls: refused / connection | server refusals | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [_row_cells(r) for r in d["rows"]]
+        "`fedmosaic_rejected_messages_total`, all reasons.",
+        "- *load*: the machine's 1-minute load average before / after the size ran "
+        "(other jobs on the machine included).",
+        "- *server RSS*: with all N connected / peak; *CPU*: the server process's user + "
+        "system time per wall second (1.00 = one core busy) while the members connect, "
+        f"while it idles with all N connected ({holds}; the operator probe's `Status` "
+        "calls included), and while the rounds run; *threads*: its peak thread "
+        "count.",
+        "- *Status*: the operator's `Status` call over a fresh mutual-TLS channel (what "
+        f"`fedmosaic status` does once started), every {d.get('status_every', 0.25):g} s, "
+        "median / max (s); *`fedmosaic status`*: the whole command (a new Python process), "
+        f"every {d.get('cli_every', 15):g} s, median / max (s).", "",
+        "| connected | all joined (s) | rounds | round median / max (s) | failed member "
+        "calls: refused / connection | server refusals | load |",
+        "|---|---|---|---|---|---|---|"]
+    lines += [_rounds_cells(r) for r in d["rows"]]
+    lines += ["",
+              "| connected | server RSS (MB) | server CPU connect / idle / rounds | server "
+              "threads | Status while connecting | Status idle | Status during rounds "
+              "| `fedmosaic status` |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [_server_cells(r) for r in d["rows"]]
     notes = [n for n in (_row_notes(r) for r in d["rows"]) if n]
     lines.append("")
     if notes:
@@ -718,7 +781,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=100, help="clients_per_round")
     parser.add_argument("--procs", type=int, default=4, help="load-generator processes")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per size")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per size")
+    parser.add_argument("--hold", type=float, default=10.0,
+                        help="seconds the server idles with all N connected before one more "
+                             "member joins and the rounds start (0: start at once)")
     parser.add_argument("--status-every", type=float, default=0.25,
                         help="seconds between the operator's Status calls")
     parser.add_argument("--connect-timeout-ms", type=int, default=None,
@@ -752,7 +818,7 @@ def main(argv: list[str] | None = None) -> None:
                            procs=args.procs, workdir=Path(tmp), overrides=overrides,
                            timeout=args.timeout, status_every=args.status_every,
                            cli_every=args.cli_every,
-                           connect_timeout_ms=args.connect_timeout_ms)
+                           connect_timeout_ms=args.connect_timeout_ms, hold=args.hold)
         row["command"] = command
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in (
@@ -761,7 +827,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"command": command, "machine": info, "commit": _git_commit(),
                "net_dirty": _net_dirty(),
                "per_round": args.per_round, "procs": args.procs, "rounds": args.rounds,
-               "overrides": overrides, "rows": rows}
+               "overrides": overrides, "status_every": args.status_every,
+               "cli_every": args.cli_every, "rows": rows}
     previous = RESULTS / f"{RESULTS_NAME}.json"
     if args.append and previous.is_file():
         payload["rows"] = json.loads(previous.read_text())["rows"] + rows
