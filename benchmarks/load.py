@@ -19,7 +19,13 @@ members (``benchmarks/load_client.py``) spread over ``--procs`` load-generator p
 each running its members on one asyncio event loop with one ``grpc.aio`` channel and one
 client certificate per member. A member joins, heartbeats at the server's interval,
 long-polls for tasks, downloads the model and uploads a small random finite update for each
-FIT task, exactly as the real client frames these calls, and stops at DONE.
+FIT task, exactly as the real client frames these calls, and stops at DONE. ``--evaluate K``
+adds a federated evaluation by K members after each round (``EVALUATE`` tasks: download,
+``ReportEvaluation``), on the same model with the members' data declared (``custom`` data
+that the server never loads) instead of the server's central evaluation. ``--hold S``
+(default 10): the N members connect, the server idles with them for S seconds
+(``min_clients`` = N + 1), then one more member joins and the rounds start, so the cost of
+N idle connected members is measured on its own.
 
 Measured per size:
 
@@ -140,18 +146,39 @@ def provision(count: int, cache: Path = CACHE) -> tuple[Path, float]:
 # --------------------------------------------------------------------------- the task
 
 
+# The members' own data in the federated-evaluation task: the server never loads it (it only
+# declares that the clients hold local test splits); members declare their data instead.
+MEMBER_DATA = """import numpy as np
+
+
+def load_data(client_id):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(40, 64)).astype("float32"), rng.integers(0, 10, 40)
+"""
+
+
 def write_experiment(workdir: Path, *, clients: int, rounds: int, per_round: int,
-                     credentials: Path, overrides: dict[str, Any]) -> Path:
-    """The digits task with the tests' MLP, served to ``clients`` members."""
+                     credentials: Path, overrides: dict[str, Any], evaluate: int = 0) -> Path:
+    """The digits task with the tests' MLP, served to ``clients`` members; ``evaluate`` > 0:
+    the same model on 64 features and 10 classes with federated evaluation by ``evaluate``
+    members after each round instead of the server's central evaluation (``custom`` data,
+    the members' ids listed)."""
     server: dict[str, Any] = {"address": "127.0.0.1", "port": 0,
                               "credentials": str(credentials), "min_clients": clients,
                               "wait_for_clients": 600.0, "round_deadline": ROUND_DEADLINE_S,
                               "round_retries": 0, **overrides}
-    lines = [f'name = "load-{clients}"', "seed = 1", f"rounds = {rounds}", "threads = 1", "",
-             "[data]", 'dataset = "digits"', "", "[partition]", 'method = "iid"',
-             "clients = 10", "", "[model]", 'kind = "mlp"', "hidden = [16]", "", "[train]",
-             "lr = 0.1", "", "[strategy]", f"clients_per_round = {per_round}",
-             "", "[server]"]
+    lines = [f'name = "load-{clients}"', "seed = 1", f"rounds = {rounds}", "threads = 1", ""]
+    if evaluate > 0:
+        (workdir / "member_data.py").write_text(MEMBER_DATA)
+        lines += ["[data]", 'dataset = "custom"', f"clients = {json.dumps(member_ids(clients))}",
+                  'loader = "member_data.py:load_data"', "test_fraction = 0.25",
+                  "feature_shape = [64]", "num_classes = 10", "", "[evaluation]",
+                  "central = false", "federated = true", f"clients = {evaluate}", ""]
+    else:
+        lines += ["[data]", 'dataset = "digits"', "", "[partition]", 'method = "iid"',
+                  "clients = 10", ""]
+    lines += ["[model]", 'kind = "mlp"', "hidden = [16]", "", "[train]", "lr = 0.1", "",
+              "[strategy]", f"clients_per_round = {per_round}", "", "[server]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
     path = workdir / "experiment.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -385,12 +412,14 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
              credentials: Path | None = None, overrides: dict[str, Any] | None = None,
              timeout: float = 900.0, status_every: float = 0.25, cli_every: float = 15.0,
              poll_seconds: float = 10.0, join_concurrency: int = 64,
-             connect_timeout_ms: int | None = None, hold: float = 0.0) -> dict[str, Any]:
+             connect_timeout_ms: int | None = None, hold: float = 0.0,
+             evaluate: int = 0) -> dict[str, Any]:
     """One size: server, ``procs`` load generators, the probes; the row of results.
 
     ``hold`` > 0: once the N members are connected the server idles with them for ``hold``
     seconds (``min_clients`` = N + 1), then one more member (a load generator of its own,
-    the latecomer) joins and the rounds start; the idle window is measured on its own."""
+    the latecomer) joins and the rounds start; the idle window is measured on its own.
+    ``evaluate`` > 0: federated evaluation by that many members after each round."""
     from load_client import Plan
 
     overrides = dict(overrides or {})
@@ -398,6 +427,7 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
                            "per_round": per_round, "server_overrides": overrides,
                            "join_concurrency": join_concurrency, "poll_seconds": poll_seconds,
                            "connect_timeout_ms": connect_timeout_ms, "hold_s": hold,
+                           "evaluate": evaluate,
                            "error": None,
                            # Other work on the machine competes for its cores too.
                            "load_average_1min_before": os.getloadavg()[0]}
@@ -408,7 +438,7 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
     workdir.mkdir(parents=True, exist_ok=True)
     experiment = write_experiment(workdir, clients=clients + (hold > 0), rounds=rounds,
                                   per_round=per_round, credentials=credentials,
-                                  overrides=overrides)
+                                  overrides=overrides, evaluate=evaluate)
     layout = model_layout(experiment)
     row["numel"] = layout["numel"]
     out = workdir / "out"
@@ -506,9 +536,10 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]],
     records: list[dict[str, Any]] = []
     if (out / "metrics.json").is_file():
         records = json.loads((out / "metrics.json").read_text())
-    res["round_records"] = [{k: r.get(k) for k in ("round", "updates", "failures", "rejected",
-                                                   "wall_time", "test_accuracy")}
-                            for r in records]
+    res["round_records"] = [{k: r.get(k) for k in (
+        "round", "updates", "failures", "rejected", "wall_time", "test_accuracy",
+        "fed_eval_clients", "fed_eval_failures", "fed_test_accuracy") if k in r}
+        for r in records]
     res["rounds_completed"] = len(records)
     # Round 1's wall time includes waiting for all N members (min_clients = N): left out.
     walls = [float(r["wall_time"]) for r in records[1:] if r.get("wall_time") is not None]
@@ -787,6 +818,9 @@ def main(argv: list[str] | None = None) -> None:
                              "member joins and the rounds start (0: start at once)")
     parser.add_argument("--status-every", type=float, default=0.25,
                         help="seconds between the operator's Status calls")
+    parser.add_argument("--evaluate", type=int, default=0,
+                        help="federated evaluation by this many members after each round "
+                             "(0: the server evaluates centrally)")
     parser.add_argument("--connect-timeout-ms", type=int, default=None,
                         help="members' grpc.min_reconnect_backoff_ms (default: the real "
                              "client's 200)")
@@ -818,12 +852,14 @@ def main(argv: list[str] | None = None) -> None:
                            procs=args.procs, workdir=Path(tmp), overrides=overrides,
                            timeout=args.timeout, status_every=args.status_every,
                            cli_every=args.cli_every,
-                           connect_timeout_ms=args.connect_timeout_ms, hold=args.hold)
+                           connect_timeout_ms=args.connect_timeout_ms, hold=args.hold,
+                           evaluate=args.evaluate)
         row["command"] = command
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in (
-            "clients", "error", "rounds_completed", "connect", "round_s", "server", "status",
-            "client_errors", "server_counters")}, indent=1, default=str), flush=True)
+            "clients", "error", "round_records", "connect", "round_s", "server", "status",
+            "members", "client_errors", "server_counters")}, indent=1, default=str),
+            flush=True)
     payload = {"command": command, "machine": info, "commit": _git_commit(),
                "net_dirty": _net_dirty(),
                "per_round": args.per_round, "procs": args.procs, "rounds": args.rounds,

@@ -2,8 +2,10 @@
 
 A real ``fedmosaic server`` process and 150 lightweight members (``benchmarks/load_client.py``:
 one ``grpc.aio`` channel, TLS session and client certificate each, the real protocol) in one
-load-generator process, 2 rounds of 50. No timing is asserted: every round completes with
-all its updates, the operator's ``Status`` answers while the members are connected, and no
+load-generator process, 2 rounds of 50, each followed by a federated evaluation by 50
+members (``EVALUATE`` tasks). No timing is asserted: every round completes with all its
+updates and evaluation reports, the operator's ``Status`` answers while the members are
+connected, and no
 honest request is refused, neither as the members see it (no failed call at all) nor by the
 server's own counters (``/metrics``) and log.
 
@@ -36,19 +38,21 @@ def test_150_members_two_rounds_nothing_refused(tmp_path: Path) -> None:
     row = load.run_size(MEMBERS, rounds=ROUNDS, per_round=PER_ROUND, procs=1,
                         workdir=tmp_path / "run", credentials=credentials, timeout=60.0,
                         status_every=0.25, cli_every=0, join_concurrency=32,
-                        connect_timeout_ms=20_000)
+                        connect_timeout_ms=20_000, evaluate=PER_ROUND)
     assert row["error"] is None, row["error"]
 
     # Every round ran once, with an update from every selected member.
     assert [r["round"] for r in row["round_records"]] == [1, 2]
     for record in row["round_records"]:
         assert (record["updates"], record["failures"], record["rejected"]) == (PER_ROUND, 0, 0)
+        assert (record["fed_eval_clients"], record["fed_eval_failures"]) == (PER_ROUND, 0)
     members = row["members"]
     assert members["joined"] == members["done"] == MEMBERS
     assert members["joins"] == MEMBERS  # nobody had to join again
     assert members["gave_up"] == {} and members["unfinished"] == 0
     assert members["uploads_accepted"] == ROUNDS * PER_ROUND
     assert members["fit_rounds"] == {"1": PER_ROUND, "2": PER_ROUND}
+    assert members["evaluations"] == ROUNDS * PER_ROUND
     assert row["connect"]["joined"] == MEMBERS
 
     # The operator was answered while all members were connected.
