@@ -498,9 +498,11 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
     except Exception as exc:  # recorded: the benchmark goes on with the next size
         row["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        for proc in loaders:
-            if proc.poll() is None:
-                _stop(proc, 0)
+        running = [p for p in loaders if p.poll() is None]
+        for proc in running:  # all at once: each writes what its members did, then exits
+            proc.terminate()
+        for proc in running:
+            _stop(proc, 15.0)
         if probe is not None:
             probe.scrape()
             probe.stop()

@@ -34,6 +34,7 @@ import asyncio
 import json
 import random
 import resource
+import signal
 import sys
 import time
 from collections import Counter
@@ -370,13 +371,31 @@ async def run_plan(plan: Plan) -> Tally:
     seeds = random.Random(plan.seed)
     members = [Member(cid, plan, tally, gate, server_name, random.Random(seeds.getrandbits(64)))
                for cid in plan.ids]
-    tasks = [asyncio.get_running_loop().create_task(m.run()) for m in members]
-    _, pending = await asyncio.wait(tasks, timeout=plan.deadline)
+    loop = asyncio.get_running_loop()
+
+    async def run(member: Member) -> None:
+        try:
+            await member.run()
+        except Exception as exc:  # a bug or bad setup, not the server: recorded, never lost
+            why = f"error: {type(exc).__name__}: {exc}"[:200]
+            tally.gave_up[why] = tally.gave_up.get(why, 0) + 1
+
+    tasks = [loop.create_task(run(m)) for m in members]
+    # SIGTERM (the driver stopping a size early) ends the members and still writes the tally.
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    stopper = loop.create_task(stop.wait())
+    everyone = asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.wait([everyone, stopper], timeout=plan.deadline,
+                       return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    pending = [t for t in tasks if not t.done()]
     tally.unfinished = len(pending)
     for t in pending:
         t.cancel()
     if pending:
-        await asyncio.wait(pending, timeout=10)
+        await asyncio.wait(pending, timeout=5)
+    await asyncio.gather(everyone, stopper, return_exceptions=True)
     tally.ended = time.monotonic()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     tally.cpu_s = usage.ru_utime + usage.ru_stime
