@@ -808,6 +808,10 @@ def main() -> None:
         from load import markdown as load_markdown  # benchmarks/load.py
 
         parts.append(load_markdown(d))
+    if (d := load("chaos")) is not None:
+        from chaos import markdown as chaos_markdown  # benchmarks/chaos.py
+
+        parts.append(chaos_markdown(d))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 
