@@ -260,7 +260,8 @@ class StatusProbe(threading.Thread):
         # (monotonic at the call's start, seconds or None, connected, completed, state, error)
         self.calls: list[tuple[float, float | None, int, int, str, str]] = []
         self.cli: list[tuple[float, float, int]] = []  # (start, seconds, exit status)
-        self.cli_errors: list[str] = []
+        # (the failed command's entry in ``cli``, the end of its stderr)
+        self.cli_errors: list[tuple[tuple[float, float, int], str]] = []
         self.call_errors: list[tuple[float, str]] = []  # the first few failed Status calls
         self.counters: dict[str, dict[str, float]] = {}
         self.scrape_error = ""
@@ -318,7 +319,7 @@ class StatusProbe(threading.Thread):
                               cwd=ROOT, capture_output=True, timeout=60, check=False)
         self.cli.append((start, time.monotonic() - start, done.returncode))
         if done.returncode != 0:
-            self.cli_errors.append(done.stderr.decode(errors="replace")[-300:])
+            self.cli_errors.append((self.cli[-1], done.stderr.decode(errors="replace")[-300:]))
 
     def _cli_loop(self) -> None:
         while True:
@@ -605,8 +606,11 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]],
             "while_connecting_s": _summary([c[1] for c in connecting if c[1] is not None]),
             "idle_s": _summary([c[1] for c in idle if c[1] is not None]),
             "cli_s": _summary([c[1] for c in probe.cli if c[2] == 0]),
-            "cli_failed": sum(1 for c in probe.cli if c[2] != 0),
-            "cli_errors": probe.cli_errors[:5],
+            # A command that ended after the last round may have met an exiting server.
+            "cli_failed": sum(1 for c in probe.cli if c[2] != 0
+                              and (finished is None or c[0] + c[1] < finished)),
+            "cli_errors": [e for c, e in probe.cli_errors
+                           if finished is None or c[0] + c[1] < finished][:5],
             "call_errors": [{"at_s": round(t - spawned, 2), "error": e}
                             for t, e in probe.call_errors
                             if finished is None or t < finished][:5],
