@@ -629,6 +629,8 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]],
     res["server"] = {
         "peak_rss_mb": max((s[1] for s in samples), default=0) / 2**20,
         "rss_connected_mb": (sampler.rss_at(connected) or 0) / 2**20 if connected else None,
+        # Listening, before the first member's join: the model, the data, the libraries.
+        "rss_listening_mb": (sampler.rss_at(spawned) or 0) / 2**20,
         "peak_threads": max((s[3] for s in samples), default=0),
         "cpu_connect": sampler.cpu_share(first_join, connected) if connected and first_join
         else None,
@@ -638,6 +640,10 @@ def _results(row: dict[str, Any], tallies: list[dict[str, Any]],
         else None,
         "cpu_s_total": samples[-1][2] if samples else None,
     }
+    srv = res["server"]
+    if srv["rss_connected_mb"] and srv["rss_listening_mb"]:
+        srv["rss_per_member_kb"] = (srv["rss_connected_mb"] - srv["rss_listening_mb"]) \
+            * 1024 / row["clients"]
     res["rounds_wall_s"] = finished - rounds_from if rounds_from and finished else None
     if members is not None and latecomer is None and row.get("hold_s"):
         row["error"] = row["error"] or "the latecomer wrote no results"
@@ -679,7 +685,9 @@ def _rounds_cells(r: dict[str, Any]) -> str:
 def _server_cells(r: dict[str, Any]) -> str:
     srv, st = r.get("server") or {}, r.get("status") or {}
     return (f"| {_size(r)} "
-            f"| {_fmt(srv.get('rss_connected_mb'), '.0f')} / {_fmt(srv.get('peak_rss_mb'), '.0f')} "
+            f"| {_fmt(srv.get('rss_listening_mb'), '.0f')} / "
+            f"{_fmt(srv.get('rss_connected_mb'), '.0f')} / {_fmt(srv.get('peak_rss_mb'), '.0f')} "
+            f"({_fmt(srv.get('rss_per_member_kb'), '.0f')} KB per member) "
             f"| {_fmt(srv.get('cpu_connect'))} / {_fmt(srv.get('cpu_idle'))} / "
             f"{_fmt(srv.get('cpu_rounds'))} "
             f"| {srv.get('peak_threads', '-')} "
@@ -758,7 +766,8 @@ def markdown(d: dict[str, Any]) -> str:
         "`fedmosaic_rejected_messages_total`, all reasons.",
         "- *load*: the machine's 1-minute load average before / after the size ran "
         "(other jobs on the machine included).",
-        "- *server RSS*: with all N connected / peak; *CPU*: the server process's user + "
+        "- *server RSS*: listening (before the first join) / with all N connected / peak, "
+        "and (connected - listening) / N; *CPU*: the server process's user + "
         "system time per wall second (1.00 = one core busy) while the members connect, "
         f"while it idles with all N connected ({holds}; the operator probe's `Status` "
         "calls included), and while the rounds run; *threads*: its peak thread "
