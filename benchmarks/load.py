@@ -722,7 +722,13 @@ def _row_notes(r: dict[str, Any]) -> str | None:
         what.append("members gave up: " + ", ".join(f"`{k}` {v}" for k, v in gave_up.items()))
     failed = (r.get("status") or {}).get("failed")
     if failed:
-        what.append("operator Status failed " + ", ".join(f"{k} {v}" for k, v in failed.items()))
+        first = ((r.get("status") or {}).get("call_errors") or [{}])[0]
+        what.append("operator Status failed " + ", ".join(f"{k} {v}" for k, v in failed.items())
+                    + (f" (first {first['at_s']:g} s after the members started: "
+                       f"\"{first['error'][:160]}\")" if first else ""))
+    cli_failed = (r.get("status") or {}).get("cli_failed")
+    if cli_failed:
+        what.append(f"`fedmosaic status` failed {cli_failed} times")
     if not what:
         return None
     return f"- {r['clients']:,} connected: " + "; ".join(what) + "."
