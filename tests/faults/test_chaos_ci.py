@@ -6,6 +6,8 @@ suite")."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedmosaic.faults.scenarios import CI_SELECTION, SCENARIOS, run_scenario
@@ -14,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", CI_SELECTION)
-def test_scenario(name: str) -> None:
-    result = run_scenario(name)
+def test_scenario(name: str, tmp_path: Path) -> None:
+    result = run_scenario(name, keep=tmp_path)  # logs and outputs kept under pytest's tmp
     assert result.outcome == "ok", result.error
     # Each scenario checked something of each promise it names, not nothing.
     assert len(result.checked) >= 6, result.checked
