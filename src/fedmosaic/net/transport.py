@@ -422,9 +422,9 @@ class GrpcTransport:
 
     def heartbeat(self, peer: Peer, instance: str) -> pb.HeartbeatReply:
         with self.cond:
-            session = self.session_of(peer, instance)
-            if self.done:
-                session.seen_done = True
+            self.session_of(peer, instance)
+            # A heartbeat reply does not tell the client the run is done (its task loop
+            # learns it from GetTask): the linger waits for that, not for the heartbeat.
             return pb.HeartbeatReply(round=self.round, done=self.done)
 
     def poll_task(self, peer: Peer, instance: str) -> pb.Task | None:
