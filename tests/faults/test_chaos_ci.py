@@ -34,6 +34,7 @@ def test_the_registry_is_complete() -> None:
                    "hostile_long_poll_flood", "hostile_replayed_upload",
                    "hostile_malformed_messages", "hostile_oversized_messages",
                    "hostile_nan_update", "bad_certificates", "net_delay", "net_throttle",
+                   "net_throttle_below_minimum",
                    "net_drop", "net_cut", "net_refuse_then_accept", "net_unreachable_budget"):
         assert needed in names, needed
     assert set(CI_SELECTION) <= names

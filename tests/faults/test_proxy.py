@@ -100,6 +100,25 @@ def test_throttle_limits_the_rate(proxy: FaultProxy) -> None:
     assert took >= 0.35
 
 
+def test_a_throttled_message_trickles_in(proxy: FaultProxy) -> None:
+    """At 2,000 B/s a 1,000-byte message arrives in pieces over about 0.5 s, not whole after
+    a wait: what a server reading messages from a slow link sees."""
+    proxy.set_fault(Fault(rate=2_000))
+    with _dial(proxy) as sock:
+        started = time.monotonic()
+        sock.sendall(b"z" * 1000)
+        first = sock.recv(4096)
+        got = first
+        for _ in range(1000):  # bounded: at most one read per byte
+            if len(got) >= 1000:
+                break
+            got += sock.recv(4096)
+        took = time.monotonic() - started
+    assert got == b"z" * 1000
+    assert len(first) <= 200  # 50 ms worth of bytes at a time
+    assert took >= 0.45
+
+
 def test_drop_holds_one_direction_keeps_the_connection_and_delivers_after(
         proxy: FaultProxy) -> None:
     with _dial(proxy, timeout=0.5) as sock:

@@ -33,8 +33,9 @@ _POLL = 0.02  # seconds between checks of a held (dropped) direction
 @dataclass(frozen=True)
 class Fault:
     """What the proxy does to a connection. ``delay``: seconds slept before forwarding each
-    chunk (each read, at most ``chunk_bytes``); ``rate``: bytes per second per direction
-    (``None``: unthrottled); ``drop_up`` / ``drop_down``: hold that direction;
+    chunk (each read, at most ``chunk_bytes``); ``rate``: bytes per second per direction,
+    paced in reads of at most 50 ms worth of bytes, so that a message trickles in as over a
+    slow link (``None``: unthrottled); ``drop_up`` / ``drop_down``: hold that direction;
     ``cut_after``: close the connection with a reset once it has forwarded this many bytes
     (both directions together; ``None``: never)."""
 
@@ -353,8 +354,13 @@ class FaultProxy:
             # when the drop began during the read, with the chunk read (forwarded intact later).
             if not await self._held(conn, direction, deadline):
                 return
+            rate = self._fault_of(conn).rate
+            # Throttled, a read takes at most 50 ms worth of bytes, so that a message trickles
+            # in as over a slow link instead of passing whole and then waiting.
+            size = self.chunk_bytes if rate is None else max(1, min(self.chunk_bytes,
+                                                                     int(rate * _POLL * 2.5)))
             try:
-                data = await reader.read(self.chunk_bytes)
+                data = await reader.read(size)
             except (ConnectionError, OSError):
                 data = b""
             if data and not await self._held(conn, direction, deadline):
@@ -367,6 +373,8 @@ class FaultProxy:
             fault = self._fault_of(conn)
             if fault.delay:
                 await asyncio.sleep(fault.delay)
+            if fault.rate is not None:  # the time these bytes take on the throttled link
+                await asyncio.sleep(len(data) / fault.rate)
             if fault.cut_after is not None and conn.forwarded + len(data) >= fault.cut_after:
                 data = data[:max(0, fault.cut_after - conn.forwarded)]
                 if data:
@@ -384,8 +392,6 @@ class FaultProxy:
                 await writer.drain()
             except (ConnectionError, OSError):
                 return
-            if fault.rate is not None:
-                await asyncio.sleep(len(data) / fault.rate)
             if time.monotonic() > deadline:
                 return
 

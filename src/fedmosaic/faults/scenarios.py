@@ -734,6 +734,47 @@ def net_throttle(run: Run) -> None:
     _proxied_run(run, inject, fit_delay=None)
 
 
+@scenario("net_throttle_below_minimum",
+          "one client's link throttled to 1,000 B/s, below the documented minimum "
+          "chunk_bytes / stream_idle_timeout (4096 / 1.5 s = 2,731 B/s): each of its uploads "
+          "is cut as stalled and counted, the rounds aggregate the other two clients")
+def net_throttle_below_minimum(run: Run) -> None:
+    rounds = 2
+    server = {"chunk_bytes": CHUNK, "stream_idle_timeout": 1.5, "heartbeat_interval": 2.0,
+              "linger": 3.0}
+    with _federation(run, rounds=rounds, server=server) as fed:
+        slow = fed.ids[2]
+        fed.server()
+        with FaultProxy(("127.0.0.1", fed.port), max_connection_seconds=run.budget) as proxy:
+            for cid in fed.ids:
+                fed.client(cid, address=proxy.address if cid == slow else None)
+            fed.wait_endpoint()
+            baseline = {k: v for k, v in fed.metrics().items() if "stalled" in k}
+            # Throttled once joined: at 1,000 B/s gRPC gives up on the TLS handshake itself.
+            fed.wait_until(lambda: (st := fed.status()) is not None and
+                           st.connected_clients >= 3, run.left(60), "every client joined")
+            proxy.set_fault(Fault(rate=1_000))
+            fed.wait_until(lambda: len(fed.history()) >= rounds or
+                           fed.procs["server"].poll() is not None, run.left(90),
+                           "the run to end")
+            want = {REJECTED % "stalled": baseline[REJECTED % "stalled"] + rounds,
+                    DROPPED % "stalled": baseline[DROPPED % "stalled"] + rounds}
+            got = settled(fed, want, 5.0) if fed.procs["server"].poll() is None else {}
+            run.counts["proxy"] = proxy.stats()
+            check_server_done(run, fed, run.left(60))
+        run.check(got == want, "one stalled upload per round, counted as refusal and drop",
+                  got)
+        check_rounds_once(run, fed, rounds, updates=2)
+        history = fed.history()
+        run.check(all(r["failures"] == 1 for r in history), "the slow client's task failed in "
+                  "each round", [r["failures"] for r in history])
+        check_clients_done(run, fed, fed.ids[:2], rounds)
+        rc = fed.wait(slow, run.left(30))
+        run.counts["slow_client"] = {"exit_code": rc, "trained": _trained_rounds(fed.log(slow))}
+        run.check(rc == 0 and "stalled UploadUpdate" in fed.log(slow),
+                  "the slow client is told why (stalled) and exits 0 at DONE", rc)
+
+
 @scenario("net_drop",
           "the server-to-client direction is held (a partition, connections kept open) for 4 s "
           "while round 2 trains, then heals: the run completes, each round once, the model "
