@@ -8,6 +8,11 @@ finished its steps is frozen by a per-step "active" flag. Clients are bucketed b
 before chunking, so little work is wasted on padding. The result equals sequential training of
 each client (``SequentialTransport``) up to float rounding.
 
+A model whose forward is a plain chain of flatten / ``nn.Linear`` / ReLU (the zoo's MLP and
+logistic regression; read from its ``torch.fx`` trace, ``linear_chain``) is computed without
+``vmap``: one ``torch.bmm`` per layer on the chunk's ``(K, B, features)`` activations, the
+same batched products without the per-step cost of ``functional_call`` and ``vmap``.
+
 This is the idea of pfl-research (no per-client serialization, RPC or model rebuild) taken one
 step further: not one reused model trained client after client, but the cohort trained as one
 batched computation, on CPU or CUDA.
@@ -32,6 +37,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +46,7 @@ from torch.func import functional_call, vmap
 
 from fedmosaic.algorithms.aggregate import weighted_sum
 from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.core.params import ParamSpec
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import EvalResult, SequentialTransport, TransportResult
@@ -51,6 +58,102 @@ log = logging.getLogger(__name__)
 # Modules whose training-mode behaviour is stateful or random: vmap cannot reproduce
 # sequential training for them, so the transport falls back.
 _UNBATCHABLE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+# A layer of a model that is a plain chain of these: ("flatten",), ("relu",), ("identity",)
+# or ("linear", weight entry, bias entry or None).
+_ChainOp = tuple[Any, ...]
+# How a traced forward spells x.flatten(1) and relu(x) outside modules: (node op, target).
+_FLATTEN = (("call_method", "flatten"), ("call_function", torch.flatten))
+_RELU = (("call_method", "relu"), ("call_function", torch.relu),
+         ("call_function", nn.functional.relu))
+
+
+def linear_chain(model: nn.Module, spec: ParamSpec) -> list[_ChainOp] | None:
+    """``model``'s forward as a chain of flatten / Linear / ReLU layers (the MLP and logistic
+    regression of the model zoo), read from its ``torch.fx`` trace; None for anything else.
+
+    Such a model trains batched with one ``torch.bmm`` per linear layer on the ``(K, B, in)``
+    activations of the chunk, instead of ``vmap`` over ``functional_call``: the same matrix
+    products (``vmap`` batches ``F.linear`` into the same batched kernels), without the per-step
+    cost of re-binding the module's parameters and of ``vmap``'s wrapping, which dominates
+    for small models on a CPU. Anything the trace shows beyond that (another op, a branch, a
+    second use of a value, a flatten of other dimensions) keeps the ``vmap`` path.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow and the like: vmap handles it or not
+        return None
+    by_name = {e.name: e for e in spec.entries}
+    modules = dict(model.named_modules())
+    chain: list[_ChainOp] = []
+    prev: Any = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if prev is not None:
+                return None  # a second input
+            prev = node
+            continue
+        if len(node.args) < 1 or node.args[0] is not prev or len(prev.users) != 1:
+            return None  # not a chain: a value used twice, or another input first
+        rest, kwargs = tuple(node.args[1:]), dict(node.kwargs)
+        if node.op == "output":
+            return chain
+        if node.op == "call_module":
+            module = modules.get(str(node.target))
+            if rest or kwargs or module is None or module._forward_hooks or \
+                    module._forward_pre_hooks:
+                return None
+            if type(module) is nn.Linear:
+                w = by_name.get(f"{node.target}.weight")
+                b = by_name.get(f"{node.target}.bias") if module.bias is not None else None
+                if w is None or (module.bias is not None and b is None):
+                    return None  # frozen parameters: not in the flat vector
+                chain.append(("linear", w, b))
+            elif type(module) is nn.ReLU:
+                chain.append(("relu",))
+            elif type(module) is nn.Identity:
+                chain.append(("identity",))
+            elif type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1):
+                chain.append(("flatten",))
+            else:
+                return None
+        elif (node.op, node.target) in _FLATTEN and \
+                (rest, kwargs) in (((1,), {}), ((), {"start_dim": 1})):
+            chain.append(("flatten",))
+        elif (node.op, node.target) in _RELU and not rest and not kwargs:
+            chain.append(("relu",))
+        else:
+            return None
+        prev = node
+    return None
+
+
+def chain_forward(chain: Sequence[_ChainOp]) -> Callable[[torch.Tensor, torch.Tensor],
+                                                          torch.Tensor]:
+    """The batched forward of a ``linear_chain``: rows of ``w`` ``(K, D)`` are the clients'
+    flat weights, ``x`` is ``(K, B, *features)``; returns ``(K, B, outputs)``, what
+    ``vmap`` of the model's forward returns."""
+
+    def forward(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        k, h = w.shape[0], x
+        for op in chain:
+            kind = op[0]
+            if kind == "linear":
+                we, be = op[1], op[2]
+                weight = w[:, we.offset : we.offset + we.numel].view(k, *we.shape)
+                if be is None:
+                    h = torch.bmm(h, weight.transpose(1, 2))
+                else:
+                    bias = w[:, be.offset : be.offset + be.numel].unsqueeze(1)
+                    h = torch.baddbmm(bias, h, weight.transpose(1, 2))
+            elif kind == "relu":
+                h = torch.relu(h)
+            elif kind == "flatten":
+                h = h.flatten(2)
+        return h
+
+    return forward
 
 
 class BatchingFallbackWarning(UserWarning):
@@ -109,6 +212,9 @@ class BatchedTransport:
         self._chunk: int | None = None
         if self.fallback_reason is not None:
             self._warn_fallback()
+        # A flatten / Linear / ReLU chain trains with bmm instead of vmap (see linear_chain).
+        self._chain = (linear_chain(trainer.model, trainer.spec)
+                       if self.fallback_reason is None else None)
 
     # -- Transport protocol -----------------------------------------------------------------
     def available_clients(self) -> list[str]:
@@ -323,7 +429,8 @@ class BatchedTransport:
         # per-client losses w.r.t. row k of w is exactly client k's gradient. Plain autograd
         # then does every backward at once (and, unlike torch.func.grad, without importing
         # torch._dynamo, which costs seconds of start-up).
-        forward = vmap(self._forward_fn())
+        forward = (chain_forward(self._chain) if self._chain is not None
+                   else vmap(self._forward_fn()))
         loss_sum = torch.zeros(k, device=dev)
         correct = torch.zeros(k, device=dev)
         self.trainer.model.train()
