@@ -461,22 +461,26 @@ class BatchedTransport:
         metrics = {"train_loss": (loss_sum / seen).cpu(), "steps": plan.steps.to(torch.float32)}
         if self.trainer.classification:
             metrics["train_accuracy"] = (correct / seen).cpu()
-        finite = torch.isfinite(deltas).all(dim=1).cpu()
         if weighting is None or not hasattr(weighting, "weights_for_samples"):
             yield from self._individual(tasks, deltas.cpu(), plan, metrics)
             return
+        finite = torch.isfinite(deltas).all(dim=1).cpu()
         yield self._reduce(tasks, deltas, plan, metrics, finite, weighting)
 
     def _individual(
         self, tasks: list[ClientTask], deltas: torch.Tensor, plan: _Plan,
         metrics: dict[str, torch.Tensor],
     ) -> Iterator[TransportResult]:
+        # Python numbers for the whole chunk at once (one conversion per tensor, not one
+        # indexing op and one item() per client and metric).
+        num = plan.num_samples.tolist()
+        values = {k: v.tolist() for k, v in metrics.items()}
         for i, task in enumerate(tasks):
             # A non-finite delta is passed on as is: the server's validation rejects it.
             yield ClientUpdate(
                 client_id=task.client_id, delta=deltas[i].clone(),
-                num_samples=int(plan.num_samples[i]), base_round=task.config.round,
-                metrics={k: float(v[i]) for k, v in metrics.items()},
+                num_samples=num[i], base_round=task.config.round,
+                metrics={k: v[i] for k, v in values.items()},
             )
 
     def _reduce(
