@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,29 +129,46 @@ def linear_chain(model: nn.Module, spec: ParamSpec) -> list[_ChainOp] | None:
     return None
 
 
+def chain_params(chain: Sequence[_ChainOp]) -> list[Any]:
+    """The flat-vector entries a ``linear_chain`` reads (each once, in order of use)."""
+    seen: dict[int, Any] = {}
+    for op in chain:
+        if op[0] == "linear":
+            for entry in op[1:]:
+                if entry is not None:
+                    seen.setdefault(entry.offset, entry)
+    return list(seen.values())
+
+
+def run_chain(chain: Sequence[_ChainOp], rows: Mapping[int, torch.Tensor],
+              x: torch.Tensor) -> torch.Tensor:
+    """A ``linear_chain`` on a chunk: ``rows[entry.offset]`` is that parameter of every client,
+    ``(K, numel)``; ``x`` is ``(K, B, *features)``; returns ``(K, B, outputs)``, what ``vmap``
+    of the model's forward returns."""
+    h = x
+    for op in chain:
+        kind = op[0]
+        if kind == "linear":
+            we, be = op[1], op[2]
+            weight = rows[we.offset]
+            weight = weight.view(weight.shape[0], *we.shape).transpose(1, 2)
+            h = (torch.bmm(h, weight) if be is None
+                 else torch.baddbmm(rows[be.offset].unsqueeze(1), h, weight))
+        elif kind == "relu":
+            h = torch.relu(h)
+        elif kind == "flatten":
+            h = h.flatten(2)
+    return h
+
+
 def chain_forward(chain: Sequence[_ChainOp]) -> Callable[[torch.Tensor, torch.Tensor],
                                                           torch.Tensor]:
-    """The batched forward of a ``linear_chain``: rows of ``w`` ``(K, D)`` are the clients'
-    flat weights, ``x`` is ``(K, B, *features)``; returns ``(K, B, outputs)``, what
-    ``vmap`` of the model's forward returns."""
+    """``run_chain`` on the rows of a ``(K, D)`` matrix of the clients' flat weights."""
+    entries = chain_params(chain)
 
     def forward(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        k, h = w.shape[0], x
-        for op in chain:
-            kind = op[0]
-            if kind == "linear":
-                we, be = op[1], op[2]
-                weight = w[:, we.offset : we.offset + we.numel].view(k, *we.shape)
-                if be is None:
-                    h = torch.bmm(h, weight.transpose(1, 2))
-                else:
-                    bias = w[:, be.offset : be.offset + be.numel].unsqueeze(1)
-                    h = torch.baddbmm(bias, h, weight.transpose(1, 2))
-            elif kind == "relu":
-                h = torch.relu(h)
-            elif kind == "flatten":
-                h = h.flatten(2)
-        return h
+        rows = {e.offset: w[:, e.offset : e.offset + e.numel] for e in entries}
+        return run_chain(chain, rows, x)
 
     return forward
 
@@ -422,15 +439,29 @@ class BatchedTransport:
         dev = self.device
         k = len(tasks)
         w0 = weights.to(dev)
-        w = w0.unsqueeze(0).repeat(k, 1).requires_grad_(True)
+        w = w0.unsqueeze(0).repeat(k, 1)
         lr, mu = plan.lr.to(dev), plan.mu.to(dev)
         prox = bool((plan.mu > 0).any())
         # vmap only the forward pass: clients are independent, so the gradient of the summed
         # per-client losses w.r.t. row k of w is exactly client k's gradient. Plain autograd
         # then does every backward at once (and, unlike torch.func.grad, without importing
         # torch._dynamo, which costs seconds of start-up).
-        forward = (chain_forward(self._chain) if self._chain is not None
-                   else vmap(self._forward_fn()))
+        # ``leaves``: what autograd differentiates, each with its part of w0. A linear chain's
+        # parameters are leaves of their own (column views of w, updated in place), so the
+        # backward never scatters each parameter's gradient into a zero (K, D) matrix.
+        leaves: list[tuple[torch.Tensor, torch.Tensor]]
+        if self._chain is not None:
+            chain = self._chain
+            leaves = [(w[:, e.offset : e.offset + e.numel].requires_grad_(True),
+                       w0[e.offset : e.offset + e.numel]) for e in chain_params(chain)]
+            rows = {e.offset: p for e, (p, _) in zip(chain_params(chain), leaves, strict=True)}
+
+            def forward(_: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                return run_chain(chain, rows, x)
+        else:
+            w.requires_grad_(True)
+            leaves = [(w, w0)]
+            forward = vmap(self._forward_fn())
         loss_sum = torch.zeros(k, device=dev)
         correct = torch.zeros(k, device=dev)
         self.trainer.model.train()
@@ -444,12 +475,14 @@ class BatchedTransport:
             client_loss = (per * m).sum(dim=1) / count.clamp(min=1.0)
             client_loss.sum().backward()
             with torch.no_grad():
-                g = w.grad
-                assert g is not None
-                if prox:
-                    g.add_(mu[:, None] * (w - w0))
-                w.sub_((lr * active[:, s])[:, None] * g)
-                w.grad = None
+                scale = (lr * active[:, s])[:, None]
+                for p, p0 in leaves:
+                    g = p.grad
+                    assert g is not None
+                    if prox:
+                        g.add_(mu[:, None] * (p - p0))
+                    p.sub_(scale * g)
+                    p.grad = None
                 loss_sum += client_loss * count
                 if self.trainer.classification:
                     correct += ((out.argmax(-1) == y).to(m.dtype) * m).sum(dim=1)
