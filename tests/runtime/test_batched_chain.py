@@ -6,9 +6,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+import fedmosaic as fm
+from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.params import ParamSpec
+from fedmosaic.data import ClientData, FederatedDataset
 from fedmosaic.models.zoo import MLP, LogisticRegression, SmallCNN
-from fedmosaic.runtime.batched import chain_forward, linear_chain
+from fedmosaic.runtime.batched import BatchedTransport, chain_forward, linear_chain
+from fedmosaic.train import FitConfig
+from tests.conftest import make_blobs
 
 
 class _Residual(nn.Module):
@@ -70,3 +75,19 @@ def test_chain_forward_and_gradient_equal_vmap() -> None:
     assert outs[0].shape == (k, b, 10)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+
+
+def test_single_client_chunk_leaves_the_global_weights_alone() -> None:
+    fed = FederatedDataset(name="blobs", clients=[ClientData("c0", make_blobs(20, seed=1))],
+                           test=make_blobs(10, seed=9), num_classes=3, feature_shape=(5,))
+    trainer = fm.TorchTrainer(lambda: MLP(5, [8], 3), lr=0.1, batch_size=8)
+    transport = BatchedTransport(trainer, fed)
+    assert transport._chain is not None  # the bmm path
+    weights = trainer.initial_weights(0)
+    before = weights.clone()
+    config = FitConfig(round=1, seed=3)
+    (update,) = list(transport.fit(weights, [ClientTask("c0", config)]))
+    assert transport.batched
+    assert torch.equal(weights, before)  # training worked on a copy of the weights
+    want = trainer.fit(before, fed.client("c0").train, config).weights - before
+    torch.testing.assert_close(update.delta, want, rtol=1e-5, atol=1e-6)

@@ -439,7 +439,9 @@ class BatchedTransport:
         dev = self.device
         k = len(tasks)
         w0 = weights.to(dev)
-        w = w0.unsqueeze(0).repeat(k, 1)
+        # One row per client, a fresh tensor (faster than repeat; expand().contiguous()
+        # would alias w0 for a single client).
+        w = torch.empty((k, w0.numel()), dtype=w0.dtype, device=dev).copy_(w0)
         lr, mu = plan.lr.to(dev), plan.mu.to(dev)
         prox = bool((plan.mu > 0).any())
         # vmap only the forward pass: clients are independent, so the gradient of the summed
