@@ -72,25 +72,27 @@ class EventQueue:
     """The server's pending events, earliest first (a binary heap)."""
 
     def __init__(self) -> None:
-        self._heap: list[Event] = []
+        # (time, seq, event): the heap compares plain tuples (seq is unique, so never the
+        # events), much cheaper than the dataclass's generated comparisons.
+        self._heap: list[tuple[float, int, Event]] = []
         self._seq = 0
 
     def push(self, at: float, kind: str, payload: Any = None) -> Event:
         event = Event(float(at), self._seq, kind, payload)
         self._seq += 1
-        heapq.heappush(self._heap, event)
+        heapq.heappush(self._heap, (event.time, event.seq, event))
         return event
 
     def pop(self) -> Event | None:
-        return heapq.heappop(self._heap) if self._heap else None
+        return heapq.heappop(self._heap)[2] if self._heap else None
 
     def next_time(self) -> float | None:
         """When the next event happens (None: nothing pending)."""
-        return self._heap[0].time if self._heap else None
+        return self._heap[0][0] if self._heap else None
 
     def pending(self) -> list[Event]:
         """The pending events in the order they will be handled (for checkpoints)."""
-        return sorted(self._heap)
+        return [item[2] for item in sorted(self._heap)]
 
     def __len__(self) -> int:
         return len(self._heap)
