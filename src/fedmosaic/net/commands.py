@@ -107,6 +107,13 @@ def server(
         if not (out / CONFIG_COPY).is_file():
             shutil.copyfile(experiment, out / CONFIG_COPY)
         metrics = _metrics(settings)
+        # Failed TLS handshakes never reach fedmosaic as calls: counted from gRPC's log
+        # lines on this process's standard error (net/handshake_tap.py).
+        from fedmosaic.net.handshake_tap import TAP
+
+        TAP.install()
+        if metrics is not None:
+            TAP.listeners.append(metrics.handshake_failed)
         result = serve(exp, out, settings, metrics=metrics)
         last = result.history[-1] if result.history else {}
         which, acc = ("test accuracy", last.get("test_accuracy")) \
@@ -367,7 +374,9 @@ def status(
             "last_round": json.loads(reply.last_record_json or "{}"),
             "client_issues": [{"client_id": i.client_id, "code": i.code, "reason": i.reason,
                                "round": i.round, "age_seconds": round(i.age_seconds, 1)}
-                              for i in reply.client_issues]}
+                              for i in reply.client_issues],
+            "refused_messages": dict(sorted(reply.refused_messages.items())),
+            "tls_handshake_failures": dict(sorted(reply.tls_handshake_failures.items()))}
     if as_json:
         print(json.dumps(info))
         return
@@ -384,6 +393,12 @@ def status(
                      if info["round_refused"] else "")
                   + (f"; last {which} {acc:.4f}" if acc is not None else ""),
                   soft_wrap=True)
+    for what, counts in (("refused calls", info["refused_messages"]),
+                         ("refused TLS handshakes", info["tls_handshake_failures"])):
+        if counts:
+            console.print(f"  {what}: {sum(counts.values())} ("
+                          + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")",
+                          soft_wrap=True)
     for issue in info["client_issues"]:
         when = "at join" if issue["round"] == 0 else f"round {issue['round']}"
         console.print(f"  {escape(issue['client_id'])}: {issue['code']} ({when}, "

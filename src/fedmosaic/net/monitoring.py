@@ -148,7 +148,16 @@ class ServerMetrics:
             "clients_refused", "Clients turned away at join (incompatible model or data) or "
             "that refused or failed a task, or whose update or evaluation was rejected, by "
             "reason", ["reason"], namespace=ns, registry=reg)
+        from fedmosaic.net.handshake_tap import KINDS
+
+        self.handshake_kinds = KINDS
+        self._handshakes = Counter(
+            "tls_handshake_failures", "TLS handshakes refused, by kind (counted from gRPC's "
+            "log lines by fedmosaic server; net/handshake_tap.py)", ["kind"], namespace=ns,
+            registry=reg)
         # Touch every label value so each series is exported (as 0) from the start.
+        for k in KINDS:
+            self._handshakes.labels(kind=k)
         for r in self.client_refusal_reasons:
             self._clients_refused.labels(reason=r)
         for r in self.drop_reasons:
@@ -209,6 +218,12 @@ class ServerMetrics:
         self._rejected.labels(reason=label).inc()
         return label
 
+    def handshake_failed(self, kind: str) -> str:
+        """Count a refused TLS handshake by kind; returns the label used."""
+        label = bounded_label(kind, self.handshake_kinds)
+        self._handshakes.labels(kind=label).inc()
+        return label
+
     # --- reading -----------------------------------------------------------------------------
     def _value(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         value = self.registry.get_sample_value(f"{self.namespace}_{name}", dict(labels or {}))
@@ -233,6 +248,9 @@ class ServerMetrics:
                                   for r in self.reject_reasons},
             "clients_refused": {r: int(self._value("clients_refused_total", {"reason": r}))
                                 for r in self.client_refusal_reasons},
+            "tls_handshake_failures": {
+                k: int(self._value("tls_handshake_failures_total", {"kind": k}))
+                for k in self.handshake_kinds},
         }
 
     # --- HTTP endpoint -----------------------------------------------------------------------

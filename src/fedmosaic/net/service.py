@@ -56,7 +56,7 @@ class TrafficSink(Protocol):
 
     def bytes_out(self, n: int) -> None: ...
 
-    def refused(self, label: str) -> None: ...
+    def refused(self, label: str) -> str | None: ...
 
 
 def decode(cls: Any, raw: bytes, what: str) -> Any:
@@ -365,8 +365,11 @@ class FederationService:
         # An incompatible client's line says what does not fit ("feature_shape: your ...").
         line = exc.reason if exc.refusal == exc.label else f"{exc.refusal}: {exc.reason}"
         self.refusal_log.refused(caller, method, line, exc.label, who=who)
+        label = exc.label
         if self.traffic is not None:
-            self.traffic.refused(exc.label)
+            label = self.traffic.refused(exc.label) or label  # the metric's bounded label
+        with self.transport.cond:
+            self.transport.refused_messages[label] += 1
 
     async def _bug(self, context: grpc.aio.ServicerContext, method: str,
                    peer: Peer | None) -> None:

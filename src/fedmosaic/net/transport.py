@@ -49,7 +49,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -247,6 +247,8 @@ class GrpcTransport:
         # now have an answer, or None for every client (the run ended, the server stops):
         # the asyncio service wakes those polls, which wait without a thread.
         self.wakers: list[Callable[[Sequence[str] | None], None]] = []
+        # Refused calls and messages by reason label (the service counts each), for status.
+        self.refused_messages: Counter[str] = Counter()
 
     # -- helpers (call with self.cond held) ---------------------------------------------
     def _wake(self, clients: Sequence[str] | None) -> None:
@@ -672,7 +674,11 @@ class GrpcTransport:
             issues = [pb.ClientIssue(client_id=i.client_id, code=i.code, reason=i.reason,
                                      round=i.round, age_seconds=max(0.0, now - i.at))
                       for i in self.issues.latest()]
+            from fedmosaic.net.handshake_tap import TAP
+
             return pb.StatusReply(
+                refused_messages=dict(self.refused_messages),
+                tls_handshake_failures=TAP.snapshot(),
                 client_issues=issues,
                 experiment=self.experiment, state=state, round=self.round, rounds=self.rounds,
                 completed_rounds=self.completed_rounds,
