@@ -388,12 +388,14 @@ class BatchedTransport:
         steps = [self._steps(t) for t in tasks]
         s_max = max(steps)
         k = len(tasks)
-        index = np.zeros((k, s_max, bs), dtype=np.int64)
+        bases = [self._offsets[t.client_id] for t in tasks]
+        index = np.empty((k, s_max, bs), dtype=np.int64)
+        index[...] = np.asarray(bases, dtype=np.int64)[:, None, None]  # padding: a real sample
         mask = np.zeros((k, s_max, bs), dtype=np.float32)
-        for i, (task, total) in enumerate(zip(tasks, steps)):
-            n, base = self._sizes[task.client_id], self._offsets[task.client_id]
-            index[i] += base  # padding points at a real sample, masked out
-            gen = torch.Generator().manual_seed(task.config.seed)
+        gen = torch.Generator()  # re-seeded per client: manual_seed resets its whole state
+        for i, (task, total, base) in enumerate(zip(tasks, steps, bases)):
+            n = self._sizes[task.client_id]
+            gen.manual_seed(task.config.seed)
             s = 0
             while s < total:
                 order = torch.randperm(n, generator=gen).numpy()
@@ -466,7 +468,8 @@ class BatchedTransport:
             forward = vmap(self._forward_fn())
         loss_sum = torch.zeros(k, device=dev)
         correct = torch.zeros(k, device=dev)
-        self.trainer.model.train()
+        if self._chain is None:  # functional_call runs the module (the chain never does)
+            self.trainer.model.train()
         index, mask, active = plan.index.to(dev), plan.mask.to(dev), plan.active.to(dev)
         for s in range(index.shape[1]):
             idx, m = index[:, s], mask[:, s]
