@@ -7,7 +7,8 @@ SGD (lr 0.05, one epoch, batch 32), `[clock] speed_sigma = 1` (lognormal per-cli
 slowness). Three schedules: FedBuff (`buffer_size = 10`, `concurrency = 100`), FedAsync
 (`alpha = 0.6`, polynomial staleness a = 0.5, `concurrency = 100`) and synchronous FedAvg
 (10 clients per round, waiting for the slowest), each on `SequentialTransport` (one model,
-client after client) and `BatchedTransport` (a cohort vmapped), each asynchronous one with
+client after client) and `BatchedTransport` (a cohort trained as one batched computation: one
+`torch.bmm` per layer for this MLP), each asynchronous one with
 lazy batching off (`lazy=False`: a dispatch trains at once, so each refill after an arrival
 trains alone) and on (the default: pending tasks of one base version train together when
 the first of them is about to arrive). Synchronous FedAvg has no lazy path (its cohort
@@ -157,7 +158,9 @@ def main() -> None:
     save("async_throughput", {
         "command": "python benchmarks/async_throughput.py " + " ".join(sys.argv[1:]),
         "machine": {**machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-                    "load_average_1min": load},
+                    "load_average_1min": load,
+                    # and when it ended: the 2 cores are shared, the figures move with the load
+                    "load_average_1min_end": os.getloadavg()[0]},
         "updates": args.updates, "repeat": args.repeat, "seed": args.seed,
         "fedbuff_toml": example, "rows": rows,
     })
