@@ -208,6 +208,9 @@ class FederationClient:
         self.chunk_bytes = 1024 * 1024
         self.report = ClientReport()
         self._stop = threading.Event()
+        # Set at each join (and at the end): the heartbeat thread restarts its wait with the
+        # server's interval, so the first beat after a join comes within that interval.
+        self._joined = threading.Event()
         self._spec_hash = spec_hash(trainer.spec)
         # Why the server closes our connections after TLS, when it does (set by run_client:
         # fedmosaic.net.preflight.check_server); None: not diagnosed.
@@ -268,6 +271,7 @@ class FederationClient:
                                  "or chunk size)", reason="bad_server")
         self.instance, self.experiment = reply.server_instance, reply.experiment
         self.heartbeat_interval, self.chunk_bytes = reply.heartbeat_interval, reply.chunk_bytes
+        self._joined.set()
         self.report.client_id = reply.client_id
         self.report.joins += 1
         log.info("joined %s as %s (server instance %s)", reply.experiment, reply.client_id,
@@ -316,7 +320,13 @@ class FederationClient:
             self._refuse(task, "incompatible_data", message)
 
     def _heartbeats(self) -> None:
-        while not self._stop.wait(self.heartbeat_interval):
+        while True:
+            woken = self._joined.wait(self.heartbeat_interval)
+            if self._stop.is_set():
+                return
+            if woken:  # (re)joined: wait the server's interval from now
+                self._joined.clear()
+                continue
             instance = self.instance
             if not instance:
                 continue
@@ -358,6 +368,7 @@ class FederationClient:
                     self._on_error(exc)
         finally:
             self._stop.set()
+            self._joined.set()  # wake the heartbeat thread now
             # Joined before the channel closes: a thread still inside a gRPC call while the
             # interpreter exits can abort the process ("terminate called without an active
             # exception"). Its call ends within its own timeout.
