@@ -513,6 +513,13 @@ def build_schedule(exp: Experiment, *, live: bool = False) -> Any:
         raise ConfigError("clock", "<table>", "no [clock] table with fedmosaic server: the "
                           "clients are real and so is their time; [clock] simulates client "
                           "speeds for fedmosaic run only")
+    if live and kind != "sync" and exp["runtime"]["secure_aggregation"]:
+        # Before the server listens; Server's check refuses it too (runtime/schedule.py).
+        raise ConfigError("strategy.schedule", kind, "'sync' with secure aggregation on "
+                          "fedmosaic server: SecAgg+ over each FedBuff buffer runs in "
+                          "simulation only (fedmosaic run); over gRPC a SecAgg+ instance is "
+                          "one synchronous cohort, with no per-buffer instance among "
+                          "asynchronous clients yet")
     clock = partial(build_clock, exp) if exp["clock"] else None
     if kind == "sync":
         return SyncSchedule(clock=clock) if clock is not None else None

@@ -54,8 +54,13 @@ def test_schedules_are_built_with_their_parameters_and_attached_to_the_strategy(
     ({**FEDBUFF, "staleness_b": 2.0}, {}, "strategy.staleness_b", "'hinge'"),
     ({**FEDBUFF, "clients_per_round": 3}, {}, "strategy.clients_per_round", "concurrency"),
     ({**FEDBUFF, "stragglers": 0.2}, {}, "strategy.stragglers", "[clock]"),
-    (FEDBUFF, {"runtime": {"secure_aggregation": True}}, "strategy.schedule",
-     "not yet supported"),
+    (FEDASYNC, {"runtime": {"secure_aggregation": True}}, "strategy.schedule",
+     "no sum over several clients to mask"),
+    (FEDBUFF, {"runtime": {"secure_aggregation": True},
+               "privacy": {"mode": "distributed", "mechanism": "skellam", "clip": 1.0,
+                           "delta": 1e-5, "noise_multiplier": 1.0, "min_contributors": 3,
+                           "rate": 0.5}},
+     "strategy.schedule", "Skellam mechanism"),
     (FEDASYNC, {"privacy": {"mode": "central", "clip": 1.0, "delta": 1e-5,
                             "noise_multiplier": 1.0, "rate": 0.5}},
      "strategy.schedule", "accounting each asynchronous server step is not yet supported"),
@@ -99,8 +104,11 @@ def test_python_api_refuses_dp_robust_stragglers_and_secure_aggregation(blobs_fe
     trainer = fm.TorchTrainer(lambda: MLP(5, [8], 3), lr=0.1, batch_size=8)
     secure = SecAggPlusTransport(SequentialTransport(trainer, blobs_fed), clip=1.0,
                                  max_weight=100.0)
-    with pytest.raises(ConfigError, match="SecAgg\\+ over each FedBuff buffer is not yet"):
-        _server(fm.FedAvg(), blobs_fed, schedule(), transport=secure)
+    # FedBuff runs SecAgg+ per buffer (tests/privacy/test_secagg_fedbuff.py), but not over 2.
+    sched = schedule()
+    with pytest.raises(ConfigError, match="no sum over several clients" if
+                       isinstance(sched, FedAsyncSchedule) else "buffer size SecAgg\\+ can run"):
+        _server(fm.FedAvg(), blobs_fed, sched, transport=secure)
 
 
 def test_fedmosaic_run_executes_the_experiments_fedbuff_schedule_under_its_clock(tmp_path):

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -46,13 +46,13 @@ from fedmosaic.core.errors import (
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.runtime.clock import round_duration
 from fedmosaic.runtime.tally import ClientFailure, RoundTally
-from fedmosaic.runtime.transport import LiveTransport
+from fedmosaic.runtime.transport import LiveTransport, Transport
 
 if TYPE_CHECKING:
     from fedmosaic.runtime.server import RunState, Server
 
 __all__ = ["Event", "EventQueue", "FedAsyncSchedule", "FedBuffSchedule", "Schedule",
-           "SyncSchedule"]
+           "SecureBufferSource", "SyncSchedule", "UpdateBuffer"]
 
 log = logging.getLogger(__name__)
 
@@ -329,14 +329,18 @@ def _work(num_samples: int, steps: int, config: Any, trainer: Any) -> tuple[int,
     return int(num_samples) * int(epochs or 1), max(int(steps), 1)
 
 
-def predicted_work(server: Server, task: ClientTask) -> tuple[int, int] | None:
+def predicted_work(server: Server, task: ClientTask,
+                   transport: Any = None) -> tuple[int, int] | None:
     """(samples, steps) that ``task_work`` will give for ``task``'s result, known before
     training: the client's training-set size (``Transport.num_samples`` if the transport has
     it, else the size of its in-process data) and ``Transport.full_steps`` capped by the
     task's ``max_steps``. None where the transport cannot tell (a real network: clients
     straggle for real) or the client cannot train at all (unknown, no data: it fails at once,
     as an eager task does)."""
-    transport, cid, cfg = server.transport, task.client_id, task.config
+    # ``transport``: the one the task trains on (default the server's; FedBuff under SecAgg+
+    # trains on the secure transport's inner one).
+    transport = server.transport if transport is None else transport
+    cid, cfg = task.client_id, task.config
     try:
         steps = transport.full_steps(cid, cfg)
         count = getattr(transport, "num_samples", None)
@@ -359,9 +363,9 @@ def refuse_async(server: Server, schedule: str) -> None:
     s, transport = server.strategy, server.transport
     guarantees = getattr(transport, "guarantees", None)
     if guarantees is not None and guarantees().get("secure_aggregation"):
-        raise ConfigError("strategy.schedule", schedule, "'sync' with secure aggregation: "
-                          "SecAgg+ over each FedBuff buffer is not yet supported (an "
-                          "asynchronous schedule needs each client's update as it arrives)")
+        refusal = _secure_aggregation_refusal(server, schedule)
+        if refusal is not None:
+            raise ConfigError("strategy.schedule", schedule, refusal)
     if s.guarantees().get("differential_privacy"):
         raise ConfigError("strategy.schedule", schedule, "'sync' under central or distributed "
                           "DP: accounting each asynchronous server step is not yet supported")
@@ -373,6 +377,25 @@ def refuse_async(server: Server, schedule: str) -> None:
         raise ConfigError("strategy.stragglers", s.straggler_fraction, "0 with an asynchronous "
                           "schedule: slow clients come from the clock ([clock]), not from "
                           "truncated local work")
+
+
+def _secure_aggregation_refusal(server: Server, schedule: str) -> str | None:
+    """Why an asynchronous schedule cannot run over this secure-aggregation transport (what
+    it should be instead), or None: FedBuff in simulation over a ``SecureBufferSource`` runs
+    one SecAgg+ instance per buffer."""
+    if schedule != "fedbuff":
+        return ("'sync' or 'fedbuff' with secure aggregation: FedAsync takes a server step on "
+                "each update alone, so there is no sum over several clients to mask")
+    if isinstance(server.schedule, FedBuffSchedule) and server.schedule.live:
+        return ("'sync' with secure aggregation on fedmosaic server: SecAgg+ over each FedBuff "
+                "buffer runs in simulation only (fedmosaic run); over gRPC a SecAgg+ instance "
+                "is one synchronous cohort (net/secagg.py), with no per-buffer instance among "
+                "asynchronous clients yet")
+    if not isinstance(server.transport, SecureBufferSource):
+        return (f"'sync' with {type(server.transport).__name__}: it reports secure aggregation "
+                "but cannot run it per FedBuff buffer (no SecureBufferSource.secure_buffer; "
+                "SecAggPlusTransport can)")
+    return None
 
 
 class _AsyncSchedule(ABC):
@@ -682,7 +705,7 @@ class _AsyncSchedule(ABC):
                     float(row["dispatched"]), bool(row["completed"]),
                     saved["bases"][str(row["base"])], int(row["round"]), row["seed"],
                     client_task=task, arrive=float(row["at"]),
-                    work=predicted_work(server, task))
+                    work=predicted_work(server, task, self._fitter(server)))
                 server.events.push(float(row["at"]), "arrival", self._seq)
                 self._seq += 1
             for weights in saved["bases"].values():
@@ -700,7 +723,7 @@ class _AsyncSchedule(ABC):
         for base, group in by_base.items():
             weights = saved["bases"][str(base)]
             server.spec.check_vector(weights)
-            for r in server.transport.fit(weights, group, None):
+            for r in self._fitter(server).fit(weights, group, None):
                 results[r.client_id] = r
         if accounting is not None:
             trainer.load_accounting_state(accounting)  # type: ignore[attr-defined]
@@ -774,6 +797,17 @@ class _AsyncSchedule(ABC):
                 staleness: int) -> None:
         """Take one arrived update (FedBuff buffers it, FedAsync mixes it in)."""
 
+    def _fitter(self, server: Server) -> Any:
+        """The transport the tasks train on: the server's. (FedBuff over a
+        ``SecureBufferSource`` trains on its ``client_transport()``: its clients mask their
+        updates only when their buffer closes.)"""
+        return server.transport
+
+    def _holding(self, server: Server) -> set[str]:
+        """Clients not training but not free either (none here; FedBuff under SecAgg+: the
+        members of the open buffer, who wait for its instance)."""
+        return set()
+
     # -- lazy batching -------------------------------------------------------------------------
     def _lazy_ok(self, server: Server) -> bool:
         """Whether tasks may train lazily now: switched on, not switched off by a wrong
@@ -793,8 +827,8 @@ class _AsyncSchedule(ABC):
         group = [first, *same[: self.lazy_chunk - 1]]
         tasks = [t.client_task for t in group]
         assert first.base_weights is not None and all(t is not None for t in tasks)
-        results = {r.client_id: r for r in server.transport.fit(first.base_weights, tasks,
-                                                                 None)}
+        results = {r.client_id: r
+                   for r in self._fitter(server).fit(first.base_weights, tasks, None)}
         self.fits += 1
         for t, ct in zip(group, tasks, strict=True):
             assert ct is not None
@@ -835,7 +869,7 @@ class _AsyncSchedule(ABC):
         if want <= 0:
             return []
         now, clock = state.sim_time, self.clock
-        busy = {t.client_id for t in self._inflight.values()}
+        busy = {t.client_id for t in self._inflight.values()} | self._holding(server)
         population = server.transport.available_clients()
         if len(population) < self.concurrency and not self._small_population_told:
             # Never silent (as clients_per_round): the run keeps every client busy instead.
@@ -873,11 +907,12 @@ class _AsyncSchedule(ABC):
         predicted: dict[str, tuple[int, int]] = {}
         if self._lazy_ok(server):
             for task in tasks:
-                work = predicted_work(server, task)
+                work = predicted_work(server, task, self._fitter(server))
                 if work is not None:
                     predicted[task.client_id] = work
         eager = [t for t in tasks if t.client_id not in predicted]
-        results = ({r.client_id: r for r in server.transport.fit(state.weights, eager, None)}
+        results = ({r.client_id: r for r in self._fitter(server).fit(state.weights, eager,
+                                                                       None)}
                    if eager else {})
         if eager:
             self.fits += 1
@@ -913,6 +948,46 @@ class _AsyncSchedule(ABC):
                 "in_flight": len(self._inflight)}
 
 
+class UpdateBuffer(Protocol):
+    """What ``FedBuffSchedule`` needs of its buffer: ``FedBuffBuffer``, or a secure one
+    (``fedmosaic.privacy.secagg.buffer.SecureFedBuffBuffer``). ``flush`` returns the mean to
+    apply (None: nothing to apply, e.g. an aborted SecAgg+ instance) and the stats, whose
+    optional ``failures`` are ``ClientFailure``s of members lost while the buffer closed."""
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def full(self) -> bool: ...
+
+    @property
+    def client_ids(self) -> list[str]: ...
+
+    def add(self, update: ClientUpdate, staleness: int) -> float: ...
+
+    def flush(self) -> tuple[torch.Tensor | None, dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@runtime_checkable
+class SecureBufferSource(Protocol):
+    """A secure-aggregation transport that sums each FedBuff buffer in one instance of its
+    protocol (``SecAggPlusTransport``): it builds the buffer (``secure_buffer``) and names the
+    transport its clients train on before they mask (``client_transport``)."""
+
+    def secure_buffer(self, k: int, staleness: Any = None, weighting: str = "samples", *,
+                      dim: int, device: Any = None) -> UpdateBuffer: ...
+
+    def client_transport(self) -> Transport: ...
+
+
+# Consecutive buffers whose secure instance gave nothing to apply before the run fails.
+_EMPTY_BUFFERS_LIMIT = 3
+
+
 class FedBuffSchedule(_AsyncSchedule):
     """FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous
     Aggregation", AISTATS): ``concurrency`` clients train at once; each arriving update is
@@ -922,6 +997,17 @@ class FedBuffSchedule(_AsyncSchedule):
 
     With ``buffer_size = concurrency =`` the cohort and every client arriving before the
     step (zero staleness), it is synchronous FedAvg bit for bit.
+
+    **Secure aggregation per buffer** (simulation only). Over a ``SecureBufferSource``
+    (``SecAggPlusTransport``) the buffer is the transport's ``secure_buffer``: the K clients
+    that fill it run one SecAgg+ instance when it closes, each submitting its staleness- and
+    sample-weighted update, so the server learns the buffer's weighted sum, total weight and
+    count only; the tasks train on the transport's ``client_transport()``. Members that drop
+    out during the instance count as failures (the step covers the survivors); a buffer whose
+    instance aborts or has no survivor takes no step, and ``_EMPTY_BUFFERS_LIMIT`` such buffers
+    in a row fail the run (``RoundFailedError``). No client metric is recorded; ``bytes_up``
+    is the protocol's. With K = concurrency = the cohort and zero staleness it is the
+    synchronous SecAgg+ round bit for bit (same inputs, instance numbers and seeds).
 
     ``live=True`` runs it over real clients (a ``LiveTransport``; see ``_AsyncSchedule``),
     ``poll`` seconds at most per wait for a result.
@@ -938,16 +1024,45 @@ class FedBuffSchedule(_AsyncSchedule):
             raise ValueError(f"buffer_size must be an integer >= 1, got {buffer_size!r}")
         self.buffer_size = buffer_size
         self.staleness = staleness if staleness is not None else InverseSqrtStaleness()
-        self.buffer: FedBuffBuffer | None = None
+        self.buffer: UpdateBuffer | None = None
+        self._empty_buffers = 0  # consecutive flushes with nothing to apply (SecAgg+ aborts)
 
     def describe(self) -> dict[str, Any] | None:
         return {**(super().describe() or {}), "buffer_size": self.buffer_size,
                 "staleness": self.staleness.describe()}
 
+    def check(self, server: Server) -> None:
+        super().check(server)  # refuse_async: SecAgg+ only in simulation, over a source
+        self._make_buffer(server, None)  # e.g. a buffer size SecAgg+ cannot run over
+        population = len(server.transport.available_clients())
+        if isinstance(server.transport, SecureBufferSource) and population < self.buffer_size:
+            raise ConfigError("strategy.buffer_size", self.buffer_size,
+                              f"at most the {population} clients with secure aggregation (a "
+                              "SecAgg+ instance has one member per client)")
+
+    def _make_buffer(self, server: Server, device: Any) -> UpdateBuffer:
+        s, transport = server.strategy, server.transport
+        if isinstance(transport, SecureBufferSource):
+            return transport.secure_buffer(self.buffer_size, self.staleness, s.weighting,
+                                           dim=server.spec.numel, device=device)
+        return FedBuffBuffer(self.buffer_size, self.staleness, s.weighting,
+                             dim=server.spec.numel, device=device)
+
+    def _fitter(self, server: Server) -> Any:
+        transport = server.transport
+        return (transport.client_transport() if isinstance(transport, SecureBufferSource)
+                else transport)
+
+    def _holding(self, server: Server) -> set[str]:
+        # A SecAgg+ instance has one member per client: a member of the open buffer holds
+        # its input until the buffer closes and gets no new task meanwhile.
+        if self.buffer is None or not isinstance(server.transport, SecureBufferSource):
+            return set()
+        return set(self.buffer.client_ids)
+
     def start(self, server: Server, state: RunState) -> None:
-        s = server.strategy
-        self.buffer = FedBuffBuffer(self.buffer_size, self.staleness, s.weighting,
-                                    dim=server.spec.numel, device=state.weights.device)
+        self.buffer = self._make_buffer(server, state.weights.device)
+        self._empty_buffers = 0
         saved = state.schedule_state
         if saved is not None and saved.get("buffer") is not None:
             self.buffer.load_state_dict(saved["buffer"])
@@ -969,6 +1084,19 @@ class FedBuffSchedule(_AsyncSchedule):
         if not self.buffer.full:
             return
         mean, stats = self.buffer.flush()
+        for failure in stats.get("failures", ()):  # lost while the buffer closed (SecAgg+)
+            self._failures += 1
+            log.warning("version %d: client %s: %s", state.round, failure.client_id,
+                        failure.reason)
+        if mean is None:
+            self._empty_buffers += 1
+            if self._empty_buffers >= _EMPTY_BUFFERS_LIMIT:
+                reason = stats["failures"][0].reason if stats.get("failures") else "no sum"
+                raise RoundFailedError(
+                    f"{self.name}: {self._empty_buffers} buffers in a row gave no sum to apply "
+                    f"at version {state.round} (last: {reason})")
+            return
+        self._empty_buffers = 0
         weights = server.strategy.apply(state.weights, mean.to(state.weights.device))
         head = {**self._head(server, state, stats["count"], stats["bytes_up"]),
                 "staleness_mean": stats["staleness_mean"],

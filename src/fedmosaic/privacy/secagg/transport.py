@@ -47,6 +47,7 @@ from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.errors import ConfigError
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.privacy.randomness import SecureNoise, SeededNoise
+from fedmosaic.privacy.secagg.buffer import SecureFedBuffBuffer
 from fedmosaic.privacy.secagg.errors import SecAggAbortError
 from fedmosaic.privacy.secagg.quantize import IntegerEncoder
 from fedmosaic.privacy.secagg.simulate import (
@@ -118,6 +119,7 @@ class SecAggPlusTransport:
         self.secure_noise = bool(secure_noise)
         self._encoder_provider: Any = None
         self.last_round: dict[str, Any] = {}
+        self._buffer_k: int | None = None  # set when FedBuff runs one instance per buffer
 
     def check_strategy(self, strategy: Any) -> None:
         """Refuse, with the reason, a strategy that needs to see individual updates, and
@@ -171,6 +173,9 @@ class SecAggPlusTransport:
                 "encoding": encoding,
                 **({"client_noise": self._noise_label()}
                    if self.encoder is not None or self._encoder_provider is not None else {}),
+                **({"instances": f"one per FedBuff buffer of {self._buffer_k} clients, each "
+                                 "told its staleness weight by the server before masking"}
+                   if self._buffer_k is not None else {}),
             },
             "server_sees": "only the sum of the surviving clients' updates (plus their count "
                            "and total weight); a client's input stays hidden unless at least "
@@ -179,6 +184,42 @@ class SecAggPlusTransport:
 
     def available_clients(self) -> list[str]:
         return self.inner.available_clients()
+
+    # -- FedBuff: one SecAgg+ instance per buffer (fedmosaic.runtime.schedule.SecureBufferSource)
+    def secure_buffer(self, k: int, staleness: Any = None, weighting: str = "samples", *,
+                      dim: int, device: torch.device | str | None = None) -> SecureFedBuffBuffer:
+        """A FedBuff buffer of ``k`` clients summed by one SecAgg+ instance each, with this
+        transport's settings (clip, ``max_weight``, bits, dropout rate and plan, corrupted
+        fraction, seed); its instances report to ``last_round``. ``FedBuffSchedule`` takes it
+        in place of ``FedBuffBuffer`` and trains through ``client_transport()``.
+
+        Refused (``ConfigError``) with an integer encoder (distributed Skellam): its clients
+        encode unweighted updates, and its noise calibration, minimum-contributors rule and
+        accounting are those of a synchronous round (``DistributedSkellam.finish_round``),
+        which a FedBuff step does not run. A ``k`` no SecAgg+ parameters exist for is refused
+        too (``strategy.buffer_size``)."""
+        if self.encoder is not None or self._encoder_provider is not None:
+            raise ConfigError(
+                "strategy.schedule", "fedbuff",
+                "'sync' with an integer SecAgg+ encoder (distributed Skellam): its clients "
+                "encode unweighted updates (no staleness weight), and its noise calibration, "
+                "minimum contributors and privacy accounting are per synchronous round; "
+                "FedBuff over SecAgg+ runs with the fixed-point quantizer only")
+        self._buffer_k = int(k)
+        return SecureFedBuffBuffer(
+            k, staleness, weighting, dim=dim, clip=self.clip, max_weight=self.max_weight,
+            bits=self.bits, dropout_rate=self.dropout_rate,
+            corrupted_fraction=self.corrupted_fraction, seed=self.seed,
+            dropout_plan=self._dropout_plan, report=self._note_instance, device=device)
+
+    def client_transport(self) -> Transport:
+        """The transport the clients train on before they mask (the inner one): an
+        asynchronous schedule trains its tasks there and hands each update to the client's
+        side of its buffer's instance, never to the server."""
+        return self.inner
+
+    def _note_instance(self, summary: dict[str, Any]) -> None:
+        self.last_round = summary
 
     def full_steps(self, client_id: str, config: FitConfig) -> int | None:
         return self.inner.full_steps(client_id, config)
