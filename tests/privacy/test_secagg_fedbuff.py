@@ -356,6 +356,15 @@ def test_refusals_name_the_reason(fed):
         _server(fed, FedBuffSchedule(5, 6), _secure(fed, trainer, encoder=Encoder()),
                 strategy=fm.FedAvg(weighting="uniform"))
 
+    from fedmosaic.privacy import DPFedAvg
+
+    distributed = DPFedAvg(clip=0.5, delta=1e-5, noise_multiplier=1.0, sampling="fixed",
+                           clients_per_round=6, distributed=True, min_contributors=4)
+    with pytest.raises(ConfigError, match="DP"):  # never a step without the DP release
+        _server(fed, FedBuffSchedule(5, 6), _secure(fed, trainer), strategy=distributed)
+    with pytest.raises(ConfigError, match="at most the 12 clients"):
+        _server(fed, FedBuffSchedule(13, 13), _secure(fed, trainer))
+
     class ClaimsSecure(SequentialTransport):
         def guarantees(self):
             return {"secure_aggregation": {"protocol": "elsewhere"}}

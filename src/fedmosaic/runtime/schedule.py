@@ -1006,8 +1006,10 @@ class FedBuffSchedule(_AsyncSchedule):
     out during the instance count as failures (the step covers the survivors); a buffer whose
     instance aborts or has no survivor takes no step, and ``_EMPTY_BUFFERS_LIMIT`` such buffers
     in a row fail the run (``RoundFailedError``). No client metric is recorded; ``bytes_up``
-    is the protocol's. With K = concurrency = the cohort and zero staleness it is the
-    synchronous SecAgg+ round bit for bit (same inputs, instance numbers and seeds).
+    is the protocol's. A member of the open buffer gets no new task until the buffer closes
+    (a SecAgg+ instance has one member per client), so ``buffer_size`` must not exceed the
+    population. With K = concurrency = the cohort and zero staleness it is the synchronous
+    SecAgg+ round bit for bit (same inputs, instance numbers and seeds).
 
     ``live=True`` runs it over real clients (a ``LiveTransport``; see ``_AsyncSchedule``),
     ``poll`` seconds at most per wait for a result.
@@ -1034,11 +1036,20 @@ class FedBuffSchedule(_AsyncSchedule):
     def check(self, server: Server) -> None:
         super().check(server)  # refuse_async: SecAgg+ only in simulation, over a source
         self._make_buffer(server, None)  # e.g. a buffer size SecAgg+ cannot run over
+        if not isinstance(server.transport, SecureBufferSource):
+            return
         population = len(server.transport.available_clients())
-        if isinstance(server.transport, SecureBufferSource) and population < self.buffer_size:
+        if population < self.buffer_size:
             raise ConfigError("strategy.buffer_size", self.buffer_size,
                               f"at most the {population} clients with secure aggregation (a "
                               "SecAgg+ instance has one member per client)")
+        if server.strategy.guarantees().get("differential_privacy"):
+            # A secure buffer's mean goes to strategy.apply, not to a DP strategy's release
+            # (fixed denominator, noise check, accounting): never silently skip those.
+            raise ConfigError("strategy.schedule", self.name, "'sync' for central or "
+                              "distributed DP with secure aggregation: a secure FedBuff step "
+                              "applies the buffer's mean without the DP strategy's release "
+                              "and accounting (not yet supported)")
 
     def _make_buffer(self, server: Server, device: Any) -> UpdateBuffer:
         s, transport = server.strategy, server.transport

@@ -42,8 +42,11 @@ server takes a checkpoint only with the step it commits right after a flush, whe
 is empty; updates that arrive after it are tasks in flight in that checkpoint and recomputed on
 resume (``_AsyncSchedule.state_dict``), so a resumed run equals the uninterrupted one.
 
-**A client twice in one buffer** is refused (``InvalidUpdateError``, counted as rejected): a
-SecAgg+ instance has one member per identity, as ``FedBuffBuffer(distinct_clients=True)``.
+**A client twice in one buffer** cannot be: a SecAgg+ instance has one member per identity.
+``FedBuffSchedule`` therefore gives a member of the open buffer no new task until the buffer
+closes (it waits for the instance; plain FedBuff would let a fast client fill two places), and
+``add`` refuses a second update from a member (``InvalidUpdateError``), as
+``FedBuffBuffer(distinct_clients=True)`` does.
 
 **Memory.** The pending inputs: K update vectors (the clients' memory in a deployment), then
 one ``(K, dim + 2)`` float64 array while the instance runs.

@@ -30,6 +30,13 @@ draws its noise from its own generator (``SecureNoise`` with ``secure_noise=True
 ``SeededNoise`` from the client's round seed: deterministic noise, simulation only), and a
 round with more submissions than the encoder's ``max_clients`` -- the size its modular-clipping
 bound was designed for -- is refused before anything is masked.
+
+FedBuff (asynchronous, simulation only). ``secure_buffer`` builds a
+:class:`~fedmosaic.privacy.secagg.buffer.SecureFedBuffBuffer`: the K clients that fill a FedBuff
+buffer run one SecAgg+ instance with this transport's settings, each submitting its staleness-
+and sample-weighted update, and ``client_transport`` is the inner transport the asynchronous
+schedule trains on (``fedmosaic.runtime.schedule.SecureBufferSource``). Integer encoders are
+refused there (their noise and accounting are per synchronous round).
 """
 
 from __future__ import annotations
