@@ -48,7 +48,8 @@ Measured per size:
   refusal code (a call without one failed before the server saw it: connection attempt,
   TLS handshake, deadline), and the server's own counters scraped from ``/metrics``
   (``fedmosaic_rejected_messages_total``, ``fedmosaic_clients_dropped_total`` and
-  ``fedmosaic_clients_refused_total`` by reason) plus the ``refused`` lines of its log.
+  ``fedmosaic_clients_refused_total`` by reason, ``fedmosaic_tls_handshake_failures_total``
+  by kind) plus the ``refused`` lines of its log.
   Honest members should see none.
 
 Members use the real client's channel options, including ``grpc.min_reconnect_backoff_ms``
@@ -103,8 +104,9 @@ ROUND_DEADLINE_S = 300.0
 SERVER_EXIT_S = 30.0
 CLIENT_ID_FORMAT = "m{:05d}"
 REFUSED_LINE = re.compile(r"\brefused (\w+) from ")
-METRIC_LINE = re.compile(r'^fedmosaic_(rejected_messages|clients_dropped|clients_refused)_total'
-                         r'\{reason="([^"]+)"\} ([0-9.e+]+)$')
+METRIC_LINE = re.compile(r'^fedmosaic_(rejected_messages|clients_dropped|clients_refused|'
+                         r'tls_handshake_failures)_total'
+                         r'\{(?:reason|kind)="([^"]+)"\} ([0-9.e+]+)$')
 
 
 # --------------------------------------------------------------------------- credentials
@@ -717,6 +719,10 @@ def _row_notes(r: dict[str, Any]) -> str | None:
     if drops:
         what.append("members dropped from rounds " + ", ".join(f"`{k}` {v:.0f}"
                                                                for k, v in drops.items()))
+    tls = (r.get("server_counters") or {}).get("tls_handshake_failures")
+    if tls:
+        what.append("failed TLS handshakes counted by the server " + ", ".join(
+            f"`{k}` {v:.0f}" for k, v in tls.items()))
     gave_up = (r.get("members") or {}).get("gave_up")
     if gave_up:
         what.append("members gave up: " + ", ".join(f"`{k}` {v}" for k, v in gave_up.items()))

@@ -68,5 +68,6 @@ def test_150_members_two_rounds_nothing_refused(tmp_path: Path) -> None:
     assert "rejected_messages" in row["server_counters"]
     assert row["server_counters"]["rejected_messages"] == {}
     assert row["server_counters"]["clients_dropped"] == {}
+    assert row["server_counters"].get("tls_handshake_failures", {}) == {}
     assert row["server_refusals_total"] == 0
     assert row["server_log_refused_lines"] == {}
