@@ -240,6 +240,9 @@ def test_fedbuff_k_the_cohort_zero_staleness_is_sync_secagg_bit_for_bit(fed, coh
     assert f"one per FedBuff buffer of {cohort}" in \
         buff.guarantees["secure_aggregation"]["instances"]
     assert transport.last_round["instance"] == 3
+    # bytes_up is the protocol's exact byte count of the step's instance.
+    assert buff.history[-1]["bytes_up"] == transport.last_round["bytes_up"] > \
+        cohort * 4 * buff.weights.numel()
 
 
 class _HoldingFedBuff(FedBuffSchedule):
