@@ -614,6 +614,14 @@ def _build_strategy(exp: Experiment, fed: fd.FederatedDataset | None, *, deploym
         if mode == "distributed":
             privacy["distributed"] = True
         s.pop("weighting", None)
+        if exp["strategy"].get("schedule", "sync") != "sync":
+            # Central DP per asynchronous server step (config refused the sampling keys).
+            from fedmosaic.privacy.async_dp import AsyncDPFedAvg
+
+            s.pop("min_updates", None)
+            return AsyncDPFedAvg(server_opt=server_opt, local_epochs=t.get("epochs"),
+                                 batch_size=t.get("batch_size"), rounds=exp[""]["rounds"],
+                                 **privacy, **s, **wm)
         if "min_updates" not in exp.raw.get("strategy", {}):
             s.pop("min_updates")  # Poisson rounds may have no clients: DPFedAvg allows 0
         return DPFedAvg(server_opt=server_opt, local_epochs=t.get("epochs"),

@@ -582,9 +582,22 @@ def _check_schedule(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
                               "its noise, minimum contributors and accounting are per "
                               "synchronous round; FedBuff over SecAgg+ uses the fixed-point "
                               "quantizer only")
-    if s["privacy"]["mode"] in ("central", "distributed"):
-        raise ConfigError("strategy.schedule", kind, f"'sync' under {s['privacy']['mode']} DP: "
-                          "accounting each asynchronous server step is not yet supported")
+    if s["privacy"]["mode"] == "distributed":
+        raise ConfigError("strategy.schedule", kind, "'sync' under distributed DP: its noise "
+                          "shares and minimum contributors are per synchronous cohort (central "
+                          "DP accounts each asynchronous server step: privacy.mode = 'central')")
+    if s["privacy"]["mode"] == "central":
+        # AsyncDPFedAvg (privacy/async_dp.py): each server step an unsampled Gaussian
+        # mechanism; dispatch is not sampling, so the sampling keys would claim amplification.
+        p = s["privacy"]
+        for key, why in (("sampling", "asynchronous dispatch is not random sampling"),
+                         ("rate", "asynchronous dispatch is not Poisson sampling"),
+                         ("adaptive_clip_quantile", "adaptive clipping's noised count is "
+                          "accounted per synchronous round only")):
+            if key in p:
+                raise ConfigError(f"privacy.{key}", p[key], f"not with strategy.schedule = "
+                                  f"'{kind}': {why}; each server step is accounted as an "
+                                  "unsampled Gaussian mechanism (no amplification)")
     if s["robust"] or s["anomaly"].get("enabled", False):
         raise ConfigError("strategy.schedule", kind, "'sync' with [robust] or [anomaly]: they "
                           "compare a whole cohort of updates, which an asynchronous server "
@@ -913,8 +926,10 @@ def _check_privacy(s: dict[str, dict[str, Any]]) -> None:
     if ("noise_multiplier" in p) == ("target_epsilon" in p):
         raise ConfigError("privacy.noise_multiplier", p.get("noise_multiplier", "<missing>"),
                           "exactly one of privacy.noise_multiplier and privacy.target_epsilon")
-    sampling = p.setdefault("sampling", "poisson")
     strat = s["strategy"]
+    # Asynchronous schedules have no DP sampling: _check_schedule refused its keys.
+    sampling = (p.setdefault("sampling", "poisson") if strat.get("schedule", "sync") == "sync"
+                else None)
     if sampling == "poisson" and "rate" not in p:
         raise ConfigError("privacy.rate", "<missing>",
                           "required with poisson sampling: the per-round inclusion probability")

@@ -358,6 +358,45 @@ def predicted_work(server: Server, task: ClientTask,
     return _work(n, steps, cfg, server.trainer)
 
 
+@runtime_checkable
+class AsyncPrivacy(Protocol):
+    """A DP strategy that releases and accounts each asynchronous server step
+    (``fedmosaic.privacy.async_dp.AsyncDPFedAvg``): FedBuff's buffer becomes its
+    ``dp_buffer`` (clip, noise on the sum, fixed K), FedAsync's update its
+    ``release_update`` (clipped and noised before mixing)."""
+
+    def check_schedule(self, schedule: str) -> None: ...
+
+    def bind(self, run_seed: int) -> None: ...
+
+    def dp_buffer(self, inner: FedBuffBuffer) -> UpdateBuffer: ...
+
+    def release_update(self, update: ClientUpdate, staleness: int,
+                       dim: int) -> tuple[ClientUpdate, dict[str, Any]]: ...
+
+
+def _check_async_dp(server: Server, schedule: str) -> None:
+    """Central DP under an asynchronous schedule: only a strategy that accounts each server
+    step (``AsyncPrivacy``), and in simulation at least K clients for FedBuff (a DP buffer
+    takes one update per client)."""
+    s = server.strategy
+    if not isinstance(s, AsyncPrivacy):
+        raise ConfigError("strategy.schedule", schedule, "'sync' for this DP strategy "
+                          f"({type(s).__name__}): its accounting assumes sampled synchronous "
+                          "rounds (distributed DP: noise shares summed over one synchronous "
+                          "cohort); central DP under FedBuff or FedAsync is AsyncDPFedAvg "
+                          "(fedmosaic.privacy.async_dp; [privacy] mode = 'central' builds it)")
+    s.check_schedule(schedule)
+    s.bind(server.seed)
+    sched = server.schedule
+    if isinstance(sched, FedBuffSchedule) and not sched.live:
+        population = len(server.transport.available_clients())
+        if population < sched.buffer_size:
+            raise ConfigError("strategy.buffer_size", sched.buffer_size,
+                              f"at most the {population} clients under DP (a DP buffer takes "
+                              "at most one update per client)")
+
+
 def refuse_async(server: Server, schedule: str) -> None:
     """Refuse, with the reason, what an asynchronous schedule cannot run soundly yet."""
     s, transport = server.strategy, server.transport
@@ -367,8 +406,7 @@ def refuse_async(server: Server, schedule: str) -> None:
         if refusal is not None:
             raise ConfigError("strategy.schedule", schedule, refusal)
     if s.guarantees().get("differential_privacy"):
-        raise ConfigError("strategy.schedule", schedule, "'sync' under central or distributed "
-                          "DP: accounting each asynchronous server step is not yet supported")
+        _check_async_dp(server, schedule)
     if s.defence is not None:
         raise ConfigError("strategy.schedule", schedule, "'sync' with a robust aggregator or "
                           "anomaly detection: they compare a whole cohort of updates, which an "
@@ -1056,6 +1094,10 @@ class FedBuffSchedule(_AsyncSchedule):
         if isinstance(transport, SecureBufferSource):
             return transport.secure_buffer(self.buffer_size, self.staleness, s.weighting,
                                            dim=server.spec.numel, device=device)
+        if isinstance(s, AsyncPrivacy):  # central DP: clip, noise the sum, fixed K
+            return s.dp_buffer(FedBuffBuffer(self.buffer_size, self.staleness, s.weighting,
+                                             dim=server.spec.numel, device=device,
+                                             distinct_clients=True))
         return FedBuffBuffer(self.buffer_size, self.staleness, s.weighting,
                              dim=server.spec.numel, device=device)
 
@@ -1066,8 +1108,10 @@ class FedBuffSchedule(_AsyncSchedule):
 
     def _holding(self, server: Server) -> set[str]:
         # A SecAgg+ instance has one member per client: a member of the open buffer holds
-        # its input until the buffer closes and gets no new task meanwhile.
-        if self.buffer is None or not isinstance(server.transport, SecureBufferSource):
+        # its input until the buffer closes and gets no new task meanwhile. Under DP too:
+        # a DP buffer takes one update per client (its sensitivity is one clipped update).
+        if self.buffer is None or not (isinstance(server.transport, SecureBufferSource)
+                                       or isinstance(server.strategy, AsyncPrivacy)):
             return set()
         return set(self.buffer.client_ids)
 
@@ -1112,8 +1156,8 @@ class FedBuffSchedule(_AsyncSchedule):
         head = {**self._head(server, state, stats["count"], stats["bytes_up"]),
                 "staleness_mean": stats["staleness_mean"],
                 "staleness_max": stats["staleness_max"]}
-        server.commit(state, weights, head=head, client_metrics=stats["metrics"], extra={},
-                      start=self._step_start)
+        server.commit(state, weights, head=head, client_metrics=stats["metrics"],
+                      extra=stats.get("extra", {}), start=self._step_start)
         self._new_step()
 
 
@@ -1141,11 +1185,14 @@ class FedAsyncSchedule(_AsyncSchedule):
     def _arrive(self, server: Server, state: RunState, task: _Task, update: ClientUpdate,
                 staleness: int) -> None:
         assert task.base_weights is not None
+        dp: dict[str, Any] = {}
+        if isinstance(server.strategy, AsyncPrivacy):  # central DP: clip and noise first
+            update, dp = server.strategy.release_update(update, staleness, server.spec.numel)
         weights, metrics = self.mixer.mix_update(state.weights, task.base_weights, update,
                                                  staleness)
         head = {**self._head(server, state, 1, update.nbytes), "staleness_mean": staleness,
                 "staleness_max": staleness}
         server.commit(state, weights, head=head,
                       client_metrics={k: float(v) for k, v in update.metrics.items()},
-                      extra={"alpha_t": metrics["alpha_t"]}, start=self._step_start)
+                      extra={"alpha_t": metrics["alpha_t"], **dp}, start=self._step_start)
         self._new_step()
