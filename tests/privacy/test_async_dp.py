@@ -300,3 +300,27 @@ def test_the_experiment_file_builds_async_dp_for_fedbuff_and_fedasync():
 def test_inverse_sqrt_weights_never_exceed_one():
     s = InverseSqrtStaleness()
     assert all(0 < s(t) <= 1 for t in range(1000))
+
+
+def test_live_dp_fedbuff_equals_the_simulated_one_and_the_budget_cancels_open_tasks(blobs_fed):
+    """The same schedule code runs over real clients (a LiveTransport; here the fake of
+    tests/runtime): seeded noise makes the live run the simulated one bit for bit; a budget
+    stop ends the open tasks."""
+    from tests.runtime.fake_live import FakeLiveTransport
+
+    sim = _run(blobs_fed, _strategy(), FedBuffSchedule(3, 3), rounds=4)
+    trainer = _trainer()
+    fake = FakeLiveTransport(trainer, blobs_fed)
+    live = fm.simulate(trainer, blobs_fed, _strategy(), rounds=4, seed=3, transport=fake,
+                       schedule=FedBuffSchedule(3, 3, live=True, poll=0.25))
+    assert torch.equal(sim.weights, live.weights)
+    assert [r["dp_epsilon"] for r in live.history] == [r["dp_epsilon"] for r in sim.history]
+    budget = (_dp_eps(1.1, 2) + _dp_eps(1.1, 3)) / 2
+    trainer = _trainer()
+    fake = FakeLiveTransport(trainer, blobs_fed, delay={"c5": 10**6})
+    stopped = fm.simulate(trainer, blobs_fed, _strategy(budget_epsilon=budget), rounds=6,
+                          seed=3, transport=fake,
+                          schedule=FedBuffSchedule(2, 3, live=True, poll=0.25))
+    assert len(stopped.history) == 2 and "server step 3 would exceed" in stopped.stopped
+    assert len(fake.cancelled) == 1 and "PrivacyBudgetExhausted" in fake.cancelled[0][0]
+    assert not fake.open
