@@ -812,6 +812,10 @@ def main() -> None:
         from chaos import markdown as chaos_markdown  # benchmarks/chaos.py
 
         parts.append(chaos_markdown(d))
+    if (d := load("async_deploy")) is not None:
+        from async_deploy import markdown as async_deploy_markdown  # benchmarks/async_deploy.py
+
+        parts.append(async_deploy_markdown(d))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 
