@@ -103,6 +103,7 @@ ROUND_DEADLINE_S = 300.0
 # After the members stop, how long the server may take to exit (its linger is 15 s).
 SERVER_EXIT_S = 30.0
 CLIENT_ID_FORMAT = "m{:05d}"
+LOG_LINE = re.compile(r" (DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): ")
 REFUSED_LINE = re.compile(r"\brefused (\w+) from ")
 METRIC_LINE = re.compile(r'^fedmosaic_(rejected_messages|clients_dropped|clients_refused|'
                          r'tls_handshake_failures)_total'
@@ -209,9 +210,28 @@ class ServerSampler(threading.Thread):
         super().__init__(daemon=True)
         self.proc = psutil.Process(pid)
         self.samples: list[tuple[float, int, float, int]] = []
+        # Once a second, for where it breaks: the load generators' processes (set by the
+        # driver once they run) and the whole machine's CPU use, next to the server's.
+        self.loaders: list[int] = []
+        self.timeline: list[dict[str, float]] = []
         self._stop_event = threading.Event()
 
+    def _loaders(self) -> tuple[float, int]:
+        cpu, threads = 0.0, 0
+        for pid in list(self.loaders):
+            try:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    t = proc.cpu_times()
+                    cpu += t.user + t.system
+                    threads += proc.num_threads()
+            except psutil.Error:
+                continue
+        return cpu, threads
+
     def run(self) -> None:
+        psutil.cpu_percent(None)
+        next_line = time.monotonic()
         while not self._stop_event.is_set():
             try:
                 with self.proc.oneshot():
@@ -220,6 +240,16 @@ class ServerSampler(threading.Thread):
                                          cpu.user + cpu.system, self.proc.num_threads()))
             except psutil.Error:
                 return
+            if self.samples[-1][0] >= next_line:
+                next_line += 1.0
+                t, rss, cpu_s, threads = self.samples[-1]
+                loader_cpu, loader_threads = self._loaders()
+                self.timeline.append({
+                    "t": t, "server_rss_mb": round(rss / 2**20, 1),
+                    "server_cpu_s": round(cpu_s, 2), "server_threads": threads,
+                    "loaders_cpu_s": round(loader_cpu, 2), "loaders_threads": loader_threads,
+                    "machine_cpu_pct": psutil.cpu_percent(None),
+                    "load_1min": os.getloadavg()[0]})
             self._stop_event.wait(SAMPLE_S)
 
     def stop(self) -> None:
@@ -481,6 +511,7 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
             group = ids[:clients][i::procs]
             if group:
                 loaders.append(loader(f"load-{i}", group, i))
+        sampler.loaders = [p.pid for p in loaders]
         deadline = spawned + timeout + 30
         if hold > 0:
             while probe.connected() < clients:
@@ -491,6 +522,7 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
             row["late_spawned"] = time.monotonic() - spawned
             late_spawned = time.monotonic()
             loaders.append(loader("latecomer", ids[clients:], procs))
+            sampler.loaders = [p.pid for p in loaders]
         for proc in loaders:
             _stop(proc, max(deadline - time.monotonic(), 1.0))
         server_rc = _stop(server, SERVER_EXIT_S)
@@ -517,6 +549,21 @@ def run_size(clients: int, *, rounds: int, per_round: int, procs: int, workdir: 
     latecomer = json.loads(late.read_text()) if late.is_file() else None
     row.update(_results(row, tallies, latecomer, sampler, probe, out, workdir, spawned,
                         late_spawned))
+    # Once a second, relative to the load generators' start, with what the operator saw.
+    seen = probe.calls if probe is not None else []
+    for line in sampler.timeline:
+        line["connected"] = next((c[2] for c in reversed(seen)
+                                  if c[1] is not None and c[0] <= line["t"]), 0)
+        line["t"] = round(line["t"] - spawned, 1)
+    row["timeline"] = sampler.timeline
+    log = _tail(workdir / "server.log", 10**8)
+    row["server_log_lines"] = dict(Counter(
+        f"{m.group(1)} {m.group(2)}" for m in LOG_LINE.finditer(log)))
+    if row["error"] or row.get("client_errors_total"):
+        row["server_log_tail"] = log[-4000:]
+        row["loader_log_tails"] = {p.name: _tail(p, 1500)
+                                   for p in sorted(workdir.glob("*.log"))
+                                   if p.name != "server.log"}
     row["load_average_1min_after"] = os.getloadavg()[0]
     return row
 
