@@ -95,15 +95,25 @@ def test_a_staleness_weight_above_one_is_refused_it_would_raise_the_sensitivity(
     @dataclass(frozen=True)
     class Boost(StalenessFunction):
         name = "boost"
+        offset: float = 0.0
 
         def _weight(self, staleness: int) -> float:
-            return 1.0 + staleness
+            return 1.0 + self.offset + staleness
 
         def parameters(self) -> dict[str, float]:
             return {}
 
-    buf = _dp_buffer(2, _release(), staleness=Boost())
-    buf.add(_update("a", torch.ones(DIM)), 0)  # weight 1: fine
+    @dataclass(frozen=True)
+    class Rising(Boost):  # violates the non-increasing contract: caught on arrival
+        name = "rising"
+
+        def _weight(self, staleness: int) -> float:
+            return 0.5 + staleness
+
+    with pytest.raises(ConfigError, match="weight above 1 would raise the sensitivity"):
+        _dp_buffer(2, _release(), staleness=Boost(offset=0.5))  # at configuration
+    buf = _dp_buffer(2, _release(), staleness=Rising())
+    buf.add(_update("a", torch.ones(DIM)), 0)  # weight 0.5: fine
     with pytest.raises(ConfigError, match="weight above 1 would raise the sensitivity"):
         buf.add(_update("b", torch.ones(DIM)), 1)
 

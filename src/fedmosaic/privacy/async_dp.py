@@ -175,6 +175,9 @@ class DPFedBuffBuffer:
         if not inner.distinct_clients:
             raise ValueError("a DP buffer needs distinct_clients=True: one client's "
                              "contribution to a step must be one clipped update")
+        # At configuration: a staleness function is non-increasing, so s(0) <= 1 bounds it
+        # (every update's weight is checked again as it arrives).
+        release.check_weight(inner.staleness(0), 0)
         self.inner, self.release = inner, release
 
     @property
