@@ -781,10 +781,10 @@ def _row_notes(r: dict[str, Any]) -> str | None:
                        f"\"{first['error'][:160]}\")" if first else ""))
     cli_failed = (r.get("status") or {}).get("cli_failed")
     if cli_failed:
-        what.append(f"`fedmosaic status` failed {cli_failed} times")
+        what.append(f"`fedmosaic status` failed {cli_failed} time" + "s" * (cli_failed > 1))
     if not what:
         return None
-    return f"- {r['clients']:,} connected: " + "; ".join(what) + "."
+    return f"- {_size(r)} connected: " + "; ".join(what) + "."
 
 
 def markdown(d: dict[str, Any]) -> str:
@@ -796,11 +796,10 @@ def markdown(d: dict[str, Any]) -> str:
                               "the rounds start" for r in d["rows"]}))
     lines = [
         "## Thousands of connected clients (issue #18)", "",
-        *[f"Command: `{c}`" for c in dict.fromkeys(r.get("command", d["command"])
-                                                   for r in d["rows"])],
-        "", machine_line(d["machine"]) + " Code: commit "
-        f"`{d.get('commit', '?')}`"
-        + (" with local changes in `src/fedmosaic/net`" if d.get("net_dirty") else "") + ".",
+        *[f"Command (at commit `{k[1]}`): `{k[0]}`" for k in dict.fromkeys(
+            (r.get("command", d["command"]), r.get("commit", d.get("commit", "?")))
+            for r in d["rows"])],
+        "", machine_line(d["machine"]),
         "",
         "One `fedmosaic server` process (the `grpc.aio` service; digits, the MLP of "
         f"{d['rows'][0].get('numel', '?'):,} parameters, {d['per_round']} clients selected per "
@@ -838,15 +837,29 @@ def markdown(d: dict[str, Any]) -> str:
         "| connected | all joined (s) | rounds | round median / max (s) | failed member "
         "calls: refused / connection | server refusals | load |",
         "|---|---|---|---|---|---|---|"]
-    lines += [_rounds_cells(r) for r in d["rows"]]
+    rows = sorted(d["rows"], key=lambda r: (r["clients"], r.get("connect_timeout_ms") or 0))
+    lines += [_rounds_cells(r) for r in rows]
     lines += ["",
               "| connected | server RSS (MB) | server CPU connect / idle / rounds | server "
               "threads | Status while connecting | Status idle | Status during rounds "
               "| `fedmosaic status` |",
               "|---|---|---|---|---|---|---|---|"]
-    lines += [_server_cells(r) for r in d["rows"]]
-    notes = [n for n in (_row_notes(r) for r in d["rows"]) if n]
+    lines += [_server_cells(r) for r in rows]
+    notes = [n for n in (_row_notes(r) for r in rows) if n]
     lines.append("")
+    if any(r.get("client_errors_transport") for r in rows):
+        lines += [
+            "Failed connection attempts: members use the real client's channel options "
+            "(`fedmosaic.net.client.RECONNECT_OPTIONS`), whose `grpc.min_reconnect_backoff_ms`"
+            " = 200 gRPC core also takes as the shortest deadline of a connection attempt "
+            "(TCP, TLS handshake, HTTP/2 settings; gRPC's connection-backoff protocol calls "
+            "it MIN_CONNECT_TIMEOUT, 20 s by default). While hundreds of handshakes queue on "
+            "two busy cores, attempts time out on the client's side (\"connection attempt "
+            "timed out before receiving SETTINGS frame\", \"tcp handshaker shutdown\") and "
+            "are retried with backoff; the server sees no call, so it neither refuses nor "
+            "counts them. `fedmosaic status` connects with the same options. The row whose "
+            "members allow 20 s to connect (the operator probe too) changes only that "
+            "setting.", ""]
     if notes:
         lines += ["What failed, by size:", "", *notes, ""]
     return "\n".join(lines)
@@ -919,6 +932,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/load.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     rows = []
+    payload_commit = _git_commit() + (" (src/fedmosaic/net modified)" if _net_dirty() else "")
     for n in sizes:
         print(f"--- {n} connected", flush=True)
         with tempfile.TemporaryDirectory(prefix=f"load-{n}-") as tmp:
@@ -928,7 +942,7 @@ def main(argv: list[str] | None = None) -> None:
                            cli_every=args.cli_every,
                            connect_timeout_ms=args.connect_timeout_ms, hold=args.hold,
                            evaluate=args.evaluate)
-        row["command"] = command
+        row["command"], row["commit"] = command, payload_commit
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in (
             "clients", "error", "round_records", "connect", "round_s", "server", "status",
@@ -941,7 +955,9 @@ def main(argv: list[str] | None = None) -> None:
                "cli_every": args.cli_every, "rows": rows}
     previous = RESULTS / f"{RESULTS_NAME}.json"
     if args.append and previous.is_file():
-        payload["rows"] = json.loads(previous.read_text())["rows"] + rows
+        old = json.loads(previous.read_text())
+        payload["rows"] = old["rows"] + rows
+        payload["machine"] = old["machine"]  # the first run's; each row has its load
     if not args.no_save:
         print(f"wrote {save(RESULTS_NAME, payload)}")
 
