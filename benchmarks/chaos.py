@@ -62,6 +62,7 @@ def main() -> int:
     print(f"{len(rows) - len(failed) - len(known)} of {len(rows)} scenarios ok in {total:.0f}s"
           + (f"; failed on a known bug: {', '.join(known)}" if known else "")
           + (f"; failed: {', '.join(failed)}" if failed else ""))
+    info["load_average_1min_end"] = os.getloadavg()[0]
     if args.only is None:
         path = save("chaos", {"command": "python benchmarks/chaos.py", "machine": info,
                               "total_s": round(total, 1), "scenarios": rows})
@@ -111,8 +112,10 @@ def markdown(d: dict[str, Any]) -> str:
         "",
         f"Command: `.venv/bin/python {d['command'].removeprefix('python ')}`",
         "",
-        machine_line(m) + (f" Load average when it started: {m['load_average_1min']:.1f} "
-                           "(other jobs on the 2 cores)." if m.get("load_average_1min")
+        machine_line(m) + (f" Load average when it started: {m['load_average_1min']:.1f}"
+                           + (f", when it ended: {m['load_average_1min_end']:.1f}"
+                              if m.get("load_average_1min_end") is not None else "")
+                           + " (other jobs on the 2 cores)." if m.get("load_average_1min")
                            is not None else ""),
         "",
         f"{ok} of {len(rows)} scenarios ok"

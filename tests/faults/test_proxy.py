@@ -119,6 +119,17 @@ def test_a_throttled_message_trickles_in(proxy: FaultProxy) -> None:
     assert took >= 0.45
 
 
+def test_one_direction_throttled(proxy: FaultProxy) -> None:
+    proxy.set_fault(Fault(rate_up=2_000))
+    with _dial(proxy) as sock:
+        started = time.monotonic()
+        assert _echo_back(sock, b"u" * 1000) == b"u" * 1000
+        took = time.monotonic() - started
+    assert took >= 0.45  # the way up: 1,000 bytes at 2,000 B/s
+    with pytest.raises(ValueError, match="rate_down"):
+        Fault(rate_down=0)
+
+
 def test_drop_holds_one_direction_keeps_the_connection_and_delivers_after(
         proxy: FaultProxy) -> None:
     with _dial(proxy, timeout=0.5) as sock:

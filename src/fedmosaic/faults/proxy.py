@@ -35,12 +35,15 @@ class Fault:
     """What the proxy does to a connection. ``delay``: seconds slept before forwarding each
     chunk (each read, at most ``chunk_bytes``); ``rate``: bytes per second per direction,
     paced in reads of at most 50 ms worth of bytes, so that a message trickles in as over a
-    slow link (``None``: unthrottled); ``drop_up`` / ``drop_down``: hold that direction;
+    slow link (``None``: unthrottled); ``rate_up`` / ``rate_down``: the same for one direction
+    (``None``: ``rate``); ``drop_up`` / ``drop_down``: hold that direction;
     ``cut_after``: close the connection with a reset once it has forwarded this many bytes
     (both directions together; ``None``: never)."""
 
     delay: float = 0.0
     rate: float | None = None
+    rate_up: float | None = None
+    rate_down: float | None = None
     drop_up: bool = False
     drop_down: bool = False
     cut_after: int | None = None
@@ -48,13 +51,19 @@ class Fault:
     def __post_init__(self) -> None:
         if self.delay < 0:
             raise ValueError(f"Fault.delay must be >= 0 seconds, got {self.delay}")
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError(f"Fault.rate must be > 0 bytes/s or None, got {self.rate}")
+        for name in ("rate", "rate_up", "rate_down"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"Fault.{name} must be > 0 bytes/s or None, got {value}")
         if self.cut_after is not None and self.cut_after < 0:
             raise ValueError(f"Fault.cut_after must be >= 0 bytes or None, got {self.cut_after}")
 
     def drops(self, direction: Direction) -> bool:
         return self.drop_up if direction == "up" else self.drop_down
+
+    def rate_of(self, direction: Direction) -> float | None:
+        own = self.rate_up if direction == "up" else self.rate_down
+        return own if own is not None else self.rate
 
 
 NO_FAULT = Fault()
@@ -354,7 +363,7 @@ class FaultProxy:
             # when the drop began during the read, with the chunk read (forwarded intact later).
             if not await self._held(conn, direction, deadline):
                 return
-            rate = self._fault_of(conn).rate
+            rate = self._fault_of(conn).rate_of(direction)
             # Throttled, a read takes at most 50 ms worth of bytes, so that a message trickles
             # in as over a slow link instead of passing whole and then waiting.
             size = self.chunk_bytes if rate is None else max(1, min(self.chunk_bytes,
@@ -373,8 +382,8 @@ class FaultProxy:
             fault = self._fault_of(conn)
             if fault.delay:
                 await asyncio.sleep(fault.delay)
-            if fault.rate is not None:  # the time these bytes take on the throttled link
-                await asyncio.sleep(len(data) / fault.rate)
+            if (rate := fault.rate_of(direction)) is not None:  # time on the throttled link
+                await asyncio.sleep(len(data) / rate)
             if fault.cut_after is not None and conn.forwarded + len(data) >= fault.cut_after:
                 data = data[:max(0, fault.cut_after - conn.forwarded)]
                 if data:
