@@ -1066,12 +1066,17 @@ class FedBuffSchedule(_AsyncSchedule):
         self.staleness = staleness if staleness is not None else InverseSqrtStaleness()
         self.buffer: UpdateBuffer | None = None
         self._empty_buffers = 0  # consecutive flushes with nothing to apply (SecAgg+ aborts)
+        # (secure buffer source, clients held by the open buffer) of the run in progress, set
+        # by start: isinstance against a runtime-checkable Protocol inspects each of its
+        # members, too slow for every dispatch and fit of a simulation.
+        self._kind: tuple[bool, bool] | None = None
 
     def describe(self) -> dict[str, Any] | None:
         return {**(super().describe() or {}), "buffer_size": self.buffer_size,
                 "staleness": self.staleness.describe()}
 
     def check(self, server: Server) -> None:
+        self._kind = None  # a new server: decided again at its run's start
         super().check(server)  # refuse_async: SecAgg+ only in simulation, over a source
         self._make_buffer(server, None)  # e.g. a buffer size SecAgg+ cannot run over
         if not isinstance(server.transport, SecureBufferSource):
@@ -1101,21 +1106,27 @@ class FedBuffSchedule(_AsyncSchedule):
         return FedBuffBuffer(self.buffer_size, self.staleness, s.weighting,
                              dim=server.spec.numel, device=device)
 
+    def _run_kind(self, server: Server) -> tuple[bool, bool]:
+        if self._kind is None:  # outside a run: ask
+            secure = isinstance(server.transport, SecureBufferSource)
+            return secure, secure or isinstance(server.strategy, AsyncPrivacy)
+        return self._kind
+
     def _fitter(self, server: Server) -> Any:
         transport = server.transport
-        return (transport.client_transport() if isinstance(transport, SecureBufferSource)
-                else transport)
+        return transport.client_transport() if self._run_kind(server)[0] else transport
 
     def _holding(self, server: Server) -> set[str]:
         # A SecAgg+ instance has one member per client: a member of the open buffer holds
         # its input until the buffer closes and gets no new task meanwhile. Under DP too:
         # a DP buffer takes one update per client (its sensitivity is one clipped update).
-        if self.buffer is None or not (isinstance(server.transport, SecureBufferSource)
-                                       or isinstance(server.strategy, AsyncPrivacy)):
+        if self.buffer is None or not self._run_kind(server)[1]:
             return set()
         return set(self.buffer.client_ids)
 
     def start(self, server: Server, state: RunState) -> None:
+        self._kind = None
+        self._kind = self._run_kind(server)
         self.buffer = self._make_buffer(server, state.weights.device)
         self._empty_buffers = 0
         saved = state.schedule_state
