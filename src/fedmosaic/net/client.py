@@ -51,7 +51,10 @@ from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.compat import DataProfile, ProfileError, TaskProfile, model_outputs
 from fedmosaic.core.errors import FedmosaicError
 from fedmosaic.data import ArrayDataset
-from fedmosaic.net.auth import channel_credentials, pinned_server_name
+from fedmosaic.net.channel import RECONNECT_OPTIONS as RECONNECT_OPTIONS
+from fedmosaic.net.channel import SERVICE as SERVICE
+from fedmosaic.net.channel import Stubs as _Stubs
+from fedmosaic.net.channel import open_channel
 from fedmosaic.net.client_errors import (
     Backoff,
     ClientError,
@@ -78,7 +81,6 @@ from fedmosaic.net.wire import (
     ChunkAssembler,
     WireError,
     fit_config_from_wire,
-    grpc_options,
     iter_chunks,
     printable_reason,
     skellam_from_wire,
@@ -90,7 +92,6 @@ from fedmosaic.train.base import Dataset, Trainer
 
 log = logging.getLogger(__name__)
 
-SERVICE = "/fedmosaic.v1.Federation/"
 SOFTWARE = "fedmosaic-client/1"
 # Local training failures that may not recur (out of memory...) tolerated in a row.
 MAX_TRAINING_FAILURES = 3
@@ -98,11 +99,6 @@ MAX_TRAINING_FAILURES = 3
 SELF_CHECK_SAMPLES = 8
 # How long a client that failed its self-check waits for a task to refuse with the reason.
 REPORT_WAIT_SECONDS = 1.0
-# gRPC's own reconnection backoff (default up to 120 s) would hide a restarted server from
-# our retries; ours (``Backoff``) paces the attempts instead.
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
-                     ("grpc.min_reconnect_backoff_ms", 200),
-                     ("grpc.max_reconnect_backoff_ms", 2000)]
 
 # The names of earlier versions.
 ClientRefusedError = PermanentError
@@ -122,43 +118,6 @@ class ClientReport:
     accepted: int = 0
     joins: int = 0
     refused: list[int] = field(default_factory=list)
-
-
-class _Stubs:
-    """The service's methods on one channel (no generated stubs needed)."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        def unary(name: str, req: Any, rep: Any) -> Any:
-            return channel.unary_unary(SERVICE + name, request_serializer=req.SerializeToString,
-                                       response_deserializer=rep.FromString)
-
-        self.join = unary("Join", pb.JoinRequest, pb.JoinReply)
-        self.heartbeat = unary("Heartbeat", pb.HeartbeatRequest, pb.HeartbeatReply)
-        self.get_task = unary("GetTask", pb.TaskRequest, pb.Task)
-        self.secagg = unary("SecAgg", pb.SecAggEnvelope, pb.SecAggEnvelope)
-        self.status = unary("Status", pb.StatusRequest, pb.StatusReply)
-        self.refuse_task = unary("RefuseTask", pb.TaskRefusal, pb.RefusalReply)
-        self.report_evaluation = unary("ReportEvaluation", pb.EvaluationReport,
-                                       pb.EvaluationReply)
-        self.download = channel.unary_stream(
-            SERVICE + "DownloadModel", request_serializer=pb.ModelRequest.SerializeToString,
-            response_deserializer=pb.TensorChunk.FromString)
-        self.upload = channel.stream_unary(
-            SERVICE + "UploadUpdate", request_serializer=pb.UploadMessage.SerializeToString,
-            response_deserializer=pb.UploadReply.FromString)
-
-
-def open_channel(server: str, ca: Path, cert: Path, key: Path, *,
-                 server_name: str | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
-    """A mutual-TLS channel to ``server`` (HOST:PORT)."""
-    options = grpc_options(max_message_bytes) + list(RECONNECT_OPTIONS)
-    # The server certificate generation named by our CRL (beside ca.pem) replaces the host name
-    # check: a revoked server certificate then fails the handshake (fedmosaic.net.auth).
-    server_name = pinned_server_name(ca) or server_name
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(server, channel_credentials(ca, cert, key), options=options)
 
 
 def load_npz(path: str | Path) -> ArrayDataset:

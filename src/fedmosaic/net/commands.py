@@ -347,7 +347,7 @@ def status(
     """Show a running server's progress (needs the operator credential)."""
     import grpc
 
-    from fedmosaic.net.client import _Stubs, open_channel
+    from fedmosaic.net.channel import Stubs, open_channel
     from fedmosaic.net.proto import fedmosaic_pb2 as pb
 
     if credentials is not None:
@@ -360,7 +360,7 @@ def status(
     assert ca is not None and cert is not None and key is not None
     channel = open_channel(server, ca, cert, key, server_name=server_name)
     try:
-        reply = _Stubs(channel).status(pb.StatusRequest(), timeout=10)
+        reply = Stubs(channel).status(pb.StatusRequest(), timeout=10)
     except grpc.RpcError as exc:
         _fail(f"{server}: {exc.code().name}: {exc.details()}")
         return

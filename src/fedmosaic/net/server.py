@@ -33,10 +33,11 @@ from fedmosaic.config import Experiment
 from fedmosaic.core.errors import ConfigError, RoundFailedError
 from fedmosaic.net.auth import RevocationList, server_credentials
 from fedmosaic.net.certs import FederationPaths
+from fedmosaic.net.channel import grpc_options
 from fedmosaic.net.service import FederationService
 from fedmosaic.net.settings import DeploySettings
 from fedmosaic.net.transport import GrpcTransport
-from fedmosaic.net.wire import grpc_options, spec_hash
+from fedmosaic.net.wire import spec_hash
 from fedmosaic.runtime.checkpoint import (
     CHECKPOINT_NAME,
     RUN_FILES,

@@ -22,6 +22,7 @@ import torch
 from fedmosaic.algorithms.strategy import ClientStage
 from fedmosaic.core.errors import ConfigError
 from fedmosaic.core.params import ParamSpec
+from fedmosaic.net.channel import grpc_options as grpc_options
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
 from fedmosaic.privacy.local_dp import DistributedNoiseShare, LocalDP
 from fedmosaic.privacy.skellam import SkellamMechanism
@@ -75,16 +76,6 @@ def spec_hash(spec: ParamSpec) -> str:
     """A short hash of a model's layout: client and server must agree on it."""
     blob = json.dumps(spec.to_json(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Channel/server options shared by both ends: bounded messages, no port sharing."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # Two servers on one port would split the clients between them.
-        ("grpc.so_reuseport", 0),
-    ]
 
 
 def chunk_elements(chunk_bytes: int) -> int:
