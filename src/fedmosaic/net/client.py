@@ -294,6 +294,13 @@ class FederationClient:
                                      timeout=max(self.heartbeat_interval, 1.0))
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code())
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    # Not joined to this server (it restarted): beating again before the
+                    # task loop rejoins would only be refused, and counted, each interval.
+                    self._joined.wait()
+                    if self._stop.is_set():
+                        return
+                    self._joined.clear()
 
     def run(self) -> ClientReport:
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
