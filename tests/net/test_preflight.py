@@ -326,6 +326,16 @@ def test_classify(code: grpc.StatusCode, details: str, method: str, action: str,
     assert (verdict.action, verdict.reason) == (action, reason)
 
 
+def test_classify_a_stream_the_server_cut_is_one_call_over_not_an_outage() -> None:
+    for label in ("stalled", "late"):
+        verdict = classify(FakeRpcError(S.CANCELLED, "stream idle for 1.5 s",
+                                        (("fedmosaic-refusal", label),)), "UploadUpdate")
+        assert (verdict.action, verdict.reason) == ("skip", label)
+        assert "unreachable" not in verdict.message and label in verdict.message
+    # A cancellation without the server's label is still a transient failure.
+    assert classify(FakeRpcError(S.CANCELLED, "")).action == "retry"
+
+
 def test_classify_follows_the_servers_permanent_refusal_metadata() -> None:
     verdict = classify(FakeRpcError(
         S.FAILED_PRECONDITION, "your data has 10 features; the task's model expects 64",

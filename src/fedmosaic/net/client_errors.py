@@ -210,6 +210,10 @@ def classify(exc: grpc.RpcError, method: str = "") -> Verdict:
             for needle, reason, message in table:
                 if needle.lower() in details.lower():
                     return Verdict("fail", reason, message)
+    if code == grpc.StatusCode.CANCELLED and label in ("stalled", "late"):
+        # The server cut this stream (too slow between messages, or its round closed): the
+        # server is there, only this call is over; go on with the next task.
+        return Verdict("skip", label, f"the server cut this call ({label}): {details}")
     if code == grpc.StatusCode.FAILED_PRECONDITION and "join again" in details:
         return Verdict("rejoin", "not_joined", details)
     if method == "Join" and code in (grpc.StatusCode.FAILED_PRECONDITION,
