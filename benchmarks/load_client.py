@@ -48,7 +48,8 @@ import fedmosaic.net  # noqa: F401  (imported for its side effect)
 from fedmosaic.compat import DataProfile
 from fedmosaic.net.auth import channel_credentials, pinned_server_name
 from fedmosaic.net.certs import FederationPaths
-from fedmosaic.net.client import RECONNECT_OPTIONS, SERVICE, SOFTWARE
+from fedmosaic.net.channel import RECONNECT_OPTIONS, Stubs
+from fedmosaic.net.client import SOFTWARE
 from fedmosaic.net.client_errors import Backoff, classify
 from fedmosaic.net.errors import REFUSAL_KEY
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
@@ -130,27 +131,6 @@ class MemberGaveUp(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class Stubs:
-    """The service's methods on one ``grpc.aio`` channel (serializers as the real client)."""
-
-    def __init__(self, channel: aio.Channel) -> None:
-        def unary(name: str, req: Any, rep: Any) -> Any:
-            return channel.unary_unary(SERVICE + name, request_serializer=req.SerializeToString,
-                                       response_deserializer=rep.FromString)
-
-        self.join = unary("Join", pb.JoinRequest, pb.JoinReply)
-        self.heartbeat = unary("Heartbeat", pb.HeartbeatRequest, pb.HeartbeatReply)
-        self.get_task = unary("GetTask", pb.TaskRequest, pb.Task)
-        self.report_evaluation = unary("ReportEvaluation", pb.EvaluationReport,
-                                       pb.EvaluationReply)
-        self.download = channel.unary_stream(
-            SERVICE + "DownloadModel", request_serializer=pb.ModelRequest.SerializeToString,
-            response_deserializer=pb.TensorChunk.FromString)
-        self.upload = channel.stream_unary(
-            SERVICE + "UploadUpdate", request_serializer=pb.UploadMessage.SerializeToString,
-            response_deserializer=pb.UploadReply.FromString)
 
 
 def channel_options(max_message_bytes: int, server_name: str | None,

@@ -36,9 +36,10 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 class Stubs:
-    """The service's methods on one channel (no generated stubs needed)."""
+    """The service's methods on one channel (no generated stubs needed): a ``grpc`` channel,
+    or a ``grpc.aio`` one (its calls are then awaitable; the load benchmark's members)."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
         def unary(name: str, req: Any, rep: Any) -> Any:
             return channel.unary_unary(SERVICE + name, request_serializer=req.SerializeToString,
                                        response_deserializer=rep.FromString)
