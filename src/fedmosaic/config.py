@@ -251,6 +251,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # Admission control (net/admission.py): per-member budgets, reserved capacity.
         "max_inflight_per_client": _int(1, 1024, default=4),
         "stream_idle_timeout": _float(*POSITIVE, default=30.0),
+        "min_upload_rate": _float(*POSITIVE, default=32768.0),
         "reserved_rpcs": _int(2, 999_999),
         "max_queued_rpcs": _int(0, 1_000_000, default=512),
     },

@@ -444,3 +444,41 @@ def test_an_upload_still_waiting_when_its_round_closes_is_cut(federation: Path) 
         while time.monotonic() < end and live.service.admission.in_flight():
             time.sleep(0.02)
         assert live.service.admission.in_flight() == 0
+
+
+def test_a_trickled_upload_is_cut_at_the_minimum_rate(federation: Path) -> None:
+    """A member that sends its upload one chunk at a time, each just inside the idle timeout,
+    holds its upload buffer at most ``idle + model bytes / min_upload_rate`` seconds (here
+    1 + 4,000 / 4,000 = 2 s), then is cut as stalled; an honest upload is unaffected."""
+    with serving(federation, min_upload_rate=4000.0) as live:
+        honest, hostile = "client_00", "client_09"
+        joined = {c: live.joined(c) for c in (honest, hostile)}
+        thread, tally, seen = live.start_round([honest, hostile])
+        tasks = {c: _task(*joined[c]) for c in (honest, hostile)}
+        stop = threading.Event()
+
+        def trickle() -> Iterator[pb.UploadMessage]:
+            yield _header(tasks[hostile])
+            for chunk in iter_chunks(torch.ones(NUMEL), CHUNK):  # 4 chunks, 0.8 s apart
+                if stop.wait(0.8 * IDLE):
+                    return
+                yield pb.UploadMessage(chunk=chunk)
+
+        try:
+            opened = time.monotonic()
+            fut = _watch_end(joined[hostile][0].upload.future(trickle(), timeout=30))
+            code = _ended(fut, 10)
+            msgs = [_header(tasks[honest])] + [
+                pb.UploadMessage(chunk=ch) for ch in iter_chunks(torch.ones(NUMEL), CHUNK)]
+            accepted = joined[honest][0].upload(iter(msgs), timeout=10).accepted
+        finally:
+            stop.set()
+        assert code == grpc.StatusCode.CANCELLED
+        # Each chunk came within the idle timeout: only the rate budget (2 s) could cut it.
+        assert 2.0 - 0.2 < _ended_at[fut] - opened < 2.0 + 1.5
+        assert accepted is True
+        thread.join(timeout=20)
+        assert not thread.is_alive() and tally.count == 1
+        failures = [f.reason for f in seen if isinstance(f, ClientFailure)]
+        assert len(failures) == 1 and "slower than the minimum rate" in failures[0], failures
+        assert live.rejected() == {"stalled": 1}

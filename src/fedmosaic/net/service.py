@@ -37,7 +37,13 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from fedmosaic.net.admission import AdmissionControl, AdmissionRefused, StreamCut, Ticket
+from fedmosaic.net.admission import (
+    STALLED,
+    AdmissionControl,
+    AdmissionRefused,
+    StreamCut,
+    Ticket,
+)
 from fedmosaic.net.auth import Peer, RevocationList, peer_of
 from fedmosaic.net.errors import Refused
 from fedmosaic.net.proto import fedmosaic_pb2 as pb
@@ -169,6 +175,22 @@ class _UploadStream:
         self.loop = asyncio.get_running_loop()
         self._it = requests.__aiter__()
         self._pending: asyncio.Future[Any] | None = None
+        self.received = 0  # bytes of the stream's messages so far
+        self._deadline: float | None = None  # loop time by which the upload must be whole
+        self._budget = 0.0
+        self._rate = 0.0
+
+    def finish_within(self, seconds: float, rate: float) -> None:
+        """From now, the rest of the upload must arrive within ``seconds`` (its size at
+        ``rate`` bytes/s plus the idle timeout): a member trickling messages just inside the
+        idle timeout cannot hold its upload buffer longer than an honest slow client."""
+        self._deadline = self.loop.time() + seconds
+        self._budget, self._rate = seconds, rate
+
+    def _too_slow(self) -> StreamCut:
+        return StreamCut(STALLED, f"upload slower than the minimum rate ({self._rate:g} B/s): "
+                                  f"{self.received} bytes, not finished within "
+                                  f"{self._budget:.1f} s of getting its upload buffer")
 
     def cut(self) -> None:
         """Admission control cut the stream: cancel the read in progress (thread-safe)."""
@@ -185,12 +207,24 @@ class _UploadStream:
         admission.awaiting_client(ticket)
         self._pending = asyncio.ensure_future(self._it.__anext__())
         try:
-            raw = await self._pending
+            if self._deadline is None:
+                raw = await self._pending
+            else:
+                left = self._deadline - self.loop.time()
+                if left <= 0:
+                    self._pending.cancel()
+                    raise self._too_slow()
+                try:
+                    raw = await asyncio.wait_for(self._pending, left)
+                except TimeoutError:
+                    raise self._too_slow() from None
         except StopAsyncIteration:
             admission.heard_from_client(ticket)  # StreamCut if that is why it ended
             return None
         except asyncio.CancelledError:
             ticket.check()  # StreamCut: we cut it
+            raise
+        except StreamCut:  # too slow for the minimum rate
             raise
         except Exception as exc:
             ticket.check()
@@ -198,6 +232,7 @@ class _UploadStream:
         finally:
             self._pending = None
         admission.heard_from_client(ticket)
+        self.received += len(raw)
         limit = self.service.message_limit
         if limit is not None and len(raw) > limit:
             raise MessageTooLarge(len(raw), limit)
@@ -525,6 +560,11 @@ class FederationService:
             # At most upload_slots uploads assemble at once (each on a thread, holding an
             # upload buffer); the others wait here, on the loop, not in a thread.
             async with self._upload_gate:
+                settings = self.transport.settings
+                stream.finish_within(
+                    settings.stream_idle_timeout
+                    + 4 * self.transport.numel / settings.min_upload_rate,
+                    settings.min_upload_rate)
                 return await self._blocking(self.transport.finish_upload, peer, task,
                                             first.header, stream.messages())
         except Refused as exc:

@@ -29,8 +29,10 @@ class DeploySettings:
     flight, ``reserved_rpcs`` of them (default: an eighth, at least 2) only for members with
     nothing in flight and the operator; a member may have ``max_inflight_per_client`` calls
     in flight and one open upload; a stream waiting longer than ``stream_idle_timeout``
-    seconds for its client is cut; beyond ``max_calls + max_queued_rpcs`` concurrent calls
-    gRPC itself refuses, uncounted.
+    seconds for its client is cut, and so is an upload still unfinished
+    ``stream_idle_timeout + model bytes / min_upload_rate`` seconds after it got its upload
+    buffer (a trickle of messages, each just inside the idle timeout); beyond
+    ``max_calls + max_queued_rpcs`` concurrent calls gRPC itself refuses, uncounted.
     """
 
     credentials: Path
@@ -49,6 +51,7 @@ class DeploySettings:
     linger: float = 15.0
     max_inflight_per_client: int = 4
     stream_idle_timeout: float = 30.0
+    min_upload_rate: float = 32768.0
     reserved_rpcs: int | None = None
     max_queued_rpcs: int = 512
 
@@ -63,6 +66,9 @@ class DeploySettings:
         if self.max_inflight_per_client < 1:
             raise ConfigError("server.max_inflight_per_client", self.max_inflight_per_client,
                               "an integer >= 1")
+        if not self.min_upload_rate > 0:
+            raise ConfigError("server.min_upload_rate", self.min_upload_rate,
+                              "a number of bytes per second > 0")
         if not self.stream_idle_timeout > 0:
             raise ConfigError("server.stream_idle_timeout", self.stream_idle_timeout,
                               "a number of seconds > 0")
