@@ -28,7 +28,7 @@ from tests.net.conftest import (
 pytestmark = pytest.mark.slow
 
 FAST, SLOW = 0.1, 1.0  # seconds added to every local fit: a 10x spread of speeds
-STEPS, K = 12, 3
+STEPS, K = 16, 3
 
 
 def _experiment(tmp_path: Path, federation: Path, steps: int = STEPS) -> Path:
@@ -77,59 +77,44 @@ def _history(out: Path) -> list[dict[str, Any]]:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_fedbuff_over_grpc_fast_clients_contribute_more_and_the_slowest_is_killed(
+def test_fedbuff_over_grpc_slowest_killed_then_server_killed_and_resumed(
         tmp_path: Path, federation: Path, processes: Processes) -> None:
-    experiment = _experiment(tmp_path, federation)
+    """One run, two faults (one set of client processes, to keep the suite short): the
+    slowest client is killed mid-run, later the server is killed and restarted."""
+    experiment = _experiment(tmp_path, federation, steps=STEPS)
     out = tmp_path / "out"
     processes.server(experiment, out)
-    port = wait_for_endpoint(out, processes)["port"]
+    first = wait_for_endpoint(out, processes)
+    port = first["port"]
     _start_clients(processes, port, federation, experiment)
     slowest = CLIENTS[-1]
-    wait_until(lambda: _steps_done(federation, port) >= 3, 240,
-               "3 FedBuff steps", processes)
-    processes.kill(slowest)  # mid-run, a task possibly in flight
+    wait_until(lambda: _steps_done(federation, port) >= 3, 240, "3 FedBuff steps", processes)
+    processes.kill(slowest)  # mid-run, a task possibly in flight: the others go on
+    wait_until(lambda: _steps_done(federation, port) >= 6, 240, "6 FedBuff steps", processes)
+    processes.kill("server")
+    done_before = int(load_checkpoint(out)["round"])
+    assert 6 <= done_before < STEPS
+    # Restarted on the same port: the 9 live clients reconnect by themselves and join again
+    # (the resumed run waits for all 9, so that each is connected to hear DONE at the end).
+    processes.server(experiment, out, "--port", str(port), "--min-clients", "9")
+    wait_for_endpoint(out, processes, instance_not=first["instance"])
     assert processes.wait("server", 300) == 0, processes.log("server")[-3000:]
+    assert f"resuming net-digits after round {done_before}" in processes.log("server")
     accepted = {}
     for cid in CLIENTS[:-1]:
         assert processes.wait(cid, 120) == 0, processes.log(cid)[-2000:]
         accepted[cid] = _accepted(processes.log(cid))
     history = _history(out)
+    # Each version once, each taking exactly K updates; the versions before the kill kept.
     assert [r["version"] for r in history] == list(range(1, STEPS + 1))
     assert all(r["updates"] == K for r in history)
-    assert all(r["staleness_max"] >= 0 for r in history)
     assert max(r["staleness_max"] for r in history) >= 1  # asynchronous for real
     assert history[-1]["sim_time"] > 0  # real seconds served
     assert 0 < history[-1]["test_accuracy"] <= 1
-    # Every aggregated update was accepted by exactly one client's upload (the killed one's
-    # count is unknown: it cannot report), and the fast clients did most of the work.
-    assert sum(accepted.values()) <= STEPS * K
+    # Every applied update was accepted by exactly one client's upload (the killed client's
+    # count is unknown: it cannot report); at most K - 1 accepted updates were still in the
+    # buffer when the server was killed, never applied. The fast clients did most of the work.
+    assert sum(accepted.values()) <= STEPS * K + K - 1
     fast = [accepted[c] for c in CLIENTS if _delay(c) == FAST]
     slow = [accepted[c] for c in CLIENTS[:-1] if _delay(c) == SLOW]
     assert sum(fast) / len(fast) > 2 * sum(slow) / len(slow), accepted
-
-
-def test_fedbuff_server_killed_mid_run_resumes_from_the_last_version(
-        tmp_path: Path, federation: Path, processes: Processes) -> None:
-    steps = 20
-    experiment = _experiment(tmp_path, federation, steps=steps)
-    out = tmp_path / "out"
-    processes.server(experiment, out)
-    first = wait_for_endpoint(out, processes)
-    _start_clients(processes, first["port"], federation, experiment)
-    wait_until(lambda: _steps_done(federation, first["port"]) >= 3, 240,
-               "3 FedBuff steps", processes)
-    processes.kill("server")
-    done_before = int(load_checkpoint(out)["round"])
-    assert 3 <= done_before < steps
-    # Restarted on the same port: the clients reconnect by themselves and join again (the
-    # resumed run waits for all 10, so that each is connected to hear DONE at the end).
-    processes.server(experiment, out, "--port", str(first["port"]), "--min-clients", "10")
-    wait_for_endpoint(out, processes, instance_not=first["instance"])
-    assert processes.wait("server", 300) == 0, processes.log("server")[-3000:]
-    assert f"resuming net-digits after round {done_before}" in processes.log("server")
-    history = _history(out)
-    # Each version once, each taking exactly K updates; the versions before the kill kept.
-    assert [r["version"] for r in history] == list(range(1, steps + 1))
-    assert all(r["updates"] == K for r in history)
-    for cid in CLIENTS:
-        assert processes.wait(cid, 120) == 0, processes.log(cid)[-2000:]

@@ -904,8 +904,9 @@ def net_unreachable_budget(run: Run) -> None:
         run.check(proxy.stats()["refused"] >= 2, "it retried before giving up", proxy.stats())
 
 
-CI_SELECTION = ("client_sigkill_restart", "server_sigkill_checkpoint_write", "net_cut",
-                "client_slow_first_fit")
+# client_sigkill_restart is left to the full suite: tests/net/test_e2e.py already kills
+# clients mid-round in CI, and the whole suite must stay under 15 minutes on 2 cores.
+CI_SELECTION = ("server_sigkill_checkpoint_write", "net_cut", "client_slow_first_fit")
 
 
 def run_all(names: list[str] | None = None, *, on_result: Callable[[Result], None] | None = None
