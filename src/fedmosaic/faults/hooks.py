@@ -16,8 +16,8 @@ by the ``slow_trainer`` factory below. ``fedmosaic`` itself never reads these va
   so that a round is certainly in progress while the fault is injected.
 
 The hooks wrap ``os.fsync`` and ``os.replace`` in the process and act only on fedmosaic's own
-checkpoint files (``.checkpoint.pt.XXXXXXXX.tmp`` and ``checkpoint.pt``), so they keep working
-whatever code calls the atomic write.
+checkpoint files (``.checkpoint.pt.<8 random characters>.tmp`` and ``checkpoint.pt``), so they
+keep working whatever code calls the atomic write.
 """
 
 from __future__ import annotations
