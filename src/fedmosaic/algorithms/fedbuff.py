@@ -59,6 +59,25 @@ from fedmosaic.core.update import ClientUpdate, validate_update
 __all__ = ["FedBuffBuffer"]
 
 
+def check_buffer_settings(k: Any, dim: Any, weighting: str, weightings: Iterable[str],
+                          staleness: StalenessFunction | None) -> StalenessFunction:
+    """Check a FedBuff buffer's size, dimension and weighting (``ValueError`` /
+    ``ConfigError`` naming the bad value); the staleness function, FedBuff's 1/sqrt(1+s) by
+    default. Shared by every buffer that takes FedBuff's settings (plain, secure, DP)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k (the buffer size) must be an integer >= 1, got {k!r}")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    weightings = tuple(weightings)
+    if weighting not in weightings:
+        raise ConfigError("weighting", weighting, weightings)
+    staleness = InverseSqrtStaleness() if staleness is None else staleness
+    if not isinstance(staleness, StalenessFunction):
+        raise ValueError(
+            f"staleness must be a StalenessFunction (see make_staleness), got {staleness!r}")
+    return staleness
+
+
 class FedBuffBuffer:
     """A buffer of up to ``k`` staleness-weighted client deltas, summed as they arrive.
 
@@ -83,16 +102,7 @@ class FedBuffBuffer:
         device: torch.device | str | None = None,
         distinct_clients: bool = False,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k (the buffer size) must be an integer >= 1, got {k!r}")
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if weighting not in self.WEIGHTINGS:
-            raise ConfigError("weighting", weighting, self.WEIGHTINGS)
-        staleness = InverseSqrtStaleness() if staleness is None else staleness
-        if not isinstance(staleness, StalenessFunction):
-            raise ValueError(
-                f"staleness must be a StalenessFunction (see make_staleness), got {staleness!r}")
+        staleness = check_buffer_settings(k, dim, weighting, self.WEIGHTINGS, staleness)
         self.k, self.dim = int(k), int(dim)
         self.staleness = staleness
         self.weighting = weighting

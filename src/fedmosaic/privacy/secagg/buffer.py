@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,8 +64,8 @@ import numpy as np
 import torch
 
 from fedmosaic.algorithms.aggregate import FedAvgAggregator, WeightedMeanAccumulator
+from fedmosaic.algorithms.fedbuff import check_buffer_settings
 from fedmosaic.algorithms.staleness import (
-    InverseSqrtStaleness,
     StalenessFunction,
     check_staleness,
 )
@@ -128,16 +127,7 @@ class SecureFedBuffBuffer:
         report: Callable[[dict[str, Any]], None] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k (the buffer size) must be an integer >= 1, got {k!r}")
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if weighting not in self.WEIGHTINGS:
-            raise ConfigError("weighting", weighting, self.WEIGHTINGS)
-        staleness = InverseSqrtStaleness() if staleness is None else staleness
-        if not isinstance(staleness, StalenessFunction):
-            raise ValueError(
-                f"staleness must be a StalenessFunction (see make_staleness), got {staleness!r}")
+        staleness = check_buffer_settings(k, dim, weighting, self.WEIGHTINGS, staleness)
         if not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
         if not (math.isfinite(max_weight) and max_weight > 0):
