@@ -2,7 +2,8 @@
 
 ``fedmosaic.runtime.Server`` drives rounds exactly as in simulation; this class only changes
 how a round's tasks reach clients and how their updates come back. The gRPC handlers
-(``fedmosaic.net.service``) call into it from worker threads; the server loop calls
+(``fedmosaic.net.service``) call into it from the event loop (quick, non-blocking calls such
+as ``poll_task``) and from worker threads (joins, ``finish_upload``); the server loop calls
 ``available_clients`` and ``fit`` from its own thread; one condition variable guards the
 shared state.
 
@@ -458,21 +459,6 @@ class GrpcTransport:
         with self.cond:
             return pb.Task(kind=pb.Task.WAIT, round=self.round)
 
-    def next_task(self, peer: Peer, instance: str, wait: float) -> pb.Task:
-        """Long-poll, blocking this thread: a task for this client, DONE, or WAIT after
-        ``wait`` seconds (the asyncio service waits without a thread: ``poll_task``)."""
-        wait = poll_seconds(wait)
-        deadline = time.monotonic() + wait
-        with self.cond:
-            while True:
-                reply = self._poll_unlocked(self.session_of(peer, instance))
-                if reply is not None:
-                    return reply
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return pb.Task(kind=pb.Task.WAIT, round=self.round)
-                self.cond.wait(left)
-
     def model_chunks(self, peer: Peer, task_id: bytes) -> Iterator[pb.TensorChunk]:
         with self.cond:
             task = self.task_of(peer, task_id)
@@ -491,20 +477,6 @@ class GrpcTransport:
         # from what it received and uploads its delta relative to that, so aggregation is
         # unaffected, and a leaked copy of the model is traceable to the client it went to.
         return iter_chunks(task.task.received(weights), self.settings.chunk_bytes)
-
-    def receive_upload(self, peer: Peer, messages: Iterator[pb.UploadMessage]) -> pb.UploadReply:
-        """Stage, validate and deliver one streamed update; see the module docstring."""
-        try:
-            first = next(messages, None)
-        except WireError as exc:  # the first message does not decode: no task is touched
-            raise Refused(wire_status(exc), str(exc), exc.label) from exc
-        except StreamCut as exc:  # no header within the idle timeout: no task is touched
-            raise Refused(grpc.StatusCode.CANCELLED, exc.reason, exc.label) from exc
-        except grpc.RpcError as exc:  # the client went away before its header arrived
-            raise Refused(grpc.StatusCode.CANCELLED, "upload interrupted",
-                          "interrupted") from exc
-        task = self.open_upload(peer, first)
-        return self.finish_upload(peer, task, first.header, messages)
 
     def open_upload(self, peer: Peer, first: pb.UploadMessage | None) -> PendingTask:
         """Check an upload's first message (its header) and claim its task (state
