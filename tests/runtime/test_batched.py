@@ -184,7 +184,8 @@ def test_cnn_on_images_batches_and_matches():
     w = tr.initial_weights(0)
     tasks = _tasks(fed)
     want = _updates(SequentialTransport(tr, fed), w, tasks)
-    transport = BatchedTransport(tr, fed)
+    # Forced: on CPU, "auto" trains a convolution sequentially (test_batched_fallback.py).
+    transport = BatchedTransport(tr, fed, batching="always")
     got = _updates(transport, w, tasks)
     assert transport.batched
     for cid in want:

@@ -29,11 +29,33 @@ overhead (the digits MLP of the peer task trains 5-40x faster than client after 
 CNN on a CPU gains nothing: its convolutions already keep the cores busy, and the grouped
 convolutions that per-client weights become are slower on CPU than plain ones
 (docs/benchmarks.md has the figures).
+
+**Batched only where it pays** (``batching="auto"``, the default; issue #23). Besides the
+correctness checks above, the transport decides whether batching is *faster*, and trains
+sequentially (``fallback_reason`` says why, one warning line is logged) where it is not:
+
+* on a GPU (any non-CPU device): batched, always (the device is idle between the small
+  kernels of one client; rule, deterministic);
+* on a CPU, a flatten / Linear / ReLU chain (``linear_chain``): batched (rule, deterministic;
+  the digits MLP of the peer task: 5-40x faster than sequential, docs/benchmarks.md);
+* on a CPU, a model with a convolution (any ``nn.Conv*`` / ``nn.ConvTranspose*``):
+  sequential (rule, deterministic; the Fashion-MNIST SmallCNN: batched 1.00x sequential's
+  time at 10 clients per round, 1.16x at 1000/100 and 1.9x at 100/100 and 1000/1000);
+* on a CPU, anything else: a **timed probe** on the first fit with at least two clients: a
+  few of its clients (a quarter, at most 4) train sequentially and the first chunk of the
+  rest batched, both timed per client step; if batched is slower per step the rest of the
+  run is sequential. Nothing is trained twice (both parts are that round's real results), but
+  the decision depends on the machine's load at that moment: it is **not deterministic**
+  (the model is the same either way, up to float rounding).
+
+``batching="always"`` skips this decision (the correctness checks still apply): use it to
+force vmap, e.g. to measure it. ``decision`` always says what was decided and why.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +80,12 @@ log = logging.getLogger(__name__)
 # Modules whose training-mode behaviour is stateful or random: vmap cannot reproduce
 # sequential training for them, so the transport falls back.
 _UNBATCHABLE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+# Layers whose vmapped form is slower on CPU than training client after client: per-client
+# weights turn a convolution into a grouped one (measured on the SmallCNN, module docstring).
+_CPU_SLOW = (nn.modules.conv._ConvNd,)
+BATCHING = ("auto", "always")
 
 
 # A layer of a model that is a plain chain of these: ("flatten",), ("relu",), ("identity",)
@@ -196,7 +224,12 @@ class BatchedTransport:
 
     ``max_clients_per_chunk`` bounds how many clients are trained in one vmapped pass;
     by default it is derived from ``memory_budget_mb`` (weights, gradients and activations of
-    a chunk must fit). ``device`` defaults to the trainer's device.
+    a chunk must fit). ``device`` defaults to the trainer's device. ``batching``: "auto"
+    (batch only where it is faster than sequential training, see the module docstring) or
+    "always" (batch whenever it is correct).
+
+    ``fallback_reason`` is None while rounds are trained batched, else why they are not;
+    ``decision`` says what was decided and why (or that the timed probe is still to come).
     """
 
     def __init__(
@@ -207,7 +240,10 @@ class BatchedTransport:
         device: str | torch.device | None = None,
         max_clients_per_chunk: int | None = None,
         memory_budget_mb: float = 256.0,
+        batching: str = "auto",
     ) -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         if max_clients_per_chunk is not None and max_clients_per_chunk < 1:
             raise ValueError(f"max_clients_per_chunk must be >= 1, got {max_clients_per_chunk}")
         if not memory_budget_mb > 0:
@@ -227,11 +263,17 @@ class BatchedTransport:
         self._y: torch.Tensor | None = None
         self._offsets: dict[str, int] = {}
         self._chunk: int | None = None
+        self.batching = batching
+        # Injectable for tests of the timed probe (a timing decision is not deterministic).
+        self._clock: Callable[[], float] = time.perf_counter
         if self.fallback_reason is not None:
             self._warn_fallback()
         # A flatten / Linear / ReLU chain trains with bmm instead of vmap (see linear_chain).
         self._chain = (linear_chain(trainer.model, trainer.spec)
                        if self.fallback_reason is None else None)
+        self._timing_pending = False
+        self.decision = (f"sequential: {self.fallback_reason}" if self.fallback_reason
+                         else self._speed_rule())
 
     # -- Transport protocol -----------------------------------------------------------------
     def available_clients(self) -> list[str]:
@@ -259,6 +301,9 @@ class BatchedTransport:
             (known if t.client_id in self._sizes else unknown).append(t)
         for t in unknown:
             yield ClientFailure(t.client_id, f"KeyError: unknown client '{t.client_id}'")
+        if self._timing_pending and len(known) >= 2:
+            yield from self._timed_fit(weights, known, weighting)
+            return
         for chunk in self._chunks(known):
             yield from self._train_chunk(weights, chunk, weighting)
 
@@ -290,6 +335,61 @@ class BatchedTransport:
             return "the model has floating-point buffers that training updates"
         return None
 
+    def _speed_rule(self) -> str:
+        """Whether batching pays, where a rule measured on this project's benchmarks says so
+        (module docstring); sets ``fallback_reason`` for a model it does not pay for, or
+        leaves the question to the timed probe of the first fit (``_timed_fit``)."""
+        if self.batching == "always":
+            return "batched: forced (batching = 'always')"
+        if self.device.type != "cpu":
+            return f"batched: on {self.device}, a whole cohort per kernel pays"
+        if self._chain is not None:
+            return ("batched: a flatten/Linear/ReLU chain on CPU (one bmm per layer; 5-40x "
+                    "faster than sequential on the digits MLP)")
+        for name, module in self.trainer.model.named_modules():
+            if isinstance(module, _CPU_SLOW):
+                self.fallback_reason = (
+                    f"module '{name}' ({type(module).__name__}) is a convolution: vmapped "
+                    "convolutions on CPU are slower than sequential training (SmallCNN: up to "
+                    "1.9x); batching = 'always' forces vmap")
+                self._warn_fallback()
+                return f"sequential: {self.fallback_reason}"
+        self._timing_pending = True
+        return "pending: batched and sequential will be timed on the first fit of 2+ clients"
+
+    def _timed_fit(self, weights: torch.Tensor, tasks: list[ClientTask],
+                   weighting: Weighting | None) -> Iterator[TransportResult]:
+        """The first fit of a model no rule covers: a few clients sequentially, the first
+        chunk of the rest batched, both timed per client step; the faster one trains the rest
+        of this fit and of the run. Every result is a real one (nothing is trained twice)."""
+        self._timing_pending = False
+        m = max(1, min(4, len(tasks) // 4))
+        head, rest = tasks[:m], tasks[m:]
+        t0 = self._clock()
+        done = list(self.sequential.fit(weights, head, weighting))
+        t_seq = self._clock() - t0
+        yield from done
+        chunks = list(self._chunks(rest))
+        t0 = self._clock()
+        done = list(self._train_chunk(weights, chunks[0], weighting))
+        t_bat = self._clock() - t0
+        yield from done
+        per_seq = t_seq / max(1, sum(self._steps(t) for t in head))
+        per_bat = t_bat / max(1, sum(self._steps(t) for t in chunks[0]))
+        timing = (f"timed on the first round: {per_bat * 1e3:.3g} ms per client step batched "
+                  f"({len(chunks[0])} clients at once), {per_seq * 1e3:.3g} ms sequential")
+        if per_bat > per_seq:
+            self.fallback_reason = f"batching is slower here ({timing})"
+            self.decision = f"sequential: {self.fallback_reason}"
+            self._warn_fallback()
+            later = [t for c in chunks[1:] for t in c]
+            yield from self.sequential.fit(weights, later, weighting)
+            return
+        self.decision = f"batched: {timing}"
+        log.info("BatchedTransport: %s", self.decision)
+        for chunk in chunks[1:]:
+            yield from self._train_chunk(weights, chunk, weighting)
+
     def _warn_fallback(self) -> None:
         msg = f"BatchedTransport: training sequentially because {self.fallback_reason}"
         log.warning(msg)
@@ -310,6 +410,7 @@ class BatchedTransport:
             (got,) = [r for r in self._train_chunk(weights, [probe], None)]
         except Exception as exc:  # vmap could not trace the model
             self.fallback_reason = f"vmap failed on this model ({type(exc).__name__}: {exc})"[:300]
+            self.decision = f"sequential: {self.fallback_reason}"
             self._warn_fallback()
             return
         train = self.data.client(task.client_id).train  # type: ignore[attr-defined]
@@ -320,6 +421,7 @@ class BatchedTransport:
             err = float((got.delta - want).abs().max())
             self.fallback_reason = (f"a batched probe step differs from sequential training "
                                     f"(max abs error {err:.3g})")
+            self.decision = f"sequential: {self.fallback_reason}"
             self._warn_fallback()
 
     # -- planning ---------------------------------------------------------------------------
