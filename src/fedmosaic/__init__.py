@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the names, for type checkers and IDEs; at run time they loa
     )
     from fedmosaic.runtime import (
         BatchedTransport,
+        ParallelTransport,
         RayTransport,
         RunResult,
         SequentialTransport,
@@ -52,8 +53,8 @@ _EXPORTS = {
     "FedProx": "fedmosaic.algorithms.strategy",
     **dict.fromkeys(["ClientUpdate", "ConfigError", "FedmosaicError", "InvalidUpdateError",
                      "ParamSpec", "validate_update"], "fedmosaic.core"),
-    **dict.fromkeys(["BatchedTransport", "RayTransport", "RunResult", "SequentialTransport",
-                     "Server", "simulate"], "fedmosaic.runtime"),
+    **dict.fromkeys(["BatchedTransport", "ParallelTransport", "RayTransport", "RunResult",
+                     "SequentialTransport", "Server", "simulate"], "fedmosaic.runtime"),
     **dict.fromkeys(["FitConfig", "TorchTrainer", "Trainer"], "fedmosaic.train"),
 }
 _SUBMODULES = {"data"}
@@ -95,6 +96,7 @@ __all__ = [
     "FedmosaicError",
     "FitConfig",
     "InvalidUpdateError",
+    "ParallelTransport",
     "ParamSpec",
     "RayTransport",
     "RunResult",

@@ -2,6 +2,7 @@
 
 from fedmosaic.runtime.batched import BatchedTransport, BatchingFallbackWarning
 from fedmosaic.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedmosaic.runtime.parallel import ParallelTransport
 from fedmosaic.runtime.ray_transport import RayTransport
 from fedmosaic.runtime.result import RunResult, plot_histories
 from fedmosaic.runtime.server import RunState, Server
@@ -13,6 +14,7 @@ __all__ = [
     "BatchedTransport",
     "BatchingFallbackWarning",
     "ClientFailure",
+    "ParallelTransport",
     "PartialAggregate",
     "RayTransport",
     "RoundTally",
