@@ -5,7 +5,11 @@ Runs inside benchmarks/.venv-flower (see setup_flower_venv.sh), not the project'
     benchmarks/.venv-flower/bin/python benchmarks/flower_peer.py \
         --clients 100 --per-round 10 --rounds 5 --seed 0 --out result.json
 
-The peer task (the same definition as benchmarks/peer_fedmosaic.py):
+``--task fmnist-cnn`` runs the compute-bound task of issue #23 instead (Fashion-MNIST and the
+18,378-parameter CNN, defined in benchmarks/compute_task.py, which the client actors import
+from the same folder); its functions replace the ones below, everything else is the same.
+
+The digits peer task (the same definition as benchmarks/peer_fedmosaic.py):
   * data: sklearn's digits, X/16 as float32, y int64; a stratified 80/20 split with
     random_state=0 gives 1,437 train / 360 test images;
   * IID partition: ``np.random.default_rng(seed).permutation(1437)`` cut into N parts with
@@ -120,6 +124,29 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
+class DigitsTask:
+    """The digits peer task (the functions above), under the interface of compute_task."""
+
+    N_TRAIN = N_TRAIN
+    BATCH_SIZE = BATCH_SIZE
+    make_model = staticmethod(make_model)
+    load_split = staticmethod(load_split)
+    partitions = staticmethod(partitions)
+    train_local = staticmethod(train_local)
+    accuracy = staticmethod(accuracy)
+
+
+def task_module(name: str) -> Any:
+    """``digits`` (issue #3) or ``fmnist-cnn`` (issue #23, benchmarks/compute_task.py)."""
+    if name == "digits":
+        return DigitsTask
+    if name == "fmnist-cnn":
+        import compute_task  # benchmarks/ is on the actors' PYTHONPATH, as this module is
+
+        return compute_task
+    raise ValueError(f"unknown task {name!r}; choose digits or fmnist-cnn")
+
+
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A distinct, reproducible shuffle seed per (run seed, round, client)."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
@@ -135,18 +162,19 @@ def client_train(msg: Message, context: Context) -> Message:
     """Load this node's partition, train the received model for one epoch, send it back."""
     config = msg.content["config"]
     seed = int(config["seed"])
+    task = task_module(str(config.get("task", "digits")))
     server_round = int(config["server-round"])
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
 
-    x_tr, y_tr, _, _ = load_split()
-    idx = partitions(num_partitions, seed)[partition_id]
+    x_tr, y_tr, _, _ = task.load_split()
+    idx = task.partitions(num_partitions, seed)[partition_id]
     x = torch.from_numpy(x_tr[idx])
     y = torch.from_numpy(y_tr[idx])
 
-    model = make_model()
+    model = task.make_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    loss = train_local(model, x, y, client_seed(seed, server_round, partition_id))
+    loss = task.train_local(model, x, y, client_seed(seed, server_round, partition_id))
 
     content = RecordDict(
         {
@@ -165,9 +193,11 @@ def client_ready(msg: Message, context: Context) -> Message:
     ``torch.optim`` optimizer imports ``torch._dynamo`` (about 2 s here) and the first
     backward pass sets up autograd. Neither is Flower's doing nor per-round work.
     """
-    x_tr, y_tr, _, _ = load_split()
-    train_local(
-        make_model(), torch.from_numpy(x_tr[:BATCH_SIZE]), torch.from_numpy(y_tr[:BATCH_SIZE]), 0
+    task = task_module(str(msg.content["config"].get("task", "digits")))
+    x_tr, y_tr, _, _ = task.load_split()
+    batch = task.BATCH_SIZE
+    task.train_local(
+        task.make_model(), torch.from_numpy(x_tr[:batch]), torch.from_numpy(y_tr[:batch]), 0
     )
     info = {"pid": os.getpid(), "torch-threads": torch.get_num_threads()}
     return Message(content=RecordDict({"metrics": MetricRecord(info)}), reply_to=msg)
@@ -185,10 +215,11 @@ server_app = ServerApp()
 
 def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
     """Accuracy of the global model on the 360 test images; stamps the end of each round."""
-    _, _, x_te, y_te = load_split()
-    model = make_model()
+    task = task_module(RUN["task"])
+    _, _, x_te, y_te = task.load_split()
+    model = task.make_model()
     model.load_state_dict(arrays.to_torch_state_dict())
-    acc = accuracy(model, x_te, y_te)
+    acc = task.accuracy(model, x_te, y_te)
     EVAL_END.append(time.time())
     ACCURACY.append(acc)
     print(f"[flower_peer] round {server_round}: accuracy {acc:.4f}", file=sys.stderr, flush=True)
@@ -210,7 +241,11 @@ def wait_for_backend(grid: Grid, n_probes: int) -> None:
     actors: dict[int, int] = {}  # actor pid -> its torch threads
     for attempt in range(5):  # until every actor has answered one (usually at once)
         probes = [
-            Message(RecordDict({"config": ConfigRecord()}), dst_node_id=nid, message_type="query")
+            Message(
+                RecordDict({"config": ConfigRecord({"task": RUN["task"]})}),
+                dst_node_id=nid,
+                message_type="query",
+            )
             for nid in node_ids[attempt * n_probes : (attempt + 1) * n_probes] or node_ids[:1]
         ]
         replies = list(grid.send_and_receive(probes, timeout=600))
@@ -239,7 +274,7 @@ def server_main(grid: Grid, context: Context) -> None:
     # os.urandom, so with K < N *which* partitions are picked still differs run to run.
     random.seed(seed)
     torch.manual_seed(seed)
-    model = make_model()
+    model = task_module(RUN["task"]).make_model()
     strategy = FedAvg(
         fraction_train=k / n,
         fraction_evaluate=0.0,  # no client-side evaluation: the server evaluates
@@ -250,7 +285,7 @@ def server_main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=rounds,
-        train_config=ConfigRecord({"seed": seed}),
+        train_config=ConfigRecord({"seed": seed, "task": RUN["task"]}),
         evaluate_fn=central_evaluate,
     )
     RUN["train_loss"] = [
@@ -264,6 +299,7 @@ def server_main(grid: Grid, context: Context) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=("digits", "fmnist-cnn"), default="digits")
     p.add_argument("--clients", type=int, required=True, help="N, clients in the federation")
     p.add_argument("--per-round", type=int, required=True, help="K, clients trained per round")
     p.add_argument("--rounds", type=int, required=True, help="R, federated rounds")
@@ -279,14 +315,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.per_round <= args.clients:
         p.error("need 1 <= --per-round <= --clients")
-    if args.clients > N_TRAIN:
-        p.error(f"--clients above {N_TRAIN} would leave clients without data")
+    n_train = task_module(args.task).N_TRAIN
+    if args.clients > n_train:
+        p.error(f"--clients above {n_train} would leave clients without data")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     RUN.update(
+        task=args.task,
         clients=args.clients,
         per_round=args.per_round,
         rounds=args.rounds,
@@ -294,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus=args.cpus,
         warmup=args.warmup,
     )
-    load_split()  # warm the cache for the server's evaluate_fn
+    task_module(args.task).load_split()  # warm the cache for the server's evaluate_fn
 
     backend_config = {
         "init_args": {"num_cpus": args.cpus, "num_gpus": 0, "include_dashboard": False},
@@ -320,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "framework": "flower",
         "version": flwr.__version__,
+        "task": args.task,
         "clients": args.clients,
         "per_round": args.per_round,
         "rounds": args.rounds,

@@ -1,17 +1,32 @@
-"""Side-by-side benchmark of fedmosaic and Flower 1.42 on the peer task.
+"""Side-by-side benchmark of fedmosaic, Flower 1.42 and pfl-research 0.6 on the peer tasks.
 
 Run with the project's venv:
 
-    .venv/bin/python benchmarks/peer_compare.py                     # all five shared configs
+    .venv/bin/python benchmarks/peer_compare.py                     # digits, all shared configs
     .venv/bin/python benchmarks/peer_compare.py --configs 10/10/5,100/100/3 --repeat 3
     .venv/bin/python benchmarks/peer_compare.py --with-large --frameworks fedmosaic-batched
-    .venv/bin/python benchmarks/peer_compare.py --setup-flower      # build the Flower venv first
+    .venv/bin/python benchmarks/peer_compare.py --setup-flower --setup-pfl  # build the peers' venvs
+    .venv/bin/python benchmarks/peer_compare.py --task fmnist-cnn   # the compute-bound task (#23)
+
+Tasks: ``digits`` (issue #3: sklearn digits, MLP 64-64-10; results in
+benchmarks/results/peer_compare.json) and ``fmnist-cnn`` (issue #23: Fashion-MNIST 60,000 /
+10,000, IID, the 18,378-parameter CNN of benchmarks/compute_task.py; results in
+benchmarks/results/compute_compare.json).
 
 Every (configuration, framework) run is its own subprocess:
 
   * flower               benchmarks/.venv-flower/bin/python benchmarks/flower_peer.py ...
-  * fedmosaic-batched    .venv/bin/python benchmarks/peer_fedmosaic.py ... --transport batched
-  * fedmosaic-sequential .venv/bin/python benchmarks/peer_fedmosaic.py ... --transport sequential
+                         (Ray backend, one actor per core, 1 torch thread each)
+  * pfl                  benchmarks/.venv-pfl/bin/python benchmarks/pfl_peer.py ... (one process)
+  * pfl-2proc            benchmarks/.venv-pfl/bin/torchrun --standalone --nnodes=1
+                         --nproc_per_node=2 benchmarks/pfl_peer.py ... (pfl's documented
+                         multi-process simulation: one process per core)
+  * fedmosaic-<t>        .venv/bin/python benchmarks/peer_fedmosaic.py ... --transport <t>, for
+                         t in default (no transport given: fedmosaic's own choice), auto,
+                         parallel, sequential, batched
+  * reference            .venv/bin/python benchmarks/reference_peer.py ...: plain PyTorch, one
+                         model, clients one after another, FedAvg by hand; it also reports the
+                         seconds of its forward + backward passes alone (the compute floor)
 
 The driver stamps time.time() just before spawning the runner and samples, every 50 ms until
 it exits, the resident memory summed over the runner's whole process tree (the runner and all
@@ -25,10 +40,14 @@ round_seconds, accuracy, final_accuracy). From it:
   * peak RSS MB     the maximum over samples of the tree's summed RSS (shared pages such as
                     libtorch count once per process; "peak PSS MB", sampled every 0.5 s,
                     shares them out instead);
-  * speed-up        Flower's median round time / this framework's, per configuration.
+  * speed-up        a peer's median round time / this framework's, per configuration
+                    (vs Flower, pfl, pfl-2proc and the reference);
+  * CPU / wall      CPU seconds of the runner's whole process tree during its rounds (from
+                    the first round's start to the last round's end, sampled every 50 ms)
+                    over those rounds' wall seconds: about 1 for one busy core, 2 for two.
 
-Raw numbers and a description of the machine go to benchmarks/results/peer_compare.json; a
-Markdown table is printed. The machine is shared: the system-wide CPU use just before each run
+Raw numbers and a description of the machine go to the task's results JSON; a Markdown table
+is printed. The machine is shared: the system-wide CPU use just before each run
 is recorded, and --idle-wait makes the driver wait for a quiet machine first.
 """
 
@@ -38,6 +57,7 @@ import argparse
 import contextlib
 import datetime as dt
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -58,12 +78,34 @@ ROOT = HERE.parent
 FLOWER_VENV = HERE / ".venv-flower"
 FLOWER_PYTHON = FLOWER_VENV / "bin" / "python"
 SETUP_FLOWER = HERE / "setup_flower_venv.sh"
+PFL_VENV = HERE / ".venv-pfl"
+PFL_PYTHON = PFL_VENV / "bin" / "python"
+PFL_TORCHRUN = PFL_VENV / "bin" / "torchrun"
+SETUP_PFL = HERE / "setup_pfl_venv.sh"
 RESULTS_JSON = HERE / "results" / "peer_compare.json"
+TASKS = ("digits", "fmnist-cnn")
+RESULTS = {"digits": RESULTS_JSON, "fmnist-cnn": HERE / "results" / "compute_compare.json"}
 
 SHARED_CONFIGS = ("10/10/5", "100/10/5", "100/100/3", "1000/100/2", "1000/1000/2")
 LARGE_CONFIGS = ("10000/1000/2", "10000/10000/2")  # fedmosaic only
-FRAMEWORKS = ("flower", "fedmosaic-batched", "fedmosaic-sequential")
-FLOWER_MAX_CLIENTS = 1000  # the peer task has 1,437 samples; Flower runs N <= 1000 only
+# The compute-bound task: 3 rounds (the median drops round 1's one-off costs), 2 at 1000/1000.
+COMPUTE_CONFIGS = ("100/10/3", "100/100/3", "1000/100/3", "1000/1000/2")
+TASK_CONFIGS = {"digits": SHARED_CONFIGS, "fmnist-cnn": COMPUTE_CONFIGS}
+FEDMOSAIC_TRANSPORTS = ("default", "auto", "parallel", "sequential", "batched")
+FRAMEWORKS = (
+    "flower", "pfl", "pfl-2proc", *(f"fedmosaic-{t}" for t in FEDMOSAIC_TRANSPORTS), "reference",
+)  # fmt: skip
+DEFAULT_FRAMEWORKS = {
+    "digits": ("flower", "pfl", "fedmosaic-default", "fedmosaic-batched", "fedmosaic-sequential"),
+    "fmnist-cnn": (
+        "flower", "pfl", "pfl-2proc", "fedmosaic-default", "fedmosaic-parallel",
+        "fedmosaic-sequential", "fedmosaic-batched", "reference",
+    ),
+}  # fmt: skip
+PEERS = ("flower", "pfl", "pfl-2proc", "reference")  # the baselines speed-ups are given against
+# The digits task has 1,437 samples; the peers run N <= 1000 only (fedmosaic tiles beyond).
+PEER_MAX_CLIENTS = {"digits": 1000, "fmnist-cnn": 60_000}
+FLOWER_MAX_CLIENTS = PEER_MAX_CLIENTS["digits"]
 
 SAMPLE_S = 0.05
 PSS_EVERY_S = 0.5
@@ -131,6 +173,10 @@ def machine_info() -> dict[str, Any]:
         "flwr": dist_version("flwr", FLOWER_PYTHON),
         "ray_in_flower_venv": dist_version("ray", FLOWER_PYTHON),
         "torch_in_flower_venv": dist_version("torch", FLOWER_PYTHON),
+        "pfl_venv_python": str(PFL_PYTHON) if PFL_PYTHON.exists() else None,
+        "pfl": dist_version("pfl", PFL_PYTHON),
+        "torch_in_pfl_venv": dist_version("torch", PFL_PYTHON),
+        "loadavg_at_start": os.getloadavg(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -138,8 +184,11 @@ def machine_info() -> dict[str, Any]:
 # --------------------------------------------------------------------------- one run
 
 
-def runner_command(framework: str, cfg: Config, seed: int, out: Path) -> list[str]:
+def runner_command(
+    framework: str, cfg: Config, seed: int, out: Path, task_name: str = "digits"
+) -> list[str]:
     task = [
+        "--task", task_name,
         "--clients", str(cfg.clients),
         "--per-round", str(cfg.per_round),
         "--rounds", str(cfg.rounds),
@@ -148,9 +197,16 @@ def runner_command(framework: str, cfg: Config, seed: int, out: Path) -> list[st
     ]  # fmt: skip
     if framework == "flower":
         return [str(FLOWER_PYTHON), str(HERE / "flower_peer.py"), *task]
-    transport = framework.removeprefix("fedmosaic-")
+    if framework == "pfl":
+        return [str(PFL_PYTHON), str(HERE / "pfl_peer.py"), *task]
+    if framework == "pfl-2proc":
+        launch = [str(PFL_TORCHRUN), "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+        return [*launch, str(HERE / "pfl_peer.py"), *task]
     main_python = ROOT / ".venv" / "bin" / "python"
     python = str(main_python) if main_python.exists() else sys.executable
+    if framework == "reference":
+        return [python, str(HERE / "reference_peer.py"), *task]
+    transport = framework.removeprefix("fedmosaic-")
     return [python, str(HERE / "peer_fedmosaic.py"), *task, "--transport", transport]
 
 
@@ -181,6 +237,8 @@ class TreeSampler:
         self.samples = 0
         self._last_pss = 0.0
         self.cpu_s: dict[int, float] = {}  # pid -> last seen user+system CPU seconds
+        # (time.time(), CPU seconds of the tree so far: exited processes keep their last value)
+        self.cpu_series: list[tuple[float, float]] = []
 
     def tree(self) -> list[psutil.Process]:
         try:
@@ -207,6 +265,7 @@ class TreeSampler:
                     self.peak_root_rss = max(self.peak_root_rss, r)
                 t = p.cpu_times()
                 self.cpu_s[p.pid] = t.user + t.system
+        self.cpu_series.append((time.time(), sum(self.cpu_s.values())))
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_procs = max(self.peak_procs, len(procs))
         self.samples += 1
@@ -251,16 +310,33 @@ def own_cpu_s() -> tuple[float, float]:
     return t.user + t.system, t.children_user + t.children_system
 
 
+def cpu_at(series: list[tuple[float, float]], t: float) -> float | None:
+    """The tree's CPU seconds at time t, interpolated between the samples around it."""
+    if not series or t < series[0][0] or t > series[-1][0]:
+        return None
+    for (t0, c0), (t1, c1) in itertools.pairwise(series):
+        if t0 <= t <= t1:
+            return c0 if t1 == t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
+    return series[-1][1]
+
+
 def run_one(
-    framework: str, cfg: Config, seed: int, timeout_s: float, workdir: Path, idle_wait_s: float
+    framework: str,
+    cfg: Config,
+    seed: int,
+    timeout_s: float,
+    workdir: Path,
+    idle_wait_s: float,
+    task_name: str = "digits",
 ) -> dict[str, Any]:
     tag = f"{framework}-{cfg.clients}-{cfg.per_round}-{cfg.rounds}-{time.monotonic_ns()}"
     out = workdir / f"{tag}.json"
     log_path = workdir / f"{tag}.log"
-    cmd = runner_command(framework, cfg, seed, out)
+    cmd = runner_command(framework, cfg, seed, out, task_name)
     busy = wait_for_idle(idle_wait_s) if idle_wait_s > 0 else system_cpu_busy()
     record: dict[str, Any] = {
         "framework": framework,
+        "task": task_name,
         "config": str(cfg),
         "clients": cfg.clients,
         "per_round": cfg.per_round,
@@ -333,7 +409,15 @@ def run_one(
     record["startup_s"] = float(result["first_round_start_unix"]) - spawn
     record["final_accuracy"] = float(result["final_accuracy"])
     record["version"] = result.get("version")
-    record["shutdown_s"] = exit_time - (float(result["first_round_start_unix"]) + sum(rounds))
+    rounds_end = float(result["first_round_start_unix"]) + sum(rounds)
+    record["shutdown_s"] = exit_time - rounds_end
+    if result.get("floor_seconds"):
+        record["floor_round_s"] = statistics.median(float(s) for s in result["floor_seconds"])
+    cpu0 = cpu_at(sampler.cpu_series, float(result["first_round_start_unix"]))
+    cpu1 = cpu_at(sampler.cpu_series, rounds_end)
+    if cpu0 is not None and cpu1 is not None and sum(rounds) > 0:
+        record["rounds_cpu_s"] = cpu1 - cpu0
+        record["cpu_per_wall"] = (cpu1 - cpu0) / sum(rounds)
     return record
 
 
@@ -357,43 +441,58 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ok:
             for key in ("median_round_s", "startup_s", "peak_rss_mb", "final_accuracy"):
                 row[key] = statistics.median(r[key] for r in ok)
+            for key in ("floor_round_s", "cpu_per_wall"):
+                vals = [r[key] for r in ok if r.get(key) is not None]
+                row[key] = statistics.median(vals) if vals else None
+            row["rounds"] = ok[0]["rounds"]
+            row["loadavg_before"] = [r["loadavg_before"] for r in ok]
+            record = ok[0]["result"].get("transport_record")
+            if record:
+                row["transport_record"] = record
             steady = [r["steady_round_s"] for r in ok if r.get("steady_round_s") is not None]
             row["steady_round_s"] = statistics.median(steady) if steady else None
             pss = [r["peak_pss_mb"] for r in ok if r.get("peak_pss_mb")]
             row["peak_pss_mb"] = statistics.median(pss) if pss else None
         rows.append(row)
-    flower = {
-        row["config"]: row["median_round_s"]
-        for row in rows
-        if row["framework"] == "flower" and "median_round_s" in row
-    }
-    for row in rows:
-        if row["framework"] != "flower" and row["config"] in flower and "median_round_s" in row:
-            row["speedup_vs_flower"] = flower[row["config"]] / row["median_round_s"]
+    for peer in PEERS:
+        base = {
+            row["config"]: row["median_round_s"]
+            for row in rows
+            if row["framework"] == peer and "median_round_s" in row
+        }
+        key = f"speedup_vs_{peer.replace('-', '_')}"
+        for row in rows:
+            if row["framework"] != peer and row["config"] in base and "median_round_s" in row:
+                row[key] = base[row["config"]] / row["median_round_s"]
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| config N/K/R | framework | median round s | start-up s | peak RSS MB | final acc "
-        "| speed-up vs Flower | peak PSS MB |"
+        "| config N/K/R | framework | median round s | floor s | CPU/wall | start-up s "
+        "| peak RSS MB | final acc | vs Flower | vs pfl | vs pfl-2proc | vs reference |"
     )
-    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|"]
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
     for row in rows:
         if row["runs"] == 0:
-            lines.append(f"| {row['config']} | {row['framework']} | failed | | | | | |")
+            lines.append(f"| {row['config']} | {row['framework']} | failed |" + " |" * 9)
             continue
-        if row["framework"] == "flower":
-            speed = "1.00×"
-        elif "speedup_vs_flower" in row:
-            speed = f"{row['speedup_vs_flower']:.2f}×"
-        else:
-            speed = "n/a"
-        pss = f"{row['peak_pss_mb']:.0f}" if row.get("peak_pss_mb") else "—"
+        speeds = []
+        for peer in PEERS:
+            if row["framework"] == peer:
+                speeds.append("1.00×")
+            else:
+                v = row.get(f"speedup_vs_{peer.replace('-', '_')}")
+                speeds.append("—" if v is None else f"{v:.2f}×")
         lines.append(
             f"| {row['config']} | {row['framework']} | {row['median_round_s']:.3f} "
+            f"| {cell(row.get('floor_round_s'), '.3f')} | {cell(row.get('cpu_per_wall'), '.2f')} "
             f"| {row['startup_s']:.2f} | {row['peak_rss_mb']:.0f} | {row['final_accuracy']:.4f} "
-            f"| {speed} | {pss} |"
+            f"| {' | '.join(speeds)} |"
         )
     return "\n".join(lines)
 
@@ -414,11 +513,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
+    p.add_argument("--task", choices=TASKS, default="digits", help="which peer task")
     p.add_argument(
         "--configs",
         type=lambda s: [Config.parse(c) for c in s.split(",") if c.strip()],
         default=None,
-        help=f"comma-separated N/K/R list (default: {','.join(SHARED_CONFIGS)})",
+        help=f"comma-separated N/K/R list (default: digits {','.join(SHARED_CONFIGS)}; "
+        f"fmnist-cnn {','.join(COMPUTE_CONFIGS)})",
     )
     p.add_argument(
         "--with-large",
@@ -428,8 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--frameworks",
         type=lambda s: [f.strip() for f in s.split(",") if f.strip()],
-        default=list(FRAMEWORKS),
-        help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: all)",
+        default=None,
+        help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: digits "
+        f"{','.join(DEFAULT_FRAMEWORKS['digits'])}; fmnist-cnn "
+        f"{','.join(DEFAULT_FRAMEWORKS['fmnist-cnn'])})",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs per (config, framework)")
     p.add_argument("--seed", type=int, default=0)
@@ -443,8 +546,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--setup-flower", action="store_true", help="run setup_flower_venv.sh before anything"
     )
-    p.add_argument("--out", type=Path, default=RESULTS_JSON, help="where to write the JSON")
+    p.add_argument(
+        "--setup-pfl", action="store_true", help="run setup_pfl_venv.sh before anything"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="where to write the JSON (default: per task)"
+    )
     args = p.parse_args(argv)
+    if args.frameworks is None:
+        args.frameworks = list(DEFAULT_FRAMEWORKS[args.task])
+    if args.out is None:
+        args.out = RESULTS[args.task]
     unknown = [f for f in args.frameworks if f not in FRAMEWORKS]
     if unknown:
         p.error(f"unknown framework(s) {unknown}; choose from {FRAMEWORKS}")
@@ -455,7 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configs: list[Config] = args.configs or [Config.parse(c) for c in SHARED_CONFIGS]
+    configs: list[Config] = args.configs or [Config.parse(c) for c in TASK_CONFIGS[args.task]]
     if args.with_large:
         configs += [Config.parse(c) for c in LARGE_CONFIGS if Config.parse(c) not in configs]
     frameworks: list[str] = list(args.frameworks)
@@ -472,6 +584,17 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr)
             notes.append(msg)
             frameworks.remove("flower")
+    if any(f.startswith("pfl") for f in frameworks):
+        if args.setup_pfl:
+            subprocess.run(["bash", str(SETUP_PFL)], check=True)
+        if not PFL_PYTHON.exists():
+            msg = (
+                f"pfl skipped: {PFL_VENV} does not exist; "
+                "run with --setup-pfl (or bash benchmarks/setup_pfl_venv.sh) first"
+            )
+            print(msg, file=sys.stderr)
+            notes.append(msg)
+            frameworks = [f for f in frameworks if not f.startswith("pfl")]
     if (
         any(f.startswith("fedmosaic") for f in frameworks)
         and not (HERE / "peer_fedmosaic.py").exists()
@@ -484,21 +607,28 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to run", file=sys.stderr)
         return 2
 
+    peer_max = PEER_MAX_CLIENTS[args.task]
     plan = [
         (cfg, rep, fw)
         for cfg in configs
         for rep in range(args.repeat)
         for fw in frameworks
-        if not (fw == "flower" and cfg.clients > FLOWER_MAX_CLIENTS)
+        if fw.startswith("fedmosaic") or cfg.clients <= peer_max
     ]
-    skipped = sorted(
-        {str(cfg) for cfg in configs if cfg.clients > FLOWER_MAX_CLIENTS and "flower" in frameworks}
-    )
-    if skipped:
-        notes.append(f"Flower not run for {', '.join(skipped)} (fedmosaic-only configurations)")
+    skipped = sorted({str(cfg) for cfg in configs if cfg.clients > peer_max})
+    if skipped and any(not f.startswith("fedmosaic") for f in frameworks):
+        notes.append(
+            f"Flower, pfl and the reference not run for {', '.join(skipped)} "
+            "(fedmosaic-only configurations)"
+        )
 
     payload: dict[str, Any] = {
-        "benchmark": "peer task: fedmosaic vs Flower (see benchmarks/peer_compare.py)",
+        "benchmark": f"peer task {args.task}: fedmosaic vs Flower and pfl "
+        "(see benchmarks/peer_compare.py)",
+        "task": args.task,
+        "command": " ".join(
+            [".venv/bin/python", "benchmarks/peer_compare.py", *(argv or sys.argv[1:])]
+        ),
         "machine": machine_info(),
         "settings": {
             "configs": [str(c) for c in configs],
@@ -517,15 +647,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peer_compare_") as tmp:
         for i, (cfg, rep, fw) in enumerate(plan, 1):
             print(f"[{i}/{len(plan)}] {cfg} {fw} (repeat {rep + 1}/{args.repeat}) ...", flush=True)
-            rec = run_one(fw, cfg, args.seed, args.timeout, Path(tmp), args.idle_wait)
+            rec = run_one(fw, cfg, args.seed, args.timeout, Path(tmp), args.idle_wait, args.task)
             rec["repeat"] = rep
             payload["runs"].append(rec)
             if "error" not in rec:
                 print(
                     f"    median round {rec['median_round_s']:.3f} s, start-up "
                     f"{rec['startup_s']:.2f} s, peak RSS {rec['peak_rss_mb']:.0f} MB, "
-                    f"final acc {rec['final_accuracy']:.4f} (others' CPU before / during: "
-                    f"{rec['cpu_busy_before_pct']:.0f}% / {rec['foreign_cpu_pct']:.0f}%)",
+                    f"final acc {rec['final_accuracy']:.4f}, CPU/wall "
+                    f"{rec.get('cpu_per_wall') or float('nan'):.2f} (others' CPU before / "
+                    f"during: {rec['cpu_busy_before_pct']:.0f}% / {rec['foreign_cpu_pct']:.0f}%; "
+                    f"load {rec['loadavg_before'][0]:.1f})",
                     flush=True,
                 )
             payload["summary"] = summarise(payload["runs"])
