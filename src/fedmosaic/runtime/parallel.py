@@ -572,10 +572,11 @@ class ParallelTransport:
         if weighting is not None:
             for _, out in self._run(calls, round_num):
                 for result in out:
-                    self._log_failures(result)
+                    self._log_failures(result, round_num)
                     yield result
             return
-        yield from self._in_order([t.client_id for t in tasks], self._run(calls, round_num))
+        yield from self._in_order([t.client_id for t in tasks], self._run(calls, round_num),
+                                  round_num)
 
     def evaluate(
         self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
@@ -590,17 +591,22 @@ class ParallelTransport:
         sizes = self._test_sizes()
         groups = _balance(ids, [sizes.get(c, 0) for c in ids], self.num_workers)
         calls = {i: ("evaluate", (ref, g, round_num), g) for i, g in enumerate(groups) if g}
-        yield from self._in_order(ids, self._run(calls, round_num))  # type: ignore[misc]
+        yield from self._in_order(ids, self._run(calls, round_num), None)
 
     # -- dispatch -----------------------------------------------------------------------------
-    def _in_order(self, ids: list[str], outcomes: Iterator[tuple[int, list[Any]]]
-                  ) -> Iterator[Any]:
-        """Results re-ordered to ``ids``: each is yielded as soon as every earlier one is."""
+    def _in_order(self, ids: list[str], outcomes: Iterator[tuple[int, list[Any]]],
+                  round_num: int | None) -> Iterator[Any]:
+        """Results re-ordered to ``ids``: each is yielded as soon as every earlier one is.
+        (``round_num`` None: evaluation reports, whose failures the caller logs.)"""
         pending: dict[str, list[Any]] = {}
         pos = 0
         for _, out in outcomes:
             for result in out:
-                self._log_failures(result)
+                if round_num is not None:
+                    self._log_failures(result, round_num)
+                elif isinstance(result, ClientFailure) and result.reason != "no local test split":
+                    log.warning("client %s failed to evaluate: %s", result.client_id,
+                                result.reason)
                 cid = getattr(result, "client_id", None)
                 if cid is None:  # not one client's result: nothing to order it by
                     yield result
@@ -692,17 +698,15 @@ class ParallelTransport:
                 done[idx] = self._failed(idx, ids, round_num, msg[2])
 
     def _failed(self, idx: int, ids: list[str], round_num: int, why: str) -> list[ClientFailure]:
+        """Failures for the clients of a call that failed as a whole in a live worker."""
         reason = f"parallel worker {idx} failed: {why}"
-        for cid in ids:
-            log.warning("client %s failed in round %d: %s", cid, round_num, reason)
         return [ClientFailure(cid, reason) for cid in ids]
 
     def _lost(self, idx: int, ids: list[str], round_num: int, why: str) -> list[ClientFailure]:
         """Failures for a dead worker's clients; its replacement starts now, so it warms up
         while the other workers finish the round."""
         reason = f"parallel worker {idx} lost: {why}"
-        for cid in ids:
-            log.warning("client %s failed in round %d: %s", cid, round_num, reason)
+        log.warning("round %d: %s; %d clients failed with it", round_num, reason, len(ids))
         self._replace(idx)
         return [ClientFailure(cid, reason) for cid in ids]
 
@@ -713,12 +717,12 @@ class ParallelTransport:
         return _exit_text(w.process.exitcode)
 
     @staticmethod
-    def _log_failures(result: Any) -> None:
-        if isinstance(result, PartialAggregate):
-            for f in result.failures:
-                log.warning("client %s failed: %s", f.client_id, f.reason)
-        elif isinstance(result, ClientFailure):
-            log.warning("client %s failed: %s", result.client_id, result.reason)
+    def _log_failures(result: Any, round_num: int) -> None:
+        # Workers do not log (their stderr would repeat every line once per worker).
+        failures = (result.failures if isinstance(result, PartialAggregate) else
+                    [result] if isinstance(result, ClientFailure) else [])
+        for f in failures:
+            log.warning("client %s failed in round %d: %s", f.client_id, round_num, f.reason)
 
     def _note_fallback(self, reason: str | None) -> None:
         if reason is not None and reason != self.batched_fallback:
