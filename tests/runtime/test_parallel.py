@@ -292,6 +292,17 @@ def test_a_trainer_that_cannot_be_pickled_is_refused_with_the_reason(digits):
     assert "Trainer or a callable" in ParallelTransport.unsupported_reason(42)
 
 
+def test_a_dp_sgd_trainer_is_refused_its_accounting_would_be_split(digits):
+    from fedmosaic.train.dp_trainer import DPSGDTrainer
+
+    factory = functools.partial(DPSGDTrainer, functools.partial(MLP, 64, [32], 10))
+    reason = ParallelTransport.unsupported_reason(factory)
+    assert reason is not None and "per-client privacy accounting" in reason
+    assert ParallelTransport.unsupported_reason(DPSGDTrainer) == reason
+    with pytest.raises(ValueError, match="per-client privacy accounting"):
+        ParallelTransport(factory, digits, num_workers=1)
+
+
 class Net(torch.nn.Linear):
     def __init__(self) -> None:
         super().__init__(4, 2)

@@ -59,6 +59,7 @@ receive). A trainer or factory that cannot be built in a worker fails the constr
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import multiprocessing as mp
@@ -499,8 +500,11 @@ class ParallelTransport:
                                torch_threads, data_payload)
             # The server imports torch once; every worker is then a cheap fork of it.
             self._ctx.set_forkserver_preload(_PRELOAD)
-            for idx in range(num_workers):  # all started before any is awaited
+            # All started before any is sent its (possibly large) trainer or awaited.
+            for idx in range(num_workers):
                 self._pool.workers[idx] = self._spawn(idx)
+            for idx in range(num_workers):
+                self._send_init(idx)
             self._await_ready(range(num_workers), deadline=started + self.start_timeout)
         except BaseException:
             self.close()
@@ -531,6 +535,13 @@ class ParallelTransport:
         except TypeError as exc:
             return str(exc)
         what = "trainer factory" if ParallelTransport._is_factory(trainer) else "trainer"
+        kind = trainer.func if isinstance(trainer, functools.partial) else trainer
+        kind = kind if isinstance(kind, type) else type(kind)
+        if hasattr(kind, "accounting_state"):
+            # DP-SGD keeps one privacy accountant per client in the trainer object: each
+            # worker would hold part of a client's history and under-report its epsilon.
+            return (f"{kind.__name__} keeps per-client privacy accounting in the trainer "
+                    "object, which worker processes would split; use SequentialTransport")
         try:
             _, name = _pickle_trainer(trainer)
         except Exception as exc:
@@ -762,12 +773,16 @@ class ParallelTransport:
                                     name=f"fedmosaic-parallel-{idx}", daemon=True)
         process.start()
         child.close()  # the worker holds the other end: its death is end of file here
-        worker = _Worker(process, parent)
+        return _Worker(process, parent)
+
+    def _send_init(self, idx: int) -> None:
+        """Send a started worker what it builds itself from (trainer, data, settings)."""
+        w = self._pool.workers[idx]
+        assert w is not None
         init = _Init(idx, self._init.trainer, self._init.is_factory, self._init.inner,
                      self._init.torch_threads, self._init.data)
         with contextlib.suppress(OSError):  # died before reading it: seen when next awaited
-            parent.send_bytes(_dumps(init))
-        return worker
+            w.conn.send_bytes(_dumps(init))
 
     def _await_ready(self, indices: Sequence[int] | range, deadline: float) -> None:
         """Wait for the workers' start-up reports; raise if any fails or the time runs out."""
@@ -807,6 +822,7 @@ class ParallelTransport:
         w = self._pool.workers[idx]
         if w is None:
             w = self._pool.workers[idx] = self._spawn(idx)
+            self._send_init(idx)
         return w
 
     def _replace(self, idx: int) -> None:
@@ -817,6 +833,7 @@ class ParallelTransport:
             w.process.join(5.0)
             w.conn.close()
         self._pool.workers[idx] = self._spawn(idx)
+        self._send_init(idx)
         log.warning("parallel worker %d was replaced", idx)
 
     def _cancel_stale(self) -> None:
