@@ -105,7 +105,8 @@ def transport_record(transport: Any, result: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if transport is not None and not isinstance(transport, str):
         out["class"] = type(transport).__name__
-        for attr in ("decision", "fallback_reason", "choice", "reason", "workers"):
+        for attr in ("decision", "fallback_reason", "choice", "reason", "num_workers", "inner",
+                     "torch_threads", "start_seconds"):
             value = getattr(transport, attr, None)
             if value is not None and not callable(value):
                 out[attr] = value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -146,8 +147,13 @@ def main() -> None:
     transport = build_transport(args.transport, trainer, fed)
     strategy = fm.FedAvg(clients_per_round=args.per_round)
     first_round_start = time.time()
-    result = fm.simulate(trainer, fed, strategy, args.rounds, seed=args.seed,
-                         transport=transport)
+    try:
+        result = fm.simulate(trainer, fed, strategy, args.rounds, seed=args.seed,
+                             transport=transport)
+    finally:
+        close = getattr(transport, "close", None)
+        if callable(close):
+            close()  # worker processes of the parallel transport
     payload = {
         "framework": "fedmosaic",
         "version": fm.__version__,

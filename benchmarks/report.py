@@ -28,6 +28,8 @@ def machine_line(m: dict[str, Any]) -> str:
     parts.append(f"torch {m.get('torch', '?')}")
     if m.get("flwr"):
         parts.append(f"flwr {m['flwr']} (Ray {m.get('ray_in_flower_venv', '?')})")
+    if m.get("pfl"):
+        parts.append(f"pfl {m['pfl']} (torch {m.get('torch_in_pfl_venv', '?')})")
     parts.append(f"Python {m.get('python', '?')}")
     if m.get("date"):
         parts.append(f"measured {m['date'][:10]}")
@@ -48,7 +50,7 @@ version and thread count.
 def peer_section(d: dict[str, Any]) -> str:
     rows = d["summary"]
     lines = [
-        "## fedmosaic vs Flower on the peer task (issue #3)",
+        "## fedmosaic vs Flower and pfl-research on the peer task (issues #3, #23)",
         "",
         "The peer task, defined so that any framework can run the same work: scikit-learn "
         "digits scaled to [0, 1] (divide by 16), stratified 80/20 split with `random_state=0` "
@@ -60,9 +62,14 @@ def peer_section(d: dict[str, Any]) -> str:
         "more clients than training samples, the permutation is tiled (7 fresh permutations) "
         "so that every client holds at least one real sample.",
         "",
-        "Command: `bash benchmarks/setup_flower_venv.sh && "
-        ".venv/bin/python benchmarks/peer_compare.py --with-large --idle-wait 30` "
-        "(Flower 1.42 in its own virtual environment, `benchmarks/.venv-flower`).",
+        "Command: `bash benchmarks/setup_flower_venv.sh && bash benchmarks/setup_pfl_venv.sh && "
+        + (f"{d['command']}`" if d.get("command") else
+           ".venv/bin/python benchmarks/peer_compare.py --with-large --idle-wait 30`")
+        + " (Flower 1.42 and pfl-research 0.6 each in its own virtual environment, "
+        "`benchmarks/.venv-flower` and `benchmarks/.venv-pfl`). pfl runs the way its "
+        "documentation shows (`benchmarks/pfl_peer.py`: `FederatedAveraging` on a simulated "
+        "`FederatedDataset`, PyTorch backend, central evaluation), in one process. "
+        "*fedmosaic-default* passes no transport to `fm.simulate` (fedmosaic's own choice).",
         "",
         machine_line(d["machine"]),
         "",
@@ -73,21 +80,28 @@ def peer_section(d: dict[str, Any]) -> str:
         "client actors, warmed by one readiness message each so that engine start-up is not "
         "counted as round time). *Peak RSS*: the largest sum of resident memory over the whole "
         "process tree (Flower's Ray workers included), sampled every 50 ms; PSS, which counts "
-        "shared pages once, is also given. fedmosaic runs in one process with one torch thread; "
-        "Flower runs 2 Ray actors with one thread each.",
+        "shared pages once, is also given. fedmosaic and pfl run in one process with one torch "
+        "thread; Flower runs 2 Ray actors with one thread each.",
         "",
+        *shared_machine_lines(d),
         "| N/K/R | framework | median round (s) | start-up (s) | peak RSS (MB) | peak PSS (MB) "
-        "| final accuracy | speed-up vs Flower |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
+        "| final accuracy | speed-up vs Flower | speed-up vs pfl |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
-        speed = r.get("speedup_vs_flower")
-        speed_s = "1.00x" if r["framework"] == "flower" else (
-            f"{speed:.1f}x" if speed is not None else "n/a (Flower not run)")
+        if not r.get("runs"):
+            lines.append(f"| {r['config']} | {r['framework']} | failed | | | | | | |")
+            continue
+        speeds = []
+        for peer in ("flower", "pfl"):
+            speed = r.get(f"speedup_vs_{peer}")
+            speeds.append("1.00x" if r["framework"] == peer else (
+                f"{speed:.{1 if speed >= 10 else 2}f}x" if speed is not None else "n/a (not run)"))
+        pss = f"{r['peak_pss_mb']:.0f}" if r.get("peak_pss_mb") else "-"
         lines.append(
             f"| {r['config']} | {r['framework']} | {r['median_round_s']:.3f} | "
-            f"{r['startup_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_pss_mb']:.0f} | "
-            f"{r['final_accuracy']:.4f} | {speed_s} |")
+            f"{r['startup_s']:.2f} | {r['peak_rss_mb']:.0f} | {pss} | "
+            f"{r['final_accuracy']:.4f} | {speeds[0]} | {speeds[1]} |")
     lines += [
         "",
         "Accuracy: with 14 or fewer samples per client (N >= 100), each client does one "
@@ -96,8 +110,193 @@ def peer_section(d: dict[str, Any]) -> str:
         "columns show that both compute the same thing, not a tuned model. Flower samples its "
         "clients from random node ids, so at K < N it trains other clients than fedmosaic.",
         "",
+        *digits_goal_lines(rows),
     ]
     return "\n".join(lines)
+
+
+def shared_machine_lines(d: dict[str, Any]) -> list[str]:
+    """The load average before each run: the machine is shared with other work."""
+    loads = [r["loadavg_before"][0] for r in d.get("runs", []) if r.get("loadavg_before")]
+    if not loads:
+        return []
+    return [
+        f"The runs were made on a shared machine (other sessions' tests ran on the same 2 "
+        f"cores): the 1-minute load average just before each run ranged from {min(loads):.1f} "
+        f"to {max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; each run's figure "
+        "is in the results JSON, `loadavg_before`), so the timings carry that noise.",
+        "",
+    ]
+
+
+def digits_goal_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue #23's digits goal: fedmosaic's default at least 5x faster than pfl."""
+    got = [(r["config"], r["speedup_vs_pfl"]) for r in rows
+           if r["framework"] == "fedmosaic-default" and r.get("speedup_vs_pfl") is not None]
+    if not got:
+        return []
+    worst = min(v for _, v in got)
+    cells = ", ".join(f"{c}: {v:.1f}x" for c, v in got)
+    verdict = "met" if worst >= 5 else f"not met (worst {worst:.1f}x)"
+    return [f"Issue #23 goal, fedmosaic's default at least 5x faster per round than pfl on "
+            f"this task: {verdict}. Per configuration: {cells}.", ""]
+
+
+COMPUTE_COLUMNS = (
+    ("flower", "Flower"), ("pfl", "pfl"), ("pfl-2proc", "pfl x2 (torchrun)"),
+    ("fedmosaic-default", "fedmosaic default"), ("fedmosaic-auto", "fedmosaic auto"),
+    ("fedmosaic-parallel", "fedmosaic parallel"), ("fedmosaic-sequential", "fedmosaic sequential"),
+    ("fedmosaic-batched", "fedmosaic batched"), ("reference", "reference"),
+)  # fmt: skip
+
+
+def compute_compare_section(d: dict[str, Any]) -> str:
+    """Issue #23's compute-bound task: every framework's seconds per round side by side."""
+    rows = [r for r in d["summary"] if r.get("runs")]
+    configs = list(dict.fromkeys(r["config"] for r in d["summary"]))
+    by = {(r["config"], r["framework"]): r for r in rows}
+    present = [(fw, name) for fw, name in COMPUTE_COLUMNS
+               if any((c, fw) in by for c in configs)]
+    lines = [
+        "## Compute-bound task: Fashion-MNIST CNN, fedmosaic vs Flower, pfl and the compute "
+        "floor (issue #23)",
+        "",
+        "Fashion-MNIST (60,000 train / 10,000 test), IID (a seeded permutation cut into N "
+        "parts with `np.array_split`, the same partition in every framework), CNN conv 1->16 "
+        "5x5, ReLU, max-pool 2, conv 16->32 5x5, ReLU, max-pool 2, fc 512->10 (18,378 "
+        "parameters; `benchmarks/compute_task.py`), each selected client 1 local epoch of "
+        "plain SGD, lr 0.05, batch 32, FedAvg weighted by samples, K of N clients per round, "
+        "the global model evaluated on the 10,000 test images after every round (part of "
+        "every framework's round time). One torch thread per process everywhere. N/K/R = "
+        "clients / clients per round / rounds; the figures are medians over the R rounds.",
+        "",
+        f"Command: `bash benchmarks/setup_flower_venv.sh && bash benchmarks/setup_pfl_venv.sh "
+        f"&& {d.get('command', '.venv/bin/python benchmarks/peer_compare.py --task fmnist-cnn')}`",
+        "",
+        machine_line(d["machine"]),
+        "",
+        *shared_machine_lines(d),
+        "Who does what: *Flower* 1.42, Simulation Engine with 2 Ray actors (one per core); "
+        "*pfl* 0.6, `FederatedAveraging` with a simulated `FederatedDataset` in one process, "
+        "and *pfl x2* the same script under `torchrun --nproc_per_node=2` (pfl's documented "
+        "multi-process simulation, one process per core); *fedmosaic default*: `fm.simulate` "
+        "with no transport given; *parallel*, *sequential*, *batched*: that transport named; "
+        "*reference*: plain PyTorch, one model, the clients trained one after another and "
+        "averaged by hand (`benchmarks/reference_peer.py`); *floor*: the reference's forward "
+        "and backward passes alone, the single-thread compute that no one-core loop can beat.",
+        "",
+        "Seconds per round:",
+        "",
+        "| N/K/R | " + " | ".join(name for _, name in present) + " | floor (fwd+bwd) |",
+        "|---|" + "--:|" * (len(present) + 1),
+    ]
+    for c in configs:
+        cells = []
+        for fw, _ in present:
+            r = by.get((c, fw))
+            cells.append(f"{r['median_round_s']:.2f}" if r else "-")
+        ref = by.get((c, "reference"))
+        floor = ref.get("floor_round_s") if ref else None
+        cells.append(f"{floor:.2f}" if floor is not None else "-")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+
+    default = "fedmosaic-default"
+    lines += [
+        "",
+        "fedmosaic's default against each peer (speed-up = the peer's seconds per round / "
+        "fedmosaic's), its CPU time over wall time during the rounds (CPU seconds of the "
+        "whole process tree, workers included, sampled every 50 ms; 2.0 is both cores busy), "
+        "and the transport it chose:",
+        "",
+        "| N/K/R | vs reference | vs Flower | vs pfl | vs pfl x2 | CPU / wall | choice |",
+        "|---|--:|--:|--:|--:|--:|---|",
+    ]
+    for c in configs:
+        r = by.get((c, default))
+        if r is None:
+            continue
+
+        def sp(peer: str, r: dict[str, Any] = r) -> str:
+            v = r.get(f"speedup_vs_{peer}")
+            return f"{v:.2f}x" if v is not None else "-"
+
+        cpu = r.get("cpu_per_wall")
+        lines.append(
+            f"| {c} | {sp('reference')} | {sp('flower')} | {sp('pfl')} | {sp('pfl_2proc')} | "
+            f"{'-' if cpu is None else f'{cpu:.2f}'} | {choice_text(r.get('transport_record'))} |")
+    lines += ["", *compute_goal_lines(configs, by), *compute_detail_lines(configs, by, present)]
+    return "\n".join(lines)
+
+
+def choice_text(record: dict[str, Any] | None) -> str:
+    """The transport fedmosaic's default chose and why, as the run recorded it."""
+    if not record:
+        return "-"
+    parts = [f"{k.split('.', 1)[-1]}: {v}" for k, v in record.items()
+             if k not in ("class",) and v not in (None, "")]
+    text = "; ".join(parts) if parts else str(record.get("class", "-"))
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def compute_goal_lines(configs: list[str], by: dict[tuple[str, str], Any]) -> list[str]:
+    """Issue #23's goals for the compute-bound task, checked against the measured figures."""
+    default = "fedmosaic-default"
+
+    def k_of(c: str) -> int:
+        return int(c.split("/")[1])
+
+    def verdict(name: str, peer: str, need: float, which: list[str]) -> str:
+        vals = [(c, by[(c, default)].get(f"speedup_vs_{peer}")) for c in which
+                if (c, default) in by]
+        vals = [(c, v) for c, v in vals if v is not None]
+        if not vals:
+            return f"- {name}: not measured."
+        missed = [f"{c} ({v:.2f}x)" for c, v in vals if v < need]
+        got = ", ".join(f"{v:.2f}x" for _, v in vals)
+        state = "met" if not missed else "not met at " + ", ".join(missed)
+        return f"- {name}: {state} (measured {got})."
+
+    big = [c for c in configs if k_of(c) >= 100]
+    out = [
+        "Goals of issue #23 on this 2-core machine, checked on the figures above:",
+        "",
+        verdict("at least 1.8x faster than the single-thread reference at 100 or more clients "
+                "per round", "reference", 1.8, big),
+        verdict("faster than Flower at every configuration", "flower", 1.0 + 1e-9, configs),
+        verdict("at least 1.8x faster than pfl (one process)", "pfl", 1.8, configs),
+        verdict("at least 1.8x faster than pfl x2 (pfl on both cores)", "pfl_2proc", 1.8,
+                configs),
+        "",
+    ]
+    return out
+
+
+def compute_detail_lines(configs: list[str], by: dict[tuple[str, str], Any],
+                         present: list[tuple[str, str]]) -> list[str]:
+    lines = [
+        "Every run: start-up (spawn to the start of round 1), peak RSS of the process tree, "
+        "CPU / wall over the rounds, final test accuracy (K < N: the frameworks pick other "
+        "clients, and pfl iterates each client's batches in order instead of shuffling, so "
+        "accuracies differ a little), and the load average before the run.",
+        "",
+        "| N/K/R | framework | rounds | median round (s) | start-up (s) | peak RSS (MB) "
+        "| CPU / wall | final accuracy | load before |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in configs:
+        for fw, name in present:
+            r = by.get((c, fw))
+            if r is None:
+                continue
+            cpu = r.get("cpu_per_wall")
+            load = ", ".join(f"{la[0]:.1f}" for la in r.get("loadavg_before", []))
+            lines.append(
+                f"| {c} | {name} | {r.get('rounds', '-')} | {r['median_round_s']:.2f} | "
+                f"{r['startup_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                f"{'-' if cpu is None else f'{cpu:.2f}'} | {r['final_accuracy']:.4f} | "
+                f"{load} |")
+    lines.append("")
+    return lines
 
 
 def aggregation_section(d: dict[str, Any]) -> str:
@@ -775,6 +974,8 @@ def main() -> None:
     parts = [header()]
     if (d := load("peer_compare")) is not None:
         parts.append(peer_section(d))
+    if (d := load("compute_compare")) is not None:
+        parts.append(compute_compare_section(d))
     if (d := load("aggregation")) is not None:
         parts.append(aggregation_section(d))
     if (d := load("fmnist_transports")) is not None:
