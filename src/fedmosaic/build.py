@@ -351,7 +351,15 @@ def server_task(exp: Experiment) -> ServerTask:
 
 def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTrainer,
                     strategy: FedAvg | None = None) -> Any:
-    """The transport named in ``[runtime]`` (sequential, batched or ray).
+    """The transport named in ``[runtime]``: auto (the default), sequential, batched,
+    parallel or ray.
+
+    ``auto`` (``fedmosaic.runtime.auto.choose_transport``) picks sequential, batched, parallel
+    or parallel-batched from the model, the device, the cohort, the rounds and the usable
+    cores; the transport carries its choice and reason as ``auto_choice``, which the run
+    records. ``parallel`` builds a ``ParallelTransport`` whose workers build their trainer
+    with ``trainer_factory``; a trainer it cannot run with (DP-SGD's per-client accounting, a
+    factory that cannot be pickled) is refused with the reason.
 
     With an ``[attack]`` table the malicious clients' uploads go through an
     ``AdversarialTransport`` (inside secure aggregation: attackers are clients), and an
@@ -364,7 +372,17 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     secure = rt.pop("secure_aggregation")
     secagg = {k.removeprefix("secagg_"): rt.pop(k) for k in list(rt) if k.startswith("secagg_")}
     transport: Any
-    if kind == "batched":
+    if kind == "auto":
+        from fedmosaic.runtime.auto import build_chosen, choose_transport
+
+        factory = trainer_factory(exp, fed)  # picklable: each worker builds its own trainer
+        choice = choose_transport(trainer, fed, strategy, exp[""]["rounds"],
+                                  schedule=getattr(strategy, "schedule", None),
+                                  max_workers=rt.get("workers"), trainer_factory=factory)
+        transport = build_chosen(choice, trainer, fed, trainer_factory=factory)
+    elif kind == "parallel":
+        transport = _parallel(exp, fed, trainer, rt)
+    elif kind == "batched":
         transport = BatchedTransport(trainer, fed, **rt)
     elif kind == "ray":
         transport = RayTransport(trainer_factory(exp, fed), fed,
@@ -398,6 +416,21 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
                if "corrupted_fraction" in secagg else {}),
             secure_noise=bool(exp["privacy"].get("secure_noise", False)))
     return transport
+
+
+def _parallel(exp: Experiment, fed: fd.FederatedDataset, trainer: Trainer,
+              rt: dict[str, Any]) -> Any:
+    """``transport = "parallel"``: refused with the reason where workers cannot run it."""
+    from fedmosaic.runtime.auto import parallel_refusal
+    from fedmosaic.runtime.parallel import ParallelTransport
+
+    factory = trainer_factory(exp, fed)  # picklable: each worker builds its own trainer
+    why = parallel_refusal(trainer, factory)
+    if why is not None:
+        raise ConfigError("runtime.transport", "parallel", f"a transport that can run this "
+                          f"experiment: {why} (use 'auto' or 'sequential')")
+    return ParallelTransport(factory, fed,
+                             num_workers=rt.get("workers"), inner=rt.get("inner", "sequential"))
 
 
 def _user_model_fn(exp: Experiment) -> Callable[[], torch.nn.Module]:

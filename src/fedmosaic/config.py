@@ -49,7 +49,9 @@ STALENESS = ("constant", "polynomial", "hinge", "inverse_sqrt")
 SERVER_OPTS = ("sgd", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTINGS = ("samples", "uniform")
-TRANSPORTS = ("sequential", "batched", "ray")
+# "auto" (the default, fedmosaic.runtime.auto) picks sequential, batched, parallel or
+# parallel-batched for the model, the device, the cohort and the usable cores.
+TRANSPORTS = ("auto", "sequential", "batched", "parallel", "ray")
 PRIVACY_MODES = ("none", "central", "distributed", "local")
 PRIVACY_KEYS = {
     "none": set(),
@@ -91,8 +93,10 @@ CLOCK_DEFAULTS = {"compute_median": 0.005, "compute_unit": "sample", "speed_sigm
                   "jitter": 0.0, "latency": 0.0}
 CLOCK_SIGMA = ("a number in [0, 4]", lambda v: 0 <= v <= 4)
 TRANSPORT_KEYS = {
+    "auto": {"workers"},  # at most this many worker processes, if it picks a parallel kind
     "sequential": set(),
-    "batched": {"memory_budget_mb", "max_clients_per_chunk"},
+    "batched": {"memory_budget_mb", "max_clients_per_chunk", "batching"},
+    "parallel": {"workers", "inner"},
     "ray": {"workers", "address"},
 }
 
@@ -213,12 +217,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "staleness_b": _float("a finite number >= 0", lambda v: 0 <= v < math.inf),
     },
     "runtime": {
-        "transport": _choice(TRANSPORTS, default="sequential"),
+        "transport": _choice(TRANSPORTS, default="auto"),
         "device": Key((str,), "'cpu', 'cuda' or 'cuda:N'",
                       lambda v: v == "cpu" or v == "cuda" or
                       (v.startswith("cuda:") and v[5:].isdigit()), "cpu"),
         "memory_budget_mb": _float(*POSITIVE),
         "max_clients_per_chunk": _int(1),
+        "batching": _choice(("auto", "always")),
+        "inner": _choice(("sequential", "batched")),
         "workers": _int(1, 4096),
         "address": Key((str,), "a Ray cluster address, e.g. 'auto' or 'ray://host:10001'",
                        lambda v: bool(v.strip())),
@@ -759,11 +765,12 @@ def _check_watermark(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError("watermark.fingerprint_strength", w["fingerprint_strength"],
                           "only with watermark.fingerprint = true")
     rt = s["runtime"]
-    if w.get("fingerprint", False) and (rt["transport"] != "sequential"
+    if w.get("fingerprint", False) and (rt["transport"] not in ("auto", "sequential",
+                                                                "parallel")
                                         or rt["secure_aggregation"]):
         raise ConfigError("watermark.fingerprint", True, "only with runtime.transport = "
-                          "'sequential' and no secure aggregation (the transport that sends "
-                          "each client its own fingerprinted model)")
+                          "'auto', 'sequential' or 'parallel' and no secure aggregation (the "
+                          "transports that send each client its own fingerprinted model)")
 
 
 def _check_attack(s: dict[str, dict[str, Any]]) -> None:

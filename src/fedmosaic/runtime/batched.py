@@ -201,6 +201,33 @@ def chain_forward(chain: Sequence[_ChainOp]) -> Callable[[torch.Tensor, torch.Te
     return forward
 
 
+def unbatchable_reason(tr: Any) -> str | None:
+    """Why ``BatchedTransport`` cannot reproduce this trainer's fits (it then trains
+    sequentially), or None: what it checks before any data is touched."""
+    if not isinstance(tr, TorchTrainer):
+        return f"trainer is a {type(tr).__name__}, not a TorchTrainer"
+    if not tr.plain_sgd:
+        return "the local optimizer is not plain SGD"
+    if tr.loss_name not in ("cross_entropy", "mse"):
+        return "the loss is a custom callable (only 'cross_entropy' and 'mse' are batched)"
+    for name, module in tr.model.named_modules():
+        if isinstance(module, _UNBATCHABLE):
+            return (f"module '{name}' ({type(module).__name__}) behaves differently per "
+                    "batch in training mode")
+    if any(e.is_buffer for e in tr.spec.entries):
+        return "the model has floating-point buffers that training updates"
+    return None
+
+
+def cpu_slow_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first layer whose vmapped form is slower on CPU than sequential training (a
+    convolution), as (name, module); None if there is none."""
+    for name, module in model.named_modules():
+        if isinstance(module, _CPU_SLOW):
+            return name, module
+    return None
+
+
 class BatchingFallbackWarning(UserWarning):
     """The batched transport could not batch this model and trains clients sequentially."""
 
@@ -320,20 +347,7 @@ class BatchedTransport:
 
     # -- batchability -----------------------------------------------------------------------
     def _static_check(self) -> str | None:
-        tr = self.trainer
-        if not isinstance(tr, TorchTrainer):
-            return f"trainer is a {type(tr).__name__}, not a TorchTrainer"
-        if not tr.plain_sgd:
-            return "the local optimizer is not plain SGD"
-        if tr.loss_name not in ("cross_entropy", "mse"):
-            return "the loss is a custom callable (only 'cross_entropy' and 'mse' are batched)"
-        for name, module in tr.model.named_modules():
-            if isinstance(module, _UNBATCHABLE):
-                return (f"module '{name}' ({type(module).__name__}) behaves differently per "
-                        "batch in training mode")
-        if any(e.is_buffer for e in tr.spec.entries):
-            return "the model has floating-point buffers that training updates"
-        return None
+        return unbatchable_reason(self.trainer)
 
     def _speed_rule(self) -> str:
         """Whether batching pays, where a rule measured on this project's benchmarks says so
@@ -346,14 +360,15 @@ class BatchedTransport:
         if self._chain is not None:
             return ("batched: a flatten/Linear/ReLU chain on CPU (one bmm per layer; 5-40x "
                     "faster than sequential on the digits MLP)")
-        for name, module in self.trainer.model.named_modules():
-            if isinstance(module, _CPU_SLOW):
-                self.fallback_reason = (
-                    f"module '{name}' ({type(module).__name__}) is a convolution: vmapped "
-                    "convolutions on CPU are slower than sequential training (SmallCNN: up to "
-                    "1.9x); batching = 'always' forces vmap")
-                self._warn_fallback()
-                return f"sequential: {self.fallback_reason}"
+        slow = cpu_slow_module(self.trainer.model)
+        if slow is not None:
+            name, module = slow
+            self.fallback_reason = (
+                f"module '{name}' ({type(module).__name__}) is a convolution: vmapped "
+                "convolutions on CPU are slower than sequential training (SmallCNN: up to "
+                "1.9x); batching = 'always' forces vmap")
+            self._warn_fallback()
+            return f"sequential: {self.fallback_reason}"
         self._timing_pending = True
         return "pending: batched and sequential will be timed on the first fit of 2+ clients"
 

@@ -26,6 +26,8 @@ class RunResult:
     spec: ParamSpec
     guarantees: dict[str, Any] = field(default_factory=dict)
     stopped: str | None = None
+    #: The transport that trained the run and why (``runtime.auto.describe_transport``).
+    transport: dict[str, Any] | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -55,11 +57,13 @@ class RunResult:
         return plot_histories({"run": self.history}, path, metrics=metrics, title=title)
 
     def save(self, out_dir: str | Path) -> None:
-        """Write ``metrics.json`` and ``model.pt`` (the final state dict) to ``out_dir``."""
+        """Write ``metrics.json``, ``guarantees.json`` (with the transport and why it was
+        chosen) and ``model.pt`` (the final state dict) to ``out_dir``."""
         out = Path(out_dir)
         write_json(out / "metrics.json", self.history)
         write_json(out / "guarantees.json", {"guarantees": self.guarantees,
-                                             "stopped": self.stopped})
+                                             "stopped": self.stopped,
+                                             "transport": self.transport})
         import io
 
         buf = io.BytesIO()

@@ -10,12 +10,13 @@ import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
 from fedmosaic.core.errors import CheckpointError
+from fedmosaic.runtime.auto import describe_transport
 from fedmosaic.runtime.checkpoint import clear_run, holds_run
 from fedmosaic.runtime.evaluation import FederatedEvaluation, evaluation_guarantee
 from fedmosaic.runtime.result import RunResult
 from fedmosaic.runtime.schedule import Schedule
 from fedmosaic.runtime.server import RoundCallback, Server
-from fedmosaic.runtime.transport import SequentialTransport, Transport
+from fedmosaic.runtime.transport import Transport
 from fedmosaic.train.base import Trainer
 
 
@@ -52,11 +53,43 @@ def simulate(
     they had before their first one, so one object can serve several runs.
     ``schedule`` (``fedmosaic.runtime.schedule``) decides when clients train and when the
     server aggregates; by default synchronous rounds, and ``rounds`` counts server steps.
+    ``transport`` None is ``auto`` (``fedmosaic.runtime.auto``): sequential, batched,
+    parallel or parallel-batched, chosen from the model, the device, the cohort, ``rounds``
+    and the usable cores, built here and closed when the run ends. Every run records its
+    transport and why in ``RunResult.transport`` (and ``guarantees.json``).
     """
+    own: Any = None
+    if transport is None:
+        from fedmosaic.runtime.auto import build_chosen, choose_transport
+
+        choice = choose_transport(trainer, federated_data, strategy, rounds, schedule=schedule)
+        transport = own = build_chosen(choice, trainer, federated_data)
+    try:
+        return _simulate(trainer, federated_data, strategy, rounds, seed=seed,
+                         transport=transport, out_dir=out_dir, resume=resume,
+                         overwrite=overwrite, eval_every=eval_every,
+                         initial_weights=initial_weights, callbacks=callbacks,
+                         identity=identity, stop_after=stop_after,
+                         federated_eval=federated_eval, central_eval=central_eval,
+                         schedule=schedule)
+    finally:
+        close = getattr(own, "close", None)
+        if close is not None:
+            close()
+
+
+def _simulate(
+    trainer: Trainer, federated_data: Any, strategy: FedAvg, rounds: int, *, seed: int,
+    transport: Transport, out_dir: str | Path | None, resume: bool, overwrite: bool,
+    eval_every: int, initial_weights: torch.Tensor | None,
+    callbacks: Sequence[RoundCallback], identity: dict[str, Any] | None,
+    stop_after: int | None, federated_eval: FederatedEvaluation | None,
+    central_eval: bool, schedule: Schedule | None,
+) -> RunResult:
     server = Server(
         trainer=trainer,
         strategy=strategy,
-        transport=transport or SequentialTransport(trainer, federated_data),
+        transport=transport,
         rounds=rounds,
         seed=seed,
         test_data=getattr(federated_data, "test", None) if central_eval else None,
@@ -85,7 +118,8 @@ def simulate(
     if federated_eval is not None:
         _add_federated_eval(guarantees, federated_eval)
     result = RunResult(history=state.history, weights=state.weights, spec=trainer.spec,
-                       guarantees=guarantees, stopped=state.stopped)
+                       guarantees=guarantees, stopped=state.stopped,
+                       transport=describe_transport(transport))
     if out_dir is not None:
         result.save(out_dir)
     return result
