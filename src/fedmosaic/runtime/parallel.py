@@ -73,7 +73,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import connection
+from multiprocessing import connection, forkserver
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -313,6 +313,9 @@ _KEEP_ALIVE: list[_WorkerState] = []
 def _worker_main(conn: connection.Connection) -> None:
     """A worker's life: build the trainer and data, then answer calls until told to stop or
     the parent goes away (end of file on the pipe)."""
+    # Ctrl-C reaches the whole process group: the parent handles it and stops the workers;
+    # a KeyboardInterrupt traceback from every worker would only bury its message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         init: _Init = _loads(conn.recv_bytes())
         # Several workers share the cores: one thread each unless asked otherwise.
@@ -468,7 +471,7 @@ class ParallelTransport:
             raise ValueError(f"federated_data must be a FederatedDataset, "
                              f"got {type(federated_data).__name__}")
         is_factory = self._is_factory(trainer)
-        reason = self.unsupported_reason(trainer)
+        reason, payload = self._check(trainer)
         if reason is not None:
             raise ValueError(f"ParallelTransport cannot use this trainer: {reason}")
         self.data = federated_data
@@ -490,16 +493,18 @@ class ParallelTransport:
         self._finalizer = weakref.finalize(self, _shutdown, self._pool)
         started = time.monotonic()
         try:
+            # The server imports torch once; every worker is then a cheap fork of it. Started
+            # first, so that its imports overlap the copy of the data into shared memory.
+            self._ctx.set_forkserver_preload(_PRELOAD)
+            forkserver.ensure_running()
             if _shareable(federated_data):
                 shm, layout = _share_data(federated_data)
                 self._pool.segments.append(shm)
                 data_payload: _DataLayout | bytes = layout
             else:
                 data_payload = pickle.dumps(federated_data, protocol=5)
-            self._init = _Init(0, _pickle_trainer(trainer)[0], is_factory, inner,
-                               torch_threads, data_payload)
-            # The server imports torch once; every worker is then a cheap fork of it.
-            self._ctx.set_forkserver_preload(_PRELOAD)
+            assert payload is not None
+            self._init = _Init(0, payload, is_factory, inner, torch_threads, data_payload)
             # All started before any is sent its (possibly large) trainer or awaited.
             for idx in range(num_workers):
                 self._pool.workers[idx] = self._spawn(idx)
@@ -530,10 +535,15 @@ class ParallelTransport:
         """Why ``trainer`` (a Trainer or a factory) cannot be shipped to worker processes, or
         None: it must pickle (a model built by a lambda or a local function does not), and
         what it refers to must be importable by the workers."""
+        return ParallelTransport._check(trainer)[0]
+
+    @staticmethod
+    def _check(trainer: object) -> tuple[str | None, bytes | None]:
+        """(why the trainer cannot be shipped or None, its pickle when it can)."""
         try:
             ParallelTransport._is_factory(trainer)
         except TypeError as exc:
-            return str(exc)
+            return str(exc), None
         what = "trainer factory" if ParallelTransport._is_factory(trainer) else "trainer"
         kind = trainer.func if isinstance(trainer, functools.partial) else trainer
         kind = kind if isinstance(kind, type) else type(kind)
@@ -541,17 +551,17 @@ class ParallelTransport:
             # DP-SGD keeps one privacy accountant per client in the trainer object: each
             # worker would hold part of a client's history and under-report its epsilon.
             return (f"{kind.__name__} keeps per-client privacy accounting in the trainer "
-                    "object, which worker processes would split; use SequentialTransport")
+                    "object, which worker processes would split; use SequentialTransport"), None
         try:
-            _, name = _pickle_trainer(trainer)
+            payload, name = _pickle_trainer(trainer)
         except Exception as exc:
             return (f"the {what} cannot be pickled for the worker processes ({_reason(exc)}); "
                     "build the model from a class or a functools.partial, not a lambda or a "
-                    "local function")
+                    "local function"), None
         if name is not None:
             return (f"the {what} refers to '{name}', defined in an interactive __main__ that "
-                    "worker processes cannot import; define it in a module")
-        return None
+                    "worker processes cannot import; define it in a module"), None
+        return None, payload
 
     # -- Transport protocol -----------------------------------------------------------------
     def available_clients(self) -> list[str]:
