@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
+import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -271,6 +274,38 @@ def test_a_transport_never_closed_is_stopped_when_collected(digits):
 
     gc.collect()
     assert not any(psutil.pid_exists(p) for p in pids)
+
+
+def test_workers_and_shared_memory_do_not_outlive_a_killed_parent(tmp_path):
+    code = (
+        "import os, signal, functools\n"
+        "import fedmosaic as fm\n"
+        "from fedmosaic.data import IID, load_digits, partition\n"
+        "from fedmosaic.models import MLP\n"
+        "tr, te = load_digits()\n"
+        "fed = partition(tr, IID(), 10, seed=0, test=te)\n"
+        "p = fm.ParallelTransport(functools.partial(fm.TorchTrainer, functools.partial(\n"
+        "    MLP, 64, [8], 10)), fed, num_workers=2)\n"
+        "print(*p.pids, *(s.name for s in p._pool.segments), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    *pids, shm = out.stdout.split()
+
+    def gone(pid: str) -> bool:
+        try:
+            return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (
+            all(gone(p) for p in pids) and not os.path.exists(f"/dev/shm/{shm}")):
+        time.sleep(0.1)
+    assert all(gone(p) for p in pids), "a worker outlived its killed parent"
+    assert not os.path.exists(f"/dev/shm/{shm}"), "shared memory left behind"
 
 
 # -- start-up and arguments ----------------------------------------------------------------------
