@@ -201,6 +201,19 @@ def test_an_abandoned_round_does_not_disturb_the_next(digits, par):
     assert all(torch.equal(g.delta, w.delta) for g, w in zip(got, want, strict=True))
 
 
+def test_a_call_superseded_while_suspended_fails_its_clients_instead_of_hanging(digits, par):
+    w0 = make_trainer().initial_weights(0)
+    tasks = _tasks(digits, 1, 8)
+    first = par.fit(w0, tasks)
+    next(first)  # suspended: the other worker's group may still be training
+    ids = digits.client_ids[:4]
+    assert [r.client_id for r in par.evaluate(w0, ids, 1)] == ids
+    rest = list(first)
+    assert len(rest) == 7
+    assert all(isinstance(r, ClientUpdate) or "superseded" in r.reason for r in rest)
+    assert len(list(par.fit(w0, tasks))) == 8
+
+
 # -- failures ----------------------------------------------------------------------------------
 def test_a_client_whose_training_raises_is_only_that_clients_failure(digits, par):
     bad = digits.clients[2]

@@ -655,23 +655,30 @@ class ParallelTransport:
             worker = self._worker(idx)
             try:
                 worker.conn.send_bytes(_dumps((kind, call_id, args)))
-            except (OSError, ValueError) as exc:
-                done[idx] = self._lost(idx, ids, round_num, _reason(exc))
+            except (OSError, ValueError) as exc:  # died while idle: say how, if it has exited
+                why = _reason(exc) if worker.process.is_alive() else self._died(idx)
+                done[idx] = self._lost(idx, ids, round_num, why)
                 continue
             except Exception as exc:  # the call does not pickle (a task's stage or transform)
                 done[idx] = self._failed(idx, ids, round_num, _reason(exc))
                 continue
             waiting.add(idx)
-        self._busy = set(waiting)
-        try:
-            for idx in sorted(calls):
-                while idx not in done:
-                    self._collect(waiting, done, calls, call_id, round_num)
-                yield idx, done.pop(idx)
-        finally:
-            # Left early (the consumer stopped iterating): the busy workers still hold this
-            # call's weights; _cancel_stale replaces them before the buffer is written again.
-            self._busy = set(waiting)
+        # The live set: if the consumer stops iterating early, the workers still in it hold
+        # this call's weights, and the next call replaces them (_cancel_stale) before the
+        # buffer is written again.
+        self._busy = waiting
+        for idx in sorted(calls):
+            while idx not in done:
+                if call_id != self._call_id:
+                    # A later call started while this one was suspended and replaced the
+                    # workers it waits for: they will never answer it.
+                    for i in waiting:
+                        done[i] = self._failed(i, calls[i][2], round_num,
+                                               "its call was superseded by a later one")
+                    waiting.clear()
+                    break
+                self._collect(waiting, done, calls, call_id, round_num)
+            yield idx, done.pop(idx)
 
     def _collect(self, waiting: set[int], done: dict[int, list[Any]],
                  calls: dict[int, tuple[str, tuple[Any, ...], list[str]]], call_id: int,
@@ -851,7 +858,7 @@ class ParallelTransport:
         buffer while it is rewritten, and answer a call nobody waits for."""
         for idx in sorted(self._busy):
             self._replace(idx)
-        self._busy = set()
+        self._busy = set()  # (the abandoned call keeps its own set: it sees it is stale)
 
     def _test_sizes(self) -> dict[str, int]:
         if self._test_size_cache is None:
