@@ -369,6 +369,31 @@ def test_a_model_class_from_an_interactive_main_is_refused(monkeypatch):
     assert ParallelTransport.unsupported_reason(trainer) is None
 
 
+def test_a_model_from_a_file_loaded_under_a_made_up_name_is_refused(tmp_path, monkeypatch):
+    from fedmosaic.task import load_object
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the loader puts tmp_path first
+    (tmp_path / "my-model.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Linear):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(4, 2)\n")
+    net = load_object("my-model.py:Net", tmp_path)
+    try:
+        reason = ParallelTransport.unsupported_reason(fm.TorchTrainer(net))
+    finally:
+        sys.modules.pop(net.__module__, None)
+    assert reason is not None and "refers to 'Net', defined in module '_fedmosaic_user_" in reason
+    assert "loaded from a file that is not on sys.path" in reason
+    # Under its own name (an importable file name) the same code is fine.
+    (tmp_path / "mymodel.py").write_text((tmp_path / "my-model.py").read_text())
+    ok = load_object("mymodel.py:Net", tmp_path)
+    try:
+        assert ParallelTransport.unsupported_reason(fm.TorchTrainer(ok)) is None
+    finally:
+        sys.modules.pop("mymodel", None)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_workers": 0}, "num_workers must be a positive integer"),
     ({"num_workers": True}, "num_workers must be a positive integer"),

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.machinery
 import io
 import logging
 import multiprocessing as mp
@@ -401,28 +402,50 @@ def _shutdown(pool: _Pool) -> None:
     pool.segments.clear()
 
 
-class _MainFinder(pickle.Pickler):
-    """Pickles as usual and notes the first class or function from ``__main__``."""
+def _importable_elsewhere(module: str) -> bool:
+    """Whether a fresh worker process can import ``module`` by name (as unpickling does)."""
+    if module == "__main__":
+        # Workers import the main module from its file or module name, if it has one.
+        main = sys.modules.get("__main__")
+        return main is not None and (getattr(main, "__file__", None) is not None
+                                     or getattr(main, "__spec__", None) is not None)
+    top = module.partition(".")[0]
+    if top in sys.builtin_module_names:
+        return True
+    # Not importlib.util.find_spec: it answers from sys.modules, where a module loaded from a
+    # file under a made-up name (fedmosaic.task's odd file names) is found too.
+    return importlib.machinery.PathFinder.find_spec(top, sys.path) is not None
 
-    found: str | None = None
+
+class _ImportCheck(pickle.Pickler):
+    """Pickles as usual and notes the first class or function whose module a worker
+    process could not import."""
+
+    found: tuple[str, str] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen: dict[str, bool] = {}
 
     def reducer_override(self, obj: Any) -> Any:
-        if self.found is None and isinstance(obj, (type, types.FunctionType)) \
-                and getattr(obj, "__module__", None) == "__main__":
-            self.found = getattr(obj, "__qualname__", repr(obj))
+        if self.found is None and isinstance(obj, (type, types.FunctionType)):
+            module = getattr(obj, "__module__", None)
+            if isinstance(module, str):
+                ok = self._seen.get(module)
+                if ok is None:
+                    ok = self._seen[module] = _importable_elsewhere(module)
+                if not ok:
+                    self.found = (getattr(obj, "__qualname__", repr(obj)), module)
         return NotImplemented
 
 
-def _pickle_trainer(trainer: object) -> tuple[bytes, str | None]:
-    """The pickled trainer (or factory), and a name it needs from ``__main__`` where workers
-    cannot import ``__main__`` (an interactive session: no file or module to import)."""
+def _pickle_trainer(trainer: object) -> tuple[bytes, tuple[str, str] | None]:
+    """The pickled trainer (or factory), and (name, module) of a class or function it needs
+    that worker processes could not import, if any."""
     buf = io.BytesIO()
-    finder = _MainFinder(buf, protocol=5)
-    finder.dump(trainer)
-    main = sys.modules.get("__main__")
-    importable = main is not None and (getattr(main, "__file__", None) is not None
-                                       or getattr(main, "__spec__", None) is not None)
-    return buf.getvalue(), None if importable else finder.found
+    check = _ImportCheck(buf, protocol=5)
+    check.dump(trainer)
+    return buf.getvalue(), check.found
 
 
 class ParallelTransport:
@@ -559,8 +582,10 @@ class ParallelTransport:
                     "build the model from a class or a functools.partial, not a lambda or a "
                     "local function"), None
         if name is not None:
-            return (f"the {what} refers to '{name}', defined in an interactive __main__ that "
-                    "worker processes cannot import; define it in a module"), None
+            where = ("an interactive __main__" if name[1] == "__main__" else
+                     f"module '{name[1]}', loaded from a file that is not on sys.path,")
+            return (f"the {what} refers to '{name[0]}', defined in {where} that worker "
+                    "processes cannot import; define it in an importable module"), None
         return None, payload
 
     # -- Transport protocol -----------------------------------------------------------------
