@@ -106,6 +106,19 @@ def test_central_dp_fedavg_is_bit_identical_to_sequential(digits, par):
     assert got.guarantees["differential_privacy"] == seq.guarantees["differential_privacy"]
 
 
+def test_client_stages_run_in_the_workers_with_the_clients_seeds(digits, par):
+    from fedmosaic.privacy import LocalDP
+
+    def strategy():
+        return fm.FedAvg(clients_per_round=8, client_stages=(LocalDP(clip=1.0,
+                                                                     noise_multiplier=0.5),))
+
+    seq = _run(digits, strategy())
+    got = _run(digits, strategy(), par)
+    assert torch.allclose(seq.weights, got.weights, rtol=1e-5, atol=1e-6)
+    _same_records(seq, got)
+
+
 @pytest.mark.parametrize("rule", ["krum", "trimmed_mean"])
 def test_robust_rules_get_individual_updates_and_the_sequential_model(digits, par, rule):
     def strategy():
