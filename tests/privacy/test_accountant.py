@@ -3,6 +3,8 @@ calibration, the budget check, and monotonicity properties."""
 
 import json
 import math
+import subprocess
+import sys
 
 import dp_accounting
 import pytest
@@ -434,3 +436,16 @@ def test_round_trip_and_budget_do_not_change_numbers(events, next_z, next_q, bud
     assert acc.state_dict() == state and acc.epsilon(1e-5) == eps
     restored.record_gaussian_round(next_z, "poisson", next_q)
     assert verdict == (restored.epsilon(1e-5) > budget_eps)
+
+
+def test_default_order_grid_is_dp_accountings_and_the_import_is_lazy() -> None:
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from fedmosaic.privacy.accountant import ORDER_GRIDS
+
+    expected = tuple(float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    assert ORDER_GRIDS["dp_accounting"] == expected
+    # A client process pays for dp-accounting (and scipy.signal) only when it accounts.
+    code = ("import sys, fedmosaic.net.client; "
+            "assert 'dp_accounting' not in sys.modules, 'dp_accounting imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -53,13 +53,14 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
+
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+    from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 __all__ = [
     "ACCOUNTANTS",
@@ -81,7 +82,9 @@ CONVERSIONS = ("improved", "classic")
 # Named grids of RDP orders, to reproduce the figures computed with them.
 ORDER_GRIDS: dict[str, tuple[float, ...]] = {
     # dp-accounting's default (the default here): 1.1 .. 10.9 by 0.1, 11 .. 63, 128 .. 1024.
-    "dp_accounting": tuple(float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS),
+    # (Spelled out, equal to rdp_privacy_accountant.DEFAULT_RDP_ORDERS: a test checks it.)
+    "dp_accounting": tuple([1 + x / 10.0 for x in range(1, 100)]
+                           + [float(a) for a in range(11, 64)] + [128.0, 256.0, 512.0, 1024.0]),
     # TF-Privacy's compute_dp_sgd_privacy (2019): 1.1 .. 10.9 by 0.1, then 12 .. 63.
     "tf_privacy": tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in
                                                                    range(12, 64)]),
@@ -93,10 +96,34 @@ _DEFAULT_ORDERS = "dp_accounting"
 NEIGHBORING_RELATIONS = ("add_remove", "replace_one")
 SAMPLING_SCHEMES = ("poisson", "fixed", "none")
 
-_RELATIONS = {
-    "add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-    "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
-}
+
+
+# dp-accounting is imported on first use, not with this module: it pulls in scipy.signal
+# (about 1 s of CPU), which every client and server process would pay at start-up even when
+# it accounts for nothing.
+def _dp_event() -> Any:
+    from dp_accounting import dp_event
+
+    return dp_event
+
+
+def _rdp() -> Any:
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return rdp_privacy_accountant
+
+
+def _pld_accountant() -> Any:
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    return PLDAccountant
+
+
+def _relation(name: str) -> Any:
+    import dp_accounting
+
+    return {"add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+            "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE}[name]
 
 # What dp-accounting (0.4 - 0.6) cannot account for, and what to use instead. Support is
 # always checked against the library itself; these only make the error message useful.
@@ -248,15 +275,15 @@ class _Record:
     def single_event(self) -> dp_event.DpEvent:
         """The dp-accounting event of one application."""
         if self.mechanism == "laplace":
-            return dp_event.LaplaceDpEvent(noise_multiplier=self.noise)
-        gaussian = dp_event.GaussianDpEvent(noise_multiplier=self.noise)
+            return _dp_event().LaplaceDpEvent(noise_multiplier=self.noise)
+        gaussian = _dp_event().GaussianDpEvent(noise_multiplier=self.noise)
         if self.sampling == "poisson":
             assert self.rate is not None
-            return dp_event.PoissonSampledDpEvent(sampling_probability=self.rate,
+            return _dp_event().PoissonSampledDpEvent(sampling_probability=self.rate,
                                                   event=gaussian)
         if self.sampling == "fixed":
             assert self.population is not None and self.sample_size is not None
-            return dp_event.SampledWithoutReplacementDpEvent(
+            return _dp_event().SampledWithoutReplacementDpEvent(
                 source_dataset_size=self.population, sample_size=self.sample_size,
                 event=gaussian)
         return gaussian
@@ -264,7 +291,7 @@ class _Record:
     def event(self) -> dp_event.DpEvent:
         """The dp-accounting event of all ``count`` applications."""
         single = self.single_event()
-        return single if self.count == 1 else dp_event.SelfComposedDpEvent(single, self.count)
+        return single if self.count == 1 else _dp_event().SelfComposedDpEvent(single, self.count)
 
     def describe(self) -> str:
         if self.mechanism == "laplace":
@@ -358,7 +385,7 @@ class PrivacyAccountant:
             raise ValueError("conversion and orders configure the RDP accountant; "
                              "accountant='pld' composes privacy loss distributions and takes "
                              "neither (use accountant='rdp', or report() for both)")
-        self._relation = _RELATIONS[self._neighboring]
+        self._relation = _relation(self._neighboring)
         # Never composed into: only asked whether they support an event.
         self._checkers = {kind: self._new_backend(kind) for kind in ACCOUNTANTS}
         self._records: list[_Record] = []
@@ -369,8 +396,8 @@ class PrivacyAccountant:
 
     def _new_backend(self, kind: str) -> RdpAccountant | PLDAccountant:
         if kind == "rdp":
-            return RdpAccountant(neighboring_relation=self._relation)
-        return PLDAccountant(neighboring_relation=self._relation)
+            return _rdp().RdpAccountant(neighboring_relation=self._relation)
+        return _pld_accountant()(neighboring_relation=self._relation)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -474,7 +501,7 @@ class PrivacyAccountant:
         for key, count in self._totals():
             curve = self._rdp_curves.get((key, self._orders))
             if curve is None:
-                single = RdpAccountant(orders=list(self._orders),
+                single = _rdp().RdpAccountant(orders=list(self._orders),
                                        neighboring_relation=self._relation)
                 single.compose(key.single_event())
                 curve = self._rdp_curves[(key, self._orders)] = np.asarray(single.rdp, float)
@@ -487,7 +514,7 @@ class PrivacyAccountant:
         orders, total = self._rdp_total()
         if conversion == "classic":
             return _classic_epsilon(orders, total, delta)
-        eps, order = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
+        eps, order = _rdp().compute_epsilon(orders, total, delta)
         return float(eps), (math.nan if order is None else float(order))
 
     def _pld(self, interval: float = PLD_INTERVAL) -> PLDAccountant:
@@ -495,10 +522,10 @@ class PrivacyAccountant:
         cached = self._pld_cache.get(interval)
         if cached is not None and cached[0] == totals:
             return cached[1]
-        backend = PLDAccountant(neighboring_relation=self._relation,
+        backend = _pld_accountant()(neighboring_relation=self._relation,
                                 value_discretization_interval=interval)
         for key, count in totals:
-            backend.compose(dp_event.SelfComposedDpEvent(key.single_event(), count))
+            backend.compose(_dp_event().SelfComposedDpEvent(key.single_event(), count))
         self._pld_cache[interval] = (totals, backend)
         return backend
 
@@ -529,7 +556,7 @@ class PrivacyAccountant:
             orders, total = self._rdp_total()
             if self._conversion == "classic":
                 return _classic_delta(orders, total, eps)
-            return float(rdp_privacy_accountant.compute_delta(orders, total, eps)[0])
+            return float(_rdp().compute_delta(orders, total, eps)[0])
         return float(self._pld().get_delta(eps))
 
     def report(self, delta: float, *, pld: bool = True) -> dict[str, Any]:
@@ -597,10 +624,10 @@ class PrivacyAccountant:
         """The history, in order, as one dp-accounting event (for other dp-accounting
         tools)."""
         if not self._records:
-            return dp_event.NoOpDpEvent()
+            return _dp_event().NoOpDpEvent()
         if len(self._records) == 1:
             return self._records[0].event()
-        return dp_event.ComposedDpEvent([r.event() for r in self._records])
+        return _dp_event().ComposedDpEvent([r.event() for r in self._records])
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary: the assumptions behind the reported epsilon."""

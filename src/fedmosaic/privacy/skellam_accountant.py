@@ -42,8 +42,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
-from scipy import special
 
 # Integer orders only: the Zhu-Wang bound is stated for integer alpha.
 RDP_ORDERS: tuple[int, ...] = (*range(2, 65), 72, 80, 96, 112, 128, 160, 192, 256)
@@ -76,6 +74,8 @@ def poisson_subsampled_rdp(alpha: int, q: float, eps: Any) -> float:
     plain = float(eps(alpha))
     if q == 1:
         return plain
+    from scipy import special  # on first use: a client that never subsamples skips scipy
+
     log1q, logq = math.log1p(-q), math.log(q)
     logs = [(alpha - 1) * log1q + math.log(alpha * q - q + 1),
             math.log(special.comb(alpha, 2)) + 2 * logq + (alpha - 2) * log1q + float(eps(2))]
@@ -152,6 +152,9 @@ class SkellamAccountant:
             total = total + count * self._per_round(release)
         if not total.any():
             return 0.0
+        # Imported here: dp-accounting costs a process about 1 s of start-up (scipy.signal).
+        from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
         eps, _ = compute_epsilon(self.orders, total.tolist(), delta)
         return float(eps)
 
