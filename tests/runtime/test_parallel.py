@@ -302,6 +302,7 @@ def test_a_transport_never_closed_is_stopped_when_collected(digits):
     assert not any(psutil.pid_exists(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_workers_and_shared_memory_do_not_outlive_a_killed_parent(tmp_path):
     code = (
         "import os, signal, functools\n"
@@ -332,6 +333,28 @@ def test_workers_and_shared_memory_do_not_outlive_a_killed_parent(tmp_path):
         time.sleep(0.1)
     assert all(gone(p) for p in pids), "a worker outlived its killed parent"
     assert not os.path.exists(f"/dev/shm/{shm}"), "shared memory left behind"
+
+
+@pytest.mark.slow
+def test_an_unguarded_script_gets_a_clear_error_not_a_hang(tmp_path):
+    # Workers import the main module: a script that builds the transport at top level would
+    # build one in every worker, which multiprocessing refuses there.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import functools\n"
+        "import fedmosaic as fm\n"
+        "from fedmosaic.data import IID, load_digits, partition\n"
+        "from fedmosaic.models import MLP\n"
+        "tr, te = load_digits()\n"
+        "fed = partition(tr, IID(), 10, seed=0, test=te)\n"
+        "fm.ParallelTransport(functools.partial(fm.TorchTrainer, functools.partial(\n"
+        "    MLP, 64, [8], 10)), fed, num_workers=1)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: parallel worker 0 failed to start: it exited")
+    assert "if __name__ == \"__main__\":" in last
 
 
 # -- start-up and arguments ----------------------------------------------------------------------

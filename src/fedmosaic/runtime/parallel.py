@@ -852,8 +852,11 @@ class ParallelTransport:
                         raise EOFError
                     msg = _loads(w.conn.recv_bytes())
                 except (EOFError, OSError):
-                    raise RuntimeError(f"parallel worker {idx} failed to start: it exited "
-                                       f"({self._died(idx)})") from None
+                    raise RuntimeError(
+                        f"parallel worker {idx} failed to start: it exited ({self._died(idx)}) "
+                        "before reporting; its error is on stderr (a script must build the "
+                        "transport under 'if __name__ == \"__main__\":', since workers import "
+                        "the main module)") from None
                 if msg[0] == "error":
                     raise RuntimeError(f"parallel workers failed to start: {msg[1]}")
                 w.ready = True
