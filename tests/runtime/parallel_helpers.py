@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import zlib
 from pathlib import Path
 
 import torch
@@ -45,3 +46,8 @@ class KillOnce:
 
     def evaluate(self, weights: torch.Tensor, data: Dataset) -> dict[str, float]:
         return self.inner.evaluate(weights, data)
+
+
+def nudge(client_id: str, weights: torch.Tensor) -> torch.Tensor:
+    """A dispatch transform that sends each client its own shift of the global weights."""
+    return weights + 1e-2 * (zlib.crc32(client_id.encode()) % 7)

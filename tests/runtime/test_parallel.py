@@ -33,7 +33,7 @@ from fedmosaic.runtime import (
 from fedmosaic.runtime.evaluation import EvalReport
 from fedmosaic.runtime.ray_transport import balance_tasks
 from fedmosaic.train import FitConfig
-from tests.runtime.parallel_helpers import KillOnce, make_trainer
+from tests.runtime.parallel_helpers import KillOnce, make_trainer, nudge
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,18 @@ def test_client_stages_run_in_the_workers_with_the_clients_seeds(digits, par):
     got = _run(digits, strategy(), par)
     assert torch.allclose(seq.weights, got.weights, rtol=1e-5, atol=1e-6)
     _same_records(seq, got)
+
+
+def test_a_dispatch_transform_is_applied_in_the_workers_and_a_lambda_one_refused(digits, par):
+    from fedmosaic.core import ConfigError
+
+    seq = _run(digits, fm.FedAvg(clients_per_round=6, dispatch_transform=nudge))
+    got = _run(digits, fm.FedAvg(clients_per_round=6, dispatch_transform=nudge), par)
+    plain = _run(digits, fm.FedAvg(clients_per_round=6), par)
+    assert torch.allclose(seq.weights, got.weights, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(plain.weights, got.weights, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match=r"dispatch_transform.*pickle.*not a lambda"):
+        _run(digits, fm.FedAvg(dispatch_transform=lambda cid, w: w), par)
 
 
 @pytest.mark.parametrize("rule", ["krum", "trimmed_mean"])

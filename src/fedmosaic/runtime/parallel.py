@@ -82,6 +82,7 @@ import numpy as np
 import torch
 
 from fedmosaic.algorithms.strategy import ClientTask
+from fedmosaic.core.errors import ConfigError
 from fedmosaic.data.dataset import ArrayDataset, ClientData, FederatedDataset
 from fedmosaic.runtime.ray_transport import _balance, balance_tasks
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, RoundTally, Weighting
@@ -439,12 +440,12 @@ class _ImportCheck(pickle.Pickler):
         return NotImplemented
 
 
-def _pickle_trainer(trainer: object) -> tuple[bytes, tuple[str, str] | None]:
-    """The pickled trainer (or factory), and (name, module) of a class or function it needs
-    that worker processes could not import, if any."""
+def _pickle_checked(obj: object) -> tuple[bytes, tuple[str, str] | None]:
+    """``obj`` pickled (a trainer, a factory, a client stage), and (name, module) of a class
+    or function it needs that worker processes could not import, if any."""
     buf = io.BytesIO()
     check = _ImportCheck(buf, protocol=5)
-    check.dump(trainer)
+    check.dump(obj)
     return buf.getvalue(), check.found
 
 
@@ -576,7 +577,7 @@ class ParallelTransport:
             return (f"{kind.__name__} keeps per-client privacy accounting in the trainer "
                     "object, which worker processes would split; use SequentialTransport"), None
         try:
-            payload, name = _pickle_trainer(trainer)
+            payload, name = _pickle_checked(trainer)
         except Exception as exc:
             return (f"the {what} cannot be pickled for the worker processes ({_reason(exc)}); "
                     "build the model from a class or a functools.partial, not a lambda or a "
@@ -587,6 +588,29 @@ class ParallelTransport:
             return (f"the {what} refers to '{name[0]}', defined in {where} that worker "
                     "processes cannot import; define it in an importable module"), None
         return None, payload
+
+    def check_strategy(self, strategy: Any) -> None:
+        """Refuse, with the reason, a strategy whose client-side parts cannot travel to the
+        workers: its client stages, dispatch transform and (streaming) aggregator are pickled
+        with every round's tasks, so a lambda there would fail every client of every round.
+        ``Server`` calls this when the run is configured."""
+        aggregator = getattr(strategy, "aggregator", None)
+        parts = [("client_stages", tuple(getattr(strategy, "client_stages", ()) or ())),
+                 ("dispatch_transform", getattr(strategy, "dispatch_transform", None)),
+                 ("aggregator", aggregator if getattr(aggregator, "streaming", False) else None)]
+        for key, part in parts:
+            if part is None or part == ():
+                continue
+            try:
+                _, name = _pickle_checked(part)
+            except Exception as exc:
+                raise ConfigError(key, part, f"something ParallelTransport can pickle to its "
+                                  f"worker processes ({_reason(exc)}): a class or a module-level "
+                                  "function, not a lambda; or SequentialTransport") from None
+            if name is not None:
+                raise ConfigError(key, part, f"code the worker processes can import ('{name[0]}' "
+                                  f"is in '{name[1]}', which they cannot); or "
+                                  "SequentialTransport")
 
     # -- Transport protocol -----------------------------------------------------------------
     def available_clients(self) -> list[str]:
