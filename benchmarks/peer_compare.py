@@ -536,6 +536,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeat", type=int, default=1, help="runs per (config, framework)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--retries", type=int, default=1, help="reruns of a run that failed (kept in the JSON)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument(
         "--idle-wait",
@@ -551,6 +554,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--out", type=Path, default=None, help="where to write the JSON (default: per task)"
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the runs already in --out, replacing only the planned (config, framework)",
     )
     args = p.parse_args(argv)
     if args.frameworks is None:
@@ -643,11 +651,42 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
         "summary": [],
     }
+    if args.append and args.out.exists():
+        # Add to (or redo part of) an earlier result: its runs of the planned (configuration,
+        # framework) pairs are replaced, the others kept; each invocation is recorded.
+        old = json.loads(args.out.read_text())
+        if old.get("task", "digits") != args.task:
+            print(f"--append: {args.out} holds task {old.get('task')!r}", file=sys.stderr)
+            return 2
+        planned = {(str(cfg), fw) for cfg, _, fw in plan}
+        invocations = old.get("invocations") or [
+            {k: old.get(k) for k in ("command", "machine", "settings")}
+        ]
+        invocations.append({k: payload[k] for k in ("command", "machine", "settings")})
+        payload["invocations"] = invocations
+        payload["command"] = " && ".join(i["command"] for i in invocations if i.get("command"))
+        payload["machine"] = old.get("machine", payload["machine"])
+        payload["notes"] = old.get("notes", []) + notes
+        payload["runs"] = [r for r in old.get("runs", [])
+                           if (r["config"], r["framework"]) not in planned]
+        if old.get("failed_attempts"):
+            payload["failed_attempts"] = old["failed_attempts"]
     print(f"machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores")
     with tempfile.TemporaryDirectory(prefix="peer_compare_") as tmp:
         for i, (cfg, rep, fw) in enumerate(plan, 1):
             print(f"[{i}/{len(plan)}] {cfg} {fw} (repeat {rep + 1}/{args.repeat}) ...", flush=True)
             rec = run_one(fw, cfg, args.seed, args.timeout, Path(tmp), args.idle_wait, args.task)
+            for attempt in range(args.retries):
+                if "error" not in rec:
+                    break
+                # Kept, and said in the notes: a run that failed is part of the record.
+                payload.setdefault("failed_attempts", []).append(rec)
+                payload["notes"].append(
+                    f"{cfg} {fw}: attempt {attempt + 1} failed ({rec['error']}); run again"
+                )
+                print(f"    retrying {cfg} {fw} ...", flush=True)
+                rec = run_one(fw, cfg, args.seed, args.timeout, Path(tmp), args.idle_wait,
+                              args.task)
             rec["repeat"] = rep
             payload["runs"].append(rec)
             if "error" not in rec:

@@ -114,6 +114,11 @@ def transport_record(transport: Any, result: Any) -> dict[str, Any]:
         if "transport" in key or "parallel" in key:
             out[f"guarantees.{key}"] = value if isinstance(value, (int, float, str, bool)) \
                 else json.loads(json.dumps(value, default=str))
+    run_transport = getattr(result, "transport", None)  # RunResult.transport: kind and why
+    if isinstance(run_transport, dict):
+        for key, value in run_transport.items():
+            plain = isinstance(value, (int, float, str, bool))
+            out[f"run.{key}"] = value if plain else json.loads(json.dumps(value, default=str))
     history = getattr(result, "history", None) or []
     for key, value in (history[0] if history else {}).items():
         if "transport" in key:

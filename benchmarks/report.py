@@ -229,12 +229,24 @@ def compute_compare_section(d: dict[str, Any]) -> str:
 
 
 def choice_text(record: dict[str, Any] | None) -> str:
-    """The transport fedmosaic's default chose and why, as the run recorded it."""
+    """The transport fedmosaic's default chose and why, as the run recorded it
+    (``RunResult.transport``: kind, workers, auto's estimated seconds per candidate)."""
     if not record:
         return "-"
-    parts = [f"{k.split('.', 1)[-1]}: {v}" for k, v in record.items()
-             if k not in ("class",) and v not in (None, "")]
-    text = "; ".join(parts) if parts else str(record.get("class", "-"))
+    if "run.transport" in record:
+        text = str(record["run.transport"])
+        if record.get("run.workers"):
+            text += f" ({record['run.workers']} workers)"
+        text += f", chosen by {record.get('run.chosen_by', '?')}"
+        est = record.get("run.estimated_seconds")
+        if isinstance(est, dict) and est:
+            text += "; estimated run s: " + ", ".join(f"{k} {v:.3g}" for k, v in est.items())
+        ruled = record.get("run.ruled_out")
+        if isinstance(ruled, dict) and ruled:
+            text += "; ruled out: " + "; ".join(f"{k} ({v})" for k, v in ruled.items())
+    else:
+        parts = [f"{k}: {v}" for k, v in record.items() if k != "class" and v not in (None, "")]
+        text = "; ".join(parts) if parts else str(record.get("class", "-"))
     return text.replace("|", "/").replace("\n", " ")
 
 
