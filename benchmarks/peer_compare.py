@@ -409,7 +409,9 @@ def run_one(
     record["startup_s"] = float(result["first_round_start_unix"]) - spawn
     record["final_accuracy"] = float(result["final_accuracy"])
     record["version"] = result.get("version")
-    rounds_end = float(result["first_round_start_unix"]) + sum(rounds)
+    rounds_end = float(
+        result.get("last_round_end_unix") or float(result["first_round_start_unix"]) + sum(rounds)
+    )
     record["shutdown_s"] = exit_time - rounds_end
     if result.get("floor_seconds"):
         record["floor_round_s"] = statistics.median(float(s) for s in result["floor_seconds"])
