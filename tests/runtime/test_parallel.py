@@ -60,6 +60,10 @@ def par(digits):
 
 
 def _run(digits, strategy, transport=None, rounds=2, **kw):
+    """A run over ``transport``; None is the baseline, an explicit SequentialTransport (not
+    ``fm.simulate``'s automatic choice, which may itself pick worker processes)."""
+    if transport is None:
+        transport = SequentialTransport(make_trainer(), digits)
     return fm.simulate(make_trainer(), digits, strategy, rounds=rounds, seed=3,
                        transport=transport, **kw)
 
