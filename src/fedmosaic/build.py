@@ -721,14 +721,20 @@ def central_evaluation(exp: Experiment, fed: fd.FederatedDataset | None = None) 
 
 def simulate_experiment(exp: Experiment, fed: fd.FederatedDataset, trainer: Trainer,
                         strategy: FedAvg, *, out_dir: Path | None = None, resume: bool = False,
-                        callbacks: Any = ()) -> Any:
+                        callbacks: Any = (),
+                        announce: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """``simulate`` with everything else the experiment decides: its rounds, seed, evaluation
     (central and federated, every ``eval_every``), resume identity and transport (built here,
     closed afterwards). ``fedmosaic run``/``resume`` and the benchmarks run experiments
-    through this one function, so none of them can forget a setting."""
+    through this one function, so none of them can forget a setting. ``announce`` is called
+    with the transport's description (``runtime.auto.describe_transport``: what ``auto``
+    chose and why) once it is built, before the first round."""
+    from fedmosaic.runtime.auto import close_transport, describe_transport
     from fedmosaic.runtime.simulate import simulate
 
     transport = build_transport(exp, fed, trainer, strategy)
+    if announce is not None:
+        announce(describe_transport(transport))
     try:
         return simulate(trainer, fed, strategy, exp[""]["rounds"], seed=exp[""]["seed"],
                         out_dir=out_dir, resume=resume, eval_every=exp[""]["eval_every"],
@@ -736,6 +742,4 @@ def simulate_experiment(exp: Experiment, fed: fd.FederatedDataset, trainer: Trai
                         federated_eval=build_evaluation(exp, fed),
                         central_eval=central_evaluation(exp, fed))
     finally:
-        close = getattr(transport, "close", None)
-        if close is not None:
-            close()
+        close_transport(transport)  # with the workers of a parallel transport it wraps

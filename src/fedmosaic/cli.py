@@ -134,12 +134,11 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
               f"clients: at most {population}")
     console.print(f"[bold]{exp.name}[/]: {fed.name}, {len(fed.clients)} clients, "
                   f"{trainer.spec.numel:,} parameters, strategy {strategy.name}, "
-                  f"server optimizer {strategy.server_opt.name}, "
-                  f"transport {exp['runtime']['transport']}"
+                  f"server optimizer {strategy.server_opt.name}"
                   + (f"; resuming after round {done}" if resume else ""))
     with RoundProgress(rounds, done, exp.name) as progress:
         result = simulate_experiment(exp, fed, trainer, strategy, out_dir=out, resume=resume,
-                                     callbacks=[progress])
+                                     callbacks=[progress], announce=_print_transport)
     _print_table(result.history[-10:], title=f"{exp.name}: last rounds")
     dp = result.guarantees.get("differential_privacy")
     if dp:
@@ -155,6 +154,17 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
     plot = result.plot(out / "report.png", title=exp.name)
     console.print(f"done in {time.perf_counter() - t0:.1f}s; model, metrics and checkpoint in "
                   f"{out}; plot {plot}")
+
+
+def _print_transport(record: dict[str, Any]) -> None:
+    """The run's transport, and why when ``auto`` chose it (also in guarantees.json)."""
+    kind = record["transport"]
+    if "workers" in record:
+        kind += f" ({record['workers']} workers)"
+    if record.get("chosen_by") == "auto":
+        console.print(f"transport {kind}, chosen by auto: {escape(record['reason'])}")
+    else:
+        console.print(f"transport {kind}")
 
 
 @app.command()

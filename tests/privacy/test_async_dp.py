@@ -167,6 +167,7 @@ def _strategy(**kw) -> AsyncDPFedAvg:
 
 
 def _run(fed, strategy, schedule, rounds=5, **kw):
+    kw.setdefault("transport", "sequential")  # bit-for-bit comparisons (auto may batch)
     return fm.simulate(_trainer(), fed, strategy, rounds=rounds, seed=3, schedule=schedule,
                        **kw)
 

@@ -211,3 +211,16 @@ def test_a_run_of_milliseconds_stays_sequential():
                               fm.FedAvg(fraction=1.0), 1, cores=2)
     assert choice.kind == "sequential"  # batched's set-up costs more than it would save
     assert choice.estimates["batched"] > choice.estimates["sequential"]
+
+
+def test_simulate_takes_a_transport_by_name():
+    fed = _images(clients=2, n=8)
+    res = fm.simulate(fm.TorchTrainer(SmallCNN, batch_size=8), fed, fm.FedAvg(fraction=1.0),
+                      rounds=1, transport="sequential")
+    assert res.transport == {"transport": "sequential", "chosen_by": "caller",
+                             "reason": "given by name"}
+    with pytest.raises(ValueError, match="cannot be pickled"):  # named: refused, not replaced
+        fm.simulate(fm.TorchTrainer(lambda: SmallCNN()), fed, fm.FedAvg(), rounds=1,
+                    transport="parallel")
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        fm.simulate(fm.TorchTrainer(SmallCNN), fed, fm.FedAvg(), rounds=1, transport="grpc")

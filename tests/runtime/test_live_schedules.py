@@ -67,7 +67,8 @@ def test_live_fedbuff_released_in_dispatch_order_equals_simulated_fedbuff(blobs_
         return fm.FedAvg(server_opt=fm.FedAdam(lr=0.05) if opt == "fedadam" else None)
 
     sim = fm.simulate(_trainer(), blobs_fed, strategy(), rounds=4, seed=3,
-                      schedule=FedBuffSchedule(buffer_size=3, concurrency=3))
+                      schedule=FedBuffSchedule(buffer_size=3, concurrency=3),
+                      transport="sequential")  # as the fake live clients (auto may batch)
     trainer, fake = _fake(blobs_fed)
     began = time.monotonic()
     live = _run(trainer, fake, blobs_fed, strategy(),
@@ -187,7 +188,8 @@ def test_a_result_without_an_open_task_is_never_applied(blobs_fed):
     res = _run(trainer, fake, blobs_fed, fm.FedAvg(),
                FedBuffSchedule(buffer_size=3, concurrency=3, live=True, poll=POLL))
     sim = fm.simulate(_trainer(), blobs_fed, fm.FedAvg(), rounds=4, seed=3,
-                      schedule=FedBuffSchedule(buffer_size=3, concurrency=3))
+                      schedule=FedBuffSchedule(buffer_size=3, concurrency=3),
+                      transport="sequential")  # as the fake live clients (auto may batch)
     assert torch.equal(sim.weights, res.weights)
 
 

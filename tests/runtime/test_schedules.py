@@ -191,6 +191,7 @@ class ConstantClock:
 
 
 def _run(fed, strategy, rounds=4, schedule=None, seed=3, **kw):
+    kw.setdefault("transport", "sequential")  # bit-for-bit comparisons (auto may batch)
     return fm.simulate(_trainer(), fed, strategy, rounds=rounds, seed=seed, schedule=schedule,
                        **kw)
 

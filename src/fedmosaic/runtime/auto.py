@@ -123,10 +123,11 @@ class TransportChoice:
     workers: int = 1
     estimates: Mapping[str, float] = field(default_factory=dict)
     ruled_out: Mapping[str, str] = field(default_factory=dict)
+    chosen_by: str = "auto"  # or "caller": asked for by name
 
     def record(self) -> dict[str, Any]:
         """For the run's results (``guarantees.json``) and logs."""
-        out: dict[str, Any] = {"transport": self.kind, "chosen_by": "auto",
+        out: dict[str, Any] = {"transport": self.kind, "chosen_by": self.chosen_by,
                                "reason": self.reason}
         if self.kind.startswith("parallel"):
             out["workers"] = self.workers
@@ -384,6 +385,15 @@ def choose_transport(
                   max_workers=max_workers)
 
 
+def named_choice(kind: str) -> TransportChoice:
+    """A transport asked for by name (``fm.simulate(..., transport="parallel")``)."""
+    if kind not in KINDS:
+        raise ValueError(f"transport must be a Transport, None, 'auto' or one of {KINDS}, "
+                         f"got {kind!r}")
+    workers = usable_cores() if kind.startswith("parallel") else 1
+    return TransportChoice(kind, "given by name", workers, chosen_by="caller")
+
+
 def build_chosen(choice: TransportChoice, trainer: Any, federated_data: Any, *,
                  trainer_factory: Any = None) -> Any:
     """The transport of ``choice``, carrying it as ``auto_choice`` (recorded by ``simulate``).
@@ -402,6 +412,8 @@ def build_chosen(choice: TransportChoice, trainer: Any, federated_data: Any, *,
                 num_workers=choice.workers,
                 inner="batched" if choice.kind == "parallel-batched" else "sequential")
         except (RuntimeError, OSError, ValueError) as exc:
+            if choice.chosen_by != "auto":
+                raise
             # Workers that cannot start (no shared memory, a factory that fails in a fresh
             # process...) must not fail a run that one process can do: the in-process kind.
             kind = "batched" if choice.kind == "parallel-batched" else "sequential"
@@ -417,6 +429,18 @@ def build_chosen(choice: TransportChoice, trainer: Any, federated_data: Any, *,
              f" ({choice.workers} workers)" if choice.kind.startswith("parallel") else "",
              choice.reason)
     return transport
+
+
+def close_transport(transport: Any) -> None:
+    """Close a transport and every transport it wraps (``inner``): a parallel transport inside
+    secure aggregation or an attack simulation must stop its workers too."""
+    seen: set[int] = set()
+    while transport is not None and not isinstance(transport, str) and id(transport) not in seen:
+        seen.add(id(transport))
+        close = getattr(transport, "close", None)
+        if callable(close):
+            close()
+        transport = getattr(transport, "inner", None)
 
 
 def transport_kind(transport: Any) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
 from fedmosaic.core.errors import CheckpointError
-from fedmosaic.runtime.auto import describe_transport
+from fedmosaic.runtime.auto import close_transport, describe_transport
 from fedmosaic.runtime.checkpoint import clear_run, holds_run
 from fedmosaic.runtime.evaluation import FederatedEvaluation, evaluation_guarantee
 from fedmosaic.runtime.result import RunResult
@@ -27,7 +27,7 @@ def simulate(
     rounds: int,
     *,
     seed: int = 0,
-    transport: Transport | None = None,
+    transport: Transport | str | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -53,16 +53,18 @@ def simulate(
     they had before their first one, so one object can serve several runs.
     ``schedule`` (``fedmosaic.runtime.schedule``) decides when clients train and when the
     server aggregates; by default synchronous rounds, and ``rounds`` counts server steps.
-    ``transport`` None is ``auto`` (``fedmosaic.runtime.auto``): sequential, batched,
-    parallel or parallel-batched, chosen from the model, the device, the cohort, ``rounds``
-    and the usable cores, built here and closed when the run ends. Every run records its
-    transport and why in ``RunResult.transport`` (and ``guarantees.json``).
+    ``transport`` None (or "auto") is ``auto`` (``fedmosaic.runtime.auto``): sequential,
+    batched, parallel or parallel-batched, chosen from the model, the device, the cohort,
+    ``rounds`` and the usable cores; one of those names builds that one. A transport built
+    here is closed when the run ends. Every run records its transport and why in
+    ``RunResult.transport`` (and ``guarantees.json``).
     """
     own: Any = None
-    if transport is None:
-        from fedmosaic.runtime.auto import build_chosen, choose_transport
+    if transport is None or isinstance(transport, str):
+        from fedmosaic.runtime.auto import build_chosen, choose_transport, named_choice
 
-        choice = choose_transport(trainer, federated_data, strategy, rounds, schedule=schedule)
+        choice = (choose_transport(trainer, federated_data, strategy, rounds, schedule=schedule)
+                  if transport in (None, "auto") else named_choice(str(transport)))
         transport = own = build_chosen(choice, trainer, federated_data)
     try:
         return _simulate(trainer, federated_data, strategy, rounds, seed=seed,
@@ -73,9 +75,7 @@ def simulate(
                          federated_eval=federated_eval, central_eval=central_eval,
                          schedule=schedule)
     finally:
-        close = getattr(own, "close", None)
-        if close is not None:
-            close()
+        close_transport(own)
 
 
 def _simulate(
