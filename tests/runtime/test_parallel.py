@@ -131,8 +131,12 @@ def test_a_dispatch_transform_is_applied_in_the_workers_and_a_lambda_one_refused
     plain = _run(digits, fm.FedAvg(clients_per_round=6), par)
     assert torch.allclose(seq.weights, got.weights, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(plain.weights, got.weights, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ConfigError, match=r"dispatch_transform.*pickle.*not a lambda"):
-        _run(digits, fm.FedAvg(dispatch_transform=lambda cid, w: w), par)
+    marked = fm.FedAvg(dispatch_transform=lambda cid, w: w)
+    reason = ParallelTransport.unsupported_strategy_reason(marked)
+    assert reason is not None and "dispatch_transform cannot be pickled" in reason
+    assert ParallelTransport.unsupported_strategy_reason(fm.FedAvg()) is None
+    with pytest.raises(ConfigError, match=r"dispatch_transform cannot be pickled.*not a lambda"):
+        _run(digits, marked, par)
 
 
 @pytest.mark.parametrize("rule", ["krum", "trimmed_mean"])

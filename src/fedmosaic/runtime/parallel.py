@@ -589,11 +589,11 @@ class ParallelTransport:
                     "processes cannot import; define it in an importable module"), None
         return None, payload
 
-    def check_strategy(self, strategy: Any) -> None:
-        """Refuse, with the reason, a strategy whose client-side parts cannot travel to the
-        workers: its client stages, dispatch transform and (streaming) aggregator are pickled
-        with every round's tasks, so a lambda there would fail every client of every round.
-        ``Server`` calls this when the run is configured."""
+    @staticmethod
+    def unsupported_strategy_reason(strategy: Any) -> str | None:
+        """Why the strategy's client-side parts cannot travel to the workers, or None: its
+        client stages, dispatch transform and (streaming) aggregator are pickled with every
+        round's tasks, so a lambda there would fail every client of every round."""
         aggregator = getattr(strategy, "aggregator", None)
         parts = [("client_stages", tuple(getattr(strategy, "client_stages", ()) or ())),
                  ("dispatch_transform", getattr(strategy, "dispatch_transform", None)),
@@ -604,13 +604,21 @@ class ParallelTransport:
             try:
                 _, name = _pickle_checked(part)
             except Exception as exc:
-                raise ConfigError(key, part, f"something ParallelTransport can pickle to its "
-                                  f"worker processes ({_reason(exc)}): a class or a module-level "
-                                  "function, not a lambda; or SequentialTransport") from None
+                return (f"the strategy's {key} cannot be pickled for the worker processes "
+                        f"({_reason(exc)}): use a class or a module-level function, not a "
+                        "lambda, or SequentialTransport")
             if name is not None:
-                raise ConfigError(key, part, f"code the worker processes can import ('{name[0]}' "
-                                  f"is in '{name[1]}', which they cannot); or "
-                                  "SequentialTransport")
+                return (f"the strategy's {key} needs '{name[0]}' from '{name[1]}', which the "
+                        "worker processes cannot import; or use SequentialTransport")
+        return None
+
+    def check_strategy(self, strategy: Any) -> None:
+        """``Server`` calls this when the run is configured: ``ConfigError`` with
+        ``unsupported_strategy_reason``'s reason, if there is one."""
+        reason = self.unsupported_strategy_reason(strategy)
+        if reason is not None:
+            raise ConfigError("transport", "parallel", f"a strategy whose client-side parts "
+                              f"can reach the workers; {reason}")
 
     # -- Transport protocol -----------------------------------------------------------------
     def available_clients(self) -> list[str]:
