@@ -36,9 +36,12 @@ venv: $(STAMP)
 demo: venv system-deps
 	$(VENV)/bin/fedmosaic demo --output runs/demo
 
+# Two pytest workers (one per core of the 2-core CI machine): most of the suite's time is
+# process-level tests waiting on servers and clients, which overlap well. --dist loadfile
+# keeps each file on one worker, so its module fixtures (a Ray instance, a server) start once.
 test: venv system-deps
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks examples
