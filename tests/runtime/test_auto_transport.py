@@ -81,7 +81,7 @@ def _images(clients: int = 4, n: int = 32) -> FederatedDataset:
 
 
 def test_choose_reads_the_model_and_refuses_workers_an_unpicklable_trainer():
-    fed = _images()
+    fed = _images(n=96)  # 3 steps of 32 a client: enough compute for workers to pay
     strategy = fm.FedAvg(fraction=1.0)
     ok = choose_transport(fm.TorchTrainer(SmallCNN, lr=0.05), fed, strategy, 1000, cores=2)
     assert ok.kind == "parallel"
@@ -224,3 +224,18 @@ def test_simulate_takes_a_transport_by_name():
                     transport="parallel")
     with pytest.raises(ValueError, match="'auto' or one of"):
         fm.simulate(fm.TorchTrainer(SmallCNN), fed, fm.FedAvg(), rounds=1, transport="grpc")
+
+
+def test_fedmosaic_run_prints_and_records_the_choice(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmosaic.cli import app
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('name = "auto"\nrounds = 2\n[data]\ndataset = "digits"\n'
+                   "[partition]\nclients = 4\n")
+    res = CliRunner().invoke(app, ["run", str(cfg), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "out" / "guarantees.json").read_text())["transport"]
+    assert saved["chosen_by"] == "auto" and saved["transport"] in auto.KINDS
+    assert f"transport {saved['transport']}" in res.output and "chosen by auto" in res.output

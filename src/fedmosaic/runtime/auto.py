@@ -42,8 +42,9 @@ per sample, ``w`` workers)::
                        + K PARALLEL_BATCHED_CLIENT_SECONDS
     run              = rounds x round + set-up (BATCHED_SETUP_SECONDS, PARALLEL_START_SECONDS)
 
-The cheapest run wins; estimates within ``TIE`` (10%) of the cheapest are a tie, won by the
-lowest per-round time (set-up is paid once, and runs are often extended by a resume).
+The cheapest run wins; estimates within ``TIE`` (25%) of the cheapest are a tie, won by the
+lowest per-round time: the constants move by up to 2x with the machine's load, the one-off
+set-up (worker start) is the least certain term, and runs are often extended by a resume.
 
 The constants were measured on the 2-core AMD EPYC development machine (commands and figures
 in docs/configuration.md, "How auto chooses"); in-process transports are costed at one core,
@@ -71,35 +72,41 @@ log = logging.getLogger(__name__)
 
 KINDS = ("sequential", "batched", "parallel", "parallel-batched")
 
-# -- calibration (2-core AMD EPYC; docs/configuration.md gives the commands) ------------------
+# -- calibration (2-core AMD EPYC, one torch thread per process) -------------------------------
+# `python -m fedmosaic.runtime.auto_calibrate` measures each of these (the minimum of 5 runs);
+# the values are its figures at load average 3.9-4.3 (other jobs on the shared machine),
+# rounded, and checked against the runs of the benchmark tasks (docs/configuration.md).
 #: Forward multiply-accumulates per second of one core, backward counted as twice the forward
-#: (SmallCNN, batch 32: 8-9 ms per step for 33.6 M forward MACs).
-MACS_PER_SECOND = 1.2e10
-#: Per client fit of ``SequentialTransport`` (weights in, RNG fork, update out) and per step
-#: (optimizer step, autograd bookkeeping): the digits MLP, one step per client, ~1 ms a client.
-SEQ_FIT_SECONDS = 3e-4
-SEQ_STEP_SECONDS = 7e-4
-#: ``BatchedTransport`` on a linear chain: per round, and per client step (index plans, the
-#: batched products, the chunk's reduction): digits MLP, 2.7 ms at 10 clients, 30-40 ms at 100,
-#: 200-260 ms at 1,000 clients per round.
-BATCHED_ROUND_SECONDS = 2e-3
-BATCHED_CLIENT_STEP_SECONDS = 2.5e-4
+#: (zoo SmallCNN, 1.12 M forward MACs a sample, batch 32: 6.8-7.0 ms a step; 1.59-1.66e10).
+MACS_PER_SECOND = 1.5e10
+#: Per client fit of ``SequentialTransport`` (weights in, RNG fork, update out; 0.35-0.41 ms)
+#: and per local step (optimizer step, autograd bookkeeping; digits-sized MLP, 0.27-0.29 ms).
+SEQ_FIT_SECONDS = 4e-4
+SEQ_STEP_SECONDS = 3e-4
+#: ``BatchedTransport`` on a linear chain: per round (0.2-0.3 ms) and per client step (index
+#: plans, the batched products, the reduction; 0.078-0.083 ms), from rounds of 10 and 1,000
+#: one-step MLP clients.
+BATCHED_ROUND_SECONDS = 3e-4
+BATCHED_CLIENT_STEP_SECONDS = 8e-5
 #: The batched transport's set-up: trace, data on the device, correctness probe (construction
 #: 6-13 ms and a first fit 5-6 ms slower than the next, digits MLP, 10 clients).
 BATCHED_SETUP_SECONDS = 0.02
 #: Worker processes: start (forkserver with torch imported, data into shared memory, one
-#: trainer per worker; 2.6-3.4 s measured at load average 3.5), per-round cost (weights out,
-#: partial sums back) and the fraction of a core each worker delivers.
-PARALLEL_START_SECONDS = 2.5
+#: trainer per worker; 1.9-2.2 s for two workers, 2.6-3.4 s at load average 10), per-round
+#: cost (weights out, partial sums back) and the fraction of a core each worker delivers.
+PARALLEL_START_SECONDS = 2.0
 PARALLEL_ROUND_SECONDS = 0.01
-#: Per client, wall time, on top of its training (task out, update validated and summed in
-#: the worker, results back): digits MLP, 1,000 clients per round, parallel 3.07 s a round
-#: against 2.38 s sequential, parallel-batched 0.65 s against 0.40 s batched (load 4-7).
-PARALLEL_CLIENT_SECONDS = 1.5e-3
-PARALLEL_BATCHED_CLIENT_SECONDS = 4e-4
 PARALLEL_EFFICIENCY = 0.9
-#: Estimates closer than this (relative) are a tie, decided by the lower per-round time.
-TIE = 0.1
+#: Per client, wall time, on top of its training (task out, update validated and summed in
+#: the worker, results back): 1,000 one-step MLP clients, workers training sequentially
+#: 1.16-1.49 s a round against 0.69-0.74 s sequential (0.74-1.1 ms a client over the ideal
+#: split), workers training batched 0.139-0.142 s against 0.078-0.084 s batched (0.083 ms).
+PARALLEL_CLIENT_SECONDS = 1e-3
+PARALLEL_BATCHED_CLIENT_SECONDS = 1e-4
+#: Estimates closer than this (relative) are a tie, decided by the lower per-round time: the
+#: constants above move by up to 2x with the machine's load (worker start 1.9-3.4 s, a step's
+#: overhead 0.27-0.7 ms), so closer estimates cannot be told apart.
+TIE = 0.25
 
 
 @dataclass(frozen=True)
@@ -223,8 +230,8 @@ def decide(
             candidates.append("parallel-batched")
     est = {k: estimate_seconds(k, load, workers) for k in candidates}
     # Estimates within TIE of the best are a tie (the model is not more precise than that);
-    # a tie goes to the lowest per-round time: set-up is paid once, and runs are often
-    # extended (resume with more rounds).
+    # a tie goes to the lowest per-round time: set-up is paid once, is the least certain
+    # term, and runs are often extended (resume with more rounds).
     low = min(est.values())
     tied = [k for k in candidates if est[k] <= low * (1 + TIE)]
     best = min(tied, key=lambda k: ((est[k] - setup_seconds(k)) / load.rounds,

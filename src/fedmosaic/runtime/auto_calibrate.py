@@ -1,7 +1,8 @@
 """Measure the constants of ``transport = "auto"``'s cost model on this machine.
 
-Run: ``python -m fedmosaic.runtime.auto_calibrate [--repeat 5]``. It times, with one torch
-thread per process (as the transports run in the benchmarks):
+Run: ``python -m fedmosaic.runtime.auto_calibrate [--repeat 5]`` (``--choices`` prints what
+``auto`` chooses on the benchmark tasks instead). It times, with one torch thread per process
+(as the transports run in the benchmarks):
 
 * ``SEQ_STEP_SECONDS``: a local step of the digits-sized MLP (64-64-10, batch 32), whose
   compute is negligible: the per-step overhead of ``TorchTrainer``;
@@ -10,9 +11,12 @@ thread per process (as the transports run in the benchmarks):
 * ``SEQ_FIT_SECONDS``: ``SequentialTransport`` over 200 one-step clients, less their steps;
 * ``BATCHED_ROUND_SECONDS`` and ``BATCHED_CLIENT_STEP_SECONDS``: ``BatchedTransport`` over 10
   and 1,000 one-step MLP clients (a line through the two);
-* ``PARALLEL_START_SECONDS`` and ``PARALLEL_CLIENT_SECONDS`` (two or more usable cores):
-  ``ParallelTransport``'s start with one worker per core, and its round over 1,000 one-step
-  MLP clients against the sequential one.
+* ``PARALLEL_START_SECONDS``, ``PARALLEL_CLIENT_SECONDS`` and
+  ``PARALLEL_BATCHED_CLIENT_SECONDS`` (two or more usable cores): ``ParallelTransport``'s
+  start with one worker per core, and its round over 1,000 one-step MLP clients (workers
+  training sequentially, then batched) against the cost model's ideal split of the
+  sequential and batched rounds;
+* the round seconds of each transport over those 1,000 clients, side by side.
 
 Each figure is the minimum over ``--repeat`` runs (the least disturbed by other processes);
 the output puts it next to the value built into ``fedmosaic.runtime.auto``. Nothing is
@@ -23,6 +27,7 @@ or pick the transport explicitly.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -98,31 +103,77 @@ def calibrate(repeat: int = 5) -> dict[str, float]:
     t1000 = _best(lambda: _round(bat_large, w, large), repeat)
     out["BATCHED_CLIENT_STEP_SECONDS"] = max(0.0, (t1000 - t10) / 990)
     out["BATCHED_ROUND_SECONDS"] = max(0.0, t10 - 10 * out["BATCHED_CLIENT_STEP_SECONDS"])
+    t_seq = _best(lambda: _round(SequentialTransport(mlp, large), w, large), repeat)
+    rounds = {"sequential": t_seq, "batched": t1000}
     cores = auto.usable_cores()
     if cores >= 2:
         from fedmosaic.runtime.parallel import ParallelTransport
 
         factory = partial(TorchTrainer, partial(MLP, 64, [64], 10), lr=0.05, batch_size=32)
-        t0 = time.perf_counter()
-        with ParallelTransport(factory, large, num_workers=cores) as par:
-            out["PARALLEL_START_SECONDS"] = time.perf_counter() - t0
-            _round(par, w, large)
-            t_par = _best(lambda: _round(par, w, large), repeat)
-        t_seq = _best(lambda: _round(SequentialTransport(mlp, large), w, large), repeat)
+        for inner in ("sequential", "batched"):
+            t0 = time.perf_counter()
+            with ParallelTransport(factory, large, num_workers=cores, inner=inner) as par:
+                start = time.perf_counter() - t0
+                _round(par, w, large)
+                rounds[f"parallel ({inner})"] = _best(lambda p=par: _round(p, w, large),
+                                                      repeat)
+            if inner == "sequential":
+                out["PARALLEL_START_SECONDS"] = start
         ideal = t_seq / (cores * auto.PARALLEL_EFFICIENCY)
-        out["PARALLEL_CLIENT_SECONDS"] = max(0.0, (t_par - ideal
+        out["PARALLEL_CLIENT_SECONDS"] = max(0.0, (rounds["parallel (sequential)"] - ideal
                                                    - auto.PARALLEL_ROUND_SECONDS) / 1000)
+        ideal = (auto.BATCHED_ROUND_SECONDS + 1000 / cores * out["BATCHED_CLIENT_STEP_SECONDS"]
+                 ) / auto.PARALLEL_EFFICIENCY
+        out["PARALLEL_BATCHED_CLIENT_SECONDS"] = max(
+            0.0, (rounds["parallel (batched)"] - ideal - auto.PARALLEL_ROUND_SECONDS) / 1000)
+    for kind, seconds in rounds.items():
+        out[f"round of 1,000 one-step MLP clients, {kind}"] = seconds
     return out
+
+
+#: (data set, clients, clients per round, rounds) of the benchmark tasks (docs/benchmarks.md).
+CHOICES = [("fashion_mnist", 100, 10, 3), ("fashion_mnist", 100, 100, 3),
+           ("fashion_mnist", 1000, 100, 3), ("fashion_mnist", 1000, 1000, 2),
+           ("fashion_mnist", 100, 10, 1), ("digits", 10, 10, 5), ("digits", 100, 100, 3),
+           ("digits", 1000, 1000, 2), ("digits", 1000, 1000, 100)]
+
+
+def choices() -> None:
+    """Print ``auto``'s choice and estimates on the benchmark tasks (IID partitions): the
+    Fashion-MNIST task with the zoo's SmallCNN, the digits task with the 64-64-10 MLP."""
+    from fedmosaic.algorithms.strategy import FedAvg
+    from fedmosaic.data import IID, load_digits, load_fashion_mnist, partition
+
+    data = {"fashion_mnist": load_fashion_mnist(), "digits": load_digits(seed=0)}
+    models = {"fashion_mnist": SmallCNN, "digits": partial(MLP, 64, [64], 10)}
+    for name, n, k, rounds in CHOICES:
+        train, test = data[name]
+        fed = partition(train, IID(), n, 0, test=test)
+        trainer = TorchTrainer(models[name], lr=0.05, epochs=1, batch_size=32)
+        c = auto.choose_transport(trainer, fed, FedAvg(clients_per_round=k), rounds)
+        est = ", ".join(f"{kind} {sec:.3g}" for kind, sec in c.estimates.items())
+        print(f"{name} {n}/{k}/{rounds}: {c.kind}"
+              + (f" ({c.workers} workers)" if c.kind.startswith("parallel") else "")
+              + f"; estimated seconds: {est}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--choices", action="store_true",
+                    help="print auto's choice on the benchmark tasks instead (no timing)")
     args = ap.parse_args()
+    if args.choices:
+        choices()
+        return
+    before = os.getloadavg()
     measured = calibrate(args.repeat)
-    print(f"{'constant':<30} {'measured':>12} {'built in':>12}")
+    print(f"{'constant':<52} {'measured':>10} {'built in':>10}")
     for name, value in measured.items():
-        print(f"{name:<30} {value:>12.4g} {getattr(auto, name):>12.4g}")
+        built = getattr(auto, name, None)
+        print(f"{name:<52} {value:>10.4g} {'' if built is None else f'{built:.4g}':>10}")
+    print(f"{auto.usable_cores()} usable cores; load average before {before[0]:.2f}, "
+          f"after {os.getloadavg()[0]:.2f} (other processes skew every figure)")
 
 
 if __name__ == "__main__":

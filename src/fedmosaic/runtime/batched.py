@@ -39,8 +39,9 @@ sequentially (``fallback_reason`` says why, one warning line is logged) where it
 * on a CPU, a flatten / Linear / ReLU chain (``linear_chain``): batched (rule, deterministic;
   the digits MLP of the peer task: 5-40x faster than sequential, docs/benchmarks.md);
 * on a CPU, a model with a convolution (any ``nn.Conv*`` / ``nn.ConvTranspose*``):
-  sequential (rule, deterministic; the Fashion-MNIST SmallCNN: batched 1.00x sequential's
-  time at 10 clients per round, 1.16x at 1000/100 and 1.9x at 100/100 and 1000/1000);
+  sequential (rule, deterministic; issue #23's Fashion-MNIST CNN, seconds per round batched
+  against sequential: 1.96 / 1.95 at 100/10, 17.71 / 9.19 at 100/100, 2.54 / 2.19 at
+  1000/100, 17.89 / 9.76 at 1000/1000: never faster, up to 1.9x slower);
 * on a CPU, anything else: a **timed probe** on the first fit with at least two clients: a
   few of its clients (a quarter, at most 4) train sequentially and the first chunk of the
   rest batched, both timed per client step; if batched is slower per step the rest of the
