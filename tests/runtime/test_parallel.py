@@ -247,6 +247,36 @@ def test_a_call_superseded_while_suspended_fails_its_clients_instead_of_hanging(
     assert len(list(par.fit(w0, tasks))) == 8
 
 
+def test_shared_arrays_keep_their_values_and_strides_and_are_read_only():
+    from fedmosaic.runtime.parallel import _mapped_data, _release_shm, _share_data
+
+    rng = np.random.default_rng(0)
+    # An (n, 1, 4, 4) image array whose size-1 channel axis has a one-element stride (what a
+    # reshape gives): torch reads it as channels-last, so the layout must survive sharing.
+    x = np.lib.stride_tricks.as_strided(rng.normal(size=(6, 1, 4, 4)).astype(np.float32),
+                                        strides=(64, 4, 16, 4))
+    gappy = rng.normal(size=(3, 1, 4, 8)).astype(np.float32)[..., ::2]  # not dense: packed
+    fed = FederatedDataset(
+        name="s", test=None, num_classes=2, feature_shape=(1, 4, 4),
+        clients=[ClientData("a", ArrayDataset(x, np.arange(6) % 2),
+                            ArrayDataset(x[:2].copy(), np.zeros(2, np.int64))),
+                 ClientData("b", ArrayDataset(gappy, np.ones(3, np.int64)))])
+    shm, layout = _share_data(fed)
+    try:
+        mapped = _mapped_data(shm, layout)
+        pairs = [(g.train, w.train) for g, w in zip(mapped.clients, fed.clients, strict=True)]
+        pairs.append((mapped.clients[0].test, fed.clients[0].test))
+        for got, want in pairs:
+            assert np.array_equal(got.x, want.x) and np.array_equal(got.y, want.y)
+            assert not got.x.flags.writeable and not got.y.flags.writeable
+        assert mapped.clients[0].train.x.strides == (64, 4, 16, 4)
+        assert mapped.clients[1].train.x.flags.c_contiguous
+        assert mapped.clients[1].test is None
+        del mapped, pairs, got, want
+    finally:
+        _release_shm(shm)
+
+
 # -- failures ----------------------------------------------------------------------------------
 def test_a_client_whose_training_raises_is_only_that_clients_failure(digits, par):
     bad = digits.clients[2]
