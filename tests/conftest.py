@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -27,3 +29,12 @@ def blobs_fed() -> FederatedDataset:
 def _single_thread():
     # Identical results need identical reduction orders; one thread also keeps CI fast.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _forget_user_task_module():
+    # Projects made by `fedmosaic new` (and several tests) import a user module named "task"
+    # from their own directory; one left in sys.modules would be another test's model.
+    sys.modules.pop("task", None)
+    yield
+    sys.modules.pop("task", None)
