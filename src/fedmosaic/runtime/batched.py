@@ -366,7 +366,7 @@ class BatchedTransport:
             name, module = slow
             self.fallback_reason = (
                 f"module '{name}' ({type(module).__name__}) is a convolution: vmapped "
-                "convolutions on CPU are slower than sequential training (SmallCNN: up to "
+                "convolutions on CPU are slower than sequential training (issue #23's CNN: up to "
                 "1.9x); batching = 'always' forces vmap")
             self._warn_fallback()
             return f"sequential: {self.fallback_reason}"
