@@ -765,12 +765,11 @@ def _check_watermark(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError("watermark.fingerprint_strength", w["fingerprint_strength"],
                           "only with watermark.fingerprint = true")
     rt = s["runtime"]
-    if w.get("fingerprint", False) and (rt["transport"] not in ("auto", "sequential",
-                                                                "parallel")
+    if w.get("fingerprint", False) and (rt["transport"] not in ("auto", "sequential")
                                         or rt["secure_aggregation"]):
         raise ConfigError("watermark.fingerprint", True, "only with runtime.transport = "
-                          "'auto', 'sequential' or 'parallel' and no secure aggregation (the "
-                          "transports that send each client its own fingerprinted model)")
+                          "'auto' or 'sequential' and no secure aggregation (the transport "
+                          "that sends each client its own fingerprinted model; auto picks it)")
 
 
 def _check_attack(s: dict[str, dict[str, Any]]) -> None:

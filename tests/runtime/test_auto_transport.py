@@ -119,8 +119,9 @@ def test_unsound_combinations_pick_a_transport_that_supports_them():
                                 schedule=FedAsyncSchedule(alpha=0.5, concurrency=2))
     assert fedasync.kind == "sequential" and "nothing to batch" in fedasync.ruled_out["batched"]
     marked = fm.FedAvg(fraction=1.0, dispatch_transform=lambda cid, w: w)
-    fp = choose_transport(chain, fed, marked, 1000, cores=1)
+    fp = choose_transport(chain, fed, marked, 1000, cores=2)
     assert fp.kind == "sequential" and "dispatch" in fp.ruled_out["batched"]
+    assert "dispatch_transform cannot be pickled" in fp.ruled_out["parallel"]
     secret = choose_transport(tr, fed, fm.FedAvg(), 1000, cores=2,
                               constraints={"x": "not with this"})
     assert secret.kind == "sequential" and secret.ruled_out["parallel"] == "not with this"

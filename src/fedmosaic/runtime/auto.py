@@ -23,8 +23,10 @@ timing is involved) and comes with a ``reason`` that the run records (``RunResul
 * no parallel candidate where the workers cannot run the experiment: a trainer that cannot be
   pickled (``ParallelTransport.unsupported_reason``), a trainer with per-client privacy
   accounting (DP-SGD: it lives in this process), an asynchronous schedule (its fits are small
-  groups of one base version, trained when their first result is due), and what the caller
-  names in ``constraints``;
+  groups of one base version, trained when their first result is due), a strategy whose
+  client stages, dispatch transform or aggregator cannot be pickled to the workers
+  (``ParallelTransport.unsupported_strategy_reason``; fingerprint watermarks, whose key stays
+  in the server process), and what the caller names in ``constraints``;
 * no batched candidate with per-client dispatch transforms (fingerprint watermarks: the
   batched transport cannot send each client its own model; sequential and parallel can) or
   under FedAsync (one update per server step: nothing to batch).
@@ -351,16 +353,25 @@ def parallel_refusal(trainer: Any, shipped: Any = None) -> str | None:
 
 def parallel_blocker(trainer: Any, schedule: Any = None,
                      constraints: Mapping[str, str] | None = None,
-                     shipped: Any = None) -> str | None:
+                     shipped: Any = None, strategy: Any = None) -> str | None:
     """Why ``auto`` does not consider worker processes for this run, or None: what
     ``parallel_refusal`` refuses, an asynchronous schedule (its fits are small groups of one
     base version, trained when their first result is due: each would pay the workers' round
-    trip; an explicit "parallel" still runs it) and the caller's ``constraints``."""
+    trip; an explicit "parallel" still runs it), a strategy whose client stages, dispatch
+    transform or aggregator cannot be pickled to the workers
+    (``ParallelTransport.unsupported_strategy_reason``: e.g. fingerprint watermarks, whose key
+    never leaves the server process) and the caller's ``constraints``."""
     for reason in (constraints or {}).values():
         return reason
     if schedule is not None and getattr(schedule, "name", "sync") != "sync":
         return (f"the {schedule.name} schedule trains small groups of one base version when "
                 "their first result is due; worker processes would pay a round trip per group")
+    if strategy is not None:
+        from fedmosaic.runtime.parallel import ParallelTransport
+
+        why = ParallelTransport.unsupported_strategy_reason(strategy)
+        if why is not None:
+            return why
     return parallel_refusal(trainer, shipped)
 
 
@@ -388,7 +399,7 @@ def choose_transport(
     return decide(load, device=device, cores=usable_cores() if cores is None else cores,
                   model=kind, batched_blocker=batched_blocker,
                   parallel_blocker=parallel_blocker(trainer, schedule, constraints,
-                                                    trainer_factory),
+                                                    trainer_factory, strategy),
                   max_workers=max_workers)
 
 
