@@ -76,17 +76,17 @@ KINDS = ("sequential", "batched", "parallel", "parallel-batched")
 
 # -- calibration (2-core AMD EPYC, one torch thread per process) -------------------------------
 # `python -m fedmosaic.runtime.auto_calibrate` measures each of these (the minimum of 5 runs);
-# the values are its figures at load average 3.9-4.3 (other jobs on the shared machine),
-# rounded, and checked against the runs of the benchmark tasks (docs/configuration.md).
+# the values are its figures at load average 2.0-4.3 (other jobs on the shared machine, three
+# runs), rounded, and checked against the runs of the benchmark tasks (docs/configuration.md).
 #: Forward multiply-accumulates per second of one core, backward counted as twice the forward
-#: (zoo SmallCNN, 1.12 M forward MACs a sample, batch 32: 6.8-7.0 ms a step; 1.59-1.66e10).
+#: (zoo SmallCNN, 1.12 M forward MACs a sample, batch 32; 1.16e10-1.66e10 measured).
 MACS_PER_SECOND = 1.5e10
-#: Per client fit of ``SequentialTransport`` (weights in, RNG fork, update out; 0.35-0.41 ms)
-#: and per local step (optimizer step, autograd bookkeeping; digits-sized MLP, 0.27-0.29 ms).
+#: Per client fit of ``SequentialTransport`` (weights in, RNG fork, update out; 0.35-0.62 ms)
+#: and per local step (optimizer step, autograd bookkeeping; digits-sized MLP, 0.27-0.46 ms).
 SEQ_FIT_SECONDS = 4e-4
 SEQ_STEP_SECONDS = 3e-4
-#: ``BatchedTransport`` on a linear chain: per round (0.2-0.3 ms) and per client step (index
-#: plans, the batched products, the reduction; 0.078-0.083 ms), from rounds of 10 and 1,000
+#: ``BatchedTransport`` on a linear chain: per round (0.2-0.57 ms) and per client step (index
+#: plans, the batched products, the reduction; 0.070-0.083 ms), from rounds of 10 and 1,000
 #: one-step MLP clients.
 BATCHED_ROUND_SECONDS = 3e-4
 BATCHED_CLIENT_STEP_SECONDS = 8e-5
@@ -94,15 +94,15 @@ BATCHED_CLIENT_STEP_SECONDS = 8e-5
 #: 6-13 ms and a first fit 5-6 ms slower than the next, digits MLP, 10 clients).
 BATCHED_SETUP_SECONDS = 0.02
 #: Worker processes: start (forkserver with torch imported, data into shared memory, one
-#: trainer per worker; 1.9-2.2 s for two workers, 2.6-3.4 s at load average 10), per-round
+#: trainer per worker; 1.9-2.3 s for two workers, 2.6-3.4 s at load average 10), per-round
 #: cost (weights out, partial sums back) and the fraction of a core each worker delivers.
 PARALLEL_START_SECONDS = 2.0
 PARALLEL_ROUND_SECONDS = 0.01
 PARALLEL_EFFICIENCY = 0.9
 #: Per client, wall time, on top of its training (task out, update validated and summed in
 #: the worker, results back): 1,000 one-step MLP clients, workers training sequentially
-#: 1.16-1.49 s a round against 0.69-0.74 s sequential (0.74-1.1 ms a client over the ideal
-#: split), workers training batched 0.139-0.142 s against 0.078-0.084 s batched (0.083 ms).
+#: 1.16-1.55 s a round against 0.69-0.74 s sequential (0.74-1.16 ms a client over the ideal
+#: split), workers training batched 0.122-0.142 s against 0.071-0.084 s batched (0.07-0.08 ms).
 PARALLEL_CLIENT_SECONDS = 1e-3
 PARALLEL_BATCHED_CLIENT_SECONDS = 1e-4
 #: Estimates closer than this (relative) are a tie, decided by the lower per-round time: the
