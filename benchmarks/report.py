@@ -106,10 +106,13 @@ def peer_section(d: dict[str, Any]) -> str:
         "",
         "Accuracy: with 14 or fewer samples per client (N >= 100), each client does one "
         "full-batch step, so a round of FedAvg equals one full-batch gradient step at lr 0.05 "
-        "and two or three rounds stay near chance (0.09) in both frameworks; the accuracy "
-        "columns show that both compute the same thing, not a tuned model. Flower samples its "
-        "clients from random node ids, so at K < N it trains other clients than fedmosaic.",
+        "and two or three rounds stay near chance (0.09) in every framework; the accuracy "
+        "columns show that the frameworks compute the same thing, not a tuned model. Flower "
+        "samples its clients from random node ids and pfl takes them in a seeded order without "
+        "reuse (its `MinimizeReuseUserSampler`), so at K < N they train other clients than "
+        "fedmosaic; pfl also iterates each client's batches in order instead of shuffling.",
         "",
+        *default_choice_lines(rows),
         *digits_goal_lines(rows),
     ]
     return "\n".join(lines)
@@ -134,6 +137,23 @@ def shared_machine_lines(d: dict[str, Any]) -> list[str]:
         "framework that needs both cores suffers most when others hold one.",
         "",
     ]
+
+
+def default_choice_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which transport fedmosaic's default (no transport given) chose, per configuration."""
+    got = [(r["config"], (r.get("transport_record") or {}).get("run.transport"))
+           for r in rows if r["framework"] == "fedmosaic-default"]
+    got = [(c, t) for c, t in got if t]
+    if not got:
+        return []
+    kinds = sorted({t for _, t in got})
+    if len(kinds) == 1:
+        return [f"*fedmosaic-default* (no transport given, `transport = \"auto\"`) chose "
+                f"`{kinds[0]}` at every configuration (recorded in `RunResult.transport`; the "
+                "results JSON has each choice's reason and estimates).", ""]
+    cells = ", ".join(f"{c}: `{t}`" for c, t in got)
+    return [f"*fedmosaic-default* (no transport given, `transport = \"auto\"`) chose: {cells} "
+            "(recorded in `RunResult.transport`).", ""]
 
 
 def digits_goal_lines(rows: list[dict[str, Any]]) -> list[str]:
