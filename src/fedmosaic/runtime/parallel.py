@@ -20,14 +20,16 @@ What travels where
   torch again (twice the CPU at start-up). All workers are started at once, then awaited.
   As with every non-``fork`` start method, a script that builds the transport at top level
   must be guarded by ``if __name__ == "__main__":`` (workers import the main module), and
-  a model class defined in an interactive ``__main__`` (a notebook, ``python -c``) cannot be
-  found by the workers: ``unsupported_reason`` says so before any process starts.
+  a model class the workers cannot import by name (defined in a notebook or ``python -c``,
+  or in a file loaded under a made-up module name) cannot be unpickled there:
+  ``unsupported_reason`` says so before any process starts.
 * **Trainer.** A ``Trainer`` instance is pickled once and unpickled by each worker; a factory
   (e.g. ``functools.partial(TorchTrainer, ...)``) is pickled and called in each worker.
 * **Data.** Sent once, never per round. When every client's splits are ``ArrayDataset``s, all
   their arrays are copied once into one shared-memory block
   (``multiprocessing.shared_memory``) that every worker, and every replacement worker, maps
-  read-only; otherwise the federated data set is pickled once to each worker at start.
+  read-only, with the strides each array had (torch chooses kernels by them); otherwise the
+  federated data set is pickled once to each worker at start.
 * **Global weights.** Written once per round (and per evaluation) by the parent into a shared
   buffer of ``D`` floats; each worker copies them from there. Only the small task descriptions
   (``ClientTask``: config, client stages, dispatch transform) are pickled per round.
@@ -40,9 +42,10 @@ Determinism
 -----------
 Individual updates (and evaluation reports) are yielded in the order of the tasks (client
 ids), exactly as ``SequentialTransport`` yields them, and each client's training is the same
-computation (same seed, one thread), so runs without a ``weighting`` give the sequential model
-bit for bit. Partial sums are yielded in worker order: two runs with the same seed and the same
-``num_workers`` give the same model bit for bit, and the model equals the sequential one up to
+computation (same seed, same data layout, one thread), so runs without a ``weighting`` give
+the model of a sequential run with one torch thread bit for bit. Partial sums are yielded in
+worker order: two runs with the same seed and the same ``num_workers`` give the same model bit
+for bit, and the model equals the sequential one up to
 float rounding (the weighted sum adds the updates in another order).
 
 Failures
