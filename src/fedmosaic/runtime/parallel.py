@@ -45,8 +45,8 @@ ids), exactly as ``SequentialTransport`` yields them, and each client's training
 computation (same seed, same data layout, one thread), so runs without a ``weighting`` give
 the model of a sequential run with one torch thread bit for bit. Partial sums are yielded in
 worker order: two runs with the same seed and the same ``num_workers`` give the same model bit
-for bit, and the model equals the sequential one up to
-float rounding (the weighted sum adds the updates in another order).
+for bit, and the model equals the sequential one up to float rounding (the weighted sum adds
+the updates in another order).
 
 Failures
 --------
