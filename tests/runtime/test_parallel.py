@@ -334,8 +334,11 @@ def test_close_stops_every_worker_and_frees_the_shared_memory(digits):
     assert len(shm) == 2 and all(os.path.exists(p) for p in shm)  # data, weights
     children = {p.pid for p in psutil.Process().children(recursive=True)}
     assert set(pids) <= children
+    assert repr(transport) == ("ParallelTransport(num_workers=2, inner='sequential', "
+                               "torch_threads=1)")
     transport.close()
     transport.close()  # idempotent
+    assert repr(transport).endswith(", closed)")
     assert not any(psutil.pid_exists(p) for p in pids)
     assert not any(os.path.exists(p) for p in shm)
     with pytest.raises(RuntimeError, match="closed"):

@@ -978,6 +978,11 @@ class ParallelTransport:
         self._weights_shm = None
         self._finalizer()
 
+    def __repr__(self) -> str:
+        state = ", closed" if self._closed else ""
+        return (f"ParallelTransport(num_workers={self.num_workers}, inner={self.inner!r}, "
+                f"torch_threads={self.torch_threads}{state})")
+
     def __enter__(self) -> ParallelTransport:
         return self
 
