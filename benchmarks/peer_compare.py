@@ -415,6 +415,8 @@ def run_one(
     record["shutdown_s"] = exit_time - rounds_end
     if result.get("floor_seconds"):
         record["floor_round_s"] = statistics.median(float(s) for s in result["floor_seconds"])
+    if result.get("eval_seconds"):
+        record["eval_round_s"] = statistics.median(float(s) for s in result["eval_seconds"])
     cpu0 = cpu_at(sampler.cpu_series, float(result["first_round_start_unix"]))
     cpu1 = cpu_at(sampler.cpu_series, rounds_end)
     if cpu0 is not None and cpu1 is not None and sum(rounds) > 0:
@@ -443,7 +445,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ok:
             for key in ("median_round_s", "startup_s", "peak_rss_mb", "final_accuracy"):
                 row[key] = statistics.median(r[key] for r in ok)
-            for key in ("floor_round_s", "cpu_per_wall"):
+            for key in ("floor_round_s", "eval_round_s", "cpu_per_wall"):
                 vals = [r[key] for r in ok if r.get(key) is not None]
                 row[key] = statistics.median(vals) if vals else None
             row["rounds"] = ok[0]["rounds"]

@@ -19,7 +19,9 @@ the order is a seeded permutation), a ``PyTorchModel`` around a module with ``lo
 lr 0.05, batch 32) and as the central optimizer with lr 1.0 (the averaged model difference
 applied as it is: plain FedAvg), ``WeightByDatapoints`` (FedAvg weighted by samples), a
 ``SimulatedBackend`` and ``FederatedAveraging.run``. Central evaluation on the test set is
-pfl's ``CentralEvaluationCallback``; pfl evaluates the initial model instead of the model
+pfl's ``CentralEvaluationCallback``; the per-user evaluation of the training users that pfl
+adds on evaluation iterations is switched off (see ``FederatedAveragingNoUserEvaluation``:
+no other runner does that work); pfl evaluates the initial model instead of the model
 after iteration 0, so the subclass below evaluates after every iteration (and not before the
 first): each round pays for one evaluation, as in every other runner. pfl's ``Dataset.iter``
 yields a user's batches in order (no shuffling).
@@ -37,6 +39,7 @@ first optimizer imports ``torch._dynamo``), as the Flower runner's readiness pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -184,7 +187,20 @@ def main(argv: list[str] | None = None) -> int:
                 aggregate_metrics, model, central_iteration=central_iteration
             )
 
-    algorithm = FederatedAveraging()
+    class FederatedAveragingNoUserEvaluation(FederatedAveraging):
+        """pfl's FedAvg without evaluating each training user's data before and after its
+        local training: pfl does that on every iteration where ``do_evaluation`` is set
+        (iteration % evaluation_frequency == 0, so always on iteration 0), two extra forward
+        passes over every client's data that no other runner makes. The central evaluation
+        is the callback's, not this flag's."""
+
+        def get_next_central_contexts(self, *args, **kwargs):
+            contexts, model, metrics = super().get_next_central_contexts(*args, **kwargs)
+            if contexts is not None:
+                contexts = tuple(dataclasses.replace(c, do_evaluation=False) for c in contexts)
+            return contexts, model, metrics
+
+    algorithm = FederatedAveragingNoUserEvaluation()
     algorithm.run(
         algorithm_params=NNAlgorithmParams(
             central_num_iterations=args.rounds,

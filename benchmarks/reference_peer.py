@@ -13,7 +13,8 @@ train each client (benchmarks/compute_task.py ``train_local``: 1 epoch of SGD, l
 32), add its weights times its sample count to a running sum, set the global weights to the sum
 over the total count, and evaluate on the test set. ``round_seconds`` times all of that;
 ``floor_seconds`` sums the forward + backward passes of the round's local steps alone (no
-optimizer step, no batch slicing, no evaluation, no aggregation).
+optimizer step, no batch slicing, no evaluation, no aggregation); ``eval_seconds`` is the
+round's evaluation of the global model on the test set (every runner's round includes one).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     model = task.make_model()
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    rounds, floors, acc, losses = [], [], [], []
+    rounds, floors, evals, acc, losses = [], [], [], [], []
     first_round_start = time.time()
     for r in range(1, args.rounds + 1):
         t0 = time.perf_counter()
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             count += n
         global_state = {k: v / count for k, v in total.items()}
         model.load_state_dict(global_state)
+        t_eval = time.perf_counter()
         acc.append(compute_task.accuracy(model, x_te, y_te))
+        evals.append(time.perf_counter() - t_eval)
         losses.append(loss_sum / count)
         rounds.append(time.perf_counter() - t0)
         floors.append(timer[0])
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_round_start_unix": first_round_start,
         "round_seconds": rounds,
         "floor_seconds": floors,
+        "eval_seconds": evals,
         "train_loss": losses,
         "accuracy": acc,
         "final_accuracy": acc[-1],

@@ -195,7 +195,9 @@ def compute_compare_section(d: dict[str, Any]) -> str:
         "plain SGD, lr 0.05, batch 32, FedAvg weighted by samples, K of N clients per round, "
         "the global model evaluated on the 10,000 test images after every round (part of "
         "every framework's round time). One torch thread per process everywhere. N/K/R = "
-        "clients / clients per round / rounds; the figures are medians over the R rounds.",
+        "clients / clients per round / rounds; the figures are medians over the R rounds "
+        "(with R = 2 the median is the mean of both rounds, so round 1's one-off costs count "
+        "there; R was kept small to fit the whole comparison in about half an hour).",
         "",
         f"Command: `bash benchmarks/setup_flower_venv.sh && bash benchmarks/setup_pfl_venv.sh "
         f"&& {d.get('command', '.venv/bin/python benchmarks/peer_compare.py --task fmnist-cnn')}`",
@@ -206,7 +208,9 @@ def compute_compare_section(d: dict[str, Any]) -> str:
         "Who does what: *Flower* 1.42, Simulation Engine with 2 Ray actors (one per core); "
         "*pfl* 0.6, `FederatedAveraging` with a simulated `FederatedDataset` in one process, "
         "and *pfl x2* the same script under `torchrun --nproc_per_node=2` (pfl's documented "
-        "multi-process simulation, one process per core); *fedmosaic default*: `fm.simulate` "
+        "multi-process simulation, one process per core); pfl's evaluation of every training "
+        "user's data before and after its local training (done on evaluation iterations) is "
+        "switched off, as no other runner does that work; *fedmosaic default*: `fm.simulate` "
         "with no transport given; *parallel*, *sequential*, *batched*: that transport named; "
         "*reference*: plain PyTorch, one model, the clients trained one after another and "
         "averaged by hand (`benchmarks/reference_peer.py`); *floor*: the reference's forward "
@@ -228,6 +232,11 @@ def compute_compare_section(d: dict[str, Any]) -> str:
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
 
     default = "fedmosaic-default"
+    if any(r.get("eval_round_s") is not None for r in rows if r["framework"] == "reference"):
+        evals = [f"{c}: {by[(c, 'reference')]['eval_round_s']:.2f} s" for c in configs
+                 if by.get((c, "reference"), {}).get("eval_round_s") is not None]
+        lines += ["", "Every round includes one evaluation of the global model on the 10,000 "
+                  "test images; in the reference (one thread) it takes " + ", ".join(evals) + "."]
     lines += [
         "",
         "fedmosaic's default against each peer (speed-up = the peer's seconds per round / "
