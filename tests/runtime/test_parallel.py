@@ -445,7 +445,7 @@ class Net(torch.nn.Linear):
         super().__init__(4, 2)
 
 
-def test_a_model_class_from_an_interactive_main_is_refused(monkeypatch):
+def test_a_model_class_from_an_interactive_main_is_refused(monkeypatch, tmp_path):
     # As in a notebook or ``python -c``: a __main__ with no file that workers could import.
     trainer = fm.TorchTrainer(Net)
     monkeypatch.setattr(Net, "__module__", "__main__")
@@ -454,8 +454,25 @@ def test_a_model_class_from_an_interactive_main_is_refused(monkeypatch):
     reason = ParallelTransport.unsupported_reason(trainer)
     assert reason is not None and "refers to 'Net', defined in an interactive __main__" in reason
     # A script's __main__ is imported by the workers: the same class is fine there.
-    sys.modules["__main__"].__file__ = "/some/script.py"
+    (tmp_path / "script.py").write_text("")
+    sys.modules["__main__"].__file__ = str(tmp_path / "script.py")
     assert ParallelTransport.unsupported_reason(trainer) is None
+
+
+def test_a_main_module_read_from_stdin_does_not_stop_the_workers(digits, monkeypatch):
+    # ``python - < script.py``: __main__.__file__ is "<stdin>", which multiprocessing would
+    # make every worker run as its main module (and fail); the transport hides it.
+    main = types.ModuleType("__main__")
+    main.__file__ = "<stdin>"
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    with ParallelTransport(make_trainer, digits, num_workers=1) as transport:
+        w = make_trainer().initial_weights(0)
+        assert len(list(transport.fit(w, _tasks(digits, 1, 2)))) == 2
+    assert main.__file__ == "<stdin>"
+    monkeypatch.setattr(Net, "__module__", "__main__")
+    main.Net = Net
+    reason = ParallelTransport.unsupported_reason(fm.TorchTrainer(Net))
+    assert reason is not None and "interactive __main__" in reason
 
 
 def test_a_model_from_a_file_loaded_under_a_made_up_name_is_refused(tmp_path, monkeypatch):

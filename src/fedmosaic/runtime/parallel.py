@@ -448,14 +448,36 @@ def _importable_elsewhere(module: str) -> bool:
     if module == "__main__":
         # Workers import the main module from its file or module name, if it has one.
         main = sys.modules.get("__main__")
-        return main is not None and (getattr(main, "__file__", None) is not None
-                                     or getattr(main, "__spec__", None) is not None)
+        return main is not None and (getattr(main, "__spec__", None) is not None
+                                     or os.path.isfile(getattr(main, "__file__", None) or ""))
     top = module.partition(".")[0]
     if top in sys.builtin_module_names:
         return True
     # Not importlib.util.find_spec: it answers from sys.modules, where a module loaded from a
     # file under a made-up name (fedmosaic.task's odd file names) is found too.
     return importlib.machinery.PathFinder.find_spec(top, sys.path) is not None
+
+
+@contextlib.contextmanager
+def _main_hidden_if_unrunnable() -> Iterator[None]:
+    """Hide a main module's ``__file__`` that names no file while a worker starts.
+
+    ``python - < script.py`` (or code run by ``exec``) leaves ``__main__.__file__`` as
+    "<stdin>" or the like: multiprocessing would make every worker run that path as its main
+    module, and every worker would fail. Without ``__file__`` it leaves ``__main__`` alone,
+    as for an interactive session (whose classes ``unsupported_reason`` refuses).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None \
+            or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 class _ImportCheck(pickle.Pickler):
@@ -885,7 +907,8 @@ class ParallelTransport:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=_worker_main, args=(child,),
                                     name=f"fedmosaic-parallel-{idx}", daemon=True)
-        process.start()
+        with _main_hidden_if_unrunnable():
+            process.start()
         child.close()  # the worker holds the other end: its death is end of file here
         return _Worker(process, parent)
 
