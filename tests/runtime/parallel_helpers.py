@@ -51,3 +51,15 @@ class KillOnce:
 def nudge(client_id: str, weights: torch.Tensor) -> torch.Tensor:
     """A dispatch transform that sends each client its own shift of the global weights."""
     return weights + 1e-2 * (zlib.crc32(client_id.encode()) % 7)
+
+
+class BatchNormNet(torch.nn.Module):
+    """An MLP with BatchNorm, which BatchedTransport cannot batch (it falls back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16),
+                                        torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

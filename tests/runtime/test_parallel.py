@@ -33,7 +33,7 @@ from fedmosaic.runtime import (
 from fedmosaic.runtime.evaluation import EvalReport
 from fedmosaic.runtime.ray_transport import balance_tasks
 from fedmosaic.train import FitConfig
-from tests.runtime.parallel_helpers import KillOnce, make_trainer, nudge
+from tests.runtime.parallel_helpers import BatchNormNet, KillOnce, make_trainer, nudge
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +181,19 @@ def test_batched_workers_equal_sequential(digits):
         assert transport.batched_fallback is None  # the MLP trains batched in every worker
     assert torch.allclose(seq.weights, got.weights, rtol=1e-4, atol=1e-6)
     _same_records(seq, got)
+
+
+def test_batched_workers_that_cannot_batch_say_why_once(digits, caplog):
+    bn = functools.partial(fm.TorchTrainer, BatchNormNet, lr=0.05, batch_size=32)
+    with caplog.at_level(logging.WARNING, logger="fedmosaic.runtime.parallel"), \
+            ParallelTransport(bn, digits, num_workers=2, inner="batched") as transport:
+        got = fm.simulate(bn(), digits, fm.FedAvg(clients_per_round=6), rounds=1, seed=3,
+                          transport=transport)
+    assert "BatchNorm1d" in transport.batched_fallback
+    assert caplog.text.count("workers train sequentially because") == 1
+    seq = fm.simulate(bn(), digits, fm.FedAvg(clients_per_round=6), rounds=1, seed=3,
+                      transport=SequentialTransport(bn(), digits))
+    assert torch.allclose(seq.weights, got.weights, rtol=1e-5, atol=1e-7)
 
 
 # -- what comes back ---------------------------------------------------------------------------
