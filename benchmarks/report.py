@@ -236,7 +236,12 @@ def compute_compare_section(d: dict[str, Any]) -> str:
         evals = [f"{c}: {by[(c, 'reference')]['eval_round_s']:.2f} s" for c in configs
                  if by.get((c, "reference"), {}).get("eval_round_s") is not None]
         lines += ["", "Every round includes one evaluation of the global model on the 10,000 "
-                  "test images; in the reference (one thread) it takes " + ", ".join(evals) + "."]
+                  "test images; in the reference (one thread) it takes " + ", ".join(evals) + ". "
+                  "With worker processes (fedmosaic parallel, and the default where it chose "
+                  "them), the server evaluates on the threads the idle workers hold between "
+                  "rounds (`Server(eval_threads=...)`, set by `fm.simulate`), here 2; pfl and "
+                  "the reference evaluate on one thread, and Flower's server process keeps "
+                  "torch's default thread count (its runner does not set one)."]
     lines += [
         "",
         "fedmosaic's default against each peer (speed-up = the peer's seconds per round / "

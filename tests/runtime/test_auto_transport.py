@@ -240,3 +240,41 @@ def test_fedmosaic_run_prints_and_records_the_choice(tmp_path):
     saved = json.loads((tmp_path / "out" / "guarantees.json").read_text())["transport"]
     assert saved["chosen_by"] == "auto" and saved["transport"] in auto.KINDS
     assert f"transport {saved['transport']}" in res.output and "chosen by auto" in res.output
+
+
+def test_central_evaluation_uses_the_cores_that_idle_workers_hold(monkeypatch):
+    # Between rounds a ParallelTransport's workers wait: the server evaluates on their cores.
+    class ParallelTransport:  # stands in by name for the real one: only its sizes are read
+        inner, num_workers, torch_threads = "sequential", 2, 1
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.inner = inner
+
+    monkeypatch.setattr(auto, "usable_cores", lambda: 2)
+    assert auto.central_eval_threads(Wrapper(ParallelTransport())) == 2
+    assert auto.central_eval_threads(ParallelTransport(), FedBuffSchedule(buffer_size=2,
+                                                                          concurrency=2)) is None
+    assert auto.central_eval_threads(fm.SequentialTransport(None, None)) is None
+    monkeypatch.setattr(auto, "usable_cores", lambda: 1)
+    assert auto.central_eval_threads(ParallelTransport()) is None  # one core: nothing to add
+
+    seen = []
+
+    class Counting(fm.TorchTrainer):
+        def evaluate(self, weights, data):
+            seen.append(torch.get_num_threads())
+            return super().evaluate(weights, data)
+
+    fed = FederatedDataset(name="blobs", clients=[ClientData(f"c{i}", make_blobs(8, seed=i))
+                                                  for i in range(2)],
+                           test=make_blobs(16, seed=9), num_classes=3, feature_shape=(5,))
+    trainer = Counting(partial(MLP, 5, [4], 3), lr=0.1)
+    with pytest.raises(ValueError, match="eval_threads"):
+        fm.Server(trainer=trainer, strategy=fm.FedAvg(), transport=fm.SequentialTransport(
+            trainer, fed), rounds=1, eval_threads=0)
+    server = fm.Server(trainer=trainer, strategy=fm.FedAvg(fraction=1.0), rounds=2,
+                       transport=fm.SequentialTransport(trainer, fed), test_data=fed.test,
+                       eval_threads=2)
+    server.run()
+    assert seen == [2, 2] and torch.get_num_threads() == 1  # restored after each evaluation

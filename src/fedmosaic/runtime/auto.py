@@ -493,3 +493,20 @@ def describe_transport(transport: Any) -> dict[str, Any]:
     if type(inner).__name__ == "ParallelTransport" and isinstance(fallback, str):
         out["batching"] = f"sequential: {fallback}"
     return out
+
+
+def central_eval_threads(transport: Any, schedule: Any = None) -> int | None:
+    """torch threads for the server's central evaluation beside ``transport``: the threads of
+    a ``ParallelTransport``'s workers (capped at the usable cores), which sit idle while a
+    synchronous round is evaluated; None (the process's own setting) for everything else,
+    including asynchronous schedules, whose workers may still be training then."""
+    if schedule is not None and type(schedule).__name__ != "SyncSchedule":
+        return None
+    inner = transport
+    while getattr(inner, "inner", None) is not None and not isinstance(inner.inner, str):
+        inner = inner.inner
+    if type(inner).__name__ != "ParallelTransport":
+        return None
+    held = int(inner.num_workers) * int(getattr(inner, "torch_threads", 1))
+    threads = min(held, usable_cores())
+    return threads if threads > torch.get_num_threads() else None

@@ -10,13 +10,14 @@ default) are one schedule among several.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,19 @@ class Server:
         callbacks: Sequence[RoundCallback] = (),
         federated_eval: FederatedEvaluation | None = None,
         schedule: Schedule | None = None,
+        eval_threads: int | None = None,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         if eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        if eval_threads is not None and (isinstance(eval_threads, bool) or
+                                         not isinstance(eval_threads, int) or eval_threads < 1):
+            raise ValueError(f"eval_threads must be a positive integer, got {eval_threads!r}")
+        # torch threads for the central evaluation (None: the process's own setting). A
+        # transport whose worker processes hold the cores while clients train leaves them idle
+        # while the server evaluates: fm.simulate passes their count here.
+        self.eval_threads = eval_threads
         self.trainer, self.strategy, self.transport = trainer, strategy, transport
         self.rounds, self.seed, self.test_data = rounds, seed, test_data
         self.eval_every = eval_every
@@ -321,7 +330,8 @@ class Server:
         if self.test_data is not None and (
             version % self.eval_every == 0 or version == self.rounds
         ):
-            ev = self.trainer.evaluate(state.weights, self.test_data)
+            with _torch_threads(self.eval_threads):
+                ev = self.trainer.evaluate(state.weights, self.test_data)
             record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
         if self.federated_eval is not None and (
             version % self.eval_every == 0 or version == self.rounds
@@ -363,3 +373,17 @@ class Server:
                         wanted, len(available))
             self._short_cohort_logged = True
         return {"clients_available": len(available)}
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block (None: unchanged)."""
+    if threads is None or threads == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

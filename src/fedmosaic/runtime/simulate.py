@@ -10,7 +10,7 @@ import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
 from fedmosaic.core.errors import CheckpointError
-from fedmosaic.runtime.auto import close_transport, describe_transport
+from fedmosaic.runtime.auto import central_eval_threads, close_transport, describe_transport
 from fedmosaic.runtime.checkpoint import clear_run, holds_run
 from fedmosaic.runtime.evaluation import FederatedEvaluation, evaluation_guarantee
 from fedmosaic.runtime.result import RunResult
@@ -90,6 +90,8 @@ def _simulate(
         trainer=trainer,
         strategy=strategy,
         transport=transport,
+        eval_threads=central_eval_threads(
+            transport, schedule if schedule is not None else getattr(strategy, "schedule", None)),
         rounds=rounds,
         seed=seed,
         test_data=getattr(federated_data, "test", None) if central_eval else None,
