@@ -37,7 +37,9 @@ def _experiment(tmp_path: Path, federation: Path, steps: int = STEPS) -> Path:
         # A few clients suffice to start; the others join as they come. A silent client is
         # given up after 3 missed heartbeats (1.5 s).
         server={"min_clients": 3, "heartbeat_interval": 0.5, "round_deadline": 60.0,
-                "linger": 3.0},
+                # Long enough that a slow client's next poll, on a loaded machine, still
+                # finds the server and hears that the run is done.
+                "linger": 10.0},
         extra=f"""
 [strategy]
 schedule = "fedbuff"
