@@ -799,16 +799,22 @@ class ParallelTransport:
                 self._collect(waiting, done, calls, call_id, round_num)
             yield idx, done.pop(idx)
 
-    def _collect(self, waiting: set[int], done: dict[int, list[Any]],
-                 calls: dict[int, tuple[str, tuple[Any, ...], list[str]]], call_id: int,
-                 round_num: int) -> None:
-        """Block until at least one waiting worker answers or dies; record what happened."""
+    def _wait_handles(self, waiting: set[int]) -> dict[Any, int]:
+        """Each waiting worker's pipe and process sentinel -> its index: a worker that answers
+        and one that dies both wake ``connection.wait``."""
         handles: dict[Any, int] = {}
         for idx in waiting:
             w = self._pool.workers[idx]
             assert w is not None
             handles[w.conn] = idx
             handles[w.process.sentinel] = idx
+        return handles
+
+    def _collect(self, waiting: set[int], done: dict[int, list[Any]],
+                 calls: dict[int, tuple[str, tuple[Any, ...], list[str]]], call_id: int,
+                 round_num: int) -> None:
+        """Block until at least one waiting worker answers or dies; record what happened."""
+        handles = self._wait_handles(waiting)
         for handle in connection.wait(list(handles)):
             idx = handles[handle]
             if idx not in waiting:
@@ -930,12 +936,7 @@ class ParallelTransport:
                 raise RuntimeError(
                     f"parallel workers did not start within {self.start_timeout:g} s "
                     f"({len(waiting)} of {self.num_workers} not ready)")
-            handles: dict[Any, int] = {}
-            for idx in waiting:
-                w = self._pool.workers[idx]
-                assert w is not None
-                handles[w.conn] = idx
-                handles[w.process.sentinel] = idx
+            handles = self._wait_handles(waiting)
             for handle in connection.wait(list(handles), timeout=left):
                 idx = handles[handle]
                 if idx not in waiting:
