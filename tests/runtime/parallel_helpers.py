@@ -14,38 +14,25 @@ import torch
 import fedmosaic as fm
 from fedmosaic.models import MLP
 from fedmosaic.train import FitConfig
-from fedmosaic.train.base import Dataset, FitResult
+from fedmosaic.train.base import Dataset, FitResult, TrainerWrapper
 
 make_trainer = functools.partial(fm.TorchTrainer, functools.partial(MLP, 64, [32], 10),
                                  lr=0.05, epochs=1, batch_size=32)
 
 
-class KillOnce:
+class KillOnce(TrainerWrapper):
     """A trainer whose worker process kills itself (SIGKILL) the first time it trains a
     client with ``victim_size`` samples; ``marker`` records the pid that did it."""
 
     def __init__(self, victim_size: int, marker: str) -> None:
-        self.inner = make_trainer()
+        super().__init__(make_trainer())
         self.victim_size, self.marker = victim_size, marker
-
-    @property
-    def spec(self) -> fm.ParamSpec:
-        return self.inner.spec
-
-    def initial_weights(self, seed: int) -> torch.Tensor:
-        return self.inner.initial_weights(seed)
-
-    def full_steps(self, num_samples: int, config: FitConfig) -> int:
-        return self.inner.full_steps(num_samples, config)
 
     def fit(self, weights: torch.Tensor, data: Dataset, config: FitConfig) -> FitResult:
         if len(data) == self.victim_size and not os.path.exists(self.marker):
             Path(self.marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         return self.inner.fit(weights, data, config)
-
-    def evaluate(self, weights: torch.Tensor, data: Dataset) -> dict[str, float]:
-        return self.inner.evaluate(weights, data)
 
 
 def nudge(client_id: str, weights: torch.Tensor) -> torch.Tensor:
