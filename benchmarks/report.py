@@ -130,8 +130,9 @@ def shared_machine_lines(d: dict[str, Any]) -> list[str]:
               "`foreign_cpu_pct`: the machine's busy CPU time minus the run's own process tree "
               "and the driver's)." if foreign else "")
     return [
-        f"The runs were made on a shared machine (other sessions' tests ran on the same 2 "
-        f"cores): the 1-minute load average just before each run ranged from {min(loads):.1f} "
+        f"The runs were made on a machine shared with other sessions (their jobs may run on "
+        f"the same 2 cores): the 1-minute load average just before each run ranged from "
+        f"{min(loads):.1f} "
         f"to {max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; each run's figure "
         f"is in the results JSON, `loadavg_before`).{during} The timings carry that noise: a "
         "framework that needs both cores suffers most when others hold one.",
