@@ -11,7 +11,8 @@ from fedmosaic.algorithms.strategy import ClientTask
 from fedmosaic.core.params import ParamSpec
 from fedmosaic.data import ClientData, FederatedDataset
 from fedmosaic.models.zoo import MLP, LogisticRegression, SmallCNN
-from fedmosaic.runtime.batched import BatchedTransport, chain_forward, linear_chain
+from fedmosaic.runtime.batched import BatchedTransport
+from fedmosaic.runtime.chain import chain_forward, linear_chain
 from fedmosaic.train import FitConfig
 from tests.conftest import make_blobs
 

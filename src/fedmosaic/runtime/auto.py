@@ -289,7 +289,8 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> float:
 
 def _model_facts(trainer: Any, federated_data: Any) -> tuple[str, float, str]:
     """(model kind, MACs per sample, device) of the trainer."""
-    from fedmosaic.runtime.batched import cpu_slow_module, linear_chain
+    from fedmosaic.runtime.batched import cpu_slow_module
+    from fedmosaic.runtime.chain import linear_chain
 
     tt = _torch_trainer(trainer)
     numel = float(trainer.spec.numel)

@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +69,14 @@ from torch.func import functional_call, vmap
 
 from fedmosaic.algorithms.aggregate import weighted_sum
 from fedmosaic.algorithms.strategy import ClientTask
-from fedmosaic.core.params import ParamSpec
-from fedmosaic.core.update import ClientUpdate
+from fedmosaic.core.update import ClientUpdate, finite_rows
+from fedmosaic.runtime.chain import (
+    chain_params,
+    chain_sgd_step,
+    linear_chain,
+    manual_step_reason,
+    run_chain,
+)
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import EvalResult, SequentialTransport, TransportResult
 from fedmosaic.train.base import FitConfig
@@ -89,117 +95,11 @@ _CPU_SLOW = (nn.modules.conv._ConvNd,)
 BATCHING = ("auto", "always")
 
 
-# A layer of a model that is a plain chain of these: ("flatten",), ("relu",), ("identity",)
-# or ("linear", weight entry, bias entry or None).
-_ChainOp = tuple[Any, ...]
-# How a traced forward spells x.flatten(1) and relu(x) outside modules: (node op, target).
-_FLATTEN = (("call_method", "flatten"), ("call_function", torch.flatten))
-_RELU = (("call_method", "relu"), ("call_function", torch.relu),
-         ("call_function", nn.functional.relu))
-
-
-def linear_chain(model: nn.Module, spec: ParamSpec) -> list[_ChainOp] | None:
-    """``model``'s forward as a chain of flatten / Linear / ReLU layers (the MLP and logistic
-    regression of the model zoo), read from its ``torch.fx`` trace; None for anything else.
-
-    Such a model trains batched with one ``torch.bmm`` per linear layer on the ``(K, B, in)``
-    activations of the chunk, instead of ``vmap`` over ``functional_call``: the same matrix
-    products (``vmap`` batches ``F.linear`` into the same batched kernels), without the per-step
-    cost of re-binding the module's parameters and of ``vmap``'s wrapping, which dominates
-    for small models on a CPU. Anything the trace shows beyond that (another op, a branch, a
-    second use of a value, a flatten of other dimensions) keeps the ``vmap`` path.
-    """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # data-dependent control flow and the like: vmap handles it or not
-        return None
-    by_name = {e.name: e for e in spec.entries}
-    modules = dict(model.named_modules())
-    chain: list[_ChainOp] = []
-    prev: Any = None
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if prev is not None:
-                return None  # a second input
-            prev = node
-            continue
-        if len(node.args) < 1 or node.args[0] is not prev or len(prev.users) != 1:
-            return None  # not a chain: a value used twice, or another input first
-        rest, kwargs = tuple(node.args[1:]), dict(node.kwargs)
-        if node.op == "output":
-            return chain
-        if node.op == "call_module":
-            module = modules.get(str(node.target))
-            if rest or kwargs or module is None or module._forward_hooks or \
-                    module._forward_pre_hooks:
-                return None
-            if type(module) is nn.Linear:
-                w = by_name.get(f"{node.target}.weight")
-                b = by_name.get(f"{node.target}.bias") if module.bias is not None else None
-                if w is None or (module.bias is not None and b is None):
-                    return None  # frozen parameters: not in the flat vector
-                chain.append(("linear", w, b))
-            elif type(module) is nn.ReLU:
-                chain.append(("relu",))
-            elif type(module) is nn.Identity:
-                chain.append(("identity",))
-            elif type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1):
-                chain.append(("flatten",))
-            else:
-                return None
-        elif (node.op, node.target) in _FLATTEN and \
-                (rest, kwargs) in (((1,), {}), ((), {"start_dim": 1})):
-            chain.append(("flatten",))
-        elif (node.op, node.target) in _RELU and not rest and not kwargs:
-            chain.append(("relu",))
-        else:
-            return None
-        prev = node
-    return None
-
-
-def chain_params(chain: Sequence[_ChainOp]) -> list[Any]:
-    """The flat-vector entries a ``linear_chain`` reads (each once, in order of use)."""
-    seen: dict[int, Any] = {}
-    for op in chain:
-        if op[0] == "linear":
-            for entry in op[1:]:
-                if entry is not None:
-                    seen.setdefault(entry.offset, entry)
-    return list(seen.values())
-
-
-def run_chain(chain: Sequence[_ChainOp], rows: Mapping[int, torch.Tensor],
-              x: torch.Tensor) -> torch.Tensor:
-    """A ``linear_chain`` on a chunk: ``rows[entry.offset]`` is that parameter of every client,
-    ``(K, numel)``; ``x`` is ``(K, B, *features)``; returns ``(K, B, outputs)``, what ``vmap``
-    of the model's forward returns."""
-    h = x
-    for op in chain:
-        kind = op[0]
-        if kind == "linear":
-            we, be = op[1], op[2]
-            weight = rows[we.offset]
-            weight = weight.view(weight.shape[0], *we.shape).transpose(1, 2)
-            h = (torch.bmm(h, weight) if be is None
-                 else torch.baddbmm(rows[be.offset].unsqueeze(1), h, weight))
-        elif kind == "relu":
-            h = torch.relu(h)
-        elif kind == "flatten":
-            h = h.flatten(2)
-    return h
-
-
-def chain_forward(chain: Sequence[_ChainOp]) -> Callable[[torch.Tensor, torch.Tensor],
-                                                          torch.Tensor]:
-    """``run_chain`` on the rows of a ``(K, D)`` matrix of the clients' flat weights."""
-    entries = chain_params(chain)
-
-    def forward(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        rows = {e.offset: w[:, e.offset : e.offset + e.numel] for e in entries}
-        return run_chain(chain, rows, x)
-
-    return forward
+def _concat(parts: list[Any]) -> Any:
+    """Arrays or tensors of the clients, concatenated into one (numpy where all are)."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts) if parts else np.empty(0)
+    return torch.cat([torch.as_tensor(p) for p in parts])
 
 
 def unbatchable_reason(tr: Any) -> str | None:
@@ -302,6 +202,11 @@ class BatchedTransport:
         self._timing_pending = False
         self.decision = (f"sequential: {self.fallback_reason}" if self.fallback_reason
                          else self._speed_rule())
+        if self.fallback_reason is None and not self._timing_pending and \
+                self.device.type == "cpu":
+            # Decided by rule to batch on the CPU: gather the clients' data now, with the rest
+            # of the set-up, not inside the first round (a device is touched at the first fit).
+            self._ensure_data()
 
     # -- Transport protocol -----------------------------------------------------------------
     def available_clients(self) -> list[str]:
@@ -412,9 +317,17 @@ class BatchedTransport:
         warnings.warn(msg, BatchingFallbackWarning, stacklevel=3)
 
     def _probe(self, weights: torch.Tensor, tasks: Sequence[ClientTask]) -> None:
-        """Check one client, one step, batched against sequential; fall back on any mismatch."""
+        """Check one client, one step, batched against sequential; fall back on any mismatch.
+
+        Only the ``vmap`` path is probed: it runs whatever the model's forward does. A
+        ``linear_chain`` is exact by construction (the trace admits nothing but plain Linear,
+        ReLU and flatten modules, each computed by one known kernel; tests/runtime/
+        test_batched.py checks it against sequential training), so a probe would only add its
+        cost to the first round."""
         self._probed = True
         self._ensure_data()
+        if self._chain is not None:
+            return
         task = next((t for t in tasks if t.client_id in self._sizes), None)
         if task is None:
             return
@@ -448,12 +361,13 @@ class BatchedTransport:
         xs, ys, offset = [], [], 0
         for cid in self._sizes:
             train = self.data.client(cid).train  # type: ignore[attr-defined]
-            xs.append(torch.as_tensor(train.x))
-            ys.append(torch.as_tensor(train.y))
+            xs.append(train.x)
+            ys.append(train.y)
             self._offsets[cid] = offset
             offset += len(train)
-        self._x = torch.cat(xs).to(self.device)
-        self._y = torch.cat(ys).to(self.device)
+        # One numpy concatenation, then one tensor (thousands of small tensors cost more).
+        self._x = torch.as_tensor(_concat(xs)).to(self.device)
+        self._y = torch.as_tensor(_concat(ys)).to(self.device)
 
     def _batch_size(self, cfg: FitConfig) -> int:
         return cfg.batch_size or self.trainer.batch_size
@@ -524,6 +438,11 @@ class BatchedTransport:
                     index[i, s, : len(idx)] = base + idx
                     mask[i, s, : len(idx)] = 1.0
                     s += 1
+        # Pad each step only to the largest real batch of the chunk, not to the batch size:
+        # clients with fewer samples than a batch (cross-device) would otherwise compute
+        # mostly padding (digits at 1,000 clients: 1-2 samples padded to 32).
+        width = max(1, int(mask.sum(axis=2).max())) if mask.size else 1
+        index, mask = index[:, :, :width], mask[:, :, :width]
         steps_t = torch.tensor(steps, dtype=torch.int64)
         active = (torch.arange(s_max)[None, :] < steps_t[:, None]).to(torch.float32)
         lr = torch.tensor([t.config.lr if t.config.lr is not None else self.trainer.lr
@@ -564,6 +483,51 @@ class BatchedTransport:
         w = torch.empty((k, w0.numel()), dtype=w0.dtype, device=dev).copy_(w0)
         lr, mu = plan.lr.to(dev), plan.mu.to(dev)
         prox = bool((plan.mu > 0).any())
+        loss_sum = torch.zeros(k, device=dev)
+        correct = torch.zeros(k, device=dev)
+        index, mask, active = plan.index.to(dev), plan.mask.to(dev), plan.active.to(dev)
+        if self._chain is not None and manual_step_reason(
+                self._chain, self.trainer.loss_name, self._x.dim() - 1) is None:
+            # The gradient written out by hand (runtime/chain.py): no autograd graph.
+            chain = self._chain
+            rows = {e.offset: w[:, e.offset : e.offset + e.numel] for e in chain_params(chain)}
+            pull = ((mu, {o: w0[o : o + r.shape[1]] for o, r in rows.items()}) if prox
+                    else None)
+            for s in range(index.shape[1]):
+                idx, m = index[:, s], mask[:, s]
+                flat = idx.reshape(-1)  # index_select: a third of advanced indexing's cost
+                x = self._x.index_select(0, flat).view(*idx.shape, *self._x.shape[1:])
+                y = self._y.index_select(0, flat).view(idx.shape)
+                client_loss, right = chain_sgd_step(
+                    chain, rows, x, y, m, lr * active[:, s],
+                    loss=self.trainer.loss_name, prox=pull,
+                    classification=self.trainer.classification)
+                loss_sum += client_loss * m.sum(dim=1)
+                if right is not None:
+                    correct += right
+        else:
+            self._autograd_steps(w, w0, index, mask, active, lr, mu, prox, loss_sum, correct)
+        deltas = w.detach().sub_(w0)
+        for i, task in enumerate(tasks):
+            if task.stages:  # client-side stages (e.g. local DP) act on each client's row
+                deltas[i] = task.finish(deltas[i].cpu()).to(dev)
+        seen = mask.sum(dim=(1, 2)).clamp(min=1.0)
+        metrics = {"train_loss": (loss_sum / seen).cpu(), "steps": plan.steps.to(torch.float32)}
+        if self.trainer.classification:
+            metrics["train_accuracy"] = (correct / seen).cpu()
+        if weighting is None or not hasattr(weighting, "weights_for_samples"):
+            yield from self._individual(tasks, deltas.cpu(), plan, metrics)
+            return
+        finite = finite_rows(deltas).cpu()
+        yield self._reduce(tasks, deltas, plan, metrics, finite, weighting)
+
+    def _autograd_steps(
+        self, w: torch.Tensor, w0: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,
+        active: torch.Tensor, lr: torch.Tensor, mu: torch.Tensor, prox: bool,
+        loss_sum: torch.Tensor, correct: torch.Tensor,
+    ) -> None:
+        """Every step of a chunk through autograd, in place on ``w`` (a ``(K, D)`` row per
+        client), adding each client's summed loss and correct count to the accumulators."""
         # vmap only the forward pass: clients are independent, so the gradient of the summed
         # per-client losses w.r.t. row k of w is exactly client k's gradient. Plain autograd
         # then does every backward at once (and, unlike torch.func.grad, without importing
@@ -571,6 +535,7 @@ class BatchedTransport:
         # ``leaves``: what autograd differentiates, each with its part of w0. A linear chain's
         # parameters are leaves of their own (column views of w, updated in place), so the
         # backward never scatters each parameter's gradient into a zero (K, D) matrix.
+        assert self._x is not None and self._y is not None
         leaves: list[tuple[torch.Tensor, torch.Tensor]]
         if self._chain is not None:
             chain = self._chain
@@ -584,11 +549,7 @@ class BatchedTransport:
             w.requires_grad_(True)
             leaves = [(w, w0)]
             forward = vmap(self._forward_fn())
-        loss_sum = torch.zeros(k, device=dev)
-        correct = torch.zeros(k, device=dev)
-        if self._chain is None:  # functional_call runs the module (the chain never does)
-            self.trainer.model.train()
-        index, mask, active = plan.index.to(dev), plan.mask.to(dev), plan.active.to(dev)
+            self.trainer.model.train()  # functional_call runs the module (the chain never does)
         for s in range(index.shape[1]):
             idx, m = index[:, s], mask[:, s]
             x, y = self._x[idx], self._y[idx]
@@ -609,19 +570,6 @@ class BatchedTransport:
                 loss_sum += client_loss * count
                 if self.trainer.classification:
                     correct += ((out.argmax(-1) == y).to(m.dtype) * m).sum(dim=1)
-        deltas = w.detach().sub_(w0)
-        for i, task in enumerate(tasks):
-            if task.stages:  # client-side stages (e.g. local DP) act on each client's row
-                deltas[i] = task.finish(deltas[i].cpu()).to(dev)
-        seen = mask.sum(dim=(1, 2)).clamp(min=1.0)
-        metrics = {"train_loss": (loss_sum / seen).cpu(), "steps": plan.steps.to(torch.float32)}
-        if self.trainer.classification:
-            metrics["train_accuracy"] = (correct / seen).cpu()
-        if weighting is None or not hasattr(weighting, "weights_for_samples"):
-            yield from self._individual(tasks, deltas.cpu(), plan, metrics)
-            return
-        finite = torch.isfinite(deltas).all(dim=1).cpu()
-        yield self._reduce(tasks, deltas, plan, metrics, finite, weighting)
 
     def _individual(
         self, tasks: list[ClientTask], deltas: torch.Tensor, plan: _Plan,
