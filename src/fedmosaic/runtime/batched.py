@@ -9,9 +9,12 @@ before chunking, so little work is wasted on padding. The result equals sequenti
 each client (``SequentialTransport``) up to float rounding.
 
 A model whose forward is a plain chain of flatten / ``nn.Linear`` / ReLU (the zoo's MLP and
-logistic regression; read from its ``torch.fx`` trace, ``linear_chain``) is computed without
-``vmap``: one ``torch.bmm`` per layer on the chunk's ``(K, B, features)`` activations, the
-same batched products without the per-step cost of ``functional_call`` and ``vmap``.
+logistic regression; read from its ``torch.fx`` trace, ``linear_chain`` in runtime/chain.py)
+is computed without ``vmap``: one ``torch.bmm`` per layer on the chunk's activations, the same
+batched products without the per-step cost of ``functional_call`` and ``vmap``, and its
+gradient step written out by hand (``chain_sgd_step``) instead of recorded by autograd. Each
+step's batch is padded only to the largest real batch of the chunk, so clients with fewer
+samples than a batch (cross-device populations) do not compute mostly padding.
 
 This is the idea of pfl-research (no per-client serialization, RPC or model rebuild) taken one
 step further: not one reused model trained client after client, but the cohort trained as one
@@ -21,8 +24,9 @@ What it reproduces exactly is ``TorchTrainer`` with plain SGD (the FedAvg client
 without the FedProx proximal term, per-client learning rates and step caps (stragglers).
 Anything else (a custom local optimizer, a custom loss callable, BatchNorm or dropout, a model
 that ``vmap`` cannot trace) falls back to ``SequentialTransport`` with a one-line warning that
-says why; before the first batched round a one-client probe is compared against sequential
-training, so a model that traces but computes something different also falls back.
+says why; before the first ``vmap`` round a one-client probe is compared against sequential
+training, so a model that traces but computes something different also falls back (a linear
+chain is exact by construction and is not probed).
 
 Where it pays: on a GPU, and on a CPU for small models whose per-step cost is mostly framework
 overhead (the digits MLP of the peer task trains 5-40x faster than client after client). A
