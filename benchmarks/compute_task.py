@@ -13,7 +13,9 @@ Needs numpy and torch only, so that the Flower venv (benchmarks/.venv-flower), t
   * each selected client: 1 local epoch of plain SGD (lr 0.05, no momentum), batch 32,
     shuffled, cross-entropy; FedAvg weighted by samples; K of N clients per round uniformly
     without replacement; the server evaluates the global model on the 10,000 test images
-    after every round (part of the round's time, for every framework).
+    after every round (part of the round's time, for every framework), in batches of
+    ``EVAL_BATCH`` = 512 in every runner (on this machine's CPU 1.75x faster than batches of
+    2048, whose activations overflow a core's cache).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ N_TEST = 10_000
 LR = 0.05
 BATCH_SIZE = 32
 LOCAL_EPOCHS = 1
-EVAL_BATCH = 2048
+EVAL_BATCH = 512
 N_PARAMETERS = 18_378
 
 

@@ -148,7 +148,11 @@ def main() -> None:
     else:
         fed = fmnist_federation(args.clients, args.seed)
         model_fn = compute_task.TaskCNN  # a class: picklable by reference for worker processes
-    trainer = fm.TorchTrainer(model_fn, lr=0.05, epochs=1, batch_size=32, device=args.device)
+    # The task's evaluation batch for the CNN, stated so that it equals the peers' whatever
+    # fedmosaic's default.
+    eval_batch = {"eval_batch_size": compute_task.EVAL_BATCH} if args.task == "fmnist-cnn" else {}
+    trainer = fm.TorchTrainer(model_fn, lr=0.05, epochs=1, batch_size=32, device=args.device,
+                              **eval_batch)
     transport = build_transport(args.transport, trainer, fed)
     strategy = fm.FedAvg(clients_per_round=args.per_round)
     # Each round's end, stamped by a round callback: with no transport given, fm.simulate

@@ -169,7 +169,7 @@ class DPSGDTrainer:
         metrics: Mapping[str, MetricFn] | None = None,
         accountant: str = "rdp",
         noise: str | NoiseSource = "secure",
-        eval_batch_size: int = 2048,
+        eval_batch_size: int = 512,
         trainable_only: bool = False,
     ) -> None:
         self.noise_multiplier = _positive("noise_multiplier", noise_multiplier)

@@ -51,6 +51,9 @@ class TorchTrainer:
     ``(outputs, targets) -> scalar``. ``optimizer`` maps ``(params, lr)`` to a torch optimizer
     (plain SGD by default, as in FedAvg); local optimizer state starts fresh each round.
     ``metrics`` are extra evaluation metrics ``(outputs, targets) -> float``.
+    ``eval_batch_size``: samples per forward pass when evaluating. The default, 512, keeps a
+    small CNN's activations in a CPU core's cache: issue #23's Fashion-MNIST CNN evaluates its
+    10,000 test images 1.75x faster than in batches of 2048 on one thread, 1.8x on two.
     """
 
     def __init__(
@@ -64,7 +67,7 @@ class TorchTrainer:
         optimizer: OptimizerFactory | None = None,
         device: str | torch.device = "cpu",
         metrics: Mapping[str, MetricFn] | None = None,
-        eval_batch_size: int = 2048,
+        eval_batch_size: int = 512,
         trainable_only: bool = False,
     ) -> None:
         if isinstance(loss, str):
@@ -142,7 +145,7 @@ class TorchTrainer:
         # training is a pure function of (weights, data, config): this is what makes runs
         # reproducible and resumable.
         with torch.random.fork_rng(devices=self._rng_devices()):
-            torch.manual_seed(config.seed)
+            self._seed(config.seed)
             gen = torch.Generator().manual_seed(config.seed)
             while steps < total:
                 order = torch.randperm(n, generator=gen).to(self.device)
@@ -177,6 +180,19 @@ class TorchTrainer:
             metrics["train_accuracy"] = correct / seen
         new = self._spec.read_from(self.model)
         return FitResult(weights=new, num_samples=n, steps=steps, metrics=metrics)
+
+    def _seed(self, seed: int) -> None:
+        """Seed the generators this trainer draws from (the CPU's, and its CUDA device's).
+
+        What ``torch.manual_seed`` does for them, without its seeding of every other CUDA
+        device, which, before CUDA is initialised, records a formatted stack trace per call:
+        about 0.7 ms, 7% of a 60-sample client of issue #23's CNN."""
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            for index in self._rng_devices():
+                torch.cuda.default_generators[index].manual_seed(seed)
+        elif self.device.type != "cpu":
+            torch.manual_seed(seed)  # other accelerators: seed them all, as before
 
     def _rng_devices(self) -> list[int]:
         """CUDA devices whose RNG state ``fork_rng`` must save and restore."""
