@@ -78,7 +78,14 @@ def test_defaults_are_filled_in():
          "privacy.delta", "mode 'local'"),
         (_base(runtime={"transport": "batched", "workers": 2}), "runtime.workers",
          "max_clients_per_chunk"),
-        (_base(runtime={"transport": "ray", "workers": 0}), "runtime.workers", ">= 1"),
+        (_base(runtime={"transport": "ray", "workers": 0}), "runtime.workers",
+         "from 1 to 4096, or 'auto'"),
+        (_base(runtime={"transport": "ray", "workers": "many"}), "runtime.workers", "'auto'"),
+        (_base(runtime={"transport": "ray", "gpus": -1}), "runtime.gpus", ">= 0"),
+        (_base(runtime={"transport": "ray", "runtime_env": "."}), "runtime.runtime_env",
+         "working_dir"),
+        (_base(runtime={"transport": "parallel", "cpus": 2}), "runtime.cpus",
+         "for transport 'parallel' only"),
         (_base(runtime={"device": "gpu"}), "runtime.device", "'cuda'"),
     ],
 )
@@ -338,3 +345,13 @@ def test_factory_train_keys_reach_the_clients_fit_config():
     assert (strategy.local_epochs, strategy.batch_size, strategy.lr) == (3, None, 0.2)
     plain = build_strategy(validate(_base(model={"factory": "task:make_trainer"})))
     assert (plain.local_epochs, plain.batch_size, plain.lr) == (None, None, None)
+
+
+def test_ray_cluster_keys_validate():
+    exp = validate(_base(runtime={
+        "transport": "ray", "workers": "auto", "address": "127.0.0.1:6379", "cpus": 0.5,
+        "gpus": 0, "memory_mb": 512, "runtime_env": {"working_dir": "."}, "inner": "batched",
+        "start_timeout_s": 5, "round_timeout_s": 60}))
+    rt = exp["runtime"]
+    assert rt["workers"] == "auto" and rt["runtime_env"] == {"working_dir": "."}
+    assert rt["inner"] == "batched" and rt["start_timeout_s"] == 5

@@ -378,16 +378,14 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
         factory = trainer_factory(exp, fed)  # picklable: each worker builds its own trainer
         choice = choose_transport(trainer, fed, strategy, exp[""]["rounds"],
                                   schedule=getattr(strategy, "schedule", None),
-                                  max_workers=rt.get("workers"), trainer_factory=factory)
+                                  max_workers=_workers(rt), trainer_factory=factory)
         transport = build_chosen(choice, trainer, fed, trainer_factory=factory)
     elif kind == "parallel":
         transport = _parallel(exp, fed, trainer, rt)
     elif kind == "batched":
         transport = BatchedTransport(trainer, fed, **rt)
     elif kind == "ray":
-        transport = RayTransport(trainer_factory(exp, fed), fed,
-                                 num_workers=rt.get("workers", 2), address=rt.get("address"),
-                                 torch_threads=max(1, exp[""]["threads"]))
+        transport = _ray(exp, fed, rt)
     else:
         transport = SequentialTransport(trainer, fed)
     plan = build_attack(exp, fed)
@@ -418,6 +416,26 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     return transport
 
 
+def _ray(exp: Experiment, fed: fd.FederatedDataset, rt: dict[str, Any]) -> RayTransport:
+    """``transport = "ray"``: the cluster named by ``address`` or ``RAY_ADDRESS`` (else a
+    private local Ray), ``workers`` actors (or "auto": as many as its free resources hold),
+    each with ``cpus`` / ``gpus`` / ``memory_mb``; a relative ``runtime_env.working_dir`` is
+    the experiment file's directory's."""
+    env = dict(rt["runtime_env"]) if "runtime_env" in rt else None
+    if env is not None and isinstance(env.get("working_dir"), str):
+        env["working_dir"] = str((experiment_dir(exp) / env["working_dir"]).resolve())
+    memory = rt.get("memory_mb")
+    return RayTransport(
+        trainer_factory(exp, fed), fed, num_workers=rt.get("workers", 2),
+        address=rt.get("address"), cpus_per_worker=float(rt.get("cpus", 1.0)),
+        gpus_per_worker=float(rt.get("gpus", 0.0)),
+        memory_per_worker=None if memory is None else int(memory * 2**20),
+        runtime_env=env, torch_threads=max(1, exp[""]["threads"]),
+        inner=rt.get("inner", "sequential"),
+        start_timeout_s=float(rt.get("start_timeout_s", 60.0)),
+        round_timeout_s=float(rt.get("round_timeout_s", 3600.0)))
+
+
 def _parallel(exp: Experiment, fed: fd.FederatedDataset, trainer: Trainer,
               rt: dict[str, Any]) -> Any:
     """``transport = "parallel"``: refused with the reason where workers cannot run it."""
@@ -430,7 +448,13 @@ def _parallel(exp: Experiment, fed: fd.FederatedDataset, trainer: Trainer,
         raise ConfigError("runtime.transport", "parallel", f"a transport that can run this "
                           f"experiment: {why} (use 'auto' or 'sequential')")
     return ParallelTransport(factory, fed,
-                             num_workers=rt.get("workers"), inner=rt.get("inner", "sequential"))
+                             num_workers=_workers(rt), inner=rt.get("inner", "sequential"))
+
+
+def _workers(rt: dict[str, Any]) -> int | None:
+    """``[runtime] workers`` for a local pool: "auto" (or none) is one per usable core."""
+    workers = rt.get("workers")
+    return None if workers == "auto" else workers
 
 
 def _user_model_fn(exp: Experiment) -> Callable[[], torch.nn.Module]:

@@ -97,7 +97,8 @@ TRANSPORT_KEYS = {
     "sequential": set(),
     "batched": {"memory_budget_mb", "max_clients_per_chunk", "batching"},
     "parallel": {"workers", "inner"},
-    "ray": {"workers", "address"},
+    "ray": {"workers", "address", "cpus", "gpus", "memory_mb", "runtime_env", "inner",
+            "start_timeout_s", "round_timeout_s"},
 }
 
 
@@ -225,9 +226,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_clients_per_chunk": _int(1),
         "batching": _choice(("auto", "always")),
         "inner": _choice(("sequential", "batched")),
-        "workers": _int(1, 4096),
+        "workers": Key((int, str), "an integer from 1 to 4096, or 'auto' (as many as the cores "
+                       "or, for Ray, the cluster's free resources allow)",
+                       lambda v: v == "auto" if isinstance(v, str) else 1 <= v <= 4096),
         "address": Key((str,), "a Ray cluster address, e.g. 'auto' or 'ray://host:10001'",
                        lambda v: bool(v.strip())),
+        # Ray (issue #21): per-worker resources, what the nodes need, and every wait's limit.
+        "cpus": _float(*POSITIVE),
+        "gpus": _float("a number >= 0", lambda v: 0 <= v < math.inf),
+        "memory_mb": _float(*POSITIVE),
+        "runtime_env": Key((dict,), "a table Ray understands, e.g. {working_dir = '.'} or "
+                           "{pip = ['package']}", lambda v: bool(v)),
+        "start_timeout_s": _float(*POSITIVE),
+        "round_timeout_s": _float(*POSITIVE),
         "secure_aggregation": Key((bool,), "true or false", default=False),
         "secagg_clip": _float(*POSITIVE),
         "secagg_max_weight": _float(*POSITIVE),
