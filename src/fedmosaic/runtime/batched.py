@@ -485,11 +485,12 @@ class BatchedTransport:
         # One row per client, a fresh tensor (faster than repeat; expand().contiguous()
         # would alias w0 for a single client).
         w = torch.empty((k, w0.numel()), dtype=w0.dtype, device=dev).copy_(w0)
-        lr, mu = plan.lr.to(dev), plan.mu.to(dev)
+        on = self._on_device
+        lr, mu = on(plan.lr), on(plan.mu)
         prox = bool((plan.mu > 0).any())
         loss_sum = torch.zeros(k, device=dev)
         correct = torch.zeros(k, device=dev)
-        index, mask, active = plan.index.to(dev), plan.mask.to(dev), plan.active.to(dev)
+        index, mask, active = on(plan.index), on(plan.mask), on(plan.active)
         if self._chain is not None and manual_step_reason(
                 self._chain, self.trainer.loss_name, self._x.dim() - 1) is None:
             # The gradient written out by hand (runtime/chain.py): no autograd graph.
@@ -524,6 +525,11 @@ class BatchedTransport:
             return
         finite = finite_rows(deltas).cpu()
         yield self._reduce(tasks, deltas, plan, metrics, finite, weighting)
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the transport's device (no call at all on the CPU, where it already is:
+        a round makes a dozen of these)."""
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     def _autograd_steps(
         self, w: torch.Tensor, w0: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,
