@@ -239,7 +239,9 @@ def decide(
     best = min(tied, key=lambda k: ((est[k] - setup_seconds(k)) / load.rounds,
                                     candidates.index(k)))
     shown = ", ".join(f"{k} {v:.3g}" for k, v in est.items())
-    why = (f"fastest by estimate ({load.clients_per_round} clients x "
+    how = "fastest by estimate" if est[best] == low else (
+        f"within {TIE:.0%} of the fastest estimate (a tie), the lowest per-round time")
+    why = (f"{how} ({load.clients_per_round} clients x "
            f"{load.steps_per_client:.3g} steps per round, {load.rounds} rounds, "
            f"{load.macs_per_sample:.3g} MACs per sample, {cores} usable cores; "
            f"estimated seconds: {shown})")
