@@ -509,8 +509,14 @@ def test_server_survives_ten_thousand_hostile_messages(
     def over_budget(o: Outcome) -> bool:
         return o.code == C.RESOURCE_EXHAUSTED and "from this member" in o.details
 
+    # An upload stream still open when its round closes is cancelled with that reason,
+    # whatever it carried: a refusal too, decided by timing before the content was judged.
+    def round_closed(o: Outcome) -> bool:
+        return o.code == C.CANCELLED and "closed while the stream was waiting" in o.details
+
     wrong = Counter((o.kind, o.expected, o.code, o.details[:80]) for o in outcomes
-                    if o.expected is not None and o.code != o.expected and not over_budget(o))
+                    if o.expected is not None and o.code != o.expected and not over_budget(o)
+                    and not round_closed(o))
     assert not wrong, wrong.most_common(10)
     # Garbage and truncated messages, decodable by chance or not, are answered by the service.
     unserved = Counter((o.kind, o.code, o.details[:80]) for o in outcomes
