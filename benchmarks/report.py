@@ -265,10 +265,11 @@ def compute_compare_section(d: dict[str, Any]) -> str:
         lines += ["", "Every round includes one evaluation of the global model on the 10,000 "
                   "test images; in the reference (one thread) it takes " + ", ".join(evals) + ". "
                   "With worker processes (fedmosaic parallel, and the default where it chose "
-                  "them), the server evaluates on the threads the idle workers hold between "
-                  "rounds (`Server(eval_threads=...)`, set by `fm.simulate`), here 2; pfl and "
-                  "the reference evaluate on one thread, and Flower's server process keeps "
-                  "torch's default thread count (its runner does not set one)."]
+                  "them), the workers, idle between rounds, each predict a share of the test "
+                  "set on their own thread and the server computes the metrics from the "
+                  "outputs (`ParallelTransport.predict_test`, set up by `fm.simulate`); pfl "
+                  "and the reference evaluate on one thread, and Flower's server process "
+                  "keeps torch's default thread count (its runner does not set one: here 2)."]
     lines += [
         "",
         "fedmosaic's default against each peer (speed-up = the peer's seconds per round / "

@@ -531,3 +531,39 @@ def test_the_default_is_one_worker_per_usable_core(digits):
         assert transport.num_workers == len(os.sched_getaffinity(0)) == len(transport.pids)
         assert transport.full_steps(digits.client_ids[0], FitConfig(round=1)) == \
             make_trainer().full_steps(len(digits.clients[0].train), FitConfig(round=1))
+
+
+# -- central evaluation on the idle workers ---------------------------------------------------
+def test_central_evaluation_is_shared_by_the_idle_workers(digits, par, monkeypatch):
+    calls = []
+    original = par.predict_test
+    monkeypatch.setattr(par, "predict_test", lambda w: calls.append(1) or original(w))
+    seq = _run(digits, fm.FedAvg(clients_per_round=10))
+    one = _run(digits, fm.FedAvg(clients_per_round=10), par)
+    assert len(calls) == 2, "one shared evaluation per round"
+    _same_records(seq, one)  # test_loss and test_accuracy as a single process computes them
+    w = make_trainer().initial_weights(0)
+    shared = original(w)
+    assert shared.shape == (len(digits.test), 10)
+    assert torch.allclose(shared, make_trainer().predict(w, digits.test), atol=1e-6)
+
+
+def test_central_evaluation_survives_a_lost_worker_and_falls_back_when_it_must(
+        digits, monkeypatch):
+    from fedmosaic.runtime.auto import central_evaluator
+
+    w = make_trainer().initial_weights(0)
+    want = make_trainer().evaluate(w, digits.test)
+    with ParallelTransport(make_trainer(), digits, num_workers=2) as transport:
+        evaluate = central_evaluator(transport, make_trainer(), digits.test)
+        assert evaluate is not None
+        # A worker killed between rounds is replaced before the shared evaluation.
+        os.kill(transport.pids[0], signal.SIGKILL)
+        assert transport.predict_test(w) is not None
+        assert evaluate(w, digits.test) == pytest.approx(want, rel=1e-6)
+        # A share that cannot be predicted: the server evaluates by itself, same metrics.
+        monkeypatch.setattr(transport, "predict_test", lambda weights: None)
+        assert evaluate(w, digits.test) == pytest.approx(want, rel=1e-6)
+    # Only a plain TorchTrainer beside a ParallelTransport holding that test set.
+    assert central_evaluator(SequentialTransport(make_trainer(), digits), make_trainer(),
+                             digits.test) is None

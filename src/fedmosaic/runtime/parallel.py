@@ -154,6 +154,7 @@ class _DataLayout:
     feature_shape: tuple[int, ...]
     clients: list[tuple[str, tuple[_ArraySlot, _ArraySlot],
                         tuple[_ArraySlot, _ArraySlot] | None]] = field(default_factory=list)
+    test: tuple[_ArraySlot, _ArraySlot] | None = None  # the central test set, if any
 
 
 def _shareable(data: object) -> bool:
@@ -171,6 +172,10 @@ def _share_data(data: FederatedDataset) -> tuple[SharedMemory, _DataLayout]:
         arrays += [c.train.x, c.train.y]
         if c.test is not None:
             arrays += [c.test.x, c.test.y]
+    # The central test set too: the workers evaluate shares of it (``predict_test``).
+    central = data.test if type(data.test) is ArrayDataset else None
+    if central is not None:
+        arrays += [central.x, central.y]
     # A dense array keeps its exact strides: they differ from the canonical ones on size-1
     # axes (numpy's choice after a reshape), and torch reads them, e.g. an (n, 1, 28, 28)
     # image array whose channel stride is one element is taken as channels-last, for which
@@ -196,6 +201,8 @@ def _share_data(data: FederatedDataset) -> tuple[SharedMemory, _DataLayout]:
         train = (next(it), next(it))
         test = (next(it), next(it)) if c.test is not None else None
         layout.clients.append((c.client_id, train, test))
+    if central is not None:
+        layout.test = (next(it), next(it))
     return shm, layout
 
 
@@ -271,12 +278,18 @@ class _WorkerState:
     def __init__(self, init: _Init) -> None:
         obj = pickle.loads(init.trainer)
         trainer: Trainer = obj() if init.is_factory else obj
+        self.trainer = trainer
         self._data_shm: SharedMemory | None = None
+        self.test: ArrayDataset | None = None
         if isinstance(init.data, _DataLayout):
             self._data_shm = _attach(init.data.shm_name)
             data: Any = _mapped_data(self._data_shm, init.data)
+            if init.data.test is not None:
+                tx, ty = init.data.test
+                self.test = ArrayDataset(_view(self._data_shm, tx), _view(self._data_shm, ty))
         else:
             data = pickle.loads(init.data)
+            self.test = getattr(data, "test", None)
         self.inner: Any
         if init.inner == "batched":
             from fedmosaic.runtime.batched import BatchedTransport
@@ -316,6 +329,14 @@ class _WorkerState:
     def evaluate(self, ref: _WeightsRef | torch.Tensor, client_ids: list[str],
                  round_num: int) -> list[EvalResult]:
         return list(self.inner.evaluate(self.weights(ref), client_ids, round_num))
+
+    def predict(self, ref: _WeightsRef | torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The model's outputs for samples ``start:stop`` of the central test set."""
+        predict = getattr(self.trainer, "predict", None)
+        if self.test is None or predict is None:
+            raise RuntimeError("no central test set or no trainer.predict in this worker")
+        part = ArrayDataset(self.test.x[start:stop], self.test.y[start:stop])
+        return predict(self.weights(ref), part)
 
 
 def _reason(exc: BaseException) -> str:
@@ -385,7 +406,8 @@ def _worker_main(conn: connection.Connection) -> None:
         if kind == "stop":
             return
         try:
-            out = state.fit(*args) if kind == "fit" else state.evaluate(*args)
+            call = {"fit": state.fit, "evaluate": state.evaluate, "predict": state.predict}
+            out = call[kind](*args)
             reply = _dumps(("ok", call_id, out, state.fallback_reason()))
         except Exception as exc:  # the whole call failed (not one client): say why
             reply = _dumps(("failed", call_id, _reason(exc), state.fallback_reason()))
@@ -574,6 +596,7 @@ class ParallelTransport:
         self._busy: set[int] = set()  # workers with an unanswered call (a generator left open)
         self._closed = False
         self.batched_fallback: str | None = None
+        self._test_shared = False
         self._ctx = mp.get_context("forkserver")
         self._pool = _Pool(workers=[None] * num_workers)
         self._finalizer = weakref.finalize(self, _shutdown, self._pool)
@@ -585,6 +608,7 @@ class ParallelTransport:
             forkserver.ensure_running()
             if _shareable(federated_data):
                 shm, layout = _share_data(federated_data)
+                self._test_shared = layout.test is not None
                 self._pool.segments.append(shm)
                 data_payload: _DataLayout | bytes = layout
             else:
@@ -732,6 +756,37 @@ class ParallelTransport:
         groups = _balance(ids, [sizes.get(c, 0) for c in ids], self.num_workers)
         calls = {i: ("evaluate", (ref, g, round_num), g) for i, g in enumerate(groups) if g}
         yield from self._in_order(ids, self._run(calls, round_num), None)
+
+    def predict_test(self, weights: torch.Tensor) -> torch.Tensor | None:
+        """The model's outputs on the central test set (``federated_data.test``), each worker
+        predicting a contiguous share of it on its own thread, in whole evaluation batches
+        (the batches a single process would run). The workers are idle between synchronous
+        rounds, and one process with two threads runs a small CNN's evaluation far less than
+        twice as fast. None when there is no shared test set or a worker fails (the caller
+        then evaluates in its own process)."""
+        self._check_open()
+        test = getattr(self.data, "test", None)
+        if test is None or not self._test_shared:
+            return None
+        n = len(test)
+        bs = int(getattr(self._driver(), "eval_batch_size", 512) or 512)
+        batches = -(-n // bs)
+        cuts = [round(i * batches / self.num_workers) for i in range(self.num_workers + 1)]
+        ref = self._share_weights(weights)
+        calls = {i: ("predict", (ref, cuts[i] * bs, min(n, cuts[i + 1] * bs)), [])
+                 for i in range(self.num_workers) if cuts[i + 1] > cuts[i]}
+        outs = dict(self._run(calls, 0))
+        if not all(isinstance(outs.get(i), torch.Tensor) for i in calls):
+            log.warning("ParallelTransport: a worker could not predict its share of the test "
+                        "set; evaluating in the server process instead")
+            return None
+        return torch.cat([outs[i] for i in sorted(calls)])
+
+    def _driver(self) -> Trainer:
+        """A trainer in this process (built from the factory once, if one was given)."""
+        if self._driver_trainer is None:
+            self._driver_trainer = self._trainer()  # type: ignore[operator]
+        return self._driver_trainer
 
     # -- dispatch -----------------------------------------------------------------------------
     def _in_order(self, ids: list[str], outcomes: Iterator[tuple[int, list[Any]]],

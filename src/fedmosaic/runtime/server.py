@@ -134,6 +134,7 @@ class Server:
         federated_eval: FederatedEvaluation | None = None,
         schedule: Schedule | None = None,
         eval_threads: int | None = None,
+        central_evaluate: Callable[[torch.Tensor, Dataset], dict[str, float]] | None = None,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -146,6 +147,10 @@ class Server:
         # transport whose worker processes hold the cores while clients train leaves them idle
         # while the server evaluates: fm.simulate passes their count here.
         self.eval_threads = eval_threads
+        # How the central evaluation runs when not here (fm.simulate passes one that has a
+        # ParallelTransport's idle workers predict shares of the test set): ``(weights,
+        # test_data) -> metrics``, as ``trainer.evaluate``.
+        self.central_evaluate = central_evaluate
         self.trainer, self.strategy, self.transport = trainer, strategy, transport
         self.rounds, self.seed, self.test_data = rounds, seed, test_data
         self.eval_every = eval_every
@@ -330,8 +335,11 @@ class Server:
         if self.test_data is not None and (
             version % self.eval_every == 0 or version == self.rounds
         ):
-            with _torch_threads(self.eval_threads):
-                ev = self.trainer.evaluate(state.weights, self.test_data)
+            if self.central_evaluate is not None:
+                ev = self.central_evaluate(state.weights, self.test_data)
+            else:
+                with _torch_threads(self.eval_threads):
+                    ev = self.trainer.evaluate(state.weights, self.test_data)
             record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
         if self.federated_eval is not None and (
             version % self.eval_every == 0 or version == self.rounds

@@ -10,7 +10,12 @@ import torch
 
 from fedmosaic.algorithms.strategy import FedAvg
 from fedmosaic.core.errors import CheckpointError
-from fedmosaic.runtime.auto import central_eval_threads, close_transport, describe_transport
+from fedmosaic.runtime.auto import (
+    central_eval_threads,
+    central_evaluator,
+    close_transport,
+    describe_transport,
+)
 from fedmosaic.runtime.checkpoint import clear_run, holds_run
 from fedmosaic.runtime.evaluation import FederatedEvaluation, evaluation_guarantee
 from fedmosaic.runtime.result import RunResult
@@ -86,15 +91,17 @@ def _simulate(
     stop_after: int | None, federated_eval: FederatedEvaluation | None,
     central_eval: bool, schedule: Schedule | None,
 ) -> RunResult:
+    the_schedule = schedule if schedule is not None else getattr(strategy, "schedule", None)
+    test = getattr(federated_data, "test", None) if central_eval else None
     server = Server(
         trainer=trainer,
         strategy=strategy,
         transport=transport,
-        eval_threads=central_eval_threads(
-            transport, schedule if schedule is not None else getattr(strategy, "schedule", None)),
+        eval_threads=central_eval_threads(transport, the_schedule),
+        central_evaluate=central_evaluator(transport, trainer, test, the_schedule),
         rounds=rounds,
         seed=seed,
-        test_data=getattr(federated_data, "test", None) if central_eval else None,
+        test_data=test,
         eval_every=eval_every,
         out_dir=out_dir,
         identity=identity,

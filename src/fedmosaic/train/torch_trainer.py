@@ -223,7 +223,13 @@ class TorchTrainer:
         """Loss, accuracy (classification) and user metrics of ``weights`` on ``data``."""
         if len(data) == 0:
             raise ValueError("cannot evaluate on an empty data set")
-        out = self.predict(weights, data)
+        return self.evaluate_outputs(self.predict(weights, data), data)
+
+    def evaluate_outputs(self, out: torch.Tensor, data: Dataset) -> dict[str, float]:
+        """``evaluate``'s metrics from the model's outputs on ``data`` (``predict``'s, here
+        or in worker processes that each predicted a share of it)."""
+        if len(out) != len(data):
+            raise ValueError(f"{len(out)} outputs for {len(data)} samples")
         y = torch.as_tensor(data.y)
         result = {"loss": float(self._eval_loss(out, y)), "num_samples": float(len(data))}
         if self.classification:
