@@ -114,9 +114,11 @@ def test_fedbuff_over_grpc_slowest_killed_then_server_killed_and_resumed(
     assert history[-1]["sim_time"] > 0  # real seconds served
     assert 0 < history[-1]["test_accuracy"] <= 1
     # Every applied update was accepted by exactly one client's upload (the killed client's
-    # count is unknown: it cannot report); at most K - 1 accepted updates were still in the
-    # buffer when the server was killed, never applied. The fast clients did most of the work.
-    assert sum(accepted.values()) <= STEPS * K + K - 1
+    # count is unknown: it cannot report). Accepted but never applied: at most K - 1 still in
+    # the buffer when the server was killed, and at most K - 1 that arrived concurrently with
+    # the last version's aggregation (the run ends there). The fast clients did most of the
+    # work.
+    assert sum(accepted.values()) <= STEPS * K + 2 * (K - 1)
     fast = [accepted[c] for c in CLIENTS if _delay(c) == FAST]
     slow = [accepted[c] for c in CLIENTS[:-1] if _delay(c) == SLOW]
     assert sum(fast) / len(fast) > 2 * sum(slow) / len(slow), accepted
