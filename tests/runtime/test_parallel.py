@@ -557,12 +557,16 @@ def test_central_evaluation_survives_a_lost_worker_and_falls_back_when_it_must(
     with ParallelTransport(make_trainer(), digits, num_workers=2) as transport:
         evaluate = central_evaluator(transport, make_trainer(), digits.test)
         assert evaluate is not None
+        # A share that cannot be predicted: the evaluator says so, and the server evaluates
+        # by itself, with the same metrics.
+        with monkeypatch.context() as m:
+            m.setattr(transport, "predict_test", lambda weights: None)
+            assert evaluate(w, digits.test) is None
+            seq = _run(digits, fm.FedAvg(clients_per_round=10))
+            _same_records(seq, _run(digits, fm.FedAvg(clients_per_round=10), transport))
         # A worker killed between rounds is replaced before the shared evaluation.
         os.kill(transport.pids[0], signal.SIGKILL)
         assert transport.predict_test(w) is not None
-        assert evaluate(w, digits.test) == pytest.approx(want, rel=1e-6)
-        # A share that cannot be predicted: the server evaluates by itself, same metrics.
-        monkeypatch.setattr(transport, "predict_test", lambda weights: None)
         assert evaluate(w, digits.test) == pytest.approx(want, rel=1e-6)
     # Only a plain TorchTrainer beside a ParallelTransport holding that test set.
     assert central_evaluator(SequentialTransport(make_trainer(), digits), make_trainer(),

@@ -272,3 +272,14 @@ def test_bad_ray_options_are_refused_before_anything_starts(digits):
         RayTransport(make_trainer, digits, inner="vmap")
     with pytest.raises(ValueError, match="gpus_per_worker"):
         RayTransport(make_trainer, digits, gpus_per_worker=-1)
+
+
+def test_start_up_causes_ray_hides_are_named_with_what_to_do():
+    from fedmosaic.runtime.ray_transport import _cause
+
+    auth = RuntimeError("The actor died unexpectedly\nrpc failed: Missing authorization header")
+    assert "same RAY_AUTH_TOKEN" in _cause(auth)
+    missing = RuntimeError("The actor died\nModuleNotFoundError: No module named 'task'")
+    assert "runtime_env" in _cause(missing) and "install it there" in _cause(missing)
+    body = RuntimeError("ActorDiedError: died\n  at worker.py\nValueError: bad loss 'x'")
+    assert "(ValueError: bad loss 'x')" in _cause(body)

@@ -20,7 +20,6 @@ is the same wherever and however often it is loaded.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -139,8 +138,7 @@ class LazyFederation:
     (``client_ids``, ``client(cid)``, ``sizes()`` of the clients loaded so far) and keeps the
     most recently used clients in memory up to ``cache_bytes`` (at least the last one loaded),
     so that memory depends on the clients trained, not on the population. ``loaded`` counts
-    the loads per client (a client evicted and trained again is loaded again); ``where``
-    names this process (host and pid), for checking where data was loaded. ``test``: the
+    the loads per client (a client evicted and trained again is loaded again). ``test``: the
     server's own central test set, if any (``fm.simulate`` evaluates on it; the driver of a
     ``RayTransport`` with a source passes a ``LazyFederation`` it never loads clients from).
     """
@@ -159,7 +157,6 @@ class LazyFederation:
         self._held = 0
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.where = f"{os.uname().nodename}:{os.getpid()}"
 
     @property
     def client_ids(self) -> list[str]:

@@ -498,6 +498,18 @@ def describe_transport(transport: Any) -> dict[str, Any]:
     return out
 
 
+def _idle_workers(transport: Any, schedule: Any = None) -> Any:
+    """The ``ParallelTransport`` that trains under ``transport`` (through wrappers), whose
+    workers sit idle while a synchronous round is evaluated; None for anything else,
+    including asynchronous schedules, whose workers may still be training then."""
+    if schedule is not None and type(schedule).__name__ != "SyncSchedule":
+        return None
+    inner = transport
+    while getattr(inner, "inner", None) is not None and not isinstance(inner.inner, str):
+        inner = inner.inner
+    return inner if type(inner).__name__ == "ParallelTransport" else None
+
+
 def central_evaluator(transport: Any, trainer: Any, test_data: Any,
                       schedule: Any = None) -> Any:
     """How ``fm.simulate``'s server evaluates centrally beside ``transport``: with a
@@ -505,47 +517,30 @@ def central_evaluator(transport: Any, trainer: Any, test_data: Any,
     workers build the same model), in synchronous rounds, its idle workers each predict a
     share of the test set and the server computes the metrics from their outputs
     (``predict_test`` and ``TorchTrainer.evaluate_outputs``; the same metrics up to float
-    rounding); when a worker cannot, the server evaluates on the workers' threads itself.
-    None (the server's own evaluation) for everything else."""
+    rounding). The evaluator returns None when a share cannot be predicted, and the server
+    then evaluates by itself (``Server(eval_threads=...)``). None (the server's own
+    evaluation) for everything else."""
     from fedmosaic.train.torch_trainer import TorchTrainer
 
-    if schedule is not None and type(schedule).__name__ != "SyncSchedule":
+    workers = _idle_workers(transport, schedule)
+    if workers is None or type(trainer) is not TorchTrainer or test_data is None \
+            or getattr(workers.data, "test", None) is not test_data:
         return None
-    inner = transport
-    while getattr(inner, "inner", None) is not None and not isinstance(inner.inner, str):
-        inner = inner.inner
-    if type(inner).__name__ != "ParallelTransport" or type(trainer) is not TorchTrainer:
-        return None
-    if test_data is None or getattr(inner.data, "test", None) is not test_data:
-        return None
-    threads = central_eval_threads(transport, schedule)
 
-    def evaluate(weights: torch.Tensor, data: Any) -> dict[str, float]:
-        out = inner.predict_test(weights) if data is test_data else None
-        if out is None:
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads or before)
-            try:
-                return trainer.evaluate(weights, data)
-            finally:
-                torch.set_num_threads(before)
-        return trainer.evaluate_outputs(out, data)
+    def evaluate(weights: torch.Tensor, data: Any) -> dict[str, float] | None:
+        out = workers.predict_test(weights) if data is test_data else None
+        return None if out is None else trainer.evaluate_outputs(out, data)
 
     return evaluate
 
 
 def central_eval_threads(transport: Any, schedule: Any = None) -> int | None:
-    """torch threads for the server's central evaluation beside ``transport``: the threads of
-    a ``ParallelTransport``'s workers (capped at the usable cores), which sit idle while a
-    synchronous round is evaluated; None (the process's own setting) for everything else,
-    including asynchronous schedules, whose workers may still be training then."""
-    if schedule is not None and type(schedule).__name__ != "SyncSchedule":
+    """torch threads for the server's own central evaluation beside ``transport``: the
+    threads of a ``ParallelTransport``'s workers (capped at the usable cores), idle while a
+    synchronous round is evaluated; None (the process's own setting) for everything else."""
+    workers = _idle_workers(transport, schedule)
+    if workers is None:
         return None
-    inner = transport
-    while getattr(inner, "inner", None) is not None and not isinstance(inner.inner, str):
-        inner = inner.inner
-    if type(inner).__name__ != "ParallelTransport":
-        return None
-    held = int(inner.num_workers) * int(getattr(inner, "torch_threads", 1))
+    held = int(workers.num_workers) * int(getattr(workers, "torch_threads", 1))
     threads = min(held, usable_cores())
     return threads if threads > torch.get_num_threads() else None

@@ -204,6 +204,7 @@ class BatchedTransport:
         self._chain = (linear_chain(trainer.model, trainer.spec)
                        if self.fallback_reason is None else None)
         self._timing_pending = False
+        self._manual_step = False  # set with the data (_ensure_data)
         self.decision = (f"sequential: {self.fallback_reason}" if self.fallback_reason
                          else self._speed_rule())
         if self.fallback_reason is None and not self._timing_pending and \
@@ -371,6 +372,9 @@ class BatchedTransport:
             offset += len(train)
         # One numpy concatenation, then one tensor (thousands of small tensors cost more).
         self._x = torch.as_tensor(_concat(xs)).to(self.device)
+        # Whether a chain takes the hand-written step: decided once, from the data's shape.
+        self._manual_step = self._chain is not None and manual_step_reason(
+            self._chain, self.trainer.loss_name, self._x.dim() - 1) is None
         self._y = torch.as_tensor(_concat(ys)).to(self.device)
 
     def _batch_size(self, cfg: FitConfig) -> int:
@@ -491,8 +495,7 @@ class BatchedTransport:
         loss_sum = torch.zeros(k, device=dev)
         correct = torch.zeros(k, device=dev)
         index, mask, active = on(plan.index), on(plan.mask), on(plan.active)
-        if self._chain is not None and manual_step_reason(
-                self._chain, self.trainer.loss_name, self._x.dim() - 1) is None:
+        if self._manual_step:
             # The gradient written out by hand (runtime/chain.py): no autograd graph.
             chain = self._chain
             rows = {e.offset: w[:, e.offset : e.offset + e.numel] for e in chain_params(chain)}

@@ -378,7 +378,8 @@ class RayTransport:
                     f"no Ray worker started within {self.start_timeout_s:g} s (the cluster "
                     f"has {_free(ray)} free; each worker needs what cpus_per_worker, "
                     "gpus_per_worker and memory_per_worker say)")
-            late = [a for a, r in zip(actors, refs, strict=True) if r in set(waiting)]
+            unplaced = set(waiting)
+            late = [a for a, r in zip(actors, refs, strict=True) if r in unplaced]
             log.warning("RayTransport: %d of %d workers could not be placed within %g s; "
                         "going on with %d", len(late), len(refs), self.start_timeout_s, placed)
             for actor in late:
@@ -663,15 +664,24 @@ def _free(ray: Any) -> str:
     return ", ".join(parts)
 
 
-# Causes that Ray reports only in its logs, with what to do about them.
+# Causes that Ray reports only in its logs, with what to do about them: (words that name it,
+# matched without case, advice).
 _KNOWN_CAUSES = (
-    ("authorization", "Ray's token authentication refused the worker (Ray 2.60 turns it on "
-                      "after an earlier local ray.init): start the cluster and the driver with "
-                      "the same RAY_AUTH_TOKEN, or restart the cluster"),
-    ("ModuleNotFoundError", "a module the workers need is not installed on the cluster's "
-                            "nodes: install it there, or pass runtime_env={'working_dir': "
-                            "...} / {'pip': [...]}"),
+    (("authorization", "authentication"),
+     "Ray's token authentication refused the worker (Ray 2.60 turns it on after an earlier "
+     "local ray.init): start the cluster and the driver with the same RAY_AUTH_TOKEN, or "
+     "restart the cluster"),
+    (("modulenotfounderror",),
+     "a module the workers need is not installed on the cluster's nodes: install it there, "
+     "or pass runtime_env={'working_dir': ...} / {'pip': [...]}"),
 )
+
+
+def _known_cause(text: str) -> str | None:
+    """The advice for the known cause (``_KNOWN_CAUSES``) that ``text`` names, if any."""
+    low = text.lower()
+    return next((advice for words, advice in _KNOWN_CAUSES
+                 if any(w in low for w in words)), None)
 
 
 def _cause(exc: BaseException) -> str:
@@ -680,18 +690,18 @@ def _cause(exc: BaseException) -> str:
     session's logs, which are searched for known causes."""
     text = str(exc)
     line = _first_line(exc)
-    for needle, advice in _KNOWN_CAUSES:
-        if needle.lower() in text.lower():
-            return f"{line} ({advice})"
+    advice = _known_cause(text)
+    if advice is not None:
+        return f"{line} ({advice})"
     body = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
-    detail = next((ln for ln in reversed(body) if "Error" in ln or "error" in ln), None)
+    detail = next((ln for ln in reversed(body) if "error" in ln.lower()), None)
     logged = _logged_cause()
     extra = f"; Ray's log says: {logged}" if logged else ""
     return f"{line}{f' ({detail})' if detail and detail not in line else ''}{extra}"
 
 
 def _logged_cause() -> str | None:
-    """The last known cause (``_KNOWN_CAUSES``) in this Ray session's log files, if any."""
+    """The known cause (``_KNOWN_CAUSES``) in this Ray session's newest log files, if any."""
     try:
         import ray
 
@@ -699,17 +709,15 @@ def _logged_cause() -> str | None:
     except Exception:  # no local session (a ray:// client) or Ray internals moved
         return None
     logs = Path(session) / "logs"
-    found = None
     try:
         files = sorted(logs.glob("*.err")) + sorted(logs.glob("*.log"))
     except OSError:
         return None
+    found = None
     for path in files[-200:]:
         try:
             tail = path.read_bytes()[-65536:].decode("utf-8", "replace")
         except OSError:
             continue
-        for needle, advice in _KNOWN_CAUSES:
-            if needle in tail:
-                found = advice
+        found = _known_cause(tail) or found
     return found

@@ -134,7 +134,8 @@ class Server:
         federated_eval: FederatedEvaluation | None = None,
         schedule: Schedule | None = None,
         eval_threads: int | None = None,
-        central_evaluate: Callable[[torch.Tensor, Dataset], dict[str, float]] | None = None,
+        central_evaluate: Callable[[torch.Tensor, Dataset], dict[str, float] | None]
+        | None = None,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -149,7 +150,8 @@ class Server:
         self.eval_threads = eval_threads
         # How the central evaluation runs when not here (fm.simulate passes one that has a
         # ParallelTransport's idle workers predict shares of the test set): ``(weights,
-        # test_data) -> metrics``, as ``trainer.evaluate``.
+        # test_data) -> metrics``, as ``trainer.evaluate``, or None when it cannot, and the
+        # server evaluates by itself on ``eval_threads``.
         self.central_evaluate = central_evaluate
         self.trainer, self.strategy, self.transport = trainer, strategy, transport
         self.rounds, self.seed, self.test_data = rounds, seed, test_data
@@ -335,9 +337,9 @@ class Server:
         if self.test_data is not None and (
             version % self.eval_every == 0 or version == self.rounds
         ):
-            if self.central_evaluate is not None:
-                ev = self.central_evaluate(state.weights, self.test_data)
-            else:
+            ev = None if self.central_evaluate is None else \
+                self.central_evaluate(state.weights, self.test_data)
+            if ev is None:
                 with _torch_threads(self.eval_threads):
                     ev = self.trainer.evaluate(state.weights, self.test_data)
             record.update({f"test_{k}": v for k, v in ev.items() if k != "num_samples"})
