@@ -296,7 +296,7 @@ def test_ray_transport_evaluates_on_its_actors(local_fed):
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
     # A partial of library callables: Ray pickles it by reference (importable by workers).
     factory = functools.partial(fm.TorchTrainer, functools.partial(MLP, 5, [8], 3), lr=0.1,
                                 batch_size=8)

@@ -34,7 +34,7 @@ def ray_instance():
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=8, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
     yield ray
     if started:
         ray.shutdown()

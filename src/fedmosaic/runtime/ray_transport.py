@@ -301,6 +301,9 @@ class RayTransport:
                 # process would bury the run's log; failures are reported here anyway.
                 "logging_level": logging.WARNING,
                 "log_to_driver": False,
+                # Leave the application's logging as it is: by default ray.init puts its own
+                # handler on the root logger, bound to the sys.stderr of that moment.
+                "configure_logging": False,
             }
             if address is None:
                 # "local", not None: None would join a cluster left by ``ray start`` on this
