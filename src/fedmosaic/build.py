@@ -183,6 +183,40 @@ def client_data(exp: Experiment, client_id: str) -> fd.ClientData:
     return fed.client(client_id)
 
 
+def loads_on_workers(exp: Experiment) -> bool:
+    """Whether the clients' data is loaded on the workers, never by this process: the user's
+    own data ("files" or "custom") trained by Ray workers (issue #21)."""
+    return exp["runtime"]["transport"] == "ray" and exp["data"]["dataset"] in USER_DATASETS
+
+
+def client_source(exp: Experiment) -> Any:
+    """The client source of a "files" or "custom" data set (``fedmosaic.data.source``): the
+    recipe that workers load each client from, with the experiment's local test split."""
+    from fedmosaic.data.source import FileSource, LoaderSource
+
+    d, seed = exp["data"], exp[""]["seed"]
+    if d["dataset"] == "files":
+        return FileSource({cid: str(_data_path(exp, path)) for cid, path in d["clients"].items()},
+                          label=d.get("label"),
+                          features=tuple(d["features"]) if d.get("features") else None,
+                          test_fraction=d.get("test_fraction"), seed=seed)
+    return LoaderSource(d["loader"], tuple(d["clients"]), base_dir=str(experiment_dir(exp)),
+                        test_fraction=d.get("test_fraction"), seed=seed)
+
+
+def driver_federation(exp: Experiment) -> tuple[Any, ServerTask]:
+    """What the driver of a run whose workers load the data holds (``loads_on_workers``):
+    a ``LazyFederation`` over ``client_source(exp)`` that it never loads a client from (the
+    client ids and the central test set only), and the ``server_task`` -- the trainer and
+    the task's shape, from the test set or ``[data] feature_shape`` / ``num_classes``, as
+    ``fedmosaic server`` builds them without the clients' data."""
+    from fedmosaic.data.source import LazyFederation, check_source
+
+    _refuse_server_side_client_data(exp, "a Ray run whose workers load the data")
+    task = server_task(exp)
+    return LazyFederation(check_source(client_source(exp)), cache_bytes=0, test=task.test), task
+
+
 def _clean_data(exp: Experiment) -> fd.FederatedDataset:
     d = dict(exp["data"])
     name = d.pop("dataset")
@@ -294,18 +328,20 @@ class ServerTask:
     data: fd.FederatedDataset | None = None
 
 
-def _refuse_server_side_client_data(exp: Experiment) -> None:
-    """Deployment with the clients' own data: what would need that data on the server."""
+def _refuse_server_side_client_data(exp: Experiment, who: str = "fedmosaic server") -> None:
+    """Deployment with the clients' own data (or a Ray run whose workers load it): what would
+    need that data on the server (``who``)."""
     dataset = exp["data"]["dataset"]
+    elsewhere = "on their machines (run it with fedmosaic run)" if who == "fedmosaic server" \
+        else "on the workers (use another transport)"
     if exp["attack"]:
         raise ConfigError("attack", exp["attack"].get("kind"), f"no [attack] table for "
-                          f"fedmosaic server with dataset '{dataset}': a simulated attack "
-                          "poisons the clients' data, which stays on their machines (run it "
-                          "with fedmosaic run)")
+                          f"{who} with dataset '{dataset}': a simulated attack poisons the "
+                          f"clients' data, which stays {elsewhere}")
     if _root_samples(exp) is not None:
-        raise ConfigError("robust.aggregator", "fltrust", f"another rule for fedmosaic server "
-                          f"with dataset '{dataset}': FLTrust's root data set is held out of "
-                          "the clients' data, which the server does not have")
+        raise ConfigError("robust.aggregator", "fltrust", f"another rule for {who} with "
+                          f"dataset '{dataset}': FLTrust's root data set is held out of the "
+                          "clients' data, which the server does not have")
 
 
 def server_task(exp: Experiment) -> ServerTask:
@@ -386,6 +422,14 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
         transport = BatchedTransport(trainer, fed, **rt)
     elif kind == "ray":
         transport = _ray(exp, fed, rt)
+    if not isinstance(fed, fd.FederatedDataset):
+        # The driver holds no client data (driver_federation): nothing here may need it.
+        if secure and "secagg_max_weight" not in exp["runtime"] and \
+                exp["strategy"]["weighting"] != "uniform" and \
+                exp["privacy"]["mode"] != "distributed":
+            raise ConfigError("runtime.secagg_max_weight", "<missing>", "required when the "
+                              "workers load the clients' data: the driver cannot read the "
+                              "largest client's sample count")
     else:
         transport = SequentialTransport(trainer, fed)
     plan = build_attack(exp, fed)
@@ -416,17 +460,30 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     return transport
 
 
-def _ray(exp: Experiment, fed: fd.FederatedDataset, rt: dict[str, Any]) -> RayTransport:
+def _ray(exp: Experiment, fed: Any, rt: dict[str, Any]) -> RayTransport:
     """``transport = "ray"``: the cluster named by ``address`` or ``RAY_ADDRESS`` (else a
     private local Ray), ``workers`` actors (or "auto": as many as its free resources hold),
     each with ``cpus`` / ``gpus`` / ``memory_mb``; a relative ``runtime_env.working_dir`` is
-    the experiment file's directory's."""
+    the experiment file's directory's. ``fed`` is the whole federation, which goes to the
+    workers through the object store, or a driver's ``LazyFederation``
+    (``driver_federation``), whose source each worker loads its clients from."""
+    from fedmosaic.data.source import LazyFederation
+
+    lazy = isinstance(fed, LazyFederation)
     env = dict(rt["runtime_env"]) if "runtime_env" in rt else None
     if env is not None and isinstance(env.get("working_dir"), str):
         env["working_dir"] = str((experiment_dir(exp) / env["working_dir"]).resolve())
     memory = rt.get("memory_mb")
+    if lazy:
+        d = exp["data"]
+        factory = trainer_factory(exp, feature_shape=(
+            fed.test.feature_shape if fed.test is not None else d.get("feature_shape")),
+            num_classes=d.get("num_classes"))
+    else:
+        factory = trainer_factory(exp, fed)
     return RayTransport(
-        trainer_factory(exp, fed), fed, num_workers=rt.get("workers", 2),
+        factory, None if lazy else fed, source=fed.source if lazy else None,
+        num_workers=rt.get("workers", 2),
         address=rt.get("address"), cpus_per_worker=float(rt.get("cpus", 1.0)),
         gpus_per_worker=float(rt.get("gpus", 0.0)),
         memory_per_worker=None if memory is None else int(memory * 2**20),
@@ -708,7 +765,8 @@ def _evaluation_plan(exp: Experiment,
     central, local = evaluation_data(data)
     if fed is not None:
         central = fed.test is not None and len(fed.test) > 0
-        local = any(c.test is not None and len(c.test) > 0 for c in fed.clients)
+        if isinstance(fed, fd.FederatedDataset):  # else the data is on the workers: unknown
+            local = any(c.test is not None and len(c.test) > 0 for c in fed.clients)
     use_central = ev.get("central", central)
     if use_central and not central:
         raise ConfigError("evaluation.central", True, evaluation_missing(data, "central"))

@@ -108,7 +108,14 @@ class RoundProgress:
 def _execute(exp: Any, out: Path, resume: bool) -> None:
     import torch
 
-    from fedmosaic.build import build_data, build_strategy, build_trainer, simulate_experiment
+    from fedmosaic.build import (
+        build_data,
+        build_strategy,
+        build_trainer,
+        driver_federation,
+        loads_on_workers,
+        simulate_experiment,
+    )
     from fedmosaic.runtime.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
@@ -123,16 +130,25 @@ def _execute(exp: Any, out: Path, resume: bool) -> None:
     if done == rounds:
         console.print(f"{out}: all {rounds} rounds already complete; nothing to resume.")
         return
-    fed = build_data(exp)
-    trainer = build_trainer(exp, fed)
-    strategy = build_strategy(exp, fed)
-    cohort, population = strategy.clients_per_round, len(fed.clients)
+    if loads_on_workers(exp):
+        # The Ray workers load the clients' data where they train it; this process holds the
+        # client ids and the central test set only (issue #21).
+        fed, task = driver_federation(exp)
+        trainer = task.trainer
+        strategy = build_strategy(exp, profile=task.profile)
+        where = "loaded on the Ray workers"
+    else:
+        fed = build_data(exp)
+        trainer = build_trainer(exp, fed)
+        strategy = build_strategy(exp, fed)
+        where = fed.name
+    cohort, population = strategy.clients_per_round, len(fed.client_ids)
     if cohort is not None and cohort > population:
         # The sampler would quietly take everyone; a config that asks for more clients than
         # exist is a mistake (a typo, or a partition that changed), so say so before training.
         _fail(f"[strategy] clients_per_round = {cohort} but the federation has {population} "
               f"clients: at most {population}")
-    console.print(f"[bold]{exp.name}[/]: {fed.name}, {len(fed.clients)} clients, "
+    console.print(f"[bold]{exp.name}[/]: {where}, {population} clients, "
                   f"{trainer.spec.numel:,} parameters, strategy {strategy.name}, "
                   f"server optimizer {strategy.server_opt.name}"
                   + (f"; resuming after round {done}" if resume else ""))
@@ -160,7 +176,11 @@ def _print_transport(record: dict[str, Any]) -> None:
     """The run's transport, and why when ``auto`` chose it (also in guarantees.json)."""
     kind = record["transport"]
     if "workers" in record:
-        kind += f" ({record['workers']} workers)"
+        n = record.get("nodes")
+        nodes = f" on {n} nodes" if isinstance(n, int) and n > 1 else ""
+        kind += f" ({record['workers']} workers{nodes})"
+    if "client_data" in record:
+        kind += f"; client data {record['client_data']}"
     if record.get("chosen_by") == "auto":
         console.print(f"transport {kind}, chosen by auto: {escape(record['reason'])}")
     else:

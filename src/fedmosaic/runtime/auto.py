@@ -492,6 +492,8 @@ def describe_transport(transport: Any) -> dict[str, Any]:
     decision = getattr(inner, "decision", None)
     if type(inner).__name__ == "BatchedTransport" and decision:
         out["batching"] = decision
+    if type(inner).__name__ == "RayTransport":
+        out.update(inner.describe())
     fallback = getattr(inner, "batched_fallback", None)  # ParallelTransport's batched workers
     if type(inner).__name__ == "ParallelTransport" and isinstance(fallback, str):
         out["batching"] = f"sequential: {fallback}"

@@ -208,9 +208,26 @@ class BatchedTransport:
         self.decision = (f"sequential: {self.fallback_reason}" if self.fallback_reason
                          else self._speed_rule())
         if self.fallback_reason is None and not self._timing_pending and \
-                self.device.type == "cpu":
+                self.device.type == "cpu" and self._sizes:
             # Decided by rule to batch on the CPU: gather the clients' data now, with the rest
             # of the set-up, not inside the first round (a device is touched at the first fit).
+            self._ensure_data()
+
+    def use_data(self, federated_data: object) -> None:
+        """Train from now on over ``federated_data``'s clients, keeping what was decided.
+
+        A Ray worker fed by a client source holds only the clients of its current share
+        (``RayTransport``); it points its batched transport at them each round. The batching
+        decision, the chain trace and the chunk size stay (they depend on the model, not on
+        which clients train); the gathered data is rebuilt, from the new clients only."""
+        self.data = federated_data
+        self.sequential = SequentialTransport(self.trainer, federated_data)
+        ids = list(federated_data.client_ids)  # type: ignore[attr-defined]
+        data = federated_data
+        self._sizes = {c: len(data.client(c).train) for c in ids}  # type: ignore[attr-defined]
+        self._x = self._y = None
+        self._offsets = {}
+        if self.fallback_reason is None and not self._timing_pending and ids:
             self._ensure_data()
 
     # -- Transport protocol -----------------------------------------------------------------

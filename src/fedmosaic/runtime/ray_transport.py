@@ -27,6 +27,7 @@ need ``fedmosaic`` installed, or a ``runtime_env`` that provides it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -130,12 +131,15 @@ class _Worker:
             LazyFederation(data, cache_bytes=cache_bytes)
         trainer = trainer_factory()
         self._local: Any
-        if inner == "batched" and isinstance(self._data, FederatedDataset):
+        # With a source, a batched worker gathers only its share of each round (use_data).
+        self._per_round = inner == "batched" and not isinstance(self._data, FederatedDataset)
+        if inner == "batched":
             # The actor's share of a round as vmapped cohorts, where that is faster than
             # one client after another (BatchedTransport decides, and says why not).
             from fedmosaic.runtime.batched import BatchedTransport
 
-            self._local = BatchedTransport(trainer, self._data)  # type: ignore[arg-type]
+            self._local = BatchedTransport(
+                trainer, _Share(self._data, []) if self._per_round else self._data)  # type: ignore[arg-type]
         else:
             # Training one client after another is exactly what SequentialTransport does;
             # reusing it keeps the updates (delta, metrics, failures) identical.
@@ -160,7 +164,11 @@ class _Worker:
         self, weights: torch.Tensor, tasks: Sequence[ClientTask], weighting: Weighting | None,
     ) -> list[TransportResult]:
         """Train ``tasks``; with ``weighting`` return one partial sum."""
-        results = (_on_cpu(r) for r in self._local.fit(weights, tasks, weighting))
+        failed: list[TransportResult] = []
+        if self._per_round:
+            tasks, failed = self._load_share(tasks)
+        results = itertools.chain(
+            failed, (_on_cpu(r) for r in self._local.fit(weights, tasks, weighting)))
         if weighting is None:
             return list(results)
         round_num = max(t.config.round for t in tasks)
@@ -169,11 +177,38 @@ class _Worker:
             tally.add(result)
         return [tally.to_partial()]
 
+    def _load_share(self, tasks: Sequence[ClientTask],
+                    ) -> tuple[list[ClientTask], list[TransportResult]]:
+        """Load this round's share through the cache and point the batched transport at it;
+        a client whose loading fails is a ``ClientFailure`` (as in sequential training)."""
+        ok, failed = [], []
+        for task in tasks:
+            try:
+                self._data.client(task.client_id)
+                ok.append(task)
+            except Exception as exc:  # the user's loader failed for this client
+                failed.append(ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}"))
+        self._local.use_data(_Share(self._data, [t.client_id for t in ok]))
+        return ok, failed
+
     def evaluate(
         self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
     ) -> list[EvalResult]:
         """Federated evaluation of ``client_ids`` on their local test splits, in order."""
+        if self._per_round:  # evaluation is one client after another anyway
+            return list(SequentialTransport(self._local.trainer, self._data).evaluate(
+                weights, client_ids, round_num))
         return list(self._local.evaluate(weights, client_ids, round_num))
+
+
+class _Share:
+    """Some clients of a ``LazyFederation``: what a batched worker trains in one round."""
+
+    def __init__(self, data: LazyFederation, client_ids: list[str]) -> None:
+        self._data, self.client_ids = data, client_ids
+
+    def client(self, client_id: str) -> Any:
+        return self._data.client(client_id)
 
 
 class WorkersLostError(FedmosaicError):
@@ -197,8 +232,9 @@ class RayTransport:
       id over the pool), so a client that trains again finds its data cached.
 
     Each actor trains its clients one after another (``inner="sequential"``) or, with
-    ``inner="batched"`` and a ``FederatedDataset``, as vmapped cohorts where that is faster
-    (``BatchedTransport`` decides per model and says why not; ``where()`` reports it), and,
+    ``inner="batched"``, as vmapped cohorts where that is faster (``BatchedTransport``
+    decides per model and says why not; ``where()`` reports it; with a source the actor
+    gathers only its share of each round), and,
     when the server passes a ``weighting``, sums their updates into one ``PartialAggregate``.
     A client whose training raises is a ``ClientFailure``. An actor that dies (or whose node
     is lost) has its clients trained again by the surviving actors within the round; a
@@ -256,10 +292,6 @@ class RayTransport:
             raise ValueError(f"torch_threads must be a positive integer, got {torch_threads!r}")
         if inner not in ("sequential", "batched"):
             raise ValueError(f"inner must be 'sequential' or 'batched', got {inner!r}")
-        if inner == "batched" and source is not None:
-            raise ValueError("inner='batched' needs the clients' data in the actors' memory "
-                             "(a FederatedDataset); with a source each actor trains one client "
-                             "after another")
         if not start_timeout_s > 0 or (round_timeout_s is not None and not round_timeout_s > 0):
             raise ValueError("start_timeout_s and round_timeout_s must be > 0 seconds")
         ray = _import_ray()
@@ -564,6 +596,22 @@ class RayTransport:
         """Each live actor's node, process and loads (``_Worker.where``)."""
         return self._ray.get([a.where.remote() for a in self._actors],
                              timeout=self.start_timeout_s)
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records: the live workers, the nodes they are on, where the client
+        data is loaded and, for batched workers, what they decided."""
+        out: dict[str, Any] = {"workers": len(self._actors),
+                               "client_data": "loaded on the workers" if self.source is not None
+                               else "in the object store"}
+        try:
+            where = self.where()
+        except Exception as exc:  # a worker lost just now: the record says so, the run goes on
+            out["nodes"] = f"unknown ({_first_line(exc)})"
+            return out
+        out["nodes"] = len({w["node_id"] for w in where})
+        if self.inner == "batched":
+            out["batching"] = sorted({w["training"] for w in where})
+        return out
 
     def _index(self, actor: Any) -> int:
         return self._actors.index(actor) if actor in self._actors else -1
