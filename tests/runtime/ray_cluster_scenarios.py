@@ -2,7 +2,7 @@
 of their own inside a network namespace that has only loopback (so that every Ray node is on
 127.0.0.1: Ray otherwise picks the host's own address). Writes what it observed as JSON.
 
-Usage: python ray_cluster_scenarios.py WORKDIR OUT.json
+Usage: python ray_cluster_scenarios.py WORKDIR OUT.json [SCENARIO ...]
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -45,6 +47,7 @@ def _task(root: Path, digits: Any) -> LoaderSource:
     """One .npz per client and a task module whose load_data records the process it ran in."""
     for c in digits.clients:
         np.savez(root / f"{c.client_id}.npz", x=c.train.x, y=c.train.y)
+    np.savez(root / "test.npz", x=digits.test.x, y=digits.test.y)
     (root / "where_task.py").write_text(textwrap.dedent(f"""
         import os
         import numpy as np
@@ -54,6 +57,10 @@ def _task(root: Path, digits: Any) -> LoaderSource:
             with open({str(root / "loads.log")!r}, "a") as fh:
                 fh.write(f"{{os.getpid()}} {{client_id}}\\n")
             arrays = np.load({str(root)!r} + f"/{{client_id}}.npz")
+            return ArrayDataset(arrays["x"], arrays["y"])
+
+        def load_test():
+            arrays = np.load({str(root / "test.npz")!r})
             return ArrayDataset(arrays["x"], arrays["y"])
     """))
     return LoaderSource("where_task:load_data", tuple(digits.client_ids), base_dir=str(root))
@@ -131,13 +138,96 @@ def loss(root: Path, digits: Any, out: dict[str, Any]) -> None:
         cluster.shutdown()
 
 
+EXPERIMENT = """\
+name = "cluster-cli"
+rounds = {rounds}
+seed = 0
+threads = 1
+[strategy]
+clients_per_round = 8
+[model]
+kind = "mlp"
+hidden = [64]
+[train]
+lr = 0.05
+batch_size = 32
+[runtime]
+transport = "ray"
+workers = 2
+start_timeout_s = 8
+[data]
+dataset = "custom"
+loader = "where_task:load_data"
+test_loader = "where_task:load_test"
+num_classes = 10
+clients = {clients}
+"""
+
+
+def _checkpointed(out: Path) -> int:
+    from fedmosaic.runtime.checkpoint import load_checkpoint
+
+    try:
+        return int(load_checkpoint(out)["round"])
+    except Exception:  # not written yet
+        return 0
+
+
+def cli(root: Path, digits: Any, out: dict[str, Any]) -> None:
+    """RAY_ADDRESS and `fedmosaic run` (no address in the file); the run interrupted, a node
+    lost, then `fedmosaic resume` on the one node left."""
+    cluster, nodes = _cluster(2)
+    try:
+        _task(root, digits)
+        rounds = 60
+        exp = root / "exp.toml"
+        exp.write_text(EXPERIMENT.format(rounds=rounds, clients=json.dumps(digits.client_ids)))
+        run_dir = root / "run"
+        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+        cmd = [sys.executable, "-m", "fedmosaic"]
+        with subprocess.Popen([*cmd, "run", str(exp), "-o", str(run_dir)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            deadline = time.monotonic() + 120
+            while _checkpointed(run_dir) < 3 and proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=60)
+        out["run_pid"], out["run_rc"] = proc.pid, proc.returncode
+        out["run_stdout"], out["run_stderr"] = stdout[-3000:], stderr[-3000:]
+        out["interrupted_after"] = _checkpointed(run_dir)
+        cluster.remove_node(nodes[1], allow_graceful=False)
+        t0 = time.monotonic()
+        with subprocess.Popen([*cmd, "resume", str(run_dir)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            stdout, stderr = proc.communicate(timeout=300)
+        out["resume_seconds"] = time.monotonic() - t0
+        out["resume_pid"], out["resume_rc"] = proc.pid, proc.returncode
+        out["resume_stdout"], out["resume_stderr"] = stdout[-3000:], stderr[-3000:]
+        metrics = run_dir / "metrics.json"
+        history = json.loads(metrics.read_text()) if metrics.exists() else []
+        out["rounds"] = [r["round"] for r in history]
+        out["updates"] = sorted({r["updates"] for r in history})
+        record = run_dir / "guarantees.json"
+        out["transport"] = json.loads(record.read_text())["transport"] if record.exists() \
+            else None
+        log = root / "loads.log"
+        out["load_pids"] = sorted({int(line.split()[0]) for line in
+                                   log.read_text().splitlines()}) if log.exists() else []
+    finally:
+        cluster.shutdown()
+
+
 def main() -> None:
     root, dest = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     train, test = load_digits()
     digits = partition(train, IID(), 12, seed=0, test=test, name="digits")
     out: dict[str, Any] = {}
-    for name, scenario in (("attach", attach), ("loss", loss)):
+    only = sys.argv[3:]  # scenario names, to run some of them (debugging)
+    for name, scenario in (("attach", attach), ("loss", loss), ("cli", cli)):
+        if only and name not in only:
+            continue
         part: dict[str, Any] = {}
         try:
             scenario(root, digits, part)

@@ -11,7 +11,9 @@ What is checked: ``RAY_ADDRESS`` alone attaches to the cluster; workers land on 
 client data is loaded by the workers (a loader that records the process it ran in), never by
 the driver; results equal the sequential transport's; the pool sizes itself to the cluster
 and refuses what cannot be placed; a lost node's clients train on the surviving node within
-the round; losing every node stops the run with a reason within a bounded time.
+the round; losing every node stops the run with a reason within a bounded time; `RAY_ADDRESS=...
+fedmosaic run` attaches from the CLI, and `fedmosaic resume` after a lost node completes on
+the node left.
 """
 
 from __future__ import annotations
@@ -85,3 +87,22 @@ def test_a_lost_node_never_hangs_the_run(observed):
     # Losing the last node: a reason within a bounded time, never an unbounded wait.
     assert seen["all_lost"].startswith("WorkersLostError: every Ray worker was lost")
     assert seen["all_lost_seconds"] < 60
+
+
+def test_fedmosaic_run_attaches_by_ray_address_and_resumes_on_the_node_left(observed):
+    seen = observed["cli"]
+    assert "error" not in seen, seen.get("error")
+    # `RAY_ADDRESS=... fedmosaic run exp.toml` with no address in the file: workers on both
+    # nodes, the data loaded by them only.
+    assert "transport ray (2 workers on 2 nodes)" in seen["run_stdout"], seen["run_stdout"]
+    assert seen["run_rc"] == 130 and seen["interrupted_after"] >= 3, seen["run_stderr"]
+    assert seen["load_pids"] and seen["run_pid"] not in seen["load_pids"]
+    assert seen["resume_pid"] not in seen["load_pids"]
+    # One node lost: resume places what the cluster holds (after a bounded wait for the
+    # second worker) and completes every round.
+    assert seen["resume_rc"] == 0, seen["resume_stderr"]
+    assert "1 of 2 workers could not be placed within 8 s; going on with 1" in \
+        seen["resume_stderr"]
+    assert seen["rounds"] == list(range(1, 61)) and seen["updates"] == [8]
+    assert seen["transport"]["workers"] == 1 and seen["transport"]["nodes"] == 1
+    assert seen["resume_seconds"] < 120
