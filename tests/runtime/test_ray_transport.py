@@ -283,3 +283,20 @@ def test_start_up_causes_ray_hides_are_named_with_what_to_do():
     assert "runtime_env" in _cause(missing) and "install it there" in _cause(missing)
     body = RuntimeError("ActorDiedError: died\n  at worker.py\nValueError: bad loss 'x'")
     assert "(ValueError: bad loss 'x')" in _cause(body)
+
+
+def test_tasks_travel_packed_and_unpack_to_the_same_tasks(digits):
+    import dataclasses
+    import pickle
+
+    from fedmosaic.runtime.ray_transport import _TaskPack
+
+    tasks = fm.FedAvg(clients_per_round=8, stragglers=0.5).configure_fit(
+        3, digits.client_ids, np.random.default_rng(0), run_seed=5,
+        full_steps={c: 9 for c in digits.client_ids})
+    assert len({t.config.max_steps for t in tasks}) > 1  # stragglers: caps differ
+    pack = pickle.loads(pickle.dumps(_TaskPack(tasks)))
+    assert pack.tasks is None and pack.unpack() == tasks
+    mixed = [tasks[0], dataclasses.replace(tasks[1], config=dataclasses.replace(
+        tasks[1].config, lr=0.5))]
+    assert _TaskPack(mixed).unpack() == mixed and _TaskPack(mixed).tasks is not None

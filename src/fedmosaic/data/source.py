@@ -20,9 +20,11 @@ is the same wherever and however often it is loaded.
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -81,11 +83,19 @@ class LoaderSource:
     def client_ids(self) -> list[str]:
         return list(self.ids)
 
+    @functools.cached_property
+    def _id_set(self) -> frozenset[str]:
+        # A membership test on the tuple would scan the population on every load.
+        return frozenset(self.ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_id_set"}  # rebuilt there
+
     def load(self, client_id: str) -> ClientData:
         from fedmosaic.data.files import client_from_loader
         from fedmosaic.task import load_object
 
-        _known(self.ids, client_id)
+        _known(self._id_set, client_id)
         key = (self.spec, self.base_dir)
         loader = _LOADERS.get(key)
         if loader is None:  # imported once per process, not once per client
@@ -120,7 +130,7 @@ class FileSource:
         return _client(client_id, train, None, self.test_fraction, self.seed)
 
 
-def _known(ids: Sequence[str] | Mapping[str, Any], client_id: str) -> None:
+def _known(ids: frozenset[str] | Mapping[str, Any], client_id: str) -> None:
     if client_id not in ids:
         raise KeyError(f"unknown client '{client_id}'")
 
@@ -138,7 +148,8 @@ class LazyFederation:
     (``client_ids``, ``client(cid)``, ``sizes()`` of the clients loaded so far) and keeps the
     most recently used clients in memory up to ``cache_bytes`` (at least the last one loaded),
     so that memory depends on the clients trained, not on the population. ``loaded`` counts
-    the loads per client (a client evicted and trained again is loaded again). ``test``: the
+    the loads per client (a client evicted and trained again is loaded again), and
+    ``load_seconds`` is the time spent in the source's ``load``. ``test``: the
     server's own central test set, if any (``fm.simulate`` evaluates on it; the driver of a
     ``RayTransport`` with a source passes a ``LazyFederation`` it never loads clients from).
     """
@@ -147,6 +158,7 @@ class LazyFederation:
     cache_bytes: int = 256 * 2**20
     test: ArrayDataset | None = None
     loaded: dict[str, int] = field(default_factory=dict)
+    load_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cache_bytes < 0:
@@ -170,7 +182,9 @@ class LazyFederation:
                 return hit[0]
         if client_id not in self._known:
             raise KeyError(f"unknown client '{client_id}'")
+        t0 = time.perf_counter()
         data = self.source.load(client_id)
+        took = time.perf_counter() - t0
         if data.client_id != client_id:
             raise FedmosaicError(f"the source loaded client '{data.client_id}' for "
                                  f"'{client_id}'")
@@ -179,6 +193,7 @@ class LazyFederation:
         size = _nbytes(data)
         with self._lock:
             self.loaded[client_id] = self.loaded.get(client_id, 0) + 1
+            self.load_seconds += took
             self._sizes[client_id] = len(data.train)
             self._cache[client_id] = (data, size)
             self._held += size

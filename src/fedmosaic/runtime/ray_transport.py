@@ -27,9 +27,11 @@ need ``fedmosaic`` installed, or a ``runtime_env`` that provides it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
+import operator
 import os
 import time
 import warnings
@@ -103,6 +105,37 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
+# Every FitConfig field but the per-client ones, so that a field added later travels too.
+_shared_fields = operator.attrgetter(*[f.name for f in dataclasses.fields(FitConfig)
+                                       if f.name not in ("seed", "max_steps")])
+
+
+class _TaskPack:
+    """A group's tasks as they travel to an actor: what the tasks share, once, and the ids,
+    seeds and step caps as plain lists. Pickling a thousand ``ClientTask`` objects costs
+    the driver (which shares the cores with the workers) more than the round's dispatch
+    otherwise; tasks that differ in anything else travel as they are."""
+
+    def __init__(self, tasks: Sequence[ClientTask]) -> None:
+        first = tasks[0]
+        shared = dataclasses.replace(first.config, seed=0, max_steps=None)
+        key = _shared_fields(first.config)
+        same = all(t.stages is first.stages and t.dispatch is first.dispatch and
+                   _shared_fields(t.config) == key for t in tasks)
+        self.tasks: list[ClientTask] | None = None if same else list(tasks)
+        self.shared, self.stages, self.dispatch = shared, first.stages, first.dispatch
+        self.ids = [t.client_id for t in tasks]
+        self.seeds = [t.config.seed for t in tasks]
+        self.steps = [t.config.max_steps for t in tasks]
+
+    def unpack(self) -> list[ClientTask]:
+        if self.tasks is not None:
+            return self.tasks
+        return [ClientTask(cid, dataclasses.replace(self.shared, seed=seed, max_steps=steps),
+                           self.stages, self.dispatch)
+                for cid, seed, steps in zip(self.ids, self.seeds, self.steps, strict=True)]
+
+
 def _on_cpu(result: TransportResult) -> TransportResult:
     """The result with its tensors on the CPU: the driver may have no accelerator."""
     if isinstance(result, ClientUpdate):
@@ -151,19 +184,25 @@ class _Worker:
         return True
 
     def where(self) -> dict[str, Any]:
-        """Which node and process this actor is, and what it loaded (a ``LazyFederation``'s
-        loads per client; empty for an in-memory federation)."""
+        """Which node and process this actor is, how it trains, what it loaded (a
+        ``LazyFederation``'s loads per client and time spent loading; nothing for an
+        in-memory federation), its resident memory and CPU time so far."""
         import ray
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "training": self.decision,
                 "loaded": dict(getattr(self._data, "loaded", {})),
-                "cached_bytes": int(getattr(self._data, "cached_bytes", 0))}
+                "load_seconds": float(getattr(self._data, "load_seconds", 0.0)),
+                "cached_bytes": int(getattr(self._data, "cached_bytes", 0)),
+                "rss_bytes": _rss_bytes(), "cpu_seconds": time.process_time()}
 
     def fit(
-        self, weights: torch.Tensor, tasks: Sequence[ClientTask], weighting: Weighting | None,
+        self, weights: torch.Tensor, tasks: Sequence[ClientTask] | _TaskPack,
+        weighting: Weighting | None,
     ) -> list[TransportResult]:
         """Train ``tasks``; with ``weighting`` return one partial sum."""
+        if isinstance(tasks, _TaskPack):
+            tasks = tasks.unpack()
         failed: list[TransportResult] = []
         if self._per_round:
             tasks, failed = self._load_share(tasks)
@@ -209,6 +248,17 @@ class _Share:
 
     def client(self, client_id: str) -> Any:
         return self._data.client(client_id)
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (its peak where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class WorkersLostError(FedmosaicError):
@@ -449,7 +499,7 @@ class RayTransport:
         round_num = max(t.config.round for t in tasks)
 
         def call(actor: Any, group: list[ClientTask]) -> Any:
-            return actor.fit.remote(weights_ref, group, weighting)
+            return actor.fit.remote(weights_ref, _TaskPack(group), weighting)
 
         def lost(group: list[ClientTask], reason: str) -> list[TransportResult]:
             return self._failures([t.client_id for t in group], round_num, reason)
