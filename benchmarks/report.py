@@ -1103,6 +1103,10 @@ def main() -> None:
         from async_deploy import markdown as async_deploy_markdown  # benchmarks/async_deploy.py
 
         parts.append(async_deploy_markdown(d))
+    if (d := load("ray_scale")) is not None:
+        from ray_scale import markdown as ray_scale_markdown  # benchmarks/ray_scale.py
+
+        parts.append(ray_scale_markdown(d))
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
 
