@@ -300,3 +300,28 @@ def test_tasks_travel_packed_and_unpack_to_the_same_tasks(digits):
     mixed = [tasks[0], dataclasses.replace(tasks[1], config=dataclasses.replace(
         tasks[1].config, lr=0.5))]
     assert _TaskPack(mixed).unpack() == mixed and _TaskPack(mixed).tasks is not None
+
+
+def test_fedbuff_on_source_fed_ray_workers_gives_the_sequential_model(ray_instance, digits,
+                                                                      tmp_path):
+    """The event-driven core's asynchronous schedules draw on the Ray workers like any
+    transport: lazy batches of pending tasks go to the actors, which load from a source."""
+    from fedmosaic.data.source import FileSource, LazyFederation
+    from fedmosaic.runtime.schedule import FedBuffSchedule
+
+    paths = {}
+    for c in digits.clients:
+        paths[c.client_id] = str(tmp_path / f"{c.client_id}.npz")
+        np.savez(paths[c.client_id], x=c.train.x, y=c.train.y)
+    source = FileSource(paths)
+
+    def run(transport, data):
+        return fm.simulate(make_trainer(), data, fm.FedAvg(), rounds=4, seed=0,
+                           transport=transport,
+                           schedule=FedBuffSchedule(buffer_size=3, concurrency=6))
+
+    want = run("sequential", digits)
+    with RayTransport(make_trainer, source=source, num_workers=2, inner="batched") as ray_t:
+        got = run(ray_t, LazyFederation(source, test=digits.test))
+    assert [r["updates"] for r in got.history] == [r["updates"] for r in want.history]
+    assert torch.allclose(got.weights, want.weights, atol=1e-5)
