@@ -345,10 +345,10 @@ def _capacity(by: dict[tuple[str, int], Any], pops: list[int], cohort: int) -> l
               "for this small model) more nodes do not shorten a round; a model whose "
               "clients take longer to train (a CNN: tens of ms each) scales to proportionally "
               f"more workers. Memory at 1,000,000 clients: about "
-              f"{grow_drv * 1e6 / 1024:.0f} MB more in the driver and {grow_wrk * 1e6 / 1024:.0f} "
-              "MB more in each worker than at a handful of clients: the client ids and their index, "
-              "nothing else there grows with the population (projected linearly from 10,000 "
-              "and 100,000, not measured).", ""]
+              f"{grow_drv * 1e6 / 1024:.0f} MB more in the driver and "
+              f"{grow_wrk * 1e6 / 1024:.0f} MB more in each worker than at a handful of "
+              "clients: the client ids and their index, nothing else there grows with the "
+              "population (projected linearly from 10,000 and 100,000, not measured).", ""]
     return lines
 
 
