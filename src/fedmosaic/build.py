@@ -407,6 +407,7 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     rt.pop("device")
     secure = rt.pop("secure_aggregation")
     secagg = {k.removeprefix("secagg_"): rt.pop(k) for k in list(rt) if k.startswith("secagg_")}
+    aggregators = rt.pop("shares_aggregators", 2)
     transport: Any
     if kind == "auto":
         from fedmosaic.runtime.auto import build_chosen, choose_transport
@@ -443,13 +444,21 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
         strategy.server_stages = (*strategy.server_stages,
                                   AttackMonitor(transport, trainer, fed.test))
     if secure:
-        from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
-
         # W: the largest weight a client may claim; by default the largest client data set,
         # which a real deployment would fix in its configuration instead.
         uniform = exp["privacy"]["mode"] == "distributed" or \
             exp["strategy"]["weighting"] == "uniform"
         default_w = 1.0 if uniform else float(max(fed.sizes().values()))
+    if secure == "shares":
+        from fedmosaic.privacy.shares_transport import SecretSharingTransport
+
+        return SecretSharingTransport(
+            transport, aggregators=aggregators,
+            clip=secagg.get("clip", 1.0), max_weight=secagg.get("max_weight", default_w),
+            secure_noise=bool(exp["privacy"].get("secure_noise", False)))
+    if secure:
+        from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
+
         transport = SecAggPlusTransport(
             transport, clip=secagg.get("clip", 1.0), max_weight=secagg.get("max_weight",
                                                                           default_w),

@@ -52,6 +52,9 @@ WEIGHTINGS = ("samples", "uniform")
 # "auto" (the default, fedmosaic.runtime.auto) picks sequential, batched, parallel or
 # parallel-batched for the model, the device, the cohort and the usable cores.
 TRANSPORTS = ("auto", "sequential", "batched", "parallel", "ray")
+# [runtime] secure_aggregation: SecAgg+ masking (one server) or additive secret sharing over
+# several non-colluding aggregators (privacy/shares.py).
+SECURE_AGGREGATION = ("secagg+", "shares")
 PRIVACY_MODES = ("none", "central", "distributed", "local")
 PRIVACY_KEYS = {
     "none": set(),
@@ -239,7 +242,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "{pip = ['package']}", lambda v: bool(v)),
         "start_timeout_s": _float(*POSITIVE),
         "round_timeout_s": _float(*POSITIVE),
-        "secure_aggregation": Key((bool,), "true or false", default=False),
+        # true is "secagg+"; read back as False or the protocol's name (SECURE_AGGREGATION).
+        "secure_aggregation": Key((bool, str), "false, true (= 'secagg+'), 'secagg+' or "
+                                  "'shares'", lambda v: isinstance(v, bool) or
+                                  v in SECURE_AGGREGATION, default=False),
+        # 'shares': how many aggregators (run by different organisations) hold the shares.
+        "shares_aggregators": _int(2, 16),
         "secagg_clip": _float(*POSITIVE),
         "secagg_max_weight": _float(*POSITIVE),
         "secagg_dropout_rate": _float("a number in [0, 1)", lambda v: 0 <= v < 1),
@@ -522,11 +530,20 @@ def _cross_check(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
     elif "mu" in strat:
         raise ConfigError("strategy.mu", strat["mu"], "only with strategy.name = 'fedprox'")
     rt = s["runtime"]
+    if rt["secure_aggregation"] is True:
+        rt["secure_aggregation"] = "secagg+"
     secagg_keys = {"secure_aggregation", "secagg_clip", "secagg_max_weight",
-                   "secagg_dropout_rate", "secagg_corrupted_fraction"}
+                   "secagg_dropout_rate", "secagg_corrupted_fraction", "shares_aggregators"}
     if not rt["secure_aggregation"]:
         for key in sorted(set(rt) & (secagg_keys - {"secure_aggregation"})):
             raise ConfigError(f"runtime.{key}", rt[key], "only with secure_aggregation = true")
+    only = {"secagg+": {"secagg_dropout_rate", "secagg_corrupted_fraction"},
+            "shares": {"shares_aggregators"}}
+    for mode, keys in only.items():
+        for key in sorted(set(rt) & keys):
+            if rt["secure_aggregation"] != mode:
+                raise ConfigError(f"runtime.{key}", rt[key],
+                                  f"only with secure_aggregation = '{mode}'")
     extra_rt = set(rt) - {"transport", "device"} - secagg_keys - TRANSPORT_KEYS[rt["transport"]]
     if extra_rt:
         key = sorted(extra_rt)[0]
@@ -587,6 +604,10 @@ def _check_schedule(s: dict[str, dict[str, Any]], raw: dict[str, Any]) -> None:
     if strat["stragglers"] > 0:
         raise ConfigError("strategy.stragglers", strat["stragglers"], f"0 with strategy."
                           f"schedule = '{kind}': slow clients come from the [clock] table")
+    if s["runtime"]["secure_aggregation"] == "shares":
+        raise ConfigError("strategy.schedule", kind, "'sync' with secure_aggregation = "
+                          "'shares': the aggregators sum one synchronous round's shares (a "
+                          "FedBuff buffer over secret sharing is not built)")
     if s["runtime"]["secure_aggregation"]:
         # FedBuff runs one SecAgg+ instance per buffer (privacy/secagg/buffer.py); fedmosaic
         # server refuses it when the live schedule is checked (runtime/schedule.py).

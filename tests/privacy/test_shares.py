@@ -152,3 +152,43 @@ def test_distributed_dp_composes_the_clients_add_the_noise(fed):
     assert len(res.metric("dp_epsilon")) == 3 and res.metric("dp_epsilon")[-1] > 0
     assert "clients" in res.guarantees["differential_privacy"]["noise_added_by"]
     assert "DP noise" in res.guarantees["server_sees"]
+
+
+def test_the_experiment_file_selects_secret_sharing_and_refuses_what_it_cannot_do():
+    from fedmosaic.build import build_data, build_strategy, build_trainer, build_transport
+    from fedmosaic.config import validate
+    from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
+
+    def exp(**runtime):
+        return {"rounds": 2, "data": {"dataset": "digits"}, "partition": {"clients": 6},
+                "runtime": runtime}
+
+    e = validate(exp(secure_aggregation="shares", shares_aggregators=3, secagg_clip=2.0))
+    fed = build_data(e)
+    transport = build_transport(e, fed, build_trainer(e, fed), build_strategy(e))
+    assert isinstance(transport, SecretSharingTransport)
+    assert transport.aggregators == 3 and transport.clip == 2.0
+    assert transport.max_weight == max(fed.sizes().values())
+    e = validate(exp(secure_aggregation=True))  # true is SecAgg+, as before
+    assert e["runtime"]["secure_aggregation"] == "secagg+"
+    assert isinstance(build_transport(e, fed, build_trainer(e, fed), build_strategy(e)),
+                      SecAggPlusTransport)
+    with pytest.raises(ConfigError, match="only with secure_aggregation = 'shares'"):
+        validate(exp(secure_aggregation=True, shares_aggregators=2))
+    with pytest.raises(ConfigError, match="only with secure_aggregation = 'secagg\\+'"):
+        validate(exp(secure_aggregation="shares", secagg_dropout_rate=0.2))
+    with pytest.raises(ConfigError, match="'secagg\\+' or 'shares'"):
+        validate(exp(secure_aggregation="ckks-please"))
+    with pytest.raises(ConfigError, match="'sync' with secure_aggregation = 'shares'"):
+        validate({**exp(secure_aggregation="shares"),
+                  "strategy": {"schedule": "fedbuff", "buffer_size": 3, "concurrency": 4}})
+
+
+def test_fedmosaic_server_refuses_secret_sharing_until_it_runs_over_grpc():
+    from fedmosaic.config import validate
+    from fedmosaic.net.server import _secagg_driver
+
+    e = validate({"rounds": 2, "data": {"dataset": "digits"},
+                  "runtime": {"secure_aggregation": "shares"}})
+    with pytest.raises(ConfigError, match="runs in simulation only so far"):
+        _secagg_driver(e, None, None)

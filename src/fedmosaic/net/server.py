@@ -324,6 +324,10 @@ def _secagg_driver(exp: Experiment, fed: Any, settings: DeploySettings) -> Any:
     rt = exp["runtime"]
     if not rt["secure_aggregation"]:
         return None
+    if rt["secure_aggregation"] != "secagg+":
+        raise ConfigError("runtime.secure_aggregation", rt["secure_aggregation"],
+                          "'secagg+' for fedmosaic server: secret sharing over several "
+                          "aggregators runs in simulation only so far (fedmosaic run)")
     from fedmosaic.net.secagg import SecAggRoundDriver
 
     uniform = exp["privacy"]["mode"] == "distributed" or exp["strategy"]["weighting"] == "uniform"
