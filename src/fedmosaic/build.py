@@ -409,6 +409,13 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     secagg = {k.removeprefix("secagg_"): rt.pop(k) for k in list(rt) if k.startswith("secagg_")}
     aggregators = rt.pop("shares_aggregators", 2)
     transport: Any
+    uniform = exp["privacy"]["mode"] == "distributed" or exp["strategy"]["weighting"] == "uniform"
+    if secure and not isinstance(fed, fd.FederatedDataset) and not uniform \
+            and "max_weight" not in secagg:
+        # The driver holds no client data (driver_federation): nothing here may need it.
+        raise ConfigError("runtime.secagg_max_weight", "<missing>", "required when the "
+                          "workers load the clients' data: the driver cannot read the "
+                          "largest client's sample count")
     if kind == "auto":
         from fedmosaic.runtime.auto import build_chosen, choose_transport
 
@@ -423,14 +430,6 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
         transport = BatchedTransport(trainer, fed, **rt)
     elif kind == "ray":
         transport = _ray(exp, fed, rt)
-    if not isinstance(fed, fd.FederatedDataset):
-        # The driver holds no client data (driver_federation): nothing here may need it.
-        if secure and "secagg_max_weight" not in exp["runtime"] and \
-                exp["strategy"]["weighting"] != "uniform" and \
-                exp["privacy"]["mode"] != "distributed":
-            raise ConfigError("runtime.secagg_max_weight", "<missing>", "required when the "
-                              "workers load the clients' data: the driver cannot read the "
-                              "largest client's sample count")
     else:
         transport = SequentialTransport(trainer, fed)
     plan = build_attack(exp, fed)
@@ -446,9 +445,8 @@ def build_transport(exp: Experiment, fed: fd.FederatedDataset, trainer: TorchTra
     if secure:
         # W: the largest weight a client may claim; by default the largest client data set,
         # which a real deployment would fix in its configuration instead.
-        uniform = exp["privacy"]["mode"] == "distributed" or \
-            exp["strategy"]["weighting"] == "uniform"
-        default_w = 1.0 if uniform else float(max(fed.sizes().values()))
+        default_w = 1.0 if uniform or "max_weight" in secagg else \
+            float(max(fed.sizes().values()))
     if secure == "shares":
         from fedmosaic.privacy.shares_transport import SecretSharingTransport
 
