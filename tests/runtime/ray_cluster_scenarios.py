@@ -185,16 +185,19 @@ def cli(root: Path, digits: Any, out: dict[str, Any]) -> None:
         run_dir = root / "run"
         env = {**os.environ, "RAY_ADDRESS": cluster.address}
         cmd = [sys.executable, "-m", "fedmosaic"]
+        lines = []
         with subprocess.Popen([*cmd, "run", str(exp), "-o", str(run_dir)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-            deadline = time.monotonic() + 120
-            while _checkpointed(run_dir) < 3 and proc.poll() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the CLI prints a line per round as it ends
+                lines.append(line)
+                if line.startswith("round 3/"):
+                    proc.send_signal(signal.SIGINT)
+                    break
             stdout, stderr = proc.communicate(timeout=60)
         out["run_pid"], out["run_rc"] = proc.pid, proc.returncode
-        out["run_stdout"], out["run_stderr"] = stdout[-3000:], stderr[-3000:]
+        out["run_stdout"] = "".join(lines) + stdout[-3000:]
+        out["run_stderr"] = stderr[-3000:]
         out["interrupted_after"] = _checkpointed(run_dir)
         cluster.remove_node(nodes[1], allow_graceful=False)
         t0 = time.monotonic()
