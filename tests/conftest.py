@@ -1,3 +1,4 @@
+import signal
 import sys
 
 import numpy as np
@@ -5,6 +6,12 @@ import pytest
 import torch
 
 from fedmosaic.data import ArrayDataset, ClientData, FederatedDataset
+
+# A suite started in the background by a non-interactive shell (`make test &`, nohup) inherits
+# SIGINT ignored, and exec keeps an ignored signal ignored: the tests that send Ctrl-C to a
+# CLI process would then see it run on. Handled signals are reset to the default by exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_blobs(n: int, seed: int, num_classes: int = 3, dim: int = 5) -> ArrayDataset:
