@@ -1103,6 +1103,10 @@ def main() -> None:
         from async_deploy import markdown as async_deploy_markdown  # benchmarks/async_deploy.py
 
         parts.append(async_deploy_markdown(d))
+    if (d := load("secure_modes")) is not None:
+        from secure_modes import markdown as secure_modes_markdown  # benchmarks/secure_modes.py
+
+        parts.append(secure_modes_markdown(d))
     if (d := load("ray_scale")) is not None:
         from ray_scale import markdown as ray_scale_markdown  # benchmarks/ray_scale.py
 
