@@ -297,7 +297,8 @@ def client_slow_first_fit(run: Run) -> None:
         seen = [0.0]
 
         def round_over() -> bool:  # the drop counter, read while the server runs
-            with contextlib.suppress(OSError):
+            # A server shutting down may answer /metrics without the series: keep the last.
+            with contextlib.suppress(OSError, KeyError):
                 seen[0] = fed.metrics()[DROPPED % "heartbeat_timeout"] - baseline
             return bool(fed.history()) or fed.procs["server"].poll() is not None
 
