@@ -192,3 +192,12 @@ def test_fedmosaic_server_refuses_secret_sharing_until_it_runs_over_grpc():
                   "runtime": {"secure_aggregation": "shares"}})
     with pytest.raises(ConfigError, match="runs in simulation only so far"):
         _secagg_driver(e, None, None)
+
+
+def test_one_client_is_never_released_as_a_sum(fed):
+    tr = _trainer()
+    transport = SecretSharingTransport(fm.SequentialTransport(tr, fed), max_weight=40, seed=1)
+    tasks = fm.FedAvg(clients_per_round=1).configure_fit(1, fed.client_ids,
+                                                         np.random.default_rng(0), run_seed=0)
+    (part,) = list(transport.fit(tr.initial_weights(0), tasks, fm.FedAvgAggregator()))
+    assert part.weighted_sum is None and "at least 2 clients" in part.rejected[-1]

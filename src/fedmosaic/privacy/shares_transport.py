@@ -169,8 +169,9 @@ class SecretSharingTransport:
             for u, _ in kept:
                 yield ClientFailure(u.client_id, reason)
             return
-        if not kept:
-            yield PartialAggregate(weighted_sum=None, rejected=rejected)
+        if len(kept) < 2:  # a "sum" of one update is that update
+            yield PartialAggregate(weighted_sum=None, rejected=[
+                *rejected, f"secret sharing needs at least 2 clients, {len(kept)} submitted"])
             return
         bits = encoder.bits if encoder is not None else self.bits
         quantizer = Quantizer(self.clip, bits=bits, num_clients=len(kept))
@@ -200,8 +201,10 @@ class SecretSharingTransport:
             "aggregator_seconds": [float(s) for s in res.aggregator_seconds],
             **({"encoder": encoder.describe()} if encoder is not None else {}),
         }
-        if not included:
-            yield PartialAggregate(weighted_sum=None, rejected=rejected)
+        if len(included) < 2:  # never release one client's update as a sum
+            yield PartialAggregate(weighted_sum=None, rejected=[
+                *rejected, f"secret sharing needs at least 2 clients in the sum, "
+                           f"{len(included)} reached every aggregator"])
             return
         members = [ids[i] for i in res.included]
         if encoder is not None:
