@@ -73,6 +73,7 @@ def one(config: str, population: int, cohort: int, rounds: int, weights_out: Pat
     """One configuration at one population, in this process."""
     import scale_task
     import torch
+    from common import peak_rss_mb
 
     import fedmosaic as fm
     from fedmosaic.data import ClientData, FederatedDataset
@@ -135,7 +136,7 @@ def one(config: str, population: int, cohort: int, rounds: int, weights_out: Pat
         out["updates"] = [r["updates"] for r in result.history]
         out["test_accuracy"] = result.history[-1].get("test_accuracy")
         out["driver_rss_mb"] = _rss_mb()
-        out["driver_peak_rss_mb"] = _peak_mb()
+        out["driver_peak_rss_mb"] = peak_rss_mb()
         if config.startswith("ray"):
             where = transport.where()
             out["nodes"] = len({w["node_id"] for w in where})
@@ -183,12 +184,6 @@ def _wait_idle(limit_s: float = 60.0) -> float:
     while quiet < 3 and time.perf_counter() - t0 < limit_s:
         quiet = quiet + 1 if _cpu_busy() < 0.1 else 0
     return time.perf_counter() - t0
-
-
-def _peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _in_namespace(argv: list[str]) -> int:

@@ -73,7 +73,7 @@ from fedmosaic.privacy.secagg.messages import (
     decode_message,
 )
 from fedmosaic.privacy.secagg.protocol import SecAggPlusClient, SecAggPlusServer
-from fedmosaic.privacy.secagg.quantize import Quantizer
+from fedmosaic.privacy.secagg.quantize import Quantizer, decode_weighted, weighted_row
 from fedmosaic.privacy.secagg.simulate import DEFAULT_CORRUPTED_FRACTION, make_config
 from fedmosaic.privacy.secagg.transport import SecAggPlusTransport
 from fedmosaic.privacy.skellam import SkellamMechanism, padded_dim
@@ -335,8 +335,8 @@ class SecAggRoundDriver:
         if mech is not None:
             return self._partial_integer(result, n, rnd, survivors, mech)
         quantizer = Quantizer(clip=self.clip, bits=self.bits, num_clients=n)
-        total = quantizer.decode(result.total)
-        count = round(float(total[-1]) / self.clip)
+        weighted, total_weight, count = decode_weighted(quantizer.decode(result.total),
+                                                        self.clip, self.max_weight)
         assert rnd.server is not None
         self.last_round = {"round": rnd.round, "clients": n, "survivors": len(survivors),
                            "degree": rnd.server.config.degree,
@@ -344,10 +344,8 @@ class SecAggRoundDriver:
         log.info("round %d: secure sum of %d of %d clients", rnd.round, count, n)
         if count == 0:
             return PartialAggregate(weighted_sum=None)
-        return PartialAggregate(
-            weighted_sum=torch.from_numpy(total[:-2] * self.max_weight).to(torch.float32),
-            total_weight=float(total[-2] / self.clip * self.max_weight), count=count,
-            client_ids=sorted(survivors))
+        return PartialAggregate(weighted_sum=weighted, total_weight=total_weight, count=count,
+                                client_ids=sorted(survivors))
 
     def _partial_integer(self, result: Any, n: int, rnd: _Round, survivors: set[str],
                          mech: SkellamMechanism) -> PartialAggregate:
@@ -538,8 +536,7 @@ def run_client_secagg(stubs: Any, task: pb.Task, delta: torch.Tensor, num_sample
         encoded = skellam.encode(delta.double().numpy(), SecureNoise().numpy(), task.round)
         dim, bits = skellam.encoded_dim, skellam.bits
     else:
-        scale = weight / s.max_weight
-        row = np.concatenate([delta.double().numpy() * scale, [scale * s.clip, s.clip]])
+        row = weighted_row(delta.double().numpy(), weight, s.clip, s.max_weight)
         dim, bits = row.size, s.bits
 
     def call(payload: bytes = b"") -> pb.SecAggEnvelope:

@@ -30,7 +30,13 @@ from fedmosaic.core.errors import ConfigError
 from fedmosaic.core.update import ClientUpdate
 from fedmosaic.privacy.randomness import SecureNoise, SeededNoise
 from fedmosaic.privacy.secagg.crypto import DeterministicRandom, system_random_bytes
-from fedmosaic.privacy.secagg.quantize import IntegerEncoder, Quantizer
+from fedmosaic.privacy.secagg.quantize import (
+    IntegerEncoder,
+    Quantizer,
+    check_sum_bounds,
+    decode_weighted,
+    weighted_row,
+)
 from fedmosaic.privacy.shares import shared_sum
 from fedmosaic.runtime.tally import ClientFailure, PartialAggregate, Weighting
 from fedmosaic.runtime.transport import EvalResult, Transport, TransportResult
@@ -64,10 +70,7 @@ class SecretSharingTransport:
             raise ValueError(f"aggregators must be an integer in [2, 16], got {aggregators!r}")
         if bits not in (32, 64):
             raise ValueError(f"bits must be 32 or 64, got {bits!r}")
-        if not clip > 0:
-            raise ValueError(f"clip must be > 0, got {clip}")
-        if not max_weight > 0:
-            raise ValueError(f"max_weight must be > 0, got {max_weight}")
+        check_sum_bounds(clip, max_weight)
         if not 0 <= simulate_dropout < 1:
             raise ValueError(f"simulate_dropout must be in [0, 1), got {simulate_dropout}")
         self.inner = inner
@@ -181,10 +184,8 @@ class SecretSharingTransport:
             if encoder is not None:
                 rows.append(encoder.encode(u.delta.double().numpy(), rng, round_num))
                 continue
-            scale = weight / self.max_weight
-            row = np.concatenate([u.delta.double().numpy() * scale,
-                                  [scale * self.clip, self.clip]])
-            rows.append(quantizer.encode(row, rng))
+            rows.append(quantizer.encode(weighted_row(u.delta.double().numpy(), weight,
+                                                      self.clip, self.max_weight), rng))
         res = shared_sum(np.stack(rows), aggregators=self.aggregators, bits=bits,
                          reached=self._dropouts(len(rows), round_num),
                          random_bytes=self._random_bytes(round_num))
@@ -215,12 +216,12 @@ class SecretSharingTransport:
                 metric_sums={}, bytes_up=self.last_round["bytes_up"], client_ids=members,
                 rejected=rejected)
             return
-        total = quantizer.decode(res.total)
+        weighted, total_weight, count = decode_weighted(quantizer.decode(res.total), self.clip,
+                                                        self.max_weight)
         yield PartialAggregate(
-            weighted_sum=torch.from_numpy(total[:-2] * self.max_weight).to(torch.float32),
-            total_weight=float(total[-2] / self.clip * self.max_weight),
-            count=round(float(total[-1]) / self.clip), num_samples=0, metric_sums={},
-            bytes_up=self.last_round["bytes_up"], client_ids=members, rejected=rejected)
+            weighted_sum=weighted, total_weight=total_weight, count=count, num_samples=0,
+            metric_sums={}, bytes_up=self.last_round["bytes_up"], client_ids=members,
+            rejected=rejected)
 
     # -- randomness --------------------------------------------------------------------------
     def _client_rng(self, task: ClientTask | None, noise: bool) -> np.random.Generator:

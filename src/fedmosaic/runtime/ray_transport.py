@@ -178,6 +178,10 @@ class _Worker:
             # reusing it keeps the updates (delta, metrics, failures) identical.
             self._local = SequentialTransport(trainer, self._data)
         self.decision = getattr(self._local, "decision", "sequential")
+        # A per-round batched transport holds only its last share: evaluate over the whole
+        # source, one client after another (as evaluation runs anyway).
+        self._evaluator = SequentialTransport(trainer, self._data) if self._per_round \
+            else self._local
 
     def ready(self) -> bool:
         """Returns once the constructor has run (trainer built, data received)."""
@@ -234,10 +238,7 @@ class _Worker:
         self, weights: torch.Tensor, client_ids: Sequence[str], round_num: int,
     ) -> list[EvalResult]:
         """Federated evaluation of ``client_ids`` on their local test splits, in order."""
-        if self._per_round:  # evaluation is one client after another anyway
-            return list(SequentialTransport(self._local.trainer, self._data).evaluate(
-                weights, client_ids, round_num))
-        return list(self._local.evaluate(weights, client_ids, round_num))
+        return list(self._evaluator.evaluate(weights, client_ids, round_num))
 
 
 class _Share:

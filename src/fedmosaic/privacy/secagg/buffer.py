@@ -73,7 +73,7 @@ from fedmosaic.core.errors import ConfigError, InvalidUpdateError
 from fedmosaic.core.update import ClientUpdate, validate_update
 from fedmosaic.privacy.secagg.errors import SecAggAbortError
 from fedmosaic.privacy.secagg.graph import secagg_plus_parameters
-from fedmosaic.privacy.secagg.quantize import Quantizer
+from fedmosaic.privacy.secagg.quantize import Quantizer, decode_weighted, weighted_row
 from fedmosaic.privacy.secagg.simulate import DEFAULT_CORRUPTED_FRACTION, secure_sum
 from fedmosaic.runtime.tally import ClientFailure
 
@@ -220,9 +220,8 @@ class SecureFedBuffBuffer:
         """What client ``p`` masks once told its staleness weight: its scaled delta, then its
         scaled weight and a count, the last two multiples of ``clip`` so never clipped (at
         ``s = 1`` exactly ``SecAggPlusTransport``'s input for a synchronous round)."""
-        wscale = p.weight / self.max_weight
-        return np.concatenate([p.delta.double().numpy() * (wscale * p.scale),
-                               [wscale * self.clip, self.clip]])
+        return weighted_row(p.delta.double().numpy(), p.weight, self.clip, self.max_weight,
+                            scale=p.scale)
 
     # -- closing (the SecAgg+ instance) -------------------------------------------------
 
@@ -273,16 +272,14 @@ class SecureFedBuffBuffer:
         }
         if self._report is not None:
             self._report(dict(summary))
-        total = res.sum
-        count = round(float(total[-1]) / self.clip)
+        weighted, total_weight, count = decode_weighted(res.sum, self.clip, self.max_weight)
         if count == 0:
             return None, self._stats([], pending, failures, summary)
         # As SecAggPlusTransport and RoundTally: one float32 sum merged into a running
         # accumulator, divided by the decoded total weight (so K = cohort at zero staleness
         # is the synchronous SecAgg+ round bit for bit).
         acc = WeightedMeanAccumulator(self.dim, device=self.device)
-        acc.merge(torch.from_numpy(total[:-2] * self.max_weight).to(torch.float32),
-                  float(total[-2] / self.clip * self.max_weight), count)
+        acc.merge(weighted, total_weight, count)
         return acc.result(), self._stats([pending[i] for i in survivors], pending, failures,
                                          summary, total_weight=acc.total_weight, count=count)
 

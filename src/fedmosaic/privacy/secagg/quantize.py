@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from fedmosaic.privacy.secagg.crypto import reduce_mod, ring_dtype
 
@@ -133,3 +134,34 @@ class Quantizer:
             signed = residues.astype(np.int64)
             signed[signed >= (1 << (self.bits - 1))] -= 1 << self.bits
         return signed.astype(np.float64) / self.scale
+
+
+# --------------------------------------------------------------------------- weighted rows
+
+
+def check_sum_bounds(clip: float, max_weight: float) -> None:
+    """``ValueError`` unless ``clip`` and ``max_weight`` (the largest weight a client may
+    claim) are > 0: what every fixed-point secure sum of weighted updates needs."""
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    if not max_weight > 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}")
+
+
+def weighted_row(delta: np.ndarray, weight: float, clip: float, max_weight: float,
+                 scale: float = 1.0) -> np.ndarray:
+    """What a client submits to a secure sum of weighted updates: ``(w / W) * scale * delta``
+    (clipped later, per coordinate, by the quantizer), then ``clip * w / W`` and ``clip``.
+    The last two are multiples of ``clip`` and never clipped, so the sum yields the weighted
+    sum, the total weight and the number of contributors (``decode_weighted``), and nothing
+    per client. ``scale`` is FedBuff's staleness factor (1 in a synchronous round)."""
+    wscale = weight / max_weight
+    return np.concatenate([delta * (wscale * scale), [wscale * clip, clip]])
+
+
+def decode_weighted(total: np.ndarray, clip: float,
+                    max_weight: float) -> tuple[torch.Tensor, float, int]:
+    """``(weighted sum as float32, total weight, count)`` of a decoded sum of
+    ``weighted_row``s."""
+    return (torch.from_numpy(total[:-2] * max_weight).to(torch.float32),
+            float(total[-2] / clip * max_weight), round(float(total[-1]) / clip))

@@ -56,7 +56,12 @@ from fedmosaic.core.update import ClientUpdate
 from fedmosaic.privacy.randomness import SecureNoise, SeededNoise
 from fedmosaic.privacy.secagg.buffer import SecureFedBuffBuffer
 from fedmosaic.privacy.secagg.errors import SecAggAbortError
-from fedmosaic.privacy.secagg.quantize import IntegerEncoder
+from fedmosaic.privacy.secagg.quantize import (
+    IntegerEncoder,
+    check_sum_bounds,
+    decode_weighted,
+    weighted_row,
+)
 from fedmosaic.privacy.secagg.simulate import (
     DEFAULT_CORRUPTED_FRACTION,
     DROPOUT_STAGES,
@@ -105,10 +110,7 @@ class SecAggPlusTransport:
         encoder: IntegerEncoder | None = None,
         secure_noise: bool = False,
     ) -> None:
-        if not clip > 0:
-            raise ValueError(f"clip must be > 0, got {clip}")
-        if not max_weight > 0:
-            raise ValueError(f"max_weight must be > 0, got {max_weight}")
+        check_sum_bounds(clip, max_weight)
         if not 0 <= corrupted_fraction < 1:
             raise ValueError(f"corrupted_fraction must be in [0, 1), got {corrupted_fraction}")
         if not 0 <= simulate_dropout < 1:
@@ -263,10 +265,8 @@ class SecAggPlusTransport:
                 rejected.append(f"update from client '{u.client_id}' not submitted: non-finite "
                                 f"values or weight {weight} outside (0, {self.max_weight}]")
                 continue
-            scale = weight / self.max_weight
-            # The two bookkeeping coordinates are multiples of clip so they are never clipped.
-            rows.append(np.concatenate([u.delta.double().numpy() * scale,
-                                        [scale * self.clip, self.clip]]))
+            rows.append(weighted_row(u.delta.double().numpy(), weight, self.clip,
+                                     self.max_weight))
             ids.append(u.client_id)
         if len(rows) < 2:
             yield PartialAggregate(weighted_sum=None, rejected=[
@@ -287,8 +287,7 @@ class SecAggPlusTransport:
         for i, cid in enumerate(ids):
             if i not in survivors:
                 yield ClientFailure(cid, "dropped out during secure aggregation")
-        total = res.sum
-        count = round(float(total[-1]) / self.clip)
+        weighted, total_weight, count = decode_weighted(res.sum, self.clip, self.max_weight)
         self.last_round = {
             "round": round_num, "clients": len(rows), "survivors": len(survivors),
             "degree": res.degree, "threshold": res.threshold,
@@ -300,10 +299,8 @@ class SecAggPlusTransport:
         if count == 0:
             yield PartialAggregate(weighted_sum=None, rejected=rejected)
             return
-        weighted = torch.from_numpy(total[:-2] * self.max_weight).to(torch.float32)
         yield PartialAggregate(
-            weighted_sum=weighted, total_weight=float(total[-2] / self.clip * self.max_weight),
-            count=count,
+            weighted_sum=weighted, total_weight=total_weight, count=count,
             num_samples=0, metric_sums={}, bytes_up=self.last_round["bytes_up"],
             client_ids=[ids[i] for i in sorted(survivors)], rejected=rejected)
 
